@@ -1,0 +1,33 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo demo-quick test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q "torch>=2.4"
+	$(BIN)/python -c "import torch; print(torch.__version__)" | sed 's/+.*//' | sed 's/^/torch==/' > $(VENV)/constraints.txt
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[test]"
+	# Only for the CLIP BPE vocabulary file it carries; never imported (it needs torchvision).
+	$(BIN)/pip install -q --no-deps open-clip-torch
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/difflab digits demo --out runs/demo
+
+demo-quick: $(STAMP)
+	$(BIN)/difflab digits demo --out runs/demo-quick --quick
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf runs build dist *.egg-info src/*.egg-info

@@ -1,0 +1,39 @@
+"""The `difflab` command line. Each capability lives in its own sub-app; the commands only wrap the Python API.
+
+Heavy libraries (diffusers, transformers) are imported inside commands so that `--help` stays instant.
+"""
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from difflab.clip.cli import app as clip_app
+from difflab.digits.cli import app as digits_app
+from difflab.faces.cli import app as ddim_app
+from difflab.personalize.cli import app as personalize_app
+from difflab.utils import DifflabError
+
+app = typer.Typer(
+    name="difflab",
+    help="Train, sample, evaluate and personalize diffusion models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(digits_app, name="digits")
+app.add_typer(ddim_app, name="ddim")
+app.add_typer(clip_app, name="clip")
+app.add_typer(personalize_app, name="personalize")
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit status 1."""
+    try:
+        app()
+    except DifflabError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

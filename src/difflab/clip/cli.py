@@ -1,0 +1,3 @@
+import typer
+
+app = typer.Typer(help="CLIP zero-shot classification and image/text scoring.", no_args_is_help=True)

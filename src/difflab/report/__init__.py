@@ -1,0 +1,3 @@
+from difflab.report.html import HtmlReport
+
+__all__ = ["HtmlReport"]

@@ -1,0 +1,84 @@
+"""Self-contained HTML reports: images are embedded as base64, so one file can be mailed or opened anywhere."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from difflab.utils import atomic_write
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+h1{border-bottom:2px solid #444;padding-bottom:.2em}h2{margin-top:1.8em;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;margin:.8em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+figure{display:inline-block;margin:.4em;vertical-align:top;text-align:center}
+figcaption{font-size:.85em;color:#444;max-width:320px}
+img{image-rendering:pixelated;border:1px solid #ddd}
+pre{background:#f7f7f7;padding:.7em;overflow-x:auto;font-size:.85em}
+.pass{color:#0a7d2c;font-weight:bold}.fail{color:#b00020;font-weight:bold}
+"""
+
+
+def _png_data_uri(image: str | os.PathLike | np.ndarray | Image.Image) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        data = Path(image).read_bytes()
+    else:
+        im = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        data = buf.getvalue()
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+class HtmlReport:
+    """Build a report section by section, then `save(path)`."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self.parts: list[str] = []
+
+    def heading(self, text: str, level: int = 2) -> "HtmlReport":
+        self.parts.append(f"<h{level}>{html.escape(text)}</h{level}>")
+        return self
+
+    def text(self, text: str) -> "HtmlReport":
+        self.parts.append(f"<p>{html.escape(text)}</p>")
+        return self
+
+    def pre(self, text: str) -> "HtmlReport":
+        self.parts.append(f"<pre>{html.escape(text)}</pre>")
+        return self
+
+    def table(self, header: Sequence[str], rows: Sequence[Sequence[object]]) -> "HtmlReport":
+        def cell(v: object) -> str:
+            return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+
+        head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+        self.parts.append(f"<table><tr>{head}</tr>{body}</table>")
+        return self
+
+    def image(self, image, caption: str = "", width: int | None = None) -> "HtmlReport":
+        w = f' width="{width}"' if width else ""
+        cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+        self.parts.append(f'<figure><img src="{_png_data_uri(image)}"{w} alt="{html.escape(caption)}">{cap}</figure>')
+        return self
+
+    def render(self) -> str:
+        body = "\n".join(self.parts)
+        return (
+            f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
+            f"<style>{_CSS}</style></head><body><h1>{html.escape(self.title)}</h1>\n{body}\n</body></html>\n"
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        text = self.render()
+        return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
