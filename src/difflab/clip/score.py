@@ -1,0 +1,72 @@
+"""CLIP image and text scores for generated images, and the best-k selection rule used to grade them.
+
+image score = 100 x mean cosine similarity of a generated image to the reference images of its concept;
+text score  = 100 x cosine similarity of a generated image to the evaluation prompt.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from difflab.clip.model import encode_pixels, encode_texts, load_clip, pixel_batch
+from difflab.clip.preprocess import ClipTransform
+from difflab.utils import autocast, pick_device
+
+TEXT_WEIGHT = 2.5
+
+
+class ClipScorer:
+    """Embeds images and texts with one CLIP model; all embeddings are unit-length float32 on the CPU."""
+
+    def __init__(self, model, tokenizer, processor, device: str | torch.device | None = None, batch_size: int = 32):
+        self.device = device if isinstance(device, torch.device) else pick_device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.transform = ClipTransform.from_processor(processor)
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "ClipScorer":
+        clip = load_clip(path, device)
+        return cls(clip.model, clip.tokenizer, clip.processor, clip.device)
+
+    @torch.inference_mode()
+    def image_embeds(self, images: Sequence) -> torch.Tensor:
+        """PIL images -> (N,D)."""
+        chunks = []
+        for i in range(0, len(images), self.batch_size):
+            pixels = pixel_batch(images[i : i + self.batch_size], self.transform, self.device)
+            with autocast(self.device):
+                chunks.append(encode_pixels(self.model, pixels).cpu())
+        return torch.cat(chunks) if chunks else torch.empty(0, self.model.config.projection_dim)
+
+    @torch.inference_mode()
+    def text_embeds(self, texts: Sequence[str]) -> torch.Tensor:
+        """Strings -> (N,D)."""
+        with autocast(self.device):
+            return encode_texts(self.model, self.tokenizer, list(texts), self.device).cpu()
+
+    @staticmethod
+    def image_score(gen_embeds: torch.Tensor, ref_embeds: torch.Tensor) -> torch.Tensor:
+        """(N,D) generated, (R,D) references -> (N,) 100 x mean cosine similarity to the references."""
+        return 100 * (gen_embeds @ ref_embeds.T).mean(dim=1)
+
+    @staticmethod
+    def text_score(gen_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """(N,D) generated, one text (D,) or (1,D) -> (N,); several texts (M,D) -> (N,M). 100 x cosine similarity."""
+        if text_embeds.dim() == 1 or text_embeds.shape[0] == 1:
+            return 100 * gen_embeds @ text_embeds.reshape(-1)
+        return 100 * gen_embeds @ text_embeds.T
+
+
+def select_best(image_scores: torch.Tensor, text_scores: torch.Tensor, k: int, text_weight: float = TEXT_WEIGHT) -> torch.Tensor:
+    """Indices of the k images with the highest image + text_weight x text score, best first (ties: lower index)."""
+    if image_scores.shape != text_scores.shape or image_scores.dim() != 1:
+        raise ValueError(f"image and text scores must be 1-D of equal length, got {tuple(image_scores.shape)} "
+                         f"and {tuple(text_scores.shape)}")
+    combined = image_scores.float() + text_weight * text_scores.float()
+    # A stable descending sort keeps the selection deterministic when scores tie.
+    order = torch.sort(combined, descending=True, stable=True).indices
+    return order[: min(k, len(order))]
