@@ -1,0 +1,206 @@
+"""Load Stable Diffusion v1.x without a model hub.
+
+Two inputs are accepted:
+- a diffusers-format folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`);
+- the original single-file checkpoint (`sd-v1-4.ckpt` or `.safetensors`), whose weights are mapped to diffusers
+  names with diffusers' own conversion functions and placed into models built from the configs shipped in
+  `configs/sd-v1/` (the tokenizer files there are the real CLIP BPE vocabulary).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from difflab.utils import DifflabError, pick_device
+
+SD_V1_CONFIG = Path(__file__).resolve().parent / "configs" / "sd-v1"
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
+# Prefixes of the three models inside an original (CompVis / LDM) checkpoint.
+LDM_PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model.transformer."}
+
+
+def load_sd(path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+            config_dir: str | os.PathLike | None = None):
+    """A `StableDiffusionPipeline` (no safety checker) from a diffusers folder or an original single-file checkpoint.
+
+    `config_dir` (a diffusers-layout folder of configs + tokenizer) describes the architecture of a single-file
+    checkpoint; it defaults to the shipped SD v1 configs.
+    """
+    path = Path(path)
+    if path.is_dir():
+        pipe = _load_folder(path, dtype)
+    elif path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise DifflabError(f"{path}: expected a diffusers folder or a checkpoint file ({', '.join(SINGLE_FILE_SUFFIXES)})")
+        pipe = _load_single_file(path, Path(config_dir) if config_dir else SD_V1_CONFIG, dtype)
+    else:
+        raise DifflabError(f"{path}: Stable Diffusion model not found (give a diffusers folder or sd-v1-4.ckpt)")
+    return pipe.to(pick_device(device) if not isinstance(device, torch.device) else device)
+
+
+def _check_folder(path: Path) -> None:
+    missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+    if not (path / "model_index.json").is_file():
+        missing.insert(0, "model_index.json")
+    if missing:
+        raise DifflabError(f"{path}: not a complete diffusers Stable Diffusion folder, missing {', '.join(missing)}")
+
+
+def _load_folder(path: Path, dtype: torch.dtype | None):
+    from diffusers import StableDiffusionPipeline
+
+    _check_folder(path)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(path), local_files_only=True, torch_dtype=dtype, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise DifflabError(f"{path}: could not load the diffusers pipeline ({str(e).splitlines()[0]})") from None
+    _check_pipeline(pipe, str(path))
+    return pipe
+
+
+def _check_pipeline(pipe, where: str) -> None:
+    hidden, cross = pipe.text_encoder.config.hidden_size, pipe.unet.config.cross_attention_dim
+    if hidden != cross:
+        raise DifflabError(f"{where}: text encoder width {hidden} does not match the UNet cross-attention dim {cross}")
+
+
+class _Ignored:
+    """Stands in for non-tensor objects pickled beside the weights (e.g. Lightning callbacks) that we never use."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The flat state dict of a single-file checkpoint, read without executing pickled code."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            sd = load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise DifflabError(f"{path}: not a readable safetensors file ({e})") from None
+    else:
+        try:
+            sd = _torch_load_weights_only(path)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            raise DifflabError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+    while isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise DifflabError(f"{path}: expected a state dict, found {type(sd).__name__}")
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def _torch_load_weights_only(path: Path):
+    """`torch.load(weights_only=True)`, with unknown pickled classes mapped to an inert stand-in.
+
+    Original checkpoints may carry training-framework objects next to the weights; listing them and mapping each
+    to `_Ignored` keeps the safe loader (no arbitrary code runs) while still reading the tensors.
+    """
+    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    with torch.serialization.safe_globals([(_Ignored, name) for name in unsafe]):
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def _split_ldm(sd: dict[str, torch.Tensor], path: Path) -> None:
+    found = {name: any(k.startswith(p) for k in sd) for name, p in LDM_PREFIX.items()}
+    if not all(found.values()):
+        missing = [f"{LDM_PREFIX[n]}* ({n})" for n, ok in found.items() if not ok]
+        sample = ", ".join(list(sd)[:3]) or "none"
+        raise DifflabError(f"{path}: not a Stable Diffusion v1 checkpoint: no {' / '.join(missing)} weights "
+                           f"(first keys: {sample})")
+
+
+def _fit(model, weights: dict[str, torch.Tensor], component: str, path: Path) -> None:
+    """Load converted weights strictly, with a message that says what the architecture expected."""
+    expected = model.state_dict()
+    # position_ids is a buffer some transformers versions save and others do not.
+    weights = {k: v for k, v in weights.items() if not k.endswith("position_ids")}
+    expected_keys = {k for k in expected if not k.endswith("position_ids")}
+    missing = sorted(expected_keys - weights.keys())
+    unexpected = sorted(weights.keys() - expected_keys)
+    wrong = [(k, tuple(weights[k].shape), tuple(expected[k].shape)) for k in sorted(expected_keys & weights.keys())
+             if weights[k].shape != expected[k].shape]
+    if wrong:
+        k, got, want = wrong[0]
+        raise DifflabError(f"{path}: not a Stable Diffusion v1 checkpoint: {component} weight {k} has shape {got}, "
+                           f"expected {want} ({len(wrong)} mismatched tensors)")
+    if missing:
+        raise DifflabError(f"{path}: {component} weights incomplete: {len(missing)} missing, e.g. {missing[0]}")
+    if unexpected:
+        raise DifflabError(f"{path}: {component} has {len(unexpected)} weights that an SD v1 model does not, "
+                           f"e.g. {unexpected[0]}")
+    model.load_state_dict(weights, strict=False)
+
+
+def _load_single_file(path: Path, config_dir: Path, dtype: torch.dtype | None):
+    import diffusers
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint)
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from difflab.clip.tokenizer import load_clip_tokenizer
+
+    _check_folder(config_dir)
+    sd = read_checkpoint(path)
+    _split_ldm(sd, path)
+
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir / "unet"))
+    _fit(unet, convert_ldm_unet_checkpoint(sd, unet.config), "unet", path)
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae"))
+    _fit(vae, convert_ldm_vae_checkpoint(sd, vae.config), "vae", path)
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder", local_files_only=True))
+    clip_sd = convert_ldm_clip_checkpoint(sd)
+    # Checkpoints written with transformers < 4.22 lack the `text_model.` level.
+    clip_sd = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in clip_sd.items()}
+    _fit(text_encoder, clip_sd, "text_encoder", path)
+    del sd
+
+    scheduler_cfg = PNDMScheduler.load_config(config_dir / "scheduler")
+    scheduler_cls = getattr(diffusers, scheduler_cfg.get("_class_name", "PNDMScheduler"))
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(config_dir / "tokenizer"), unet=unet,
+        scheduler=scheduler_cls.from_config(scheduler_cfg), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    _check_pipeline(pipe, str(path))
+    return pipe.to(dtype=dtype) if dtype is not None else pipe
+
+
+def tiny_sd(seed: int = 0, cross_attention_dim: int = 32):
+    """A randomly initialised miniature SD v1 pipeline (~3 M parameters) with the real CLIP tokenizer.
+
+    Same component types and data flow as SD v1, small enough for tests and CPU benchmarks; never for images.
+    """
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from difflab.clip.tokenizer import load_clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=cross_attention_dim, sample_size=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=4, norm_num_groups=16)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64), latent_channels=4, norm_num_groups=16,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=cross_attention_dim, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=49407))
+    scheduler = PNDMScheduler.from_config(PNDMScheduler.load_config(SD_V1_CONFIG / "scheduler"))
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(), unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
