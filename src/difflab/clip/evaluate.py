@@ -1,0 +1,156 @@
+"""The zero-shot evaluation job: classify a labelled image folder and write predictions, metrics and a report."""
+from __future__ import annotations
+
+import csv
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from difflab.clip.data import ImageFiles, LabeledImages, collate_images, find_labeled_images
+from difflab.clip.figures import plot_confusion_matrix, plot_gallery
+from difflab.clip.model import folder_fingerprint, load_clip
+from difflab.clip.preprocess import ClipTransform
+from difflab.clip.zeroshot import DEFAULT_TEMPLATE, ZeroShotClassifier, cached_class_embeddings, load_templates
+from difflab.report import HtmlReport
+from difflab.utils import DifflabError, atomic_write, load_rgb, save_json
+
+ARROW = "\u21d2"  # ⇒
+
+
+@dataclass
+class ZeroShotConfig:
+    images: Path
+    model: Path
+    out: Path
+    labels: Path | None = None
+    templates: str = DEFAULT_TEMPLATE  # one template, "ensemble", or a file with one template per line
+    batch_size: int = 64
+    num_workers: int = 2
+    device: str | None = None
+    cache_dir: Path | None = None  # None: <out>/.cache
+    gallery_size: int = 5
+    skip_bad: bool = False
+    cpu_bf16: bool = False
+    seed: int = 0
+    top_k: int = 5
+
+
+@dataclass
+class ZeroShotResult:
+    top1: float
+    top5: float
+    n_images: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    text_cache_hit: bool = False
+    report: Path | None = None
+
+
+def classify_files(classifier: ZeroShotClassifier, data: LabeledImages, cfg: ZeroShotConfig):
+    """Run every image through the classifier in DataLoader batches; returns (kept indices, probs) and updates
+    `data.skipped` for unreadable images (or fails on the first one without --skip-bad)."""
+    loader = DataLoader(ImageFiles(data.files, classifier.transform), batch_size=cfg.batch_size,
+                        num_workers=cfg.num_workers, collate_fn=collate_images,
+                        pin_memory=classifier.device.type == "cuda",
+                        persistent_workers=False)
+    kept, probs = [], []
+    for images, index, bad in tqdm(loader, desc="zero-shot", unit="batch"):
+        for i, err in bad:
+            if not cfg.skip_bad:
+                raise DifflabError(f"{err} (use --skip-bad to skip such files)")
+            data.skipped.append((str(data.files[i]), err.removeprefix(f"{data.files[i]}: ")))
+        if images is None:
+            continue
+        probs.append(classifier.predict(images.to(classifier.device, non_blocking=True), k=1).probs)
+        kept.append(index)
+    if not probs:
+        raise DifflabError(f"{cfg.images}: no readable images")
+    return torch.cat(kept), torch.cat(probs)
+
+
+def topk_accuracy(probs: torch.Tensor, targets: torch.Tensor, k: int) -> float:
+    top = probs.topk(min(k, probs.shape[1]), dim=1).indices
+    return (top == targets[:, None]).any(dim=1).float().mean().item()
+
+
+def run_zeroshot(cfg: ZeroShotConfig) -> ZeroShotResult:
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    data = find_labeled_images(cfg.images, cfg.labels, cfg.skip_bad)
+    templates = load_templates(cfg.templates)
+    clip = load_clip(cfg.model, cfg.device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    class_embeds, cache_hit = cached_class_embeddings(
+        clip.model, clip.tokenizer, data.class_names, templates, clip.device, folder_fingerprint(clip.path),
+        cfg.cache_dir or out / ".cache")
+    classifier = ZeroShotClassifier(clip.model, data.class_names, class_embeds, ClipTransform.from_processor(clip.processor),
+                                    clip.device, cfg.cpu_bf16)
+    kept, probs = classify_files(classifier, data, cfg)
+
+    names = data.class_names
+    files = [data.files[i] for i in kept.tolist()]
+    targets = torch.tensor(data.targets)[kept]
+    k = min(cfg.top_k, len(names))
+    topk = probs.topk(k, dim=1)
+    preds = topk.indices[:, 0]
+    y_true, y_pred = [names[i] for i in targets.tolist()], [names[i] for i in preds.tolist()]
+    top1, top5 = topk_accuracy(probs, targets, 1), topk_accuracy(probs, targets, 5)
+
+    report_text = classification_report(y_true, y_pred, digits=4, zero_division=0)
+    report_dict = classification_report(y_true, y_pred, digits=4, zero_division=0, output_dict=True)
+    atomic_write(out / "classification_report.txt", lambda tmp: Path(tmp).write_text(report_text))
+    save_json({"top1": top1, "top5": top5, "n_images": len(files), "n_classes": len(names),
+               "templates": templates, "skipped": [{"file": f, "reason": r} for f, r in data.skipped],
+               "report": report_dict}, out / "metrics.json")
+    _write_predictions(out / "predictions.csv", files, y_true, y_pred, topk, names)
+
+    cm = confusion_matrix(targets.numpy(), preds.numpy(), labels=list(range(len(names))))
+    cm_path = plot_confusion_matrix(cm, names, out / "confusion_matrix.png")
+    galleries = _galleries(files, targets, preds, names, cfg, out)
+
+    html = HtmlReport("CLIP zero-shot classification")
+    html.heading("Summary").table(["quantity", "value"], [
+        ["model", str(cfg.model)], ["images", str(cfg.images)], ["images classified", len(files)],
+        ["classes", len(names)], ["templates", len(templates)], ["top-1 accuracy", top1], ["top-5 accuracy", top5],
+        ["images skipped", len(data.skipped)]])
+    html.pre("\n".join(templates))
+    if data.skipped:
+        html.heading("Skipped files").table(["file", "reason"], data.skipped)
+    html.heading("Classification report").pre(report_text)
+    for title, (path, items) in galleries.items():
+        html.heading(title).image(path).table(["file", f"true {ARROW} predicted"], items)
+    html.heading("Confusion matrix").image(cm_path)
+    report = html.save(out / "report.html")
+    return ZeroShotResult(top1, top5, len(files), data.skipped, cache_hit, report)
+
+
+def _write_predictions(path: Path, files, y_true, y_pred, topk, names) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["file", "true", "pred", "pred_prob", "top5", "top5_probs"])
+            for file, t, p, idx, pr in zip(files, y_true, y_pred, topk.indices.tolist(), topk.values.tolist()):
+                w.writerow([file.name, t, p, f"{pr[0]:.6f}", ";".join(names[i] for i in idx),
+                            ";".join(f"{v:.6f}" for v in pr)])
+
+    atomic_write(path, write)
+
+
+def _galleries(files, targets, preds, names, cfg: ZeroShotConfig, out: Path) -> dict:
+    """N correct and N wrong predictions, drawn at random (seeded) so they are not all from the first class."""
+    rng = random.Random(cfg.seed)
+    correct = (targets == preds).numpy()
+    result = {}
+    for title, mask, stem in (("Successful cases", correct, "successes"), ("Failed cases", ~correct, "failures")):
+        idx = np.flatnonzero(mask).tolist()
+        chosen = sorted(rng.sample(idx, min(cfg.gallery_size, len(idx))))
+        images = [load_rgb(files[i]) for i in chosen]
+        captions = [f"{names[targets[i]]} {ARROW} {names[preds[i]]}" for i in chosen]
+        path = plot_gallery(images, captions, out / f"{stem}.png", title=f"{title} (true {ARROW} predicted)")
+        result[title] = (path, list(zip([files[i].name for i in chosen], captions)))
+    return result

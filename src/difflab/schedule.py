@@ -1,0 +1,87 @@
+"""The diffusion math, written once: noise schedules, the forward process and the training loss.
+
+Everything that needs ᾱ_t (training, every sampler, inversion) reads it from a `NoiseSchedule`.
+Schedules are computed in float64 and cast where used, so long products stay exact.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""An ε-prediction function: (x_t of shape (B,...), integer timesteps of shape (B,)) -> predicted noise."""
+
+SCHEDULE_KINDS = ("linear", "scaled_linear", "cosine")
+
+
+def make_betas(kind: str = "linear", num_steps: int = 1000, beta_start: float = 1e-4,
+               beta_end: float = 2e-2) -> torch.Tensor:
+    """β_1..β_T in float64. `scaled_linear` is Stable Diffusion's (linear in √β); `cosine` is
+    Nichol & Dhariwal's ᾱ(t) = cos²((t/T + s)/(1 + s)·π/2) with β capped at 0.999."""
+    if kind == "linear":
+        return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+    if kind == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
+    if kind == "cosine":
+        def alpha_bar(u: float) -> float:
+            return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        betas = [min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), 0.999) for i in range(num_steps)]
+        return torch.tensor(betas, dtype=torch.float64)
+    raise ValueError(f"unknown schedule {kind!r}; choose one of {', '.join(SCHEDULE_KINDS)}")
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    betas: torch.Tensor
+    alphas_cumprod: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        betas = self.betas.to(torch.float64)
+        if betas.ndim != 1 or not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("betas must be a 1-D tensor with values in (0, 1)")
+        object.__setattr__(self, "betas", betas)
+        object.__setattr__(self, "alphas_cumprod", torch.cumprod(1.0 - betas, dim=0))
+
+    @classmethod
+    def make(cls, kind: str = "linear", num_steps: int = 1000, beta_start: float = 1e-4,
+             beta_end: float = 2e-2) -> "NoiseSchedule":
+        return cls(make_betas(kind, num_steps, beta_start, beta_end))
+
+    @property
+    def num_steps(self) -> int:
+        return self.betas.shape[0]
+
+    def alpha_bar(self, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+        """ᾱ_t gathered for integer timesteps `t` (scalar or (B,)), shaped to broadcast against `like`.
+        t = -1 means "before the first step": ᾱ = 1."""
+        t = torch.as_tensor(t, device="cpu").long().reshape(-1)
+        ab = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])[t + 1]
+        return ab.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Sample x_t ~ q(x_t | x_0) = N(√ᾱ_t x_0, (1-ᾱ_t) I)."""
+        ab = self.alpha_bar(t, x0)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor) -> torch.Tensor:
+        ab = self.alpha_bar(t, x_t)
+        return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+
+    def sample_timesteps(self, batch: int, device: torch.device | str = "cpu",
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randint(0, self.num_steps, (batch,), generator=generator).to(device)
+
+    def training_loss(self, eps_fn: EpsFn, x0: torch.Tensor, t: torch.Tensor | None = None,
+                      noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The simple ε-prediction loss of Ho et al.: ‖ε − ε_θ(√ᾱ x_0 + √(1−ᾱ) ε, t)‖²."""
+        if t is None:
+            t = self.sample_timesteps(x0.shape[0], x0.device, generator)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        pred = eps_fn(self.q_sample(x0, t, noise), t)
+        return F.mse_loss(pred.float(), noise.float())

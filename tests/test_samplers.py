@@ -1,0 +1,147 @@
+"""Our schedule and samplers against diffusers' schedulers on the same ε-function and noise."""
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from difflab.samplers import cfg, ddim_invert, ddim_timesteps, guided, sample
+from difflab.schedule import NoiseSchedule
+
+SPEC = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, num_train_timesteps=1000)
+
+
+def eps_fn(x, t):
+    # A smooth, t-dependent stand-in for a network, so every step's output differs.
+    w = torch.linspace(-0.5, 0.5, x[0].numel()).reshape(x.shape[1:])
+    return torch.tanh(x * w + (t.float() / 1000).reshape(-1, *[1] * (x.ndim - 1)))
+
+
+@pytest.mark.parametrize("kind,dkind,start,end", [
+    ("linear", "linear", 1e-4, 0.02), ("scaled_linear", "scaled_linear", 0.00085, 0.012),
+    ("cosine", "squaredcos_cap_v2", 1e-4, 0.02)])
+def test_schedules_match_diffusers(kind, dkind, start, end):
+    ours = NoiseSchedule.make(kind, 1000, start, end)
+    theirs = DDPMScheduler(num_train_timesteps=1000, beta_schedule=dkind, beta_start=start, beta_end=end)
+    torch.testing.assert_close(ours.betas.float(), theirs.betas, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ours.alphas_cumprod.float(), theirs.alphas_cumprod, atol=1e-6, rtol=1e-5)
+
+
+def test_q_sample_matches_add_noise():
+    sched = NoiseSchedule.make()
+    theirs = DDPMScheduler(**SPEC)
+    x0, noise = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0, 10, 500, 999])
+    torch.testing.assert_close(sched.q_sample(x0, t, noise), theirs.add_noise(x0, noise, t), atol=1e-5, rtol=1e-5)
+
+
+def test_training_loss_is_zero_for_the_true_noise_and_positive_otherwise():
+    sched = NoiseSchedule.make()
+    x0, noise, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([3, 700])
+    assert sched.training_loss(lambda x, t: noise, x0, t, noise).item() == 0.0
+    assert sched.training_loss(lambda x, t: torch.zeros_like(x), x0, t, noise).item() > 0.5
+
+
+def test_spec_ddim_timesteps():
+    ts = ddim_timesteps(1000, 50)
+    assert ts[0] == 981 and ts[-1] == 1 and len(ts) == 50 and all(a - b == 20 for a, b in zip(ts, ts[1:]))
+    theirs = DDIMScheduler(**SPEC, steps_offset=1)
+    theirs.set_timesteps(50)
+    assert ts == theirs.timesteps.tolist()
+
+
+def _full_precision(scheduler):
+    # diffusers keeps ᾱ in float32, and its step coefficients (1 − ᾱ_t/ᾱ_prev, ...) then lose ~1e-4 near
+    # t = 0 to cancellation; ours are formed in float64. Give the oracle our float64 ᾱ (the schedules
+    # themselves are compared above) so that both do exact arithmetic and any difference is a logic error.
+    scheduler.alphas_cumprod = NoiseSchedule.make().alphas_cumprod
+    scheduler.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64) if scheduler.config.get(
+        "set_alpha_to_one") else scheduler.alphas_cumprod[0]
+    return scheduler
+
+
+def _diffusers_ddim(x, eta, set_alpha_to_one, steps, seed):
+    sch = _full_precision(DDIMScheduler(**SPEC, clip_sample=True, set_alpha_to_one=set_alpha_to_one, steps_offset=1))
+    sch.set_timesteps(steps)
+    g = torch.Generator().manual_seed(seed)
+    traj = {}
+    for t in sch.timesteps:
+        traj[int(t)] = x.clone()
+        x = sch.step(eps_fn(x, t.repeat(x.shape[0])), t, x, eta=eta, generator=g).prev_sample
+    return x, traj
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("set_alpha_to_one", [False, True])
+def test_ddim_trajectory_matches_diffusers(eta, set_alpha_to_one):
+    sched = NoiseSchedule.make()
+    x_T = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    theirs, their_traj = _diffusers_ddim(x_T.clone(), eta, set_alpha_to_one, 50, seed=1)
+    ours = sample(eps_fn, x_T.clone(), sched, ddim_timesteps(1000, 50), method="ddim", eta=eta,
+                  final_alpha=1.0 if set_alpha_to_one else None, generator=torch.Generator().manual_seed(1),
+                  capture="all")
+    for t, x in their_traj.items():
+        assert (ours.trajectory[t] - x).abs().max() <= 1e-5, t
+    assert (ours.images - theirs).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("steps", [1000, 50])
+def test_ddpm_trajectory_matches_diffusers(steps):
+    theirs_sch = _full_precision(DDPMScheduler(**SPEC, clip_sample=True, variance_type="fixed_small"))
+    sched = NoiseSchedule.make()
+    theirs_sch.set_timesteps(steps)
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(7)
+    x = x_T.clone()
+    worst = 0.0
+    ours = sample(eps_fn, x_T.clone(), sched, theirs_sch.timesteps.tolist(), method="ddpm",
+                  generator=torch.Generator().manual_seed(7), capture="all")
+    for t in theirs_sch.timesteps:
+        worst = max(worst, (ours.trajectory[int(t)] - x).abs().max().item())
+        x = theirs_sch.step(eps_fn(x, t.repeat(2)), t, x, generator=g).prev_sample
+    assert worst <= 1e-5
+    assert (ours.images - x).abs().max() <= 1e-5
+
+
+def test_step_noise_overrides_generator_and_eta_zero_is_deterministic():
+    sched = NoiseSchedule.make()
+    ts = ddim_timesteps(1000, 10)
+    x_T = torch.randn(2, 3, 4, 4)
+    a = sample(eps_fn, x_T, sched, ts, eta=0.0, generator=torch.Generator().manual_seed(1)).images
+    b = sample(eps_fn, x_T, sched, ts, eta=0.0, generator=torch.Generator().manual_seed(2)).images
+    assert torch.equal(a, b)
+    noises = [torch.randn(2, 3, 4, 4) for _ in ts]
+    c = sample(eps_fn, x_T, sched, ts, eta=0.7, step_noise=noises).images
+    d = sample(eps_fn, x_T, sched, ts, eta=0.7, step_noise=noises, generator=torch.Generator().manual_seed(9)).images
+    assert torch.equal(c, d) and not torch.allclose(a, c)
+
+
+def test_ddim_inversion_is_exact_when_eps_does_not_depend_on_x():
+    # Inversion's only approximation is ε(x_t) ≈ ε(x_{t_next}); with an x-independent ε it must be exact.
+    sched = NoiseSchedule.make()
+    ts = ddim_timesteps(1000, 50)
+    x0 = torch.rand(2, 3, 4, 4) * 1.6 - 0.8
+    field = torch.randn(1, 3, 4, 4)
+    eps = lambda x, t: field * torch.cos(t.float() / 300).reshape(-1, 1, 1, 1)  # noqa: E731
+    x_T = ddim_invert(eps, x0, sched, ts)
+    back = sample(eps, x_T, sched, ts, eta=0.0, final_alpha=1.0, clip_x0=False).images
+    assert (back - x0).abs().max() < 1e-4
+    assert (x_T - x0).abs().max() > 0.1
+
+
+def test_guidance_is_one_batched_forward_and_matches_two_forwards():
+    calls = []
+
+    def model(x, t, c):
+        calls.append(x.shape[0])
+        return torch.tanh(x + c.float().reshape(-1, 1, 1, 1))
+
+    x, t = torch.randn(3, 1, 2, 2), torch.full((3,), 5)
+    c, u = torch.tensor([1, 2, 3]), torch.zeros(3, dtype=torch.long)
+    out = cfg(model, c, u, 3.0)(x, t)
+    assert calls == [6]
+    expected = model(x, t, u) + 3.0 * (model(x, t, c) - model(x, t, u))
+    torch.testing.assert_close(out, expected)
+    calls.clear()
+    guided(model, [c, u, u + 5], [2.0, -1.0, 0.0])(x, t)
+    assert calls == [6]  # the zero-weight branch costs nothing
+    with pytest.raises(ValueError):
+        guided(model, [c, u], [2.0, 0.0])
