@@ -1,0 +1,390 @@
+"""Textual inversion (Gal et al., 2022) on Stable Diffusion v1.x: learn new token embeddings, nothing else.
+
+Only the rows of the new tokens change: after every optimizer step all other rows of the embedding matrix are
+copied back, so they stay bit-identical. The VAE runs once: each reference image and its mirror image are encoded
+at start-up and every step samples latents from the cached mean/std (what `vae.encode(x).latent_dist.sample()`
+would do each step, without the encoder).
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from difflab.personalize.embeddings import add_tokens, expand_prompt, save_embeddings
+from difflab.personalize.prompts import TEMPLATES
+from difflab.utils import DifflabError, atomic_write, image_grid, load_rgb, pick_device, save_json, save_png, to_uint8
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+@dataclass
+class Concept:
+    """A folder of reference images, the new token that will stand for them and a one-token initialiser word."""
+    images: str
+    token: str
+    init: str
+    kind: str = "object"  # "object" or "style": picks the caption templates
+
+    @classmethod
+    def parse(cls, spec: str) -> "Concept":
+        """`DIR:TOKEN:INIT[:object|style]` (split from the right, so DIR may contain ':')."""
+        parts = spec.split(":")
+        kind = parts.pop() if parts[-1] in TEMPLATES else "object"
+        if len(parts) < 3 or not all(parts[-2:]):
+            raise DifflabError(f"concept {spec!r}: expected DIR:TOKEN:INIT[:object|style]")
+        return cls(":".join(parts[:-2]), parts[-2], parts[-1], kind)
+
+
+@dataclass
+class TextualInversionConfig:
+    concepts: list[Concept]
+    sd: str  # diffusers folder or sd-v1-4.ckpt
+    out: str
+    num_vectors: int = 1
+    resolution: int = 512
+    steps: int = 3000  # optimizer steps
+    batch_size: int = 1
+    grad_accum: int = 4
+    lr: float = 5e-4
+    scale_lr: bool = True  # lr x grad_accum x batch_size x processes, as in diffusers
+    weight_decay: float = 1e-2
+    ema_decay: float = 0.0  # > 0 keeps an EMA of the new rows, saved instead of the raw rows
+    flip_p: float = 0.5
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
+    gradient_checkpointing: bool = False
+    save_every: int = 500  # embedding snapshots (0: only at the end)
+    checkpoint_every: int = 500  # resumable training state (0: only at the end)
+    validate_every: int = 0  # validation images (0: never)
+    validation_prompts: list[str] = field(default_factory=list)  # default: one object/style prompt per concept
+    validation_images: int = 4
+    validation_steps: int = 25
+    resume: bool = False
+    seed: int = 0
+    device: str | None = None
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DifflabError(f"{folder}: image folder not found")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DifflabError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+    return files
+
+
+def load_images(folder: str | Path, resolution: int) -> torch.Tensor:
+    """(N, 3, R, R) in [-1, 1]: centre square crop, bicubic resize."""
+    from PIL import Image
+
+    out = []
+    for path in image_files(folder):
+        im = load_rgb(path)
+        s = min(im.size)
+        left, top = (im.width - s) // 2, (im.height - s) // 2
+        im = im.crop((left, top, left + s, top + s)).resize((resolution, resolution), Image.BICUBIC)
+        out.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+    return torch.stack(out).float() / 127.5 - 1.0
+
+
+def single_token_id(tokenizer, word: str) -> int:
+    ids = tokenizer.encode(word, add_special_tokens=False)
+    if len(ids) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise DifflabError(f"initialiser {word!r} is {len(ids)} tokens {pieces}; choose a word that is one token")
+    return ids[0]
+
+
+def _file_stem(token: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "", token) or "token"
+
+
+class TextualInversion:
+    """Holds the frozen pipeline, the latent cache and the optimizer; `train()` runs the loop."""
+
+    def __init__(self, cfg: TextualInversionConfig, pipe=None):
+        from accelerate import Accelerator
+        from diffusers import DDPMScheduler
+
+        if not cfg.concepts:
+            raise DifflabError("give at least one concept (DIR:TOKEN:INIT)")
+        if cfg.num_vectors < 1 or cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
+            raise DifflabError("num_vectors, steps, batch_size and grad_accum must be >= 1")
+        if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+            raise DifflabError(f"mixed_precision must be no, fp16 or bf16, not {cfg.mixed_precision!r}")
+        for c in cfg.concepts:
+            if c.kind not in TEMPLATES:
+                raise DifflabError(f"concept {c.token}: kind must be one of {', '.join(TEMPLATES)}, not {c.kind!r}")
+        if len({c.token for c in cfg.concepts}) != len(cfg.concepts):
+            raise DifflabError("each concept needs its own token")
+        self.cfg, self.out = cfg, Path(cfg.out)
+        device = pick_device(cfg.device)
+        self.accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=device.type == "cpu",
+                                       mixed_precision=cfg.mixed_precision if device.type == "cuda" else "no")
+        self.device = self.accelerator.device
+        images = [load_images(c.images, cfg.resolution) for c in cfg.concepts]  # fail fast, before loading SD
+
+        if pipe is None:
+            from difflab.personalize.sd import load_sd
+
+            pipe = load_sd(cfg.sd, device="cpu")
+        self.pipe, self.tokenizer, self.text_encoder = pipe, pipe.tokenizer, pipe.text_encoder
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+        # New tokens start from their initialiser's embedding (every vector of a multi-vector token alike).
+        weight = self.text_encoder.get_input_embeddings().weight
+        init = {c.token: weight[single_token_id(self.tokenizer, c.init)].detach().clone().repeat(cfg.num_vectors, 1)
+                for c in cfg.concepts}
+        self.token_ids = add_tokens(self.tokenizer, self.text_encoder, init)
+        self.new_ids = torch.tensor(sum(self.token_ids, []))
+        self.tokens = {c.token: cfg.num_vectors for c in cfg.concepts}
+
+        # Frozen parts in the compute dtype; the trainable embedding matrix stays fp32.
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)
+        for frozen in (pipe.unet, pipe.vae):
+            frozen.to(self.device).requires_grad_(False)
+            if weight_dtype != torch.float32:
+                frozen.to(dtype=weight_dtype)
+        self.text_encoder.to(self.device).requires_grad_(False)
+        self.text_encoder.get_input_embeddings().weight.requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+            self.text_encoder.gradient_checkpointing_enable()
+            pipe.unet.train()
+        self.text_encoder.train()
+        self.frozen_rows = self.text_encoder.get_input_embeddings().weight.detach().clone()
+
+        self.latent_mean, self.latent_std = self._cache_latents(images)
+        self.prompt_ids = [self._tokenize([expand_prompt(t.format(c.token), self.tokens) for t in TEMPLATES[c.kind]])
+                           for c in cfg.concepts]
+
+        procs = self.accelerator.num_processes
+        lr = cfg.lr * cfg.grad_accum * cfg.batch_size * procs if cfg.scale_lr else cfg.lr
+        self.lr = lr
+        self.adam = torch.optim.AdamW([self.text_encoder.get_input_embeddings().weight], lr=lr,
+                                      weight_decay=cfg.weight_decay)
+        self.text_encoder, self.optimizer = self.accelerator.prepare(self.text_encoder, self.adam)
+        self.ema = self._rows().clone() if cfg.ema_decay > 0 else None
+        self.gen = torch.Generator().manual_seed(cfg.seed + self.accelerator.process_index)
+        self.step = 0
+        self.losses: list[float] = []
+
+    # ---- data -------------------------------------------------------------------------------------------
+    def _tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+
+    @torch.inference_mode()
+    def _cache_latents(self, images: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per concept, (N, 2, C, h, w) mean and std of the VAE posterior for each image and its mirror."""
+        vae, means, stds = self.pipe.vae, [], []
+        for x in images:
+            both = torch.cat([x, x.flip(-1)]).to(self.device, vae.dtype)
+            dist = vae.encode(both).latent_dist
+            n = len(x)
+            means.append(dist.mean.float().cpu().view(2, n, *dist.mean.shape[1:]).transpose(0, 1).contiguous())
+            stds.append(dist.std.float().cpu().view(2, n, *dist.std.shape[1:]).transpose(0, 1).contiguous())
+        return means, stds
+
+    def sample_batch(self) -> dict[str, torch.Tensor]:
+        """Random concept, image, mirror and caption per example; latents drawn from the cached posterior."""
+        b, g = self.cfg.batch_size, self.gen
+        concept = torch.randint(len(self.cfg.concepts), (b,), generator=g).tolist()
+        latents, ids = [], []
+        for c in concept:
+            i = torch.randint(len(self.latent_mean[c]), (1,), generator=g).item()
+            flip = int(torch.rand((), generator=g).item() < self.cfg.flip_p)
+            mean, std = self.latent_mean[c][i, flip], self.latent_std[c][i, flip]
+            latents.append(mean + std * torch.randn(mean.shape, generator=g))
+            ids.append(self.prompt_ids[c][torch.randint(len(self.prompt_ids[c]), (1,), generator=g).item()])
+        latents = torch.stack(latents) * self.pipe.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=g)
+        timesteps = torch.randint(self.noise_scheduler.config.num_train_timesteps, (b,), generator=g)
+        return {"latents": latents, "input_ids": torch.stack(ids), "noise": noise, "timesteps": timesteps}
+
+    # ---- model ------------------------------------------------------------------------------------------
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Denoising loss of the frozen UNet conditioned on the prompt with the learned tokens."""
+        unet = self.pipe.unet
+        latents, noise = batch["latents"].to(self.device), batch["noise"].to(self.device)
+        t = batch["timesteps"].to(self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, t)
+        else:
+            target = noise
+        with self.accelerator.autocast():
+            cond = self.text_encoder(batch["input_ids"].to(self.device))[0]
+            pred = unet(noisy.to(unet.dtype), t, cond.to(unet.dtype)).sample
+        return F.mse_loss(pred.float(), target.float())
+
+    def _embedding(self):
+        return self.accelerator.unwrap_model(self.text_encoder).get_input_embeddings().weight
+
+    def _rows(self) -> torch.Tensor:
+        return self._embedding().detach()[self.new_ids.to(self.device)].float()
+
+    @torch.no_grad()
+    def _restore_frozen_rows(self) -> None:
+        weight = self._embedding()
+        keep = torch.ones(len(weight), dtype=torch.bool, device=weight.device)
+        keep[self.new_ids.to(weight.device)] = False
+        weight[keep] = self.frozen_rows[keep]
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> float:
+        """One micro-batch; the optimizer steps every `grad_accum` calls. Returns the loss."""
+        with self.accelerator.accumulate(self.text_encoder):
+            loss = self.loss(batch)
+            self.accelerator.backward(loss)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self._restore_frozen_rows()
+        if self.accelerator.sync_gradients:
+            self.step += 1
+            if self.ema is not None:
+                self.ema.lerp_(self._rows(), 1 - self.cfg.ema_decay)
+        return loss.item()
+
+    def learned_embeddings(self) -> dict[str, torch.Tensor]:
+        """`{token: (num_vectors, dim)}`, EMA rows when EMA is on."""
+        rows = self.ema if self.ema is not None else self._rows()
+        return {t: rows[k * n:(k + 1) * n].cpu().clone() for k, (t, n) in enumerate(self.tokens.items())}
+
+    # ---- files ------------------------------------------------------------------------------------------
+    def save_embeddings(self, name: str = "learned_embeds.safetensors") -> Path:
+        """All tokens in one file, plus one diffusers-loadable file per token under `embeds/`."""
+        emb = self.learned_embeddings()
+        if name == "learned_embeds.safetensors":
+            for token, vecs in emb.items():
+                save_embeddings(self.out / "embeds" / f"{_file_stem(token)}.safetensors", {token: vecs})
+        return save_embeddings(self.out / name, emb)
+
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def save_checkpoint(self) -> Path:
+        """Step, rows, EMA, data RNG and the Adam moments of the new rows only (the rest never matter)."""
+        ids = self.new_ids.to(self.device)
+        adam = self.adam.state.get(self.adam.param_groups[0]["params"][0], {})
+        state = {"step": self.step, "tokens": list(self.tokens), "num_vectors": self.cfg.num_vectors,
+                 "rows": self._rows().cpu(), "generator": self.gen.get_state(), "losses": torch.tensor(self.losses)}
+        if self.ema is not None:
+            state["ema"] = self.ema.cpu()
+        if adam:
+            state["adam"] = {"step": adam["step"].cpu(), "exp_avg": adam["exp_avg"][ids].cpu(),
+                             "exp_avg_sq": adam["exp_avg_sq"][ids].cpu()}
+        return atomic_write(self.checkpoint_path(), lambda tmp: torch.save(state, tmp))
+
+    def load_checkpoint(self) -> None:
+        path = self.checkpoint_path()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["tokens"] != list(self.tokens) or state["num_vectors"] != self.cfg.num_vectors:
+            raise DifflabError(f"{path}: checkpoint is for tokens {state['tokens']} x {state['num_vectors']} vectors, "
+                               f"not {list(self.tokens)} x {self.cfg.num_vectors}")
+        ids = self.new_ids.to(self.device)
+        weight = self._embedding()
+        with torch.no_grad():
+            weight[ids] = state["rows"].to(weight.device, weight.dtype)
+        if "adam" in state:
+            p = self.adam.param_groups[0]["params"][0]
+            exp_avg, exp_avg_sq = torch.zeros_like(p), torch.zeros_like(p)
+            exp_avg[ids], exp_avg_sq[ids] = state["adam"]["exp_avg"].to(p.device), state["adam"]["exp_avg_sq"].to(p.device)
+            self.adam.state[p] = {"step": state["adam"]["step"], "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        if self.ema is not None:
+            self.ema = state.get("ema", state["rows"]).to(self.device)
+        self.gen.set_state(state["generator"])
+        self.step, self.losses = state["step"], state["losses"].tolist()
+
+    @torch.inference_mode()
+    def validate(self) -> Path:
+        """A grid of images per validation prompt, sampled with the current embeddings (fixed seed)."""
+        cfg = self.cfg
+        prompts = cfg.validation_prompts or [
+            (TEMPLATES[c.kind][0]).format(c.token) for c in cfg.concepts]
+        self.pipe.set_progress_bar_config(disable=True)
+        rows = []
+        for prompt in prompts:
+            g = torch.Generator(self.device).manual_seed(cfg.seed)
+            with self.accelerator.autocast():
+                images = self.pipe(prompt, num_images_per_prompt=cfg.validation_images, generator=g,
+                                   num_inference_steps=cfg.validation_steps, height=cfg.resolution,
+                                   width=cfg.resolution, output_type="pt").images
+            rows.append(to_uint8(images, (0.0, 1.0)))
+        grid = image_grid(np.concatenate(rows), rows=len(prompts), cols=cfg.validation_images)
+        return save_png(grid, self.out / "validation" / f"step{self.step:06d}.png")
+
+    def write_report(self) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from difflab.report import HtmlReport
+
+        fig, ax = plt.subplots(figsize=(6, 3))
+        losses = np.asarray(self.losses)
+        ax.plot(losses, lw=0.5, alpha=0.4, label="micro-batch")
+        if len(losses) >= 10:
+            k = max(len(losses) // 50, 5)
+            ax.plot(np.arange(k - 1, len(losses)), np.convolve(losses, np.ones(k) / k, "valid"), label=f"mean of {k}")
+        ax.set_xlabel("micro-batch")
+        ax.set_ylabel("MSE loss")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.out / "loss.png", dpi=120)
+        plt.close(fig)
+        report = HtmlReport("Textual inversion")
+        report.table(["setting", "value"], [[k, str(v)] for k, v in asdict(self.cfg).items()])
+        report.text(f"Learned tokens: {', '.join(self.tokens)} ({self.cfg.num_vectors} vector(s) each); "
+                    f"{self.step} optimizer steps, effective lr {self.lr:g}.")
+        report.image(str(self.out / "loss.png"), caption="training loss")
+        for path in sorted((self.out / "validation").glob("*.png")):
+            report.image(str(path), caption=f"validation, {path.stem}")
+        return report.save(self.out / "report.html")
+
+    # ---- loop -------------------------------------------------------------------------------------------
+    def train(self) -> Path:
+        cfg, acc = self.cfg, self.accelerator
+        self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.resume and self.checkpoint_path().is_file():
+            self.load_checkpoint()
+        if acc.is_main_process:
+            save_json({**asdict(self.cfg), "lr_effective": self.lr}, self.out / "config.json")
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="textual inversion", disable=not acc.is_local_main_process)
+        t0 = time.perf_counter()
+        while self.step < cfg.steps:
+            before = self.step
+            self.losses.append(self.train_step(self.sample_batch()))
+            if self.step == before:
+                continue
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(self.losses[-cfg.grad_accum * 10:]):.4f}")
+            if acc.is_main_process:
+                last = self.step == cfg.steps
+                if cfg.save_every and self.step % cfg.save_every == 0 and not last:
+                    self.save_embeddings(f"snapshots/learned_embeds-step{self.step:06d}.safetensors")
+                if cfg.validate_every and (self.step % cfg.validate_every == 0 or last):
+                    self.validate()
+                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or last:
+                    self.save_checkpoint()
+        bar.close()
+        acc.wait_for_everyone()
+        path = self.out / "learned_embeds.safetensors"
+        if acc.is_main_process:
+            path = self.save_embeddings()
+            save_json({"tokens": self.tokens, "steps": self.step, "seconds": round(time.perf_counter() - t0, 1),
+                       "losses": self.losses}, self.out / "train_log.json")
+            self.write_report()
+        return path
+
+
+def train_textual_inversion(cfg: TextualInversionConfig, pipe=None) -> Path:
+    """Train and return the path of `learned_embeds.safetensors`."""
+    return TextualInversion(cfg, pipe).train()
