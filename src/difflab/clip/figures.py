@@ -53,7 +53,7 @@ def plot_gallery(images: Sequence, captions: Sequence[str], path: str | os.PathL
     import matplotlib.pyplot as plt
 
     n = max(len(images), 1)
-    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 3.0), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 3.2), squeeze=False, layout="constrained")
     for ax in axes[0]:
         ax.axis("off")
     for ax, im, cap in zip(axes[0], images, captions):

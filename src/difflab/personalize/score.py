@@ -1,0 +1,140 @@
+"""Grade generated images the way the course does (spec section 4, "Grading").
+
+Per prompt: CLIP image score (to the concept's reference images) and text score (to `prompt_4_clip_eval`) of
+every generated image; the 5 images with the highest image + 2.5 x text are kept and their scores averaged;
+PASS when both averages reach the prompt's baseline.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import typer
+from tqdm import tqdm
+
+from difflab.clip.data import image_files
+from difflab.clip.score import TEXT_WEIGHT, ClipScorer, select_best
+from difflab.personalize.prompts import load_input_json
+from difflab.report import HtmlReport
+from difflab.utils import DifflabError, atomic_write, load_rgb, save_json
+
+
+@dataclass
+class PromptResult:
+    key: str
+    prompt_idx: int
+    eval_prompt: str
+    n_images: int
+    image_score: float  # mean over the selected images
+    text_score: float
+    baseline_image: float
+    baseline_text: float
+    passed: bool
+    selected: list[str]  # file paths, best first
+
+
+def _images_in(folder: Path, what: str) -> list[Path]:
+    if not folder.is_dir():
+        raise DifflabError(f"{folder}: {what} folder not found")
+    files = image_files(folder)
+    if not files:
+        raise DifflabError(f"{folder}: no images in this {what} folder")
+    return files
+
+
+def run_score(prompts_json: str | os.PathLike, refs_dir: str | os.PathLike, gen_dir: str | os.PathLike,
+              clip_path: str | os.PathLike, out_dir: str | os.PathLike, device: str | None = None,
+              top_k: int = 5, scorer: ClipScorer | None = None) -> list[PromptResult]:
+    """Score `<gen>/<key>/<idx>/*` against `<refs>/<key>/*`; writes image_scores.csv, prompt_scores.csv/.json and
+    report.html into `out_dir`. `scorer` reuses an already loaded model (then `clip_path` is not read)."""
+    spec = load_input_json(prompts_json)
+    refs_dir, gen_dir, out = Path(refs_dir), Path(gen_dir), Path(out_dir)
+    # Check every folder before the (slow) model load, so a typo fails at once.
+    refs = {key: _images_in(refs_dir / key, "reference image") for key in spec}
+    gens = {(key, i): _images_in(gen_dir / key / str(i), "generated image")
+            for key, entry in spec.items() for i in range(len(entry["prompt_4_clip_eval"]))}
+    scorer = scorer or ClipScorer.from_pretrained(clip_path, device)
+
+    results, image_rows = [], []
+    ref_embeds = {key: scorer.image_embeds([load_rgb(p) for p in files]) for key, files in refs.items()}
+    for (key, i), files in tqdm(gens.items(), desc="scoring prompts", unit="prompt"):
+        entry = spec[key]
+        gen = scorer.image_embeds([load_rgb(p) for p in files])
+        image = scorer.image_score(gen, ref_embeds[key])
+        text = scorer.text_score(gen, scorer.text_embeds([entry["prompt_4_clip_eval"][i]]))
+        best = select_best(image, text, top_k)
+        base_img, base_txt = (float(v) for v in entry["baseline"][i])
+        img_mean, txt_mean = image[best].mean().item(), text[best].mean().item()
+        results.append(PromptResult(key, i, entry["prompt_4_clip_eval"][i], len(files), img_mean, txt_mean,
+                                    base_img, base_txt, img_mean >= base_img and txt_mean >= base_txt,
+                                    [str(files[j]) for j in best.tolist()]))
+        chosen = set(best.tolist())
+        image_rows += [[key, i, files[j].name, f"{image[j]:.4f}", f"{text[j]:.4f}",
+                        f"{image[j] + TEXT_WEIGHT * text[j]:.4f}", j in chosen] for j in range(len(files))]
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(out / "image_scores.csv", ["key", "prompt_idx", "file", "image_score", "text_score",
+                                          "combined", "selected"], image_rows)
+    _write_csv(out / "prompt_scores.csv", ["key", "prompt_idx", "eval_prompt", "n_images", "image_score",
+                                           "text_score", "baseline_image", "baseline_text", "result"],
+               [[r.key, r.prompt_idx, r.eval_prompt, r.n_images, f"{r.image_score:.4f}", f"{r.text_score:.4f}",
+                 r.baseline_image, r.baseline_text, "PASS" if r.passed else "FAIL"] for r in results])
+    save_json({"top_k": top_k, "text_weight": TEXT_WEIGHT, "prompts": [asdict(r) for r in results]},
+              out / "prompt_scores.json")
+    _write_report(results, out / "report.html", top_k)
+    return results
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+
+    atomic_write(path, write)
+
+
+def _write_report(results: list[PromptResult], path: Path, top_k: int) -> None:
+    html = HtmlReport("CLIP grading of generated images")
+    html.text(f"Per prompt, the {top_k} images with the highest image + {TEXT_WEIGHT} x text score are averaged; "
+              "PASS when both averages reach the baseline.")
+    html.table(["concept", "prompt", "eval prompt", "image", "text", "baseline", "result"],
+               [[r.key, r.prompt_idx, r.eval_prompt, r.image_score, r.text_score,
+                 f"{r.baseline_image:g} / {r.baseline_text:g}", "PASS" if r.passed else "FAIL"] for r in results])
+    for r in results:
+        html.heading(f"{r.key}/{r.prompt_idx}: {r.eval_prompt} — {'PASS' if r.passed else 'FAIL'}")
+        for f in r.selected:
+            im = load_rgb(f)
+            im.thumbnail((192, 192))
+            html.image(im, caption=Path(f).name)
+    html.save(path)
+
+
+def score_command(
+    prompts: Path = typer.Option(..., "--prompts", help="input.json with prompt_4_clip_eval and baseline per concept."),
+    refs: Path = typer.Option(..., "--refs", help="Folder of reference images: <refs>/<key>/*.jpg|png."),
+    gen: Path = typer.Option(..., "--gen", help="Folder of generated images: <gen>/<key>/<prompt_idx>/*.png."),
+    clip: Path = typer.Option(..., "--clip", help="Local CLIP folder in transformers format (the course uses ViT-B/32)."),
+    out: Path = typer.Option(..., "--out", help="Output folder for image_scores.csv, prompt_scores.csv/.json, report.html."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, ... (default: CUDA when available)."),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="Images per prompt kept by image + 2.5 x text and averaged."),
+):
+    """Grade generated images with CLIP image/text scores against each prompt's baseline (PASS/FAIL)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    results = run_score(prompts, refs, gen, clip, out, device=device, top_k=top_k)
+    table = Table(title="CLIP grading")
+    for col in ("concept", "prompt", "eval prompt", "image", "text", "baseline", "result"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r.key, str(r.prompt_idx), r.eval_prompt, f"{r.image_score:.2f}", f"{r.text_score:.2f}",
+                      f"{r.baseline_image:g} / {r.baseline_text:g}",
+                      "[green]PASS[/green]" if r.passed else "[red]FAIL[/red]")
+    Console().print(table)
+    n_pass = sum(r.passed for r in results)
+    typer.echo(f"{n_pass}/{len(results)} prompts pass; report: {Path(out) / 'report.html'}")
