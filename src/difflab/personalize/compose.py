@@ -327,8 +327,8 @@ def compose_command(
         raise DifflabError(f"--num-images must be at least 1, got {num_images}")
     concept_list = [Concept(w, p) for w, p in parse_pairs(concepts, "--concepts")]
     ref_pairs = parse_pairs(refs, "--refs")
-    if ref_pairs and clip is None:
-        raise DifflabError("--refs needs --clip (a CLIP model folder) to score the images")
+    if bool(ref_pairs) != (clip is not None):
+        raise DifflabError("--clip and --refs go together: a CLIP model folder and WORDS=DIR reference folders")
     cfg = ComposeConfig(steps=steps, guidance=guidance, seed=seed, scheduler=scheduler, height=height, width=width,
                         negative_prompt=negative_prompt, threshold=threshold, smooth=smooth)
     dev = pick_device(device)

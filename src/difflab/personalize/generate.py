@@ -71,9 +71,8 @@ def set_scheduler(pipe, name: str) -> None:
 def image_size(pipe, cfg: GenerateConfig) -> tuple[int, int]:
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     height, width = cfg.height or native, cfg.width or native
-    step = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-    if height % step or width % step:
-        raise DifflabError(f"image size {height}x{width} must be a multiple of {step} for this model")
+    if height % 8 or width % 8:
+        raise DifflabError(f"image size {height}x{width}: height and width must be multiples of 8")
     return height, width
 
 
