@@ -108,7 +108,10 @@ def _torch_load_weights_only(path: Path):
     Original checkpoints may carry training-framework objects next to the weights; listing them and mapping each
     to `_Ignored` keeps the safe loader (no arbitrary code runs) while still reading the tensors.
     """
-    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except ValueError:  # not a zip checkpoint: the legacy format is read by the plain safe loader below
+        unsafe = []
     with torch.serialization.safe_globals([(_Ignored, name) for name in unsafe]):
         return torch.load(str(path), map_location="cpu", weights_only=True)
 
@@ -120,6 +123,33 @@ def _split_ldm(sd: dict[str, torch.Tensor], path: Path) -> None:
         sample = ", ".join(list(sd)[:3]) or "none"
         raise DifflabError(f"{path}: not a Stable Diffusion v1 checkpoint: no {' / '.join(missing)} weights "
                            f"(first keys: {sample})")
+
+
+def _check_signature(sd: dict[str, torch.Tensor], config_dir: Path, path: Path) -> None:
+    """Compare a few telling shapes with the configs before building anything (an SD v1 UNet is 860 M parameters)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    unet = UNet2DConditionModel.load_config(config_dir / "unet")
+    vae = AutoencoderKL.load_config(config_dir / "vae")
+    text = CLIPTextConfig.from_pretrained(config_dir / "text_encoder", local_files_only=True)
+    token_key = LDM_PREFIX["text_encoder"] + "text_model.embeddings.token_embedding.weight"
+    if token_key not in sd:  # layout of checkpoints written with transformers < 4.22
+        token_key = token_key.replace("text_model.", "")
+    cross_keys = [k for k in sd if k.startswith(LDM_PREFIX["unet"]) and k.endswith("attn2.to_k.weight")]
+    expected = {
+        LDM_PREFIX["unet"] + "input_blocks.0.0.weight": (unet["block_out_channels"][0], unet["in_channels"], 3, 3),
+        LDM_PREFIX["vae"] + "encoder.conv_in.weight": (vae["block_out_channels"][0], vae["in_channels"], 3, 3),
+        token_key: (text.vocab_size, text.hidden_size),
+    }
+    if cross_keys:
+        expected[cross_keys[0]] = (sd[cross_keys[0]].shape[0], unet["cross_attention_dim"])
+    for key, shape in expected.items():
+        if key not in sd:
+            raise DifflabError(f"{path}: not a Stable Diffusion v1 checkpoint: weight {key} is missing")
+        if tuple(sd[key].shape) != shape:
+            raise DifflabError(f"{path}: not a Stable Diffusion v1 checkpoint: {key} has shape {tuple(sd[key].shape)}, "
+                               f"expected {shape} (configs in {config_dir})")
 
 
 def _fit(model, weights: dict[str, torch.Tensor], component: str, path: Path) -> None:
@@ -144,6 +174,17 @@ def _fit(model, weights: dict[str, torch.Tensor], component: str, path: Path) ->
     model.load_state_dict(weights, strict=False)
 
 
+def _load_tokenizer(folder: Path):
+    """The CLIP tokenizer of a configs folder: vocab.json + merges.txt, or the tokenizer.json transformers 5 writes."""
+    from difflab.clip.tokenizer import MAX_LENGTH, load_clip_tokenizer
+
+    if (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
+        from transformers import CLIPTokenizer
+
+        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, model_max_length=MAX_LENGTH)
+    return load_clip_tokenizer(folder)
+
+
 def _load_single_file(path: Path, config_dir: Path, dtype: torch.dtype | None):
     import diffusers
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -151,11 +192,10 @@ def _load_single_file(path: Path, config_dir: Path, dtype: torch.dtype | None):
                                                      convert_ldm_vae_checkpoint)
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from difflab.clip.tokenizer import load_clip_tokenizer
-
     _check_folder(config_dir)
     sd = read_checkpoint(path)
     _split_ldm(sd, path)
+    _check_signature(sd, config_dir, path)
 
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir / "unet"))
     _fit(unet, convert_ldm_unet_checkpoint(sd, unet.config), "unet", path)
@@ -163,15 +203,17 @@ def _load_single_file(path: Path, config_dir: Path, dtype: torch.dtype | None):
     _fit(vae, convert_ldm_vae_checkpoint(sd, vae.config), "vae", path)
     text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder", local_files_only=True))
     clip_sd = convert_ldm_clip_checkpoint(sd)
-    # Checkpoints written with transformers < 4.22 lack the `text_model.` level.
-    clip_sd = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in clip_sd.items()}
+    # Original checkpoints name weights `text_model.*` (or, before transformers 4.22, without that level);
+    # the installed transformers decides which of the two its CLIPTextModel expects.
+    level = "text_model." if any(k.startswith("text_model.") for k in text_encoder.state_dict()) else ""
+    clip_sd = {level + k.removeprefix("text_model."): v for k, v in clip_sd.items()}
     _fit(text_encoder, clip_sd, "text_encoder", path)
     del sd
 
     scheduler_cfg = PNDMScheduler.load_config(config_dir / "scheduler")
     scheduler_cls = getattr(diffusers, scheduler_cfg.get("_class_name", "PNDMScheduler"))
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(config_dir / "tokenizer"), unet=unet,
+        vae=vae, text_encoder=text_encoder, tokenizer=_load_tokenizer(config_dir / "tokenizer"), unet=unet,
         scheduler=scheduler_cls.from_config(scheduler_cfg), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     _check_pipeline(pipe, str(path))
