@@ -81,7 +81,7 @@ class AttentionStore:
     def maps(self, height: int, width: int, factor: int) -> torch.Tensor:
         """(B, h, w, tokens) mean attention of the layers at latent size / factor, or the nearest size recorded."""
         if not self.sums:
-            raise DifflabError("no cross-attention was recorded (capture_fraction too small, or a model without cross-attention)")
+            raise DifflabError("no cross-attention was recorded: the UNet has no cross-attention layers")
         factors = {round(math.sqrt(height * width / q)): q for q in self.sums}
         best = min(factors, key=lambda f: abs(math.log(f / factor)))
         q = factors[best]
@@ -195,6 +195,9 @@ def compose(pipe, prompt: str, concepts: Sequence[Concept], cfg: ComposeConfig, 
     """Naive image of `prompt`, concept regions from its cross-attention, and the region-wise composed image."""
     if not concepts:
         raise DifflabError("compose needs at least one concept (--concepts WORDS=PROMPT)")
+    if not 0 < cfg.capture_fraction <= 1 or not 0 <= cfg.threshold < 1:
+        raise DifflabError(f"capture fraction must be in (0, 1] and threshold in [0, 1), got "
+                           f"{cfg.capture_fraction} and {cfg.threshold}")
     groups = [token_indices(pipe.tokenizer, prompt, c.words) for c in concepts]
     set_scheduler(pipe, cfg.scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -311,6 +314,7 @@ def compose_command(
     threshold: float = typer.Option(0.4, "--threshold", help="A concept owns pixels where its normalised attention wins and exceeds this."),
     smooth: float = typer.Option(1.0, "--smooth", help="Gaussian sigma (attention-map pixels) applied to the maps; 0 disables."),
     negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt shared by all region prompts."),
+    capture_fraction: float = typer.Option(1.0, "--capture-fraction", help="Average the attention maps over this first fraction of the steps."),
     clip: Optional[Path] = typer.Option(None, "--clip", help="CLIP model folder: adds naive vs composed image scores to the report."),
     refs: list[str] = typer.Option([], "--refs", help="WORDS=DIR, repeatable: reference images of a concept for CLIP scoring."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)."),
@@ -330,7 +334,8 @@ def compose_command(
     if bool(ref_pairs) != (clip is not None):
         raise DifflabError("--clip and --refs go together: a CLIP model folder and WORDS=DIR reference folders")
     cfg = ComposeConfig(steps=steps, guidance=guidance, seed=seed, scheduler=scheduler, height=height, width=width,
-                        negative_prompt=negative_prompt, threshold=threshold, smooth=smooth)
+                        negative_prompt=negative_prompt, threshold=threshold, smooth=smooth,
+                        capture_fraction=capture_fraction)
     dev = pick_device(device)
     pipe = load_sd(sd, device=dev, dtype=torch.float16 if dev.type == "cuda" and not fp32 else torch.float32)
     if embeds:

@@ -214,7 +214,7 @@ def generate(pipe, spec: dict, out: str | os.PathLike, cfg: GenerateConfig, keys
             images, todo = [images[c] for c in keep], list(range(cfg.per_prompt))
         for n, im in zip(todo, images):
             save_png(np.asarray(im.convert("RGB")), image_path(out, job.key, job.idx, n))
-        shown = [Image.open(image_path(out, job.key, job.idx, n)) for n in range(cfg.per_prompt)]
+        shown = [load_rgb(image_path(out, job.key, job.idx, n)) for n in range(cfg.per_prompt)]
         cols = min(5, len(shown))
         report.heading(f"{job.key}/{job.idx}: {job.prompt}")
         report.image(image_grid(thumbnails(shown), -(-len(shown) // cols), cols), caption=f"{len(shown)} images")
