@@ -160,6 +160,8 @@ class TextualInversion:
             pipe.unet.train()
         self.text_encoder.train()
         self.frozen_rows = self.text_encoder.get_input_embeddings().weight.detach().clone()
+        self.frozen_mask = torch.ones(len(self.frozen_rows), dtype=torch.bool, device=self.device)
+        self.frozen_mask[self.new_ids] = False
 
         self.latent_mean, self.latent_std = self._cache_latents(images)
         self.prompt_ids = [self._tokenize([expand_prompt(t.format(c.token), self.tokens) for t in TEMPLATES[c.kind]])
@@ -234,9 +236,7 @@ class TextualInversion:
     @torch.no_grad()
     def _restore_frozen_rows(self) -> None:
         weight = self._embedding()
-        keep = torch.ones(len(weight), dtype=torch.bool, device=weight.device)
-        keep[self.new_ids.to(weight.device)] = False
-        weight[keep] = self.frozen_rows[keep]
+        weight[self.frozen_mask] = self.frozen_rows[self.frozen_mask]
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> float:
         """One micro-batch; the optimizer steps every `grad_accum` calls. Returns the loss."""
