@@ -53,3 +53,6 @@ from difflab.personalize.generate import generate_command  # noqa: E402
 
 app.command("generate")(generate_command)
 app.command("compose")(compose_command)
+from difflab.personalize.score import score_command  # noqa: E402
+
+app.command("score")(score_command)
