@@ -204,8 +204,11 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
 
 
 def svhn_images(labels: np.ndarray, rng: np.random.Generator, photos: tuple[np.ndarray, ...],
-                glyphs: GlyphAtlas) -> np.ndarray:
-    """SVHN style crops (n,28,28,3) uint8: the labelled digit in the middle, neighbours cut at the sides."""
+                glyphs: GlyphAtlas, return_masks: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """SVHN style crops (n,28,28,3) uint8: the labelled digit in the middle, neighbours cut at the sides.
+
+    With `return_masks`, also the (n,28,28) float coverage of the middle digit alone.
+    """
     n = len(labels)
     style = rng.integers(len(glyphs.masks), size=n)  # one font + weight per house number
     height = rng.uniform(16, 25, n)  # digit height in pixels
@@ -229,6 +232,8 @@ def svhn_images(labels: np.ndarray, rng: np.random.Generator, photos: tuple[np.n
         idx = np.nonzero(present)[0]
         src = glyphs.masks[style[idx], digit[idx]]
         mask[idx] = np.maximum(mask[idx], _affine(src, theta[idx])[:, 0].numpy())
+        if side == 0:
+            middle = mask.copy()
 
     # Background: a flat colour with a lighting gradient, or a photo crop washed towards a flat colour.
     # Muted colours, like painted walls and plates: a grey level plus a little saturation.
@@ -260,7 +265,8 @@ def svhn_images(labels: np.ndarray, rng: np.random.Generator, photos: tuple[np.n
     exposure = rng.uniform(0.75, 1.1, (n, 1, 1, 1)).astype(np.float32)
     noise = rng.standard_normal(x.shape, dtype=np.float32) * rng.uniform(0, 9, (n, 1, 1, 1)).astype(np.float32)
     x = x * exposure + noise
-    return x.round().clip(0, 255).astype(np.uint8)
+    images = x.round().clip(0, 255).astype(np.uint8)
+    return (images, middle) if return_masks else images
 
 
 __all__ = ["MNIST_SOURCES", "MnistDigits", "load_mnist", "load_photos", "load_glyphs", "mnistm_images",
