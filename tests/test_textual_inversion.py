@@ -148,3 +148,18 @@ def test_cli_train_two_steps(setup, tmp_path):
     bad = CliRunner().invoke(app, ["personalize", "train", "--concept", "nowhere:<x>:dog", "--sd", str(setup / "sd"),
                                    "--out", str(out)])
     assert isinstance(bad.exception, DifflabError) and "image folder not found" in str(bad.exception)
+
+
+def test_hw2_3_script_usage_and_missing_embeddings(tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "hw2_3.sh"
+    usage = subprocess.run(["bash", str(script), "only-one-arg"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage:" in usage.stderr
+    env = {**os.environ, "DIFFLAB_EMBEDS": str(tmp_path / "none")}
+    run = subprocess.run(["bash", str(script), "input.json", str(tmp_path / "out"), "sd-v1-4.ckpt"], env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 1 and "no learned embeddings found" in run.stderr
+    assert "personalize train --sd sd-v1-4.ckpt" in run.stderr and not (tmp_path / "out").exists()
