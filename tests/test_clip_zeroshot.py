@@ -211,6 +211,15 @@ def test_bad_inputs(tmp_path, clip_dir):
     (partial / "config.json").write_text((clip_dir / "config.json").read_text())
     with pytest.raises(DifflabError, match="no weights found"):
         load_clip(partial, "cpu")
+    from safetensors.torch import load_file, save_file
+
+    weights = {k: v for k, v in load_file(clip_dir / "model.safetensors").items() if "visual_projection" not in k}
+    save_file(weights, partial / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(DifflabError, match="weights lack 1 CLIP tensors, e.g. visual_projection.weight"):
+        load_clip(partial, "cpu")
+    (partial / "model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(DifflabError, match="could not load CLIPModel"):
+        load_clip(partial, "cpu")
     with pytest.raises(DifflabError, match="config.json missing"):
         load_clip(tmp_path / "empty", "cpu")
     with pytest.raises(DifflabError, match="not found"):

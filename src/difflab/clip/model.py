@@ -71,9 +71,13 @@ def load_clip(path: str | os.PathLike, device: str | torch.device | None = None)
     path = check_clip_folder(path)
     device = device if isinstance(device, torch.device) else pick_device(device)
     try:
-        model = CLIPModel.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise DifflabError(f"{path}: could not load CLIPModel ({str(e).splitlines()[0]})") from None
+        model, info = CLIPModel.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
+    except Exception as e:  # corrupt or mismatched weights surface as many exception types; all are user errors here
+        raise DifflabError(f"{path}: could not load CLIPModel ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    # transformers only warns about missing tensors and leaves them random: a partial checkpoint must not pass.
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise DifflabError(f"{path}: weights lack {len(missing)} CLIP tensors, e.g. {', '.join(missing[:3])}")
     model.to(device).eval()
 
     if any((path / f).is_file() for f in TOKENIZER_FILES):
