@@ -55,8 +55,7 @@ def classify_files(classifier: ZeroShotClassifier, data: LabeledImages, cfg: Zer
     `data.skipped` for unreadable images (or fails on the first one without --skip-bad)."""
     loader = DataLoader(ImageFiles(data.files, classifier.transform), batch_size=cfg.batch_size,
                         num_workers=cfg.num_workers, collate_fn=collate_images,
-                        pin_memory=classifier.device.type == "cuda",
-                        persistent_workers=False)
+                        pin_memory=classifier.device.type == "cuda")
     kept, probs = [], []
     for images, index, bad in tqdm(loader, desc="zero-shot", unit="batch"):
         for i, err in bad:
