@@ -1,3 +1,111 @@
+"""`difflab digits ...`: make-data, train, train-classifier, sample, evaluate, demo."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
 import typer
 
-app = typer.Typer(help="Conditional digits (domain x digit) with DDPM/DDIM and classifier-free guidance.", no_args_is_help=True)
+from difflab.digits.classifier import train_classifier_command
+from difflab.digits.data import make_data_command
+from difflab.digits.evaluate import evaluate_command
+
+app = typer.Typer(help="Conditional digits (domain x digit) with DDPM/DDIM and classifier-free guidance.",
+                  no_args_is_help=True)
+app.command("make-data")(make_data_command)
+app.command("train-classifier")(train_classifier_command)
+app.command("evaluate")(evaluate_command)
+
+DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: CUDA when available)."
+
+
+@app.command("train")
+def train_command(
+    data_root: Path = typer.Option(..., "--data-root", help="Folder containing digits/{mnistm,svhn}/ (train.csv + data/)."),
+    out: Path = typer.Option(..., "--out", help="Checkpoint folder: config.json, model.safetensors (EMA), train_state.pt."),
+    preset: str = typer.Option("cpu", "--preset", help="Network size: 'cpu' (~1.5 M params, for the CPU demo) or 'full' (GPU)."),
+    steps: int = typer.Option(3000, "--steps", min=1, help="Optimiser steps in total (a resumed run continues to this count)."),
+    batch_size: int = typer.Option(128, "--batch-size", min=1, help="Images per step and process."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak AdamW learning rate (linear warm-up, cosine decay to lr/10)."),
+    ema_decay: float = typer.Option(0.999, "--ema-decay", help="Decay of the EMA weights used for sampling."),
+    p_drop_domain: float = typer.Option(0.1, "--p-drop-domain", help="Probability to replace the domain by its null embedding."),
+    p_drop_digit: float = typer.Option(0.15, "--p-drop-digit", help="Probability to replace the digit by its null embedding."),
+    timesteps: int = typer.Option(1000, "--timesteps", help="Diffusion steps T of the linear schedule 1e-4..2e-2."),
+    save_every: int = typer.Option(500, "--save-every", help="Write an atomic checkpoint every N steps."),
+    sample_every: int = typer.Option(0, "--sample-every", help="Write a progress grid to <out>/progress/ every N steps (0: never)."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop (and save) after this wall time."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from <out>/train_state.pt."),
+    seed: int = typer.Option(0, "--seed", help="Seed for initialisation, batches, timesteps and noise."),
+    bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast on CPU (CUDA always uses autocast)."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+):
+    """Train the conditional DDPM. Multi-GPU/multi-node: `accelerate launch -m difflab.cli digits train ...`."""
+    from difflab.digits.model import ScheduleConfig
+    from difflab.digits.sample import SampleConfig, make_conds, generate
+    from difflab.digits.train import TrainConfig, train
+    from difflab.utils import image_grid, save_png, to_uint8
+
+    cfg = TrainConfig(data_root=str(data_root), out_dir=str(out), preset=preset, steps=steps, batch_size=batch_size,
+                      lr=lr, ema_decay=ema_decay, p_drop_domain=p_drop_domain, p_drop_digit=p_drop_digit,
+                      schedule=ScheduleConfig(num_steps=timesteps), save_every=save_every, sample_every=sample_every,
+                      max_minutes=max_minutes, resume=resume, seed=seed, cpu_bf16=bf16, device=device)
+
+    def progress_grid(step: int, ema) -> None:
+        cond = make_conds([0] * 10 + [1] * 10, list(range(10)) * 2)
+        device_ = next(ema.parameters()).device
+        images, _ = generate(ema, cfg.schedule.build(), cond, SampleConfig(steps=20, seed=seed), device_, progress=False)
+        save_png(image_grid(to_uint8(images), 2, 10), out / "progress" / f"step_{step:06d}.png")
+
+    train(cfg, on_sample=progress_grid)
+    typer.echo(f"checkpoint: {out}")
+
+
+@app.command("sample")
+def sample_command(
+    ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint folder written by `difflab digits train`."),
+    out: Path = typer.Option(..., "--out", help="Output folder: mnistm/ and svhn/ with {digit}_{NNN}.png, plus figures/."),
+    per_digit: int = typer.Option(50, "--per-digit", min=1, help="Images per digit and domain."),
+    method: str = typer.Option("ddim", "--method", help="'ddim' (fast, --steps/--eta) or 'ddpm' (ancestral, all T steps)."),
+    steps: int = typer.Option(50, "--steps", min=1, help="DDIM steps."),
+    eta: float = typer.Option(0.0, "--eta", help="DDIM stochasticity: 0 deterministic, 1 DDPM-like."),
+    guidance_digit: float = typer.Option(3.0, "--guidance-digit", help="CFG scale of the digit (1: none)."),
+    guidance_domain: float = typer.Option(1.0, "--guidance-domain", help="CFG scale of the domain (1: none)."),
+    batch_size: int = typer.Option(500, "--batch-size", min=1, help="Images per batched forward (x2 or x3 with guidance)."),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="Also write 10x10 grids and the reverse-process figure."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initial noise (and of DDPM/η>0 step noise)."),
+    bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast on CPU."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+):
+    """Generate the course layout (50 per digit per domain), 10x10 grids and the reverse process of the first 0."""
+    from difflab.digits.model import load_digits_model
+    from difflab.digits.sample import SampleConfig, digit_grid, reverse_process_strip, write_course_layout
+    from difflab.utils import pick_device, save_png
+
+    dev = pick_device(device)
+    net, schedule, _ = load_digits_model(ckpt, dev)
+    cfg = SampleConfig(method=method, steps=steps, eta=eta, guidance_digit=guidance_digit,
+                       guidance_domain=guidance_domain, batch_size=batch_size, seed=seed, cpu_bf16=bf16)
+    per_domain = write_course_layout(net, schedule, out, cfg, dev, per_digit)
+    if figures:
+        for domain, images in per_domain.items():
+            save_png(digit_grid(images, per_digit, columns=min(10, per_digit)), out / "figures" / f"grid_{domain}.png")
+        strip, ts = reverse_process_strip(net, schedule, cfg, dev, per_digit=per_digit)
+        save_png(strip, out / "figures" / "reverse_process.png")
+        typer.echo(f"figures: {out / 'figures'} (reverse process at t = {ts})")
+    typer.echo(f"wrote {sum(len(v) for v in per_domain.values())} images to {out}")
+
+
+@app.command("demo")
+def demo_command(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder: data/, model/, classifiers/, samples/, report.html."),
+    quick: bool = typer.Option(False, "--quick", help="Two-minute smoke run on small data (accuracy is not the point)."),
+    train_steps: Optional[int] = typer.Option(None, "--train-steps", help="Diffusion training steps (default 2400)."),
+    train_minutes: Optional[float] = typer.Option(None, "--train-minutes", help="Wall-time cap of diffusion training."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every stage."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+):
+    """The whole digits job on the embedded dataset: make-data, train, train-classifier, sample, evaluate, report."""
+    from difflab.digits.demo import quick_or_full, run_demo
+
+    run_demo(quick_or_full(str(out), quick, train_steps=train_steps, train_minutes=train_minutes, seed=seed,
+                           device=device))

@@ -1,0 +1,76 @@
+"""Saving and loading the conditional digits model: a folder with `config.json` + `model.safetensors`
+(EMA weights, what sampling uses) and, while training, `train_state.pt` (everything needed to resume)."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from difflab.nets.digits_unet import DigitsUNet, DigitsUNetConfig
+from difflab.schedule import NoiseSchedule
+from difflab.utils import DifflabError, atomic_write, load_json, save_json
+
+MODEL_TYPE = "digits_unet"
+CONFIG_FILE, WEIGHTS_FILE, STATE_FILE = "config.json", "model.safetensors", "train_state.pt"
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "linear"
+    num_steps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 2e-2
+
+    def build(self) -> NoiseSchedule:
+        return NoiseSchedule.make(self.kind, self.num_steps, self.beta_start, self.beta_end)
+
+
+def save_model(out_dir: str | os.PathLike, net: DigitsUNet, schedule: ScheduleConfig, extra: dict | None = None) -> Path:
+    out = Path(out_dir)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
+    save_json({"model": MODEL_TYPE, "net": net.config.to_dict(), "schedule": asdict(schedule), **(extra or {})},
+              out / CONFIG_FILE)
+    return out
+
+
+def check_state_dict(net: torch.nn.Module, state: dict, source: str) -> None:
+    """Load strictly, turning a mismatch into one line that lists what is missing and unexpected."""
+    ours = net.state_dict()
+    missing = sorted(set(ours) - set(state))
+    unexpected = sorted(set(state) - set(ours))
+    wrong = sorted(k for k in set(ours) & set(state) if ours[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
+        parts = [f"missing keys: {few(missing)}" if missing else "",
+                 f"unexpected keys: {few(unexpected)}" if unexpected else "",
+                 f"wrong shapes: {few(wrong)}" if wrong else ""]
+        raise DifflabError(f"{source}: weights do not fit the model; " + "; ".join(p for p in parts if p))
+    net.load_state_dict(state, strict=True)
+
+
+def load_digits_model(path: str | os.PathLike, device: torch.device | str = "cpu"
+                      ) -> tuple[DigitsUNet, NoiseSchedule, dict]:
+    """(net in eval mode, noise schedule, the whole config dict) from a checkpoint folder."""
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    config = load_json(path / CONFIG_FILE)
+    if config.get("model") != MODEL_TYPE:
+        raise DifflabError(f"{path / CONFIG_FILE}: not a difflab digits checkpoint (model={config.get('model')!r})")
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise DifflabError(f"{weights}: weights file not found")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise DifflabError(f"{weights}: unreadable safetensors file ({e})") from None
+    net = DigitsUNet(DigitsUNetConfig.from_dict(config["net"]))
+    check_state_dict(net, state, str(weights))
+    return net.to(device).eval(), ScheduleConfig(**config["schedule"]).build(), config

@@ -1,0 +1,122 @@
+"""Sampling the conditional digits model: the course output layout, 10x10 grids and reverse-process strips."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from difflab.digits.data import DOMAINS
+from difflab.nets.digits_unet import DigitsUNet
+from difflab.samplers import ddim_timesteps, guided, sample
+from difflab.schedule import NoiseSchedule
+from difflab.utils import DifflabError, autocast, image_grid, save_png, to_uint8
+
+
+@dataclass
+class SampleConfig:
+    method: str = "ddim"          # "ddim" or "ddpm" (ancestral over all T steps)
+    steps: int = 50               # DDIM steps; ignored by ddpm
+    eta: float = 0.0
+    guidance_digit: float = 3.0   # 1 = no guidance
+    guidance_domain: float = 1.0
+    batch_size: int = 500
+    seed: int = 0
+    cpu_bf16: bool = True
+
+    def timesteps(self, schedule: NoiseSchedule) -> list[int]:
+        if self.method == "ddpm":
+            return list(range(schedule.num_steps - 1, -1, -1))
+        if self.method != "ddim":
+            raise DifflabError(f"unknown sampler {self.method!r}; choose ddim or ddpm")
+        return ddim_timesteps(schedule.num_steps, self.steps)
+
+
+def guided_digits_eps(net: DigitsUNet, cond: torch.Tensor, guidance_digit: float, guidance_domain: float):
+    """ε = ε(∅,∅) + g_dom·(ε(dom,∅) − ε(∅,∅)) + g_dig·(ε(dom,dig) − ε(dom,∅)), in one batched forward.
+
+    With g_dom = 1 the (∅,∅) branch drops out; with g_dom = g_dig the (dom,∅) branch does."""
+    null_domain, null_digit = net.null_cond
+    domain_only = cond.clone()
+    domain_only[:, 1] = null_digit
+    nothing = torch.tensor([null_domain, null_digit], device=cond.device).expand_as(cond)
+    weights = [guidance_digit, guidance_domain - guidance_digit, 1.0 - guidance_domain]
+    return guided(net, [cond, domain_only, nothing], weights)
+
+
+def make_conds(domains: list[int] | torch.Tensor, digits: list[int] | torch.Tensor) -> torch.Tensor:
+    return torch.stack([torch.as_tensor(domains), torch.as_tensor(digits)], dim=1).long()
+
+
+@torch.inference_mode()
+def initial_noise(net: DigitsUNet, n: int, generator: torch.Generator) -> torch.Tensor:
+    size = net.config.image_size
+    return torch.randn(n, net.config.in_channels, size, size, generator=generator)
+
+
+@torch.inference_mode()
+def generate(net: DigitsUNet, schedule: NoiseSchedule, cond: torch.Tensor, cfg: SampleConfig,
+             device: torch.device, capture: list[int] | None = None, progress: bool = True,
+             rows: list[int] | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Images in [-1, 1] (on CPU) for every row of `cond`, and the captured x_t per timestep.
+
+    All initial noise is drawn at once from `cfg.seed`, so an image does not depend on the batch size;
+    `rows` picks which of those noises to use (to redo single images of a larger run)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    x_T = initial_noise(net, len(cond) if rows is None else max(rows) + 1, g)
+    if rows is not None:
+        x_T = x_T[rows]
+    timesteps = cfg.timesteps(schedule)
+    outs, traj = [], {}
+    batches = range(0, len(cond), cfg.batch_size)
+    for start in tqdm(batches, desc=f"sampling {cfg.method}", disable=not progress or len(batches) == 1):
+        c = cond[start : start + cfg.batch_size].to(device)
+        eps_fn = guided_digits_eps(net, c, cfg.guidance_digit, cfg.guidance_domain)
+        with autocast(device, cpu_bf16=cfg.cpu_bf16):
+            res = sample(eps_fn, x_T[start : start + cfg.batch_size].to(device), schedule, timesteps,
+                         method=cfg.method, eta=cfg.eta, generator=g, capture=capture,
+                         progress=progress and len(batches) == 1)
+        outs.append(res.images.float().clamp(-1, 1).cpu())
+        for t, x in res.trajectory.items():
+            traj.setdefault(t, []).append(x)
+    return torch.cat(outs), {t: torch.cat(xs) for t, xs in traj.items()}
+
+
+def write_course_layout(net: DigitsUNet, schedule: NoiseSchedule, out_dir: str | os.PathLike, cfg: SampleConfig,
+                        device: torch.device, per_digit: int = 50) -> dict[str, np.ndarray]:
+    """`<out>/mnistm/{d}_{NNN}.png` and `<out>/svhn/...`, NNN = 001..per_digit. Returns the uint8 images
+    per domain, ordered digit-major (all 0s, then all 1s, ...)."""
+    out = Path(out_dir)
+    digits = torch.arange(10).repeat_interleave(per_digit)
+    cond = torch.cat([make_conds(torch.full_like(digits, d), digits) for d in range(len(DOMAINS))])
+    images = to_uint8(generate(net, schedule, cond, cfg, device)[0])
+    per_domain = {}
+    for d, domain in enumerate(DOMAINS):
+        block = images[d * len(digits) : (d + 1) * len(digits)]
+        for i, (img, digit) in enumerate(zip(block, digits.tolist())):
+            save_png(img, out / domain / f"{digit}_{i % per_digit + 1:03d}.png")
+        per_domain[domain] = block
+    return per_domain
+
+
+def digit_grid(per_domain_images: np.ndarray, per_digit: int, columns: int = 10) -> np.ndarray:
+    """10 x `columns` grid: row = digit, columns = the first images (different noises) of that digit."""
+    rows = [per_domain_images[d * per_digit : d * per_digit + columns] for d in range(10)]
+    return image_grid(np.concatenate(rows), 10, columns)
+
+
+def reverse_process_strip(net: DigitsUNet, schedule: NoiseSchedule, cfg: SampleConfig, device: torch.device,
+                          digit: int = 0, snapshots: int = 6, per_digit: int = 50) -> tuple[np.ndarray, list[int]]:
+    """One row per domain: x_t of the first `digit` image of the course layout at `snapshots` timesteps, T to 0."""
+    timesteps = cfg.timesteps(schedule)
+    picks = [timesteps[round(i * (len(timesteps) - 1) / (snapshots - 2))] for i in range(snapshots - 1)]
+    # The same noises as the first image of `digit` in each domain of `write_course_layout`.
+    rows = [d * 10 * per_digit + digit * per_digit for d in range(len(DOMAINS))]
+    cond = make_conds(list(range(len(DOMAINS))), [digit] * len(DOMAINS))
+    final, traj = generate(net, schedule, cond, cfg, device, capture=picks, progress=False, rows=rows)
+    frames = [traj[t].clamp(-1, 1) for t in picks] + [final]
+    tiles = np.stack([to_uint8(f) for f in frames], axis=1).reshape(-1, *to_uint8(final).shape[1:])
+    return image_grid(tiles, len(DOMAINS), snapshots), picks + [0]

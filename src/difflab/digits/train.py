@@ -1,0 +1,183 @@
+"""Training the conditional digits DDPM: AdamW, EMA, condition dropout per factor, atomic checkpoints,
+resume, and multi-process data parallelism through `accelerate` (`accelerate launch -m difflab.cli ...`)."""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from difflab.digits.data import DOMAINS, load_split
+from difflab.digits.model import STATE_FILE, ScheduleConfig, check_state_dict, save_model
+from difflab.nets.digits_unet import DigitsUNet, DigitsUNetConfig
+from difflab.utils import DifflabError, atomic_write, autocast, save_json
+
+PRESETS = {
+    # Fits the 20-minute CPU demo: ~1.5 M parameters, most of the compute at 14x14 and 7x7.
+    "cpu": DigitsUNetConfig(channels=(32, 64, 96), blocks_per_level=1),
+    # For a GPU: wider and deeper, the usual small-image DDPM shape.
+    "full": DigitsUNetConfig(channels=(64, 128, 256), blocks_per_level=2, dropout=0.1),
+}
+
+
+@dataclass
+class TrainConfig:
+    data_root: str
+    out_dir: str
+    preset: str = "cpu"
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    p_drop_domain: float = 0.1
+    p_drop_digit: float = 0.15
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    seed: int = 0
+    save_every: int = 500
+    sample_every: int = 0
+    log_every: int = 20
+    max_minutes: float | None = None
+    device: str | None = None
+    cpu_bf16: bool = True
+    resume: bool = False
+
+    def net_config(self) -> DigitsUNetConfig:
+        if self.preset not in PRESETS:
+            raise DifflabError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        return PRESETS[self.preset]
+
+
+def load_training_set(data_root: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """All training images of both domains as uint8 (N,3,28,28) and conditions (N,2) = [domain, digit]."""
+    images, conds = [], []
+    for d, domain in enumerate(DOMAINS):
+        x, y = load_split(data_root, domain)
+        images.append(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())
+        conds.append(torch.stack([torch.full((len(y),), d), torch.from_numpy(y)], dim=1))
+    return torch.cat(images), torch.cat(conds).long()
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def drop_conditions(cond: torch.Tensor, net: DigitsUNet, cfg: TrainConfig, g: torch.Generator) -> torch.Tensor:
+    """Replace each factor by its null id independently, so the net learns every guidance branch."""
+    cond = cond.clone()
+    null_domain, null_digit = net.null_cond
+    cond[torch.rand(len(cond), generator=g) < cfg.p_drop_domain, 0] = null_domain
+    cond[torch.rand(len(cond), generator=g) < cfg.p_drop_digit, 1] = null_digit
+    return cond
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
+    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1.0 - decay)
+
+
+def train(cfg: TrainConfig, on_sample=None) -> Path:
+    """Train and write the checkpoint folder `cfg.out_dir`; returns it. `on_sample(step, ema_net)` is called
+    every `sample_every` steps on the main process (the CLI uses it for progress grids)."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    device = accelerator.device
+    out = Path(cfg.out_dir)
+    images, conds = load_training_set(cfg.data_root)
+    net_config = cfg.net_config()
+    schedule = cfg.schedule.build()
+
+    torch.manual_seed(cfg.seed)
+    net = DigitsUNet(net_config)
+    ema = copy.deepcopy(net).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Every process draws its own batches; seeds differ by rank so the batches do too.
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index)
+    step, losses = 0, []
+
+    state_path = out / STATE_FILE
+    if cfg.resume:
+        if not state_path.is_file():
+            raise DifflabError(f"{state_path}: nothing to resume from (no training state in {out})")
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated or foreign file: say which, never a bare traceback
+            raise DifflabError(f"{state_path}: unreadable training state ({e.__class__.__name__}: {e})") from None
+        if state.get("net_config") != net_config.to_dict():
+            raise DifflabError(f"{state_path}: saved with another network configuration; use the same --preset")
+        check_state_dict(net, state["net"], str(state_path))
+        check_state_dict(ema, state["ema"], str(state_path))
+        opt.load_state_dict(state["opt"])
+        g.set_state(state["rng"][accelerator.process_index % len(state["rng"])])
+        step, losses = state["step"], state["losses"]
+
+    net, opt = accelerator.prepare(net, opt)
+    ema.to(device)
+    images, conds = images.to(device), conds.to(device)
+
+    def save_state() -> None:
+        rng = accelerator.gather(torch.stack([g.get_state()]).to(device)).cpu()
+        if not accelerator.is_main_process:
+            return
+        state = {"net": accelerator.unwrap_model(net).state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                 "step": step, "rng": list(rng), "losses": losses, "net_config": net_config.to_dict()}
+        atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+        save_model(out, ema, cfg.schedule, extra={"steps": step, "train": _jsonable(cfg)})
+        save_json({"steps": [s for s, _ in losses], "loss": [v for _, v in losses]}, out / "losses.json")
+
+    start, running = time.perf_counter(), []
+    bar = tqdm(total=cfg.steps, initial=step, desc="train digits", disable=not accelerator.is_main_process,
+               dynamic_ncols=True)
+    net.train()
+    while step < cfg.steps:
+        idx = torch.randint(0, len(images), (cfg.batch_size,), generator=g).to(device)
+        x0 = images[idx].float() / 127.5 - 1.0
+        cond = drop_conditions(conds[idx].cpu(), accelerator.unwrap_model(net), cfg, g).to(device)
+        t = schedule.sample_timesteps(cfg.batch_size, device, g)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        with autocast(device, cpu_bf16=cfg.cpu_bf16):
+            loss = schedule.training_loss(lambda x, tt: net(x, tt, cond), x0, t, noise)
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        ema_update(ema, accelerator.unwrap_model(net), min(cfg.ema_decay, (1 + step) / (10 + step)))
+        step += 1
+        running.append(loss.item())
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            mean = float(accelerator.reduce(torch.tensor(np.mean(running), device=device), "mean"))
+            losses.append((step, mean))
+            running = []
+            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr_at(step, cfg):.1e}")
+            over = cfg.max_minutes is not None and time.perf_counter() - start > 60 * cfg.max_minutes
+            if float(accelerator.reduce(torch.tensor(float(over), device=device), "max")) > 0:
+                bar.write(f"time budget of {cfg.max_minutes} min reached at step {step}; saving")
+                break
+        if step % cfg.save_every == 0:
+            save_state()
+        if cfg.sample_every and step % cfg.sample_every == 0 and accelerator.is_main_process and on_sample:
+            on_sample(step, ema)
+    bar.close()
+    save_state()
+    accelerator.wait_for_everyone()
+    return out
+
+
+def _jsonable(cfg: TrainConfig) -> dict:
+    d = asdict(cfg)
+    d["net"] = cfg.net_config().to_dict()
+    return d

@@ -1,0 +1,185 @@
+"""The conditional digits model: network contract, guidance, training with resume, sampling layout, CLI."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from difflab.cli import app
+from difflab.digits.data import make_dataset
+from difflab.digits.model import load_digits_model, save_model, ScheduleConfig
+from difflab.digits.sample import SampleConfig, guided_digits_eps, make_conds, reverse_process_strip, write_course_layout
+from difflab.digits.train import PRESETS, TrainConfig, train
+from difflab.nets.digits_unet import DigitsUNet, DigitsUNetConfig
+from difflab.utils import DifflabError
+
+TINY = DigitsUNetConfig(channels=(8, 16, 16), emb_dim=32)
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    make_dataset(root, n_per_domain=100, n_test_per_domain=20, seed=0)
+    return root
+
+
+@pytest.fixture
+def tiny_preset(monkeypatch):
+    monkeypatch.setitem(PRESETS, "tiny", TINY)
+    return "tiny"
+
+
+def test_net_shapes_and_null_condition():
+    net = DigitsUNet(TINY)
+    x, t = torch.randn(3, 3, 28, 28), torch.tensor([0, 500, 999])
+    cond = make_conds([0, 1, 2], [3, 10, 9])  # 2 = null domain, 10 = null digit
+    assert net(x, t, cond).shape == x.shape
+    with pytest.raises(ValueError):
+        net(torch.randn(3, 1, 28, 28), t, cond)
+    # The condition must matter: another digit changes the output.
+    assert not torch.allclose(net(x, t, make_conds([0] * 3, [1] * 3)), net(x, t, make_conds([0] * 3, [2] * 3)))
+
+
+def test_per_factor_guidance_equals_its_formula():
+    torch.manual_seed(0)
+    net = DigitsUNet(TINY).eval()
+    x, t = torch.randn(2, 3, 28, 28), torch.tensor([10, 10])
+    cond = make_conds([0, 1], [4, 7])
+    nd, ng = net.null_cond
+    with torch.no_grad():
+        e_full = net(x, t, cond)
+        e_dom = net(x, t, make_conds([0, 1], [ng, ng]))
+        e_none = net(x, t, make_conds([nd, nd], [ng, ng]))
+        out = guided_digits_eps(net, cond, guidance_digit=4.0, guidance_domain=2.0)(x, t)
+    torch.testing.assert_close(out, e_none + 2.0 * (e_dom - e_none) + 4.0 * (e_full - e_dom), atol=1e-5, rtol=1e-5)
+
+
+def _weights(folder):
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def test_training_lowers_loss_saves_atomically_and_resumes_exactly(data_root, tiny_preset, tmp_path):
+    common = dict(data_root=str(data_root), preset=tiny_preset, batch_size=16, lr=2e-3, warmup_steps=2,
+                  save_every=3, log_every=1, device="cpu", cpu_bf16=False)
+    straight = train(TrainConfig(out_dir=str(tmp_path / "a"), steps=6, **common))
+    train(TrainConfig(out_dir=str(tmp_path / "b"), steps=3, **common))
+    resumed = train(TrainConfig(out_dir=str(tmp_path / "b"), steps=6, resume=True, **common))
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    losses = json.loads((tmp_path / "a" / "losses.json").read_text())
+    assert losses["steps"] == list(range(1, 7))
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["model"] == "digits_unet" and config["steps"] == 6
+    assert not list((tmp_path / "a").glob("*.tmp")), "no temp files left behind"
+    net, schedule, _ = load_digits_model(tmp_path / "a")
+    assert schedule.num_steps == 1000 and isinstance(net, DigitsUNet)
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    torch.manual_seed(0)
+    net = DigitsUNet(TINY)
+    sched = ScheduleConfig().build()
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    x0 = torch.rand(16, 3, 28, 28) * 2 - 1
+    cond = make_conds([0] * 16, list(range(10)) + list(range(6)))
+    t, noise = torch.randint(0, 1000, (16,)), torch.randn(16, 3, 28, 28)
+    losses = []
+    for _ in range(30):
+        loss = sched.training_loss(lambda x, tt: net(x, tt, cond), x0, t, noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_resume_errors_are_clear(data_root, tiny_preset, tmp_path):
+    cfg = TrainConfig(data_root=str(data_root), out_dir=str(tmp_path / "none"), preset=tiny_preset, steps=2,
+                      resume=True, device="cpu")
+    with pytest.raises(DifflabError, match="nothing to resume"):
+        train(cfg)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "train_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(DifflabError, match="unreadable training state"):
+        train(TrainConfig(**{**cfg.__dict__, "out_dir": str(tmp_path / "bad")}))
+
+
+def test_wrong_checkpoints_are_rejected(tmp_path):
+    save_model(tmp_path / "ok", DigitsUNet(TINY), ScheduleConfig())
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"model": "face_unet"}))
+    with pytest.raises(DifflabError, match="not a difflab digits checkpoint"):
+        load_digits_model(tmp_path / "other")
+    # Weights of another shape under a matching config: the keys that differ are named.
+    shutil.copytree(tmp_path / "ok", tmp_path / "mixed")
+    cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
+    cfg["net"]["channels"] = [8, 16, 32]
+    (tmp_path / "mixed" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DifflabError, match="wrong shapes"):
+        load_digits_model(tmp_path / "mixed")
+    with pytest.raises(DifflabError, match="not found"):
+        load_digits_model(tmp_path / "missing")
+
+
+def test_course_layout_and_figures(tmp_path):
+    torch.manual_seed(0)
+    net = DigitsUNet(TINY).eval()
+    sched = ScheduleConfig().build()
+    cfg = SampleConfig(steps=3, batch_size=7, cpu_bf16=False)
+    images = write_course_layout(net, sched, tmp_path, cfg, torch.device("cpu"), per_digit=2)
+    for domain in ("mnistm", "svhn"):
+        names = sorted(p.name for p in (tmp_path / domain).iterdir())
+        assert names == sorted(f"{d}_{i:03d}.png" for d in range(10) for i in (1, 2))
+        assert images[domain].shape == (20, 28, 28, 3)
+    # Batching does not change images: the noise is drawn once for the whole run.
+    again = write_course_layout(net, sched, tmp_path / "again", SampleConfig(steps=3, batch_size=40, cpu_bf16=False),
+                                torch.device("cpu"), per_digit=2)
+    np.testing.assert_array_equal(images["svhn"], again["svhn"])
+    strip, ts = reverse_process_strip(net, sched, cfg, torch.device("cpu"), per_digit=2)
+    assert strip.shape[0] > 2 * 28 and ts[0] > ts[-1] == 0 and len(ts) == 6
+    # The strip's last frame is the layout's first 0 of the first domain.
+    np.testing.assert_array_equal(strip[2:30, -30:-2], images["mnistm"][0])
+
+
+def test_cli_train_sample_evaluate(data_root, tiny_preset, tmp_path):
+    from difflab.digits.classifier import train_classifiers
+
+    ckpt = tmp_path / "ckpt"
+    r = runner.invoke(app, ["digits", "train", "--data-root", str(data_root), "--out", str(ckpt), "--preset",
+                            tiny_preset, "--steps", "2", "--batch-size", "8", "--device", "cpu", "--sample-every", "2"])
+    assert r.exit_code == 0, r.output
+    assert (ckpt / "progress" / "step_000002.png").is_file()
+    r = runner.invoke(app, ["digits", "sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--per-digit", "2",
+                            "--steps", "2", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "out" / "mnistm").glob("*.png"))) == 20
+    assert (tmp_path / "out" / "figures" / "grid_svhn.png").is_file()
+    train_classifiers(data_root, tmp_path / "clf", epochs=1, device="cpu")
+    r = runner.invoke(app, ["digits", "evaluate", str(tmp_path / "out"), "--classifiers", str(tmp_path / "clf")])
+    assert r.exit_code == 0, r.output
+    assert "acc = " in r.output and "(correct/total = " in r.output
+
+
+def test_two_process_cpu_training(data_root, tmp_path):
+    """Data-parallel training through accelerate with two CPU processes (gloo)."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "difflab.cli", "digits", "train",
+           "--data-root", str(data_root), "--out", str(out), "--steps", "2", "--batch-size", "4", "--no-bf16",
+           "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert state["step"] == 2 and len(state["rng"]) == 2  # one RNG state per process
+    assert not torch.equal(state["rng"][0], state["rng"][1])
