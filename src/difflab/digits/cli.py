@@ -1,6 +1,7 @@
 """`difflab digits ...`: make-data, train, train-classifier, sample, evaluate, demo."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -39,7 +40,8 @@ def train_command(
     bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast on CPU (CUDA always uses autocast)."),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
 ):
-    """Train the conditional DDPM. Multi-GPU/multi-node: `accelerate launch -m difflab.cli digits train ...`."""
+    """Train the conditional DDPM. Several GPUs or nodes: `accelerate launch --multi_gpu -m difflab.cli digits train ...`
+    (or `torchrun --nproc_per_node N -m difflab.cli digits train ...`, also on CPUs)."""
     from difflab.digits.model import ScheduleConfig
     from difflab.digits.sample import SampleConfig, make_conds, generate
     from difflab.digits.train import TrainConfig, train
@@ -57,7 +59,8 @@ def train_command(
         save_png(image_grid(to_uint8(images), 2, 10), out / "progress" / f"step_{step:06d}.png")
 
     train(cfg, on_sample=progress_grid)
-    typer.echo(f"checkpoint: {out}")
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(f"checkpoint: {out}")
 
 
 @app.command("sample")
