@@ -47,6 +47,16 @@ def test_train_classifiers_writes_loadable_files(classifier_dir, data_root):
     assert (classifier_dir / "report.html").is_file()
 
 
+def test_without_val_csv_a_slice_of_train_is_held_out(tmp_path, data_root):
+    import shutil
+
+    shutil.copytree(data_root / "digits", tmp_path / "digits", ignore=shutil.ignore_patterns("val.csv", ".*"))
+    accs = train_classifiers(tmp_path, tmp_path / "clf", epochs=1, device="cpu", width=4, domains=("svhn",))
+    meta = json.loads((tmp_path / "clf" / "svhn.json").read_text())
+    assert set(accs) == {"svhn"} and meta["n_train"] == 90 and meta["n_held_out"] == 10
+    assert "held out of train.csv" in meta["held_out"]
+
+
 def test_training_reduces_loss_and_round_trips(tmp_path, data_root):
     images, labels = load_split(data_root, "mnistm", "train")
     model = train_classifier(images, labels, "mnistm", TrainConfig(epochs=3, batch_size=25, lr=3e-3), width=8, seed=0)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import typer
 from tqdm import tqdm
 
-from difflab.digits.data import DOMAINS, SPLITS, load_split
+from difflab.digits.data import DOMAINS, SPLITS, load_split, split_csv
 from difflab.utils import DifflabError, atomic_write, autocast, load_json, pick_device, save_json, seed_everything
 
 FORMAT = "difflab-digit-classifier"
@@ -180,12 +180,9 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device | None =
 def _heldout(data_root: Path, domain: str, val_fraction: float, seed: int):
     """Training and held-out arrays: val.csv when the data has one, else a seeded slice of train.csv."""
     images, labels = load_split(data_root, domain, "train")
-    try:
+    if split_csv(data_root, domain, "val").is_file():
         val_images, val_labels = load_split(data_root, domain, "val")
         return images, labels, val_images, val_labels, SPLITS["val"]
-    except DifflabError as e:
-        if "not found" not in str(e) or "val.csv" not in str(e):
-            raise
     order = np.random.default_rng(seed).permutation(len(labels))
     n_val = max(1, int(len(labels) * val_fraction))
     val, train = order[:n_val], order[n_val:]

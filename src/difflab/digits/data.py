@@ -174,6 +174,13 @@ def _domain_dir(root: Path, domain: str) -> Path:
                        f"with data/ and train.csv)")
 
 
+def split_csv(root: str | os.PathLike, domain: str, split: str = "train") -> Path:
+    """Path of the label CSV of one domain and split (it may not exist: the course data has no val.csv)."""
+    if split not in SPLITS:
+        raise DifflabError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    return _domain_dir(Path(root), domain) / SPLITS[split]
+
+
 def load_split(root: str | os.PathLike, domain: str, split: str = "train", resize: bool = False,
                cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (N,28,28,3), labels int64 (N,)) of one domain and split under <root>/digits/.
@@ -181,10 +188,8 @@ def load_split(root: str | os.PathLike, domain: str, split: str = "train", resiz
     split "train" reads train.csv, "val" the held-out val.csv. Decoded arrays are cached in a hidden
     .npz next to the CSV, valid while the CSV keeps its modification time and size.
     """
-    if split not in SPLITS:
-        raise DifflabError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    domain_dir = _domain_dir(Path(root), domain)
-    csv_path = domain_dir / SPLITS[split]
+    csv_path = split_csv(root, domain, split)
+    domain_dir = csv_path.parent
     if not csv_path.is_file():
         raise DifflabError(f"{csv_path}: label CSV not found")
     stat = csv_path.stat()
