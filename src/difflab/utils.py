@@ -47,6 +47,12 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     """Call `write(tmp_path)` then rename onto `path`, so a crash never leaves a half-written file."""
     path = Path(path)
@@ -55,6 +61,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates 0600 files; give the result the permissions a plain open() would have.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
