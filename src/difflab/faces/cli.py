@@ -1,3 +1,212 @@
+"""`difflab ddim ...`: fixed-noise DDIM sampling, figures, inversion and the HW2 MSE."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
 import typer
 
 app = typer.Typer(help="DDIM sampling, eta grids, interpolation, inversion and MSE (face UNet and others).", no_args_is_help=True)
+
+CKPT_HELP = ("Face UNet state dict (UNet.pt / .safetensors), a diffusers UNet2DModel folder, "
+             "or a difflab digits checkpoint folder.")
+DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: CUDA when available)."
+PRECISION_HELP = "auto (fp16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16."
+
+
+def _parse_floats(text: str, option: str) -> list[float]:
+    from difflab.utils import DifflabError
+
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DifflabError(f"{option}: expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise DifflabError(f"{option}: no values given")
+    return values
+
+
+def _digits_condition(domain: Optional[str], digit: Optional[int], guidance: float):
+    from difflab.faces.models import DIGITS_DOMAINS, DigitsCondition
+    from difflab.utils import DifflabError
+
+    if domain is None and digit is None:
+        return None
+    if domain is None or digit is None:
+        raise DifflabError("--domain and --digit go together (conditional digits checkpoints only)")
+    if domain.isdigit():
+        index = int(domain)
+    elif domain.lower() in DIGITS_DOMAINS:
+        index = DIGITS_DOMAINS.index(domain.lower())
+    else:
+        raise DifflabError(f"--domain: {domain!r} is not one of {', '.join(DIGITS_DOMAINS)} or an index")
+    return DigitsCondition(domain=index, digit=digit, guidance=guidance)
+
+
+@app.command("sample")
+def sample_cmd(
+    noise_dir: Path = typer.Option(..., "--noise-dir", help="Folder of noise tensors 00.pt, 01.pt, ... (1,C,H,W) or (C,H,W)."),
+    ckpt: Path = typer.Option(..., "--ckpt", help=CKPT_HELP),
+    out: Path = typer.Option(..., "--out", help="Output folder; writes <stem>.png per noise file."),
+    eta: float = typer.Option(0.0, "--eta", min=0.0, help="DDIM η: 0 is deterministic, 1 is DDPM-like."),
+    steps: int = typer.Option(50, "--steps", min=1, max=1000, help="Number of DDIM steps (50: 981, 961, ..., 1)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Noises denoised together."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
+    seed: int = typer.Option(0, "--seed", help="Seed of the fresh per-step noise when η > 0."),
+    domain: Optional[str] = typer.Option(None, "--domain", help="Digits checkpoints: mnistm, svhn or a domain index."),
+    digit: Optional[int] = typer.Option(None, "--digit", min=0, help="Digits checkpoints: the digit to draw."),
+    guidance: float = typer.Option(1.0, "--guidance", help="Digits checkpoints: classifier-free guidance scale."),
+):
+    """Denoise every noise file with DDIM and write one PNG per file (same stem), min-max normalised per image."""
+    from difflab.faces.models import load_eps_model
+    from difflab.faces.pipeline import DDIMConfig, sample_noise_folder
+
+    model = load_eps_model(ckpt, device, precision, condition=_digits_condition(domain, digit, guidance))
+    paths = sample_noise_folder(model, noise_dir, out, DDIMConfig(steps=steps, eta=eta, batch_size=batch_size, seed=seed))
+    typer.echo(f"wrote {len(paths)} image(s) to {out}")
+
+
+@app.command("eta-grid")
+def eta_grid_cmd(
+    noise_dir: Path = typer.Option(..., "--noise-dir", help="Folder of noise tensors."),
+    ckpt: Path = typer.Option(..., "--ckpt", help=CKPT_HELP),
+    out: Path = typer.Option(..., "--out", help="Output folder for eta_grid.png and eta_grid.html."),
+    noises: str = typer.Option("00,01,02,03", "--noises", help="Comma-separated noise file stems, one grid row each."),
+    etas: str = typer.Option("0,0.25,0.5,0.75,1", "--etas", help="Comma-separated η values, one grid column each."),
+    steps: int = typer.Option(50, "--steps", min=1, max=1000, help="Number of DDIM steps."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Noises denoised together."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
+    seed: int = typer.Option(0, "--seed", help="Seed of the fresh per-step noise for η > 0."),
+):
+    """Figure: the same noises sampled with several η values (rows = noises, columns = η)."""
+    from difflab.faces.figures import eta_grid_figure
+    from difflab.faces.io import load_noises
+    from difflab.faces.models import load_eps_model
+    from difflab.faces.pipeline import DDIMConfig, eta_grid
+    from difflab.report import HtmlReport
+
+    names = [n.strip() for n in noises.split(",") if n.strip()]
+    eta_values = _parse_floats(etas, "--etas")
+    x = load_noises([noise_dir / f"{n}.pt" for n in names])
+    model = load_eps_model(ckpt, device, precision)
+    images = eta_grid(model, x, eta_values, DDIMConfig(steps=steps, batch_size=batch_size, seed=seed))
+    report = HtmlReport("DDIM η grid")
+    path = eta_grid_figure(images, names, eta_values, out, report)
+    report.save(out / "eta_grid.html")
+    typer.echo(f"wrote {path} and {out / 'eta_grid.html'}")
+
+
+@app.command("interpolate")
+def interpolate_cmd(
+    a: Path = typer.Option(..., "--a", help="First noise file (α = 0), e.g. 00.pt."),
+    b: Path = typer.Option(..., "--b", help="Second noise file (α = 1), e.g. 01.pt."),
+    ckpt: Path = typer.Option(..., "--ckpt", help=CKPT_HELP),
+    out: Path = typer.Option(..., "--out", help="Output folder for interp_<method>.png and interpolation.html."),
+    method: str = typer.Option("both", "--method", help="lerp, slerp or both."),
+    alphas: str = typer.Option("0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", "--alphas", help="Comma-separated α values."),
+    steps: int = typer.Option(50, "--steps", min=1, max=1000, help="Number of DDIM steps."),
+    batch_size: int = typer.Option(11, "--batch-size", min=1, help="Noises denoised together."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
+):
+    """Figure: η = 0 images of noises interpolated between two files, by lerp and/or slerp."""
+    from difflab.faces.figures import interpolation_figure
+    from difflab.faces.io import load_noise
+    from difflab.faces.models import load_eps_model
+    from difflab.faces.pipeline import DDIMConfig, interpolate
+    from difflab.report import HtmlReport
+    from difflab.utils import DifflabError
+
+    if method not in ("lerp", "slerp", "both"):
+        raise DifflabError(f"--method: {method!r} is not lerp, slerp or both")
+    methods = ["lerp", "slerp"] if method == "both" else [method]
+    alpha_values = _parse_floats(alphas, "--alphas")
+    x0, x1 = load_noise(a), load_noise(b)
+    if x0.shape != x1.shape:
+        raise DifflabError(f"{b}: shape {tuple(x1.shape)} differs from {a}'s {tuple(x0.shape)}")
+    model = load_eps_model(ckpt, device, precision)
+    strips = interpolate(model, x0, x1, methods, alpha_values, DDIMConfig(batch_size=batch_size, steps=steps))
+    report = HtmlReport("DDIM noise interpolation")
+    paths = interpolation_figure(strips, alpha_values, (a.stem, b.stem), out, report)
+    report.save(out / "interpolation.html")
+    typer.echo(f"wrote {', '.join(str(p) for p in paths)} and {out / 'interpolation.html'}")
+
+
+@app.command("mse")
+def mse_cmd(
+    pred: Path = typer.Option(..., "--pred", help="Folder of generated NN.png images."),
+    gt: Path = typer.Option(..., "--gt", help="Folder of ground-truth NN.png images (same names)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write per-image and mean MSE to this JSON file."),
+):
+    """Per-image MSE over 0-255 RGB values and their mean (the HW2 grading); fails when names differ."""
+    from difflab.faces.metrics import mse_folders
+    from difflab.utils import save_json
+
+    result = mse_folders(pred, gt)
+    for name, value in result.per_image.items():
+        typer.echo(f"{name}\t{value:.4f}")
+    typer.echo(f"mean MSE = {result.mean:.4f} over {len(result.per_image)} image(s)")
+    if json_out is not None:
+        save_json({"per_image": result.per_image, "mean": result.mean}, json_out)
+
+
+@app.command("invert")
+def invert_cmd(
+    image: Path = typer.Option(..., "--image", help="RGB image to invert (size divisible by 32 for the face UNet)."),
+    ckpt: Path = typer.Option(..., "--ckpt", help=CKPT_HELP),
+    out: Path = typer.Option(..., "--out", help="Where to write the recovered noise tensor (.pt, shape (1,C,H,W))."),
+    steps: int = typer.Option(50, "--steps", min=1, max=1000, help="Number of DDIM steps (use the same for sampling)."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
+):
+    """DDIM inversion: find the x_T that η = 0 DDIM turns back into the image; reports the reconstruction MSE."""
+    from difflab.faces.models import load_eps_model
+    from difflab.faces.pipeline import DDIMConfig, invert_image
+
+    model = load_eps_model(ckpt, device, precision)
+    result = invert_image(model, image, out, DDIMConfig(steps=steps))
+    typer.echo(f"wrote {out}; reconstruction MSE = {result.mse:.4f} "
+               f"(as `ddim sample` writes it, min-max normalised: {result.mse_minmax:.4f})")
+
+
+@app.command("precision-check")
+def precision_check_cmd(
+    noise_dir: Path = typer.Option(..., "--noise-dir", help="Folder of noise tensors."),
+    ckpt: Path = typer.Option(..., "--ckpt", help=CKPT_HELP),
+    precision: str = typer.Option("auto", "--precision", help="The low precision to check against fp32: auto, bf16 or fp16."),
+    limit: int = typer.Option(4, "--limit", min=1, help="Use the first N noise files."),
+    steps: int = typer.Option(50, "--steps", min=1, max=1000, help="Number of DDIM steps."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Noises denoised together."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    threshold: float = typer.Option(1.0, "--threshold", help="Largest acceptable per-image MSE (0-255 scale)."),
+):
+    """Check that η = 0 images under autocast stay within MSE `threshold` of float32; exit 1 when not."""
+    from difflab.faces.io import list_noise_files, load_noises
+    from difflab.faces.models import load_eps_model
+    from difflab.faces.pipeline import DDIMConfig, precision_mse
+    from difflab.utils import DifflabError
+
+    files = list_noise_files(noise_dir)[:limit]
+    reference = load_eps_model(ckpt, device, "fp32")
+    low = load_eps_model(ckpt, device, precision)
+    mses = precision_mse(reference, low, load_noises(files), DDIMConfig(steps=steps, batch_size=batch_size))
+    for f, v in zip(files, mses):
+        typer.echo(f"{f.stem}\t{v:.4f}")
+    if max(mses) > threshold:
+        raise DifflabError(f"{precision} autocast drifts from fp32: max per-image MSE {max(mses):.4f} > {threshold}")
+    typer.echo(f"{precision} autocast OK: max per-image MSE vs fp32 = {max(mses):.4f} <= {threshold}")
+
+
+@app.command("export-diffusers")
+def export_cmd(
+    ckpt: Path = typer.Option(..., "--ckpt", help="Face UNet state dict (UNet.pt / .safetensors)."),
+    out: Path = typer.Option(..., "--out", help="Folder to write the diffusers UNet2DModel into (config.json + weights)."),
+):
+    """Convert a face UNet checkpoint to a diffusers UNet2DModel folder (the same network, renamed)."""
+    from difflab.faces.models import load_face_unet
+    from difflab.nets.face_unet import to_diffusers
+
+    to_diffusers(load_face_unet(ckpt)).save_pretrained(out)
+    typer.echo(f"wrote {out}")

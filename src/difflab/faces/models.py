@@ -1,0 +1,169 @@
+"""Load any ε-network difflab knows into one sampling interface, dispatching on what the checkpoint is:
+
+- a face UNet state dict (`UNet.pt`, `.pth`, `.bin`, `.safetensors`);
+- a diffusers `UNet2DModel` folder (`config.json` with `"_class_name": "UNet2DModel"`), loaded offline;
+- a difflab digits folder (`config.json` with `"model": "digits_unet"`), sampled for one domain/digit with CFG.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from difflab.faces.io import read_state_dict
+from difflab.schedule import EpsFn
+from difflab.utils import DifflabError, load_json, pick_device
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DIGITS_DOMAINS = ("mnistm", "svhn")
+
+
+@dataclass(frozen=True)
+class DigitsCondition:
+    """What a conditional digits net is asked for: a domain, a digit and the CFG scale."""
+    domain: int = 0
+    digit: int = 0
+    guidance: float = 1.0
+
+
+@dataclass
+class EpsModel:
+    """An ε-network ready for sampling. `eps_fn(n)` gives the ε-function for a batch of n samples (conditional
+    nets need their condition batched to match)."""
+    kind: str
+    source: Path
+    channels: int
+    size_multiple: int
+    sample_size: int | None
+    device: torch.device
+    make_eps_fn: Callable[[int], EpsFn]
+
+    def eps_fn(self, n: int) -> EpsFn:
+        return self.make_eps_fn(n)
+
+    def check_input(self, shape: tuple[int, ...], what: str) -> None:
+        c, h, w = shape[-3:]
+        m = self.size_multiple
+        if c != self.channels or h % m or w % m:
+            raise DifflabError(f"{what}: shape {tuple(shape)} does not fit the {self.kind} net "
+                               f"({self.channels} channels, height and width divisible by {m})")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision name; None means plain float32. "auto" is fp16 on CUDA (more mantissa
+    than bf16, which matters for reproducing images exactly) and fp32 on CPU."""
+    if precision not in PRECISIONS:
+        raise DifflabError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise DifflabError("fp16 autocast needs CUDA; use bf16 or fp32 on CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _runner(net: Callable[..., torch.Tensor], device: torch.device, dtype: torch.dtype | None,
+            channels_last: bool) -> Callable[..., torch.Tensor]:
+    """Call `net` under autocast with channels-last inputs; always hand back float32."""
+    def run(x: torch.Tensor, *args) -> torch.Tensor:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return net(x, *args).float()
+
+    return run
+
+
+def _prepare(net: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:
+    net = net.to(device).eval().requires_grad_(False)
+    return net.to(memory_format=torch.channels_last) if channels_last else net
+
+
+def load_eps_model(path: str | os.PathLike, device: str | torch.device | None = None, precision: str = "auto",
+                   channels_last: bool | None = None, condition: DigitsCondition | None = None) -> EpsModel:
+    """Load a checkpoint as an `EpsModel`. `channels_last=None` uses it on CUDA only (on CPU it does not pay)."""
+    path = Path(path)
+    device = device if isinstance(device, torch.device) else pick_device(device)
+    dtype = autocast_dtype(precision, device)
+    channels_last = device.type == "cuda" if channels_last is None else channels_last
+    if not path.exists():
+        raise DifflabError(f"{path}: checkpoint not found")
+    if path.is_dir():
+        config = load_json(path / "config.json") if (path / "config.json").is_file() else {}
+        if config.get("model") == "digits_unet":
+            return _load_digits(path, device, dtype, channels_last, condition or DigitsCondition())
+        if config.get("_class_name") == "UNet2DModel":
+            return _load_diffusers(path, config, device, dtype, channels_last)
+        raise DifflabError(f"{path}: folder is neither a diffusers UNet2DModel (config.json with "
+                           f"_class_name UNet2DModel) nor a difflab digits checkpoint (config.json with model digits_unet)")
+    if path.suffix not in (".pt", ".pth", ".bin", ".ckpt", ".safetensors"):
+        raise DifflabError(f"{path}: unknown checkpoint type; expected a state dict (.pt/.safetensors) or a model folder")
+    return _load_face_unet(path, device, dtype, channels_last)
+
+
+def load_face_unet(path: str | os.PathLike):
+    """A `FaceUNet` (float32, CPU) from a state dict file; names missing/unexpected keys and wrong shapes."""
+    from difflab.nets.face_unet import face_unet_from_state_dict
+
+    try:
+        return face_unet_from_state_dict(read_state_dict(path))
+    except ValueError as e:
+        raise DifflabError(f"{path}: not a face UNet state dict: {e}") from None
+
+
+def _load_face_unet(path: Path, device: torch.device, dtype, channels_last: bool) -> EpsModel:
+    return _face_eps_model(load_face_unet(path), path, device, dtype, channels_last)
+
+
+def wrap_face_unet(net, device: str | torch.device | None = None, precision: str = "auto",
+                   channels_last: bool | None = None) -> EpsModel:
+    """An `EpsModel` around a FaceUNet already in memory."""
+    device = device if isinstance(device, torch.device) else pick_device(device)
+    channels_last = device.type == "cuda" if channels_last is None else channels_last
+    return _face_eps_model(net, Path("<memory>"), device, autocast_dtype(precision, device), channels_last)
+
+
+def _face_eps_model(net, source: Path, device: torch.device, dtype, channels_last: bool) -> EpsModel:
+    net = _prepare(net, device, channels_last)
+    run = _runner(net, device, dtype, channels_last)
+    return EpsModel("face UNet", source, net.config.in_channel, net.config.size_multiple, None, device, lambda n: run)
+
+
+def _load_diffusers(path: Path, config: dict, device: torch.device, dtype, channels_last: bool) -> EpsModel:
+    from diffusers import UNet2DModel
+
+    try:
+        unet = UNet2DModel.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise DifflabError(f"{path}: cannot load the diffusers UNet2DModel ({str(e).splitlines()[0][:160]})") from None
+    unet = _prepare(unet, device, channels_last)
+    run = _runner(lambda x, t: unet(x, t).sample, device, dtype, channels_last)
+    size = unet.config.sample_size
+    multiple = 2 ** (len(unet.config.block_out_channels) - 1)
+    return EpsModel("diffusers UNet2DModel", path, unet.config.in_channels, multiple,
+                    size if isinstance(size, int) else None, device, lambda n: run)
+
+
+def _load_digits(path: Path, device: torch.device, dtype, channels_last: bool, cond: DigitsCondition) -> EpsModel:
+    from difflab.samplers import cfg
+
+    try:
+        from difflab.digits.model import load_digits_model
+    except ImportError:
+        raise DifflabError(f"{path}: digits checkpoint, but this difflab has no digits model loader") from None
+    net = _prepare(load_digits_model(path), device, channels_last)
+    run = _runner(net, device, dtype, channels_last)
+    num_domains, num_digits = net.null_cond
+    if not (0 <= cond.domain < num_domains and 0 <= cond.digit < num_digits):
+        raise DifflabError(f"{path}: domain {cond.domain} / digit {cond.digit} out of range "
+                           f"({num_domains} domains, {num_digits} digits)")
+
+    def make(n: int) -> EpsFn:
+        c = torch.tensor([[cond.domain, cond.digit]], device=device).repeat(n, 1)
+        null = torch.tensor([[num_domains, num_digits]], device=device).repeat(n, 1)
+        return cfg(run, c, null, cond.guidance)
+
+    multiple = 2 ** (len(net.config.channels) - 1)
+    return EpsModel("digits UNet", path, net.config.in_channels, multiple, net.config.image_size, device, make)
