@@ -48,7 +48,7 @@ class EpsModel:
         c, h, w = shape[-3:]
         m = self.size_multiple
         if c != self.channels or h % m or w % m:
-            raise DifflabError(f"{what}: shape {tuple(shape)} does not fit the {self.kind} net "
+            raise DifflabError(f"{what}: shape {tuple(shape)} does not fit the {self.kind} "
                                f"({self.channels} channels, height and width divisible by {m})")
 
 

@@ -1,0 +1,146 @@
+"""`difflab ddim ...` end to end on a small-width face UNet checkpoint: file names, determinism, the MSE
+numbers, figures, and a clear one-line error for each kind of bad input."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from difflab.cli import app
+from difflab.nets.face_unet import FaceUNet, FaceUNetConfig
+from difflab.utils import DifflabError, save_png
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddim")
+    torch.manual_seed(0)
+    net = FaceUNet(FaceUNetConfig(channel=32))
+    torch.save(net.state_dict(), root / "UNet.pt")
+    noise = root / "noise"
+    noise.mkdir()
+    g = torch.Generator().manual_seed(1)
+    torch.save(torch.randn(1, 3, 32, 32, generator=g), noise / "00.pt")
+    torch.save(torch.randn(3, 32, 32, generator=g), noise / "01.pt")  # (C,H,W) is accepted too
+    return root
+
+
+def run(*args):
+    return runner.invoke(app, ["ddim", *map(str, args)])
+
+
+def error_of(result) -> str:
+    assert result.exit_code == 1 and isinstance(result.exception, DifflabError), result.output
+    msg = str(result.exception)
+    assert "\n" not in msg
+    return msg
+
+
+def test_sample_writes_one_png_per_noise_and_is_deterministic(files, tmp_path):
+    outs = []
+    for name in ("a", "b"):
+        r = run("sample", "--noise-dir", files / "noise", "--ckpt", files / "UNet.pt", "--out", tmp_path / name,
+                "--steps", 2, "--batch-size", 2, "--device", "cpu")
+        assert r.exit_code == 0, r.output
+        outs.append(tmp_path / name)
+    assert sorted(p.name for p in outs[0].iterdir()) == ["00.png", "01.png"]
+    for png in outs[0].iterdir():
+        assert png.read_bytes() == (outs[1] / png.name).read_bytes()
+        arr = np.asarray(Image.open(png))
+        assert arr.shape == (32, 32, 3) and arr.min() == 0 and arr.max() == 255  # min-max per image
+
+
+def test_diffusers_export_samples_the_same_images(files, tmp_path):
+    r = run("export-diffusers", "--ckpt", files / "UNet.pt", "--out", tmp_path / "unet")
+    assert r.exit_code == 0, r.output
+    for name, ckpt in (("pt", files / "UNet.pt"), ("diffusers", tmp_path / "unet")):
+        r = run("sample", "--noise-dir", files / "noise", "--ckpt", ckpt, "--out", tmp_path / name, "--steps", 2)
+        assert r.exit_code == 0, r.output
+    for png in (tmp_path / "pt").iterdir():
+        a = np.asarray(Image.open(png), dtype=np.int16)
+        b = np.asarray(Image.open(tmp_path / "diffusers" / png.name), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1
+
+
+def test_mse_matches_numpy_and_fails_on_missing_files(tmp_path):
+    rng = np.random.default_rng(0)
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    expected = {}
+    for name in ("00", "01", "02"):
+        a, b = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        save_png(a, pred / f"{name}.png")
+        save_png(b, gt / f"{name}.png")
+        expected[f"{name}.png"] = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    r = run("mse", "--pred", pred, "--gt", gt, "--json", tmp_path / "mse.json")
+    assert r.exit_code == 0, r.output
+    import json
+    saved = json.loads((tmp_path / "mse.json").read_text())
+    assert saved["per_image"] == pytest.approx(expected, abs=1e-9)
+    assert saved["mean"] == pytest.approx(np.mean(list(expected.values())))
+    assert f"mean MSE = {np.mean(list(expected.values())):.4f}" in r.output
+    (gt / "01.png").rename(gt / "07.png")
+    msg = error_of(run("mse", "--pred", pred, "--gt", gt))
+    assert "01.png" in msg and "07.png" in msg
+
+
+def test_eta_grid_and_interpolation_figures(files, tmp_path):
+    r = run("eta-grid", "--noise-dir", files / "noise", "--ckpt", files / "UNet.pt", "--out", tmp_path,
+            "--noises", "00,01", "--etas", "0,1", "--steps", 1)
+    assert r.exit_code == 0, r.output
+    assert Image.open(tmp_path / "eta_grid.png").size == (2 * 34 + 2, 2 * 34 + 2)
+    assert "<img" in (tmp_path / "eta_grid.html").read_text()
+    r = run("interpolate", "--a", files / "noise" / "00.pt", "--b", files / "noise" / "01.pt", "--ckpt",
+            files / "UNet.pt", "--out", tmp_path, "--alphas", "0,0.5,1", "--steps", 1)
+    assert r.exit_code == 0, r.output
+    for method in ("lerp", "slerp"):
+        assert Image.open(tmp_path / f"interp_{method}.png").size == (3 * 34 + 2, 36)
+    assert (tmp_path / "interpolation.html").read_text().count("<img") == 2
+
+
+def test_invert_writes_a_noise_that_sample_accepts(files, tmp_path):
+    save_png(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8), tmp_path / "img.png")
+    r = run("invert", "--image", tmp_path / "img.png", "--ckpt", files / "UNet.pt", "--out", tmp_path / "n" / "x.pt",
+            "--steps", 2)
+    assert r.exit_code == 0, r.output and "reconstruction MSE" in r.output
+    assert torch.load(tmp_path / "n" / "x.pt", weights_only=True).shape == (1, 3, 32, 32)
+    r = run("sample", "--noise-dir", tmp_path / "n", "--ckpt", files / "UNet.pt", "--out", tmp_path / "o", "--steps", 2)
+    assert r.exit_code == 0 and (tmp_path / "o" / "x.png").is_file()
+
+
+@pytest.mark.parametrize("content,expected", [
+    (torch.zeros(1, 3, 30, 32), "does not fit the face UNet"),
+    (torch.zeros(2, 3, 32, 32), "expected (1, 3, H, W)"),
+    (torch.zeros(1, 3, 32, 32, dtype=torch.int64), "dtype torch.int64"),
+    ({"noise": torch.zeros(1, 3, 32, 32)}, "holds a dict"),
+])
+def test_bad_noise_files(files, tmp_path, content, expected):
+    (tmp_path / "noise").mkdir()
+    torch.save(content, tmp_path / "noise" / "00.pt")
+    msg = error_of(run("sample", "--noise-dir", tmp_path / "noise", "--ckpt", files / "UNet.pt", "--out", tmp_path / "o"))
+    assert expected in msg and ("00.pt" in msg or "noise" in msg)
+    assert not (tmp_path / "o").exists()
+
+
+def test_empty_noise_folder_and_bad_checkpoint(files, tmp_path):
+    (tmp_path / "empty").mkdir()
+    msg = error_of(run("sample", "--noise-dir", tmp_path / "empty", "--ckpt", files / "UNet.pt", "--out", tmp_path / "o"))
+    assert "no noise files" in msg
+    sd = torch.load(files / "UNet.pt", weights_only=True)
+    sd.pop("out.2.bias")
+    sd["foo.bar"] = torch.zeros(2)
+    torch.save(sd, tmp_path / "bad.pt")
+    msg = error_of(run("sample", "--noise-dir", files / "noise", "--ckpt", tmp_path / "bad.pt", "--out", tmp_path / "o"))
+    assert "missing keys: out.2.bias" in msg and "unexpected keys: foo.bar" in msg
+
+
+def test_option_errors_are_one_line(files, tmp_path):
+    assert "lerp, slerp or both" in error_of(run("interpolate", "--a", files / "noise" / "00.pt", "--b",
+                                                 files / "noise" / "01.pt", "--ckpt", files / "UNet.pt",
+                                                 "--out", tmp_path, "--method", "cubic"))
+    assert "--etas" in error_of(run("eta-grid", "--noise-dir", files / "noise", "--ckpt", files / "UNet.pt",
+                                    "--out", tmp_path, "--etas", "zero"))
+    assert "fp16 autocast needs CUDA" in error_of(run("sample", "--noise-dir", files / "noise", "--ckpt",
+                                                      files / "UNet.pt", "--out", tmp_path, "--precision", "fp16",
+                                                      "--device", "cpu"))
