@@ -260,6 +260,7 @@ def generate_command(
     fp32: bool = typer.Option(False, "--fp32", help="Keep float32 weights on CUDA (default there: float16)."),
 ) -> None:
     """Generate the course output layout for every prompt of input.json with learned concept tokens."""
+    from difflab.clip.score import ClipScorer
     from difflab.personalize.embeddings import load_embeddings
     from difflab.personalize.prompts import load_input_json
     from difflab.personalize.sd import load_sd
@@ -270,24 +271,23 @@ def generate_command(
                          batch_size=batch_size, height=height, width=width, negative_prompt=negative_prompt)
     if scheduler not in SCHEDULERS:
         raise DifflabError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    if only is not None:  # checked before the (slow) model load
+        if best_of is not None:
+            raise DifflabError("--only regenerates one image of the plain layout; it cannot be combined with --best-of")
+        key, idx, n = parse_only(only)
+        jobs = [j for j in prompt_jobs(spec, [key]) if j.idx == idx]
+        if not jobs:
+            raise DifflabError(f"--only {only}: concept {key} has no prompt {idx}")
     dev = pick_device(device)
     pipe = load_sd(sd, device=dev, dtype=torch.float16 if dev.type == "cuda" and not fp32 else torch.float32)
     if embeds:
         load_embeddings(pipe, embeds)
     if only is not None:
-        key, idx, n = parse_only(only)
-        jobs = [j for j in prompt_jobs(spec, [key]) if j.idx == idx]
-        if not jobs:
-            raise DifflabError(f"--only {only}: concept {key} has no prompt {idx}")
         path = image_path(out, key, idx, n)
         save_png(np.asarray(generate_one(pipe, jobs[0].prompt, key, idx, n, cfg).convert("RGB")), path)
         typer.echo(f"wrote {path}")
         return
-    scorer = None
-    if best_of is not None and clip is not None:
-        from difflab.clip.score import ClipScorer
-
-        scorer = ClipScorer.from_pretrained(clip, dev)
+    scorer = ClipScorer.from_pretrained(clip, dev) if best_of is not None and clip is not None else None
     key_list = [k.strip() for k in keys.split(",") if k.strip()] if keys else None
     generate(pipe, spec, out, cfg, keys=key_list, resume=resume, best_of=best_of, scorer=scorer, refs=refs)
     typer.echo(f"wrote images and {out / 'report.html'}")
