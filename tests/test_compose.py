@@ -59,13 +59,19 @@ def test_capture_keeps_outputs_and_records_attention_distributions(sd):
 
 
 def test_token_indices_find_learned_tokens_and_words(sd):
+    from difflab.personalize.embeddings import add_tokens
+
     pipe, _, _ = sd
     ids = pipe.tokenizer(PROMPT).input_ids
-    new1 = token_indices(pipe.tokenizer, PROMPT, "<new1>")
+    new1 = token_indices(pipe, PROMPT, "<new1>")
     assert [ids[i] for i in new1] == [pipe.tokenizer.convert_tokens_to_ids("<new1>")]
-    assert token_indices(pipe.tokenizer, PROMPT, "in a city") == [3, 4, 5]
+    assert token_indices(pipe, PROMPT, "in a city") == [3, 4, 5]
     with pytest.raises(DifflabError, match="do not occur"):
-        token_indices(pipe.tokenizer, PROMPT, "lighthouse")
+        token_indices(pipe, PROMPT, "lighthouse")
+    # a two-vector token is widened to "<multi> <multi>_1" as diffusers' prompt encoding does
+    add_tokens(pipe.tokenizer, pipe.text_encoder, {"<multi>": torch.randn(2, 32)})
+    assert token_indices(pipe, "a <multi> in a city", "<multi>") == [2, 3]
+    assert token_indices(pipe, "a <multi> in a city", "city") == [6]
 
 
 def test_masks_partition_the_latent_and_follow_attention():

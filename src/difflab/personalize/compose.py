@@ -126,10 +126,14 @@ def capture_cross_attention(unet, store: AttentionStore):
         unet.set_attn_processor(original)
 
 
-def token_indices(tokenizer, prompt: str, words: str) -> list[int]:
-    """Positions of `words` inside the tokenized `prompt` (position 0 is the start token)."""
-    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
-    sub = tokenizer(words, add_special_tokens=False).input_ids
+def token_indices(pipe, prompt: str, words: str) -> list[int]:
+    """Positions of `words` inside the tokenized `prompt` (position 0 is the start token).
+
+    Multi-vector learned tokens are widened first, exactly as the pipeline's prompt encoding does."""
+    tokenizer = pipe.tokenizer
+    ids = tokenizer(pipe.maybe_convert_prompt(prompt, tokenizer), truncation=True,
+                    max_length=tokenizer.model_max_length).input_ids
+    sub = tokenizer(pipe.maybe_convert_prompt(words, tokenizer), add_special_tokens=False).input_ids
     if not sub:
         raise DifflabError(f"concept words {words!r} are empty after tokenization")
     for start in range(len(ids) - len(sub) + 1):
@@ -198,7 +202,7 @@ def compose(pipe, prompt: str, concepts: Sequence[Concept], cfg: ComposeConfig, 
     if not 0 < cfg.capture_fraction <= 1 or not 0 <= cfg.threshold < 1:
         raise DifflabError(f"capture fraction must be in (0, 1] and threshold in [0, 1), got "
                            f"{cfg.capture_fraction} and {cfg.threshold}")
-    groups = [token_indices(pipe.tokenizer, prompt, c.words) for c in concepts]
+    groups = [token_indices(pipe, prompt, c.words) for c in concepts]
     set_scheduler(pipe, cfg.scheduler)
     pipe.set_progress_bar_config(disable=True)
     height, width = image_size(pipe, cfg)
