@@ -182,3 +182,11 @@ def test_two_process_cpu_training(data_root, tmp_path):
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert state["step"] == 2 and len(state["rng"]) == 2  # one RNG state per process
     assert not torch.equal(state["rng"][0], state["rng"][1])
+
+
+def test_time_budget_shortens_the_run_and_saves(data_root, tiny_preset, tmp_path):
+    cfg = TrainConfig(data_root=str(data_root), out_dir=str(tmp_path / "t"), preset=tiny_preset, steps=10_000,
+                      batch_size=4, max_minutes=1e-4, save_every=10_000, device="cpu", cpu_bf16=False)
+    train(cfg)
+    config = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert config["steps"] == 21  # fitted after the 20 timing steps; the budget is long spent by then

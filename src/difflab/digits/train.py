@@ -17,6 +17,8 @@ from difflab.digits.model import STATE_FILE, ScheduleConfig, check_state_dict, s
 from difflab.nets.digits_unet import DigitsUNet, DigitsUNetConfig
 from difflab.utils import DifflabError, atomic_write, autocast, save_json
 
+TIMING_STEPS = 20
+
 PRESETS = {
     # Fits the 20-minute CPU demo: ~1.5 M parameters, most of the compute at 14x14 and 7x7.
     "cpu": DigitsUNetConfig(channels=(32, 64, 96), blocks_per_level=1),
@@ -43,7 +45,7 @@ class TrainConfig:
     save_every: int = 500
     sample_every: int = 0
     log_every: int = 20
-    max_minutes: float | None = None
+    max_minutes: float | None = None  # wall-time budget: the step count is fitted to it after a few steps
     device: str | None = None
     cpu_bf16: bool = True
     resume: bool = False
@@ -64,11 +66,12 @@ def load_training_set(data_root: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(images), torch.cat(conds).long()
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak."""
+def lr_at(step: int, cfg: TrainConfig, total_steps: int | None = None) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak at `total_steps` (default cfg.steps)."""
+    total = cfg.steps if total_steps is None else total_steps
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -126,7 +129,11 @@ def train(cfg: TrainConfig, on_sample=None) -> Path:
     ema.to(device)
     images, conds = images.to(device), conds.to(device)
 
+    saved_at = -1
+
     def save_state() -> None:
+        nonlocal saved_at
+        saved_at = step
         rng = accelerator.gather(torch.stack([g.get_state()]).to(device)).cpu()
         if not accelerator.is_main_process:
             return
@@ -136,18 +143,21 @@ def train(cfg: TrainConfig, on_sample=None) -> Path:
         save_model(out, ema, cfg.schedule, extra={"steps": step, "train": _jsonable(cfg)})
         save_json({"steps": [s for s, _ in losses], "loss": [v for _, v in losses]}, out / "losses.json")
 
+    # With a time budget the run is shortened after TIMING_STEPS steps so the learning-rate decay still
+    # completes; the hard stop below is only a safety net for machines whose speed changes mid-run.
+    total_steps, first_step = cfg.steps, step
     start, running = time.perf_counter(), []
     bar = tqdm(total=cfg.steps, initial=step, desc="train digits", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
     net.train()
-    while step < cfg.steps:
+    while step < total_steps:
         idx = torch.randint(0, len(images), (cfg.batch_size,), generator=g).to(device)
         x0 = images[idx].float() / 127.5 - 1.0
         cond = drop_conditions(conds[idx].cpu(), accelerator.unwrap_model(net), cfg, g).to(device)
         t = schedule.sample_timesteps(cfg.batch_size, device, g)
         noise = torch.randn(x0.shape, generator=g).to(device)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr_at(step, cfg, total_steps)
         with autocast(device, cpu_bf16=cfg.cpu_bf16):
             loss = schedule.training_loss(lambda x, tt: net(x, tt, cond), x0, t, noise)
         opt.zero_grad(set_to_none=True)
@@ -158,11 +168,19 @@ def train(cfg: TrainConfig, on_sample=None) -> Path:
         step += 1
         running.append(loss.item())
         bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if cfg.max_minutes is not None and step == first_step + TIMING_STEPS:
+            per_step = float(accelerator.reduce(torch.tensor((time.perf_counter() - start) / TIMING_STEPS,
+                                                             device=device), "max"))
+            fits = step + int((60 * cfg.max_minutes - (time.perf_counter() - start)) / per_step)
+            if fits < total_steps:
+                total_steps = max(step + 1, fits)
+                bar.total = total_steps
+                bar.write(f"{per_step:.2f} s/step: {total_steps} steps fit the {cfg.max_minutes} min budget")
+        if step % cfg.log_every == 0 or step == total_steps:
             mean = float(accelerator.reduce(torch.tensor(np.mean(running), device=device), "mean"))
             losses.append((step, mean))
             running = []
-            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr_at(step, cfg):.1e}")
+            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr_at(step, cfg, total_steps):.1e}")
             over = cfg.max_minutes is not None and time.perf_counter() - start > 60 * cfg.max_minutes
             if float(accelerator.reduce(torch.tensor(float(over), device=device), "max")) > 0:
                 bar.write(f"time budget of {cfg.max_minutes} min reached at step {step}; saving")
@@ -172,7 +190,8 @@ def train(cfg: TrainConfig, on_sample=None) -> Path:
         if cfg.sample_every and step % cfg.sample_every == 0 and accelerator.is_main_process and on_sample:
             on_sample(step, ema)
     bar.close()
-    save_state()
+    if saved_at != step:
+        save_state()
     accelerator.wait_for_everyone()
     return out
 

@@ -25,6 +25,8 @@ class DigitsUNetConfig:
     num_digits: int = 10
     attention: bool = True
     dropout: float = 0.0
+    patch: int = 1  # 2: the UNet runs on 2x2 pixel patches (14x14x12 for 28x28x3), a quarter of the cost
+
 
     def to_dict(self) -> dict:
         return {**asdict(self), "channels": list(self.channels)}
@@ -92,7 +94,7 @@ class DigitsUNet(nn.Module):
         self.emb_act = nn.SiLU()
 
         chans = cfg.channels
-        self.stem = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
+        self.stem = nn.Conv2d(cfg.in_channels * cfg.patch**2, chans[0], 3, padding=1)
         self.down = nn.ModuleList()
         skips, c = [chans[0]], chans[0]
         for level, c_out in enumerate(chans):
@@ -113,7 +115,7 @@ class DigitsUNet(nn.Module):
                 c = c_out
             if level > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)))
-        self.out = nn.Sequential(_norm(c), nn.SiLU(), nn.Conv2d(c, cfg.in_channels, 3, padding=1))
+        self.out = nn.Sequential(_norm(c), nn.SiLU(), nn.Conv2d(c, cfg.in_channels * cfg.patch**2, 3, padding=1))
 
     @property
     def null_cond(self) -> tuple[int, int]:
@@ -127,7 +129,7 @@ class DigitsUNet(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"expected (B, {self.config.in_channels}, H, W) input, got {tuple(x.shape)}")
         emb = self.embed(t, cond)
-        h = self.stem(x)
+        h = self.stem(F.pixel_unshuffle(x, self.config.patch))
         hs = [h]
         for layer in self.down:
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
@@ -135,4 +137,4 @@ class DigitsUNet(nn.Module):
         h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
         for layer in self.up:
             h = layer(torch.cat([h, hs.pop()], dim=1), emb) if isinstance(layer, ResBlock) else layer(h)
-        return self.out(h)
+        return F.pixel_shuffle(self.out(h), self.config.patch)
