@@ -130,6 +130,8 @@ def test_bad_requests_fail_clearly(sd, tmp_path):
         generate(pipe, SPEC, tmp_path, CFG, best_of=2, scorer=object(), refs=tmp_path)
     with pytest.raises(DifflabError, match="needs --clip"):
         generate(pipe, SPEC, tmp_path, CFG, best_of=4)
+    with pytest.raises(DifflabError, match="<new9> but no loaded embedding"):
+        generate(pipe, {"0": {"prompt": ["a <new9> dog"]}}, tmp_path, CFG)
     with pytest.raises(DifflabError, match="multiples of 8"):
         generate(pipe, SPEC, tmp_path, GenerateConfig(per_prompt=1, steps=1, height=60, width=64))
     assert not any(tmp_path.rglob("*.png"))

@@ -24,7 +24,8 @@ import typer
 from PIL import Image
 
 from difflab.personalize.generate import (
-    SCHEDULERS, encode_prompt, image_size, initial_latents, reference_images, set_scheduler, thumbnails, write_csv,
+    SCHEDULERS, check_learned_tokens, encode_prompt, image_size, initial_latents, reference_images, set_scheduler,
+    thumbnails, write_csv,
 )
 from difflab.utils import DifflabError, image_grid, save_png
 
@@ -202,6 +203,8 @@ def compose(pipe, prompt: str, concepts: Sequence[Concept], cfg: ComposeConfig, 
     if not 0 < cfg.capture_fraction <= 1 or not 0 <= cfg.threshold < 1:
         raise DifflabError(f"capture fraction must be in (0, 1] and threshold in [0, 1), got "
                            f"{cfg.capture_fraction} and {cfg.threshold}")
+    prompts = [background or prompt] + [c.prompt for c in concepts]
+    check_learned_tokens(pipe, [prompt, *prompts])
     groups = [token_indices(pipe, prompt, c.words) for c in concepts]
     set_scheduler(pipe, cfg.scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -224,7 +227,6 @@ def compose(pipe, prompt: str, concepts: Sequence[Concept], cfg: ComposeConfig, 
     attention = store.maps(*latent_hw, cfg.map_factor)[-1]  # the conditional half of the guidance batch
     maps = concept_maps(attention, groups, latent_hw, cfg.smooth)
     masks = region_masks(maps, cfg.threshold)
-    prompts = [background or prompt] + [c.prompt for c in concepts]
     composed = denoise_regions(pipe, latents, prompts, masks, cfg)
     return Composition(naive, composed, masks.cpu(), maps.cpu(), prompts)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -111,6 +112,15 @@ def sample(pipe, embeds: tuple[torch.Tensor, torch.Tensor], seeds: Sequence[int]
     return images
 
 
+def check_learned_tokens(pipe, prompts: Sequence[str]) -> None:
+    """Fail on `<token>`s the tokenizer lacks: it would silently split them into pieces like "<", "new", "1", ">"."""
+    vocab = pipe.tokenizer.get_vocab()
+    for prompt in prompts:
+        for token in re.findall(r"<[^<>\s]+>", prompt):
+            if token not in vocab:
+                raise DifflabError(f"prompt {prompt!r} uses {token} but no loaded embedding defines it (pass its file with --embeds)")
+
+
 def prompt_jobs(spec: dict, keys: Sequence[str] | None = None) -> list[PromptJob]:
     """Flatten `input.json` into (key, prompt index, prompt) jobs, optionally only for some keys."""
     if keys:
@@ -186,6 +196,7 @@ def generate(pipe, spec: dict, out: str | os.PathLike, cfg: GenerateConfig, keys
         if missing:
             raise DifflabError(f"--best-of needs prompt_4_clip_eval for every prompt; missing for {', '.join(missing)}")
         ref_embeds = {k: scorer.image_embeds(reference_images(Path(refs) / k)) for k in {j.key for j in jobs}}
+    check_learned_tokens(pipe, [j.prompt for j in jobs])
     set_scheduler(pipe, cfg.scheduler)
     pipe.set_progress_bar_config(disable=True)
     image_size(pipe, cfg)  # fail on a bad size before any work
