@@ -181,7 +181,8 @@ def train(cfg: TrainConfig, on_sample=None) -> Path:
             losses.append((step, mean))
             running = []
             bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr_at(step, cfg, total_steps):.1e}")
-            over = cfg.max_minutes is not None and time.perf_counter() - start > 60 * cfg.max_minutes
+            over = (cfg.max_minutes is not None and step > first_step + TIMING_STEPS
+                    and time.perf_counter() - start > 60 * cfg.max_minutes)
             if float(accelerator.reduce(torch.tensor(float(over), device=device), "max")) > 0:
                 bar.write(f"time budget of {cfg.max_minutes} min reached at step {step}; saving")
                 break
