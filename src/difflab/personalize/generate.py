@@ -118,7 +118,8 @@ def check_learned_tokens(pipe, prompts: Sequence[str]) -> None:
     for prompt in prompts:
         for token in re.findall(r"<[^<>\s]+>", prompt):
             if token not in vocab:
-                raise DifflabError(f"prompt {prompt!r} uses {token} but no loaded embedding defines it (pass its file with --embeds)")
+                raise DifflabError(f"prompt {prompt!r} uses {token} but no loaded embedding defines it "
+                                   "(pass its file with --embeds)")
 
 
 def prompt_jobs(spec: dict, keys: Sequence[str] | None = None) -> list[PromptJob]:
@@ -209,7 +210,8 @@ def generate(pipe, spec: dict, out: str | os.PathLike, cfg: GenerateConfig, keys
     progress = tqdm(total=len(jobs) * n_candidates, desc="images", unit="img")
     for job in jobs:
         embeds = encode_prompt(pipe, job.prompt, cfg.negative_prompt)
-        todo = [n for n in range(n_candidates) if best_of or not (resume and image_path(out, job.key, job.idx, n).is_file())]
+        skip_existing = resume and not best_of
+        todo = [n for n in range(n_candidates) if not (skip_existing and image_path(out, job.key, job.idx, n).is_file())]
         progress.update(n_candidates - len(todo))
         images = sample(pipe, embeds, [image_seed(cfg.seed, job.key, job.idx, n) for n in todo], cfg, progress)
         if best_of:
