@@ -59,7 +59,8 @@ def test_without_val_csv_a_slice_of_train_is_held_out(tmp_path, data_root):
 
 def test_training_reduces_loss_and_round_trips(tmp_path, data_root):
     images, labels = load_split(data_root, "mnistm", "train")
-    model = train_classifier(images, labels, "mnistm", TrainConfig(epochs=3, batch_size=25, lr=3e-3), width=8, seed=0)
+    config = TrainConfig(epochs=3, batch_size=25, lr=3e-3, augment=True)
+    model = train_classifier(images, labels, "mnistm", config, width=8, seed=0)
     x = model.preprocess(torch.as_tensor(images))
     with torch.inference_mode():
         trained_loss = torch.nn.functional.cross_entropy(model(x), torch.as_tensor(labels))
@@ -70,7 +71,7 @@ def test_training_reduces_loss_and_round_trips(tmp_path, data_root):
     with torch.inference_mode():
         assert torch.equal(model(x), loaded(x))
     # Seeded: the same run gives the same weights.
-    again = train_classifier(images, labels, "mnistm", TrainConfig(epochs=3, batch_size=25, lr=3e-3), width=8, seed=0)
+    again = train_classifier(images, labels, "mnistm", config, width=8, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
 

@@ -128,6 +128,8 @@ def test_generate_split_rejects_unknown_names():
         generate_split("svhn", 10, 0, split="test")
     with pytest.raises(DifflabError, match="MNIST source"):
         make_dataset("/nonexistent", 10, 10, mnist_source="emnist")
+    with pytest.raises(DifflabError, match="at least 10 images"):
+        make_dataset("/nonexistent", 5, 10)
 
 
 def test_load_split_matches_files_and_caches(dataset):
