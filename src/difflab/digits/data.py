@@ -102,6 +102,7 @@ def make_dataset(out_dir: str | os.PathLike, n_per_domain: int = 10000, n_test_p
         raise DifflabError(f"need at least 10 images per domain and split, got {n_per_domain} / {n_test_per_domain}")
     if mnist_source not in synth.MNIST_SOURCES:
         raise DifflabError(f"unknown MNIST source {mnist_source!r}; choose one of {', '.join(synth.MNIST_SOURCES)}")
+    synth.load_mnist(mnist_source)  # fail before writing anything when the source is not installed
     out_dir = Path(out_dir)
     counts = {"train": n_per_domain, "val": n_test_per_domain}
     for domain in DOMAINS:
