@@ -144,3 +144,22 @@ def test_option_errors_are_one_line(files, tmp_path):
     assert "fp16 autocast needs CUDA" in error_of(run("sample", "--noise-dir", files / "noise", "--ckpt",
                                                       files / "UNet.pt", "--out", tmp_path, "--precision", "fp16",
                                                       "--device", "cpu"))
+
+
+def test_sample_drives_a_conditional_digits_checkpoint(tmp_path):
+    from difflab.digits.model import ScheduleConfig, save_model
+    from difflab.nets.digits_unet import DigitsUNet, DigitsUNetConfig
+
+    torch.manual_seed(0)
+    save_model(tmp_path / "digits", DigitsUNet(DigitsUNetConfig(channels=(16, 32), emb_dim=32)), ScheduleConfig(num_steps=500))
+    (tmp_path / "noise").mkdir()
+    torch.save(torch.randn(1, 3, 28, 28), tmp_path / "noise" / "n0.pt")
+    outs = {}
+    for digit in (3, 7):
+        r = run("sample", "--noise-dir", tmp_path / "noise", "--ckpt", tmp_path / "digits", "--out", tmp_path / str(digit),
+                "--domain", "svhn", "--digit", digit, "--guidance", 2.0, "--steps", 5)
+        assert r.exit_code == 0, r.output
+        outs[digit] = np.asarray(Image.open(tmp_path / str(digit) / "n0.png"))
+    assert outs[3].shape == (28, 28, 3) and not np.array_equal(outs[3], outs[7])  # the condition reaches the net
+    assert "mnistm, svhn" in error_of(run("sample", "--noise-dir", tmp_path / "noise", "--ckpt", tmp_path / "digits",
+                                          "--out", tmp_path / "x", "--domain", "mars", "--digit", 1))

@@ -27,7 +27,8 @@ def _parse_floats(text: str, option: str) -> list[float]:
 
 
 def _digits_condition(domain: Optional[str], digit: Optional[int], guidance: float):
-    from difflab.faces.models import DIGITS_DOMAINS, DigitsCondition
+    from difflab.digits.data import DOMAINS
+    from difflab.faces.models import DigitsCondition
     from difflab.utils import DifflabError
 
     if domain is None and digit is None:
@@ -36,10 +37,10 @@ def _digits_condition(domain: Optional[str], digit: Optional[int], guidance: flo
         raise DifflabError("--domain and --digit go together (conditional digits checkpoints only)")
     if domain.isdigit():
         index = int(domain)
-    elif domain.lower() in DIGITS_DOMAINS:
-        index = DIGITS_DOMAINS.index(domain.lower())
+    elif domain.lower() in DOMAINS:
+        index = DOMAINS.index(domain.lower())
     else:
-        raise DifflabError(f"--domain: {domain!r} is not one of {', '.join(DIGITS_DOMAINS)} or an index")
+        raise DifflabError(f"--domain: {domain!r} is not one of {', '.join(DOMAINS)} or an index")
     return DigitsCondition(domain=index, digit=digit, guidance=guidance)
 
 

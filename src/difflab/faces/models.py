@@ -14,11 +14,10 @@ from typing import Callable
 import torch
 
 from difflab.faces.io import read_state_dict
-from difflab.schedule import EpsFn
+from difflab.schedule import EpsFn, NoiseSchedule
 from difflab.utils import DifflabError, load_json, pick_device
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DIGITS_DOMAINS = ("mnistm", "svhn")
 
 
 @dataclass(frozen=True)
@@ -40,6 +39,8 @@ class EpsModel:
     sample_size: int | None
     device: torch.device
     make_eps_fn: Callable[[int], EpsFn]
+    schedule: NoiseSchedule | None = None
+    """The noise schedule the net was trained with; None means the HW2 one (linear 1e-4..2e-2, 1000 steps)."""
 
     def eps_fn(self, n: int) -> EpsFn:
         return self.make_eps_fn(n)
@@ -147,13 +148,11 @@ def _load_diffusers(path: Path, config: dict, device: torch.device, dtype, chann
 
 
 def _load_digits(path: Path, device: torch.device, dtype, channels_last: bool, cond: DigitsCondition) -> EpsModel:
+    from difflab.digits.model import load_digits_model
     from difflab.samplers import cfg
 
-    try:
-        from difflab.digits.model import load_digits_model
-    except ImportError:
-        raise DifflabError(f"{path}: digits checkpoint, but this difflab has no digits model loader") from None
-    net = _prepare(load_digits_model(path), device, channels_last)
+    net, schedule, _ = load_digits_model(path)
+    net = _prepare(net, device, channels_last)
     run = _runner(net, device, dtype, channels_last)
     num_domains, num_digits = net.null_cond
     if not (0 <= cond.domain < num_domains and 0 <= cond.digit < num_digits):
@@ -166,4 +165,5 @@ def _load_digits(path: Path, device: torch.device, dtype, channels_last: bool, c
         return cfg(run, c, null, cond.guidance)
 
     multiple = 2 ** (len(net.config.channels) - 1)
-    return EpsModel("digits UNet", path, net.config.in_channels, multiple, net.config.image_size, device, make)
+    return EpsModel("digits UNet", path, net.config.in_channels, multiple, net.config.image_size, device, make,
+                    schedule)

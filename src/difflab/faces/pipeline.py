@@ -46,7 +46,7 @@ def ddim_sample(model: EpsModel, noises: torch.Tensor, config: DDIMConfig = DDIM
     if eta < 0:
         raise DifflabError(f"eta must be >= 0, got {eta}")
     model.check_input(tuple(noises.shape), "noise")
-    schedule = spec_schedule()
+    schedule = model.schedule or spec_schedule()
     try:
         timesteps = ddim_timesteps(schedule.num_steps, config.steps)
     except ValueError as e:
@@ -127,7 +127,7 @@ def invert_image(model: EpsModel, image: str | os.PathLike, out: str | os.PathLi
     """Deterministic DDIM inversion: image -> x_T, then sample x_T back and measure how close it came."""
     x0 = load_image_tensor(image)
     model.check_input(tuple(x0.shape), str(image))
-    schedule = spec_schedule()
+    schedule = model.schedule or spec_schedule()
     timesteps = ddim_timesteps(schedule.num_steps, config.steps)
     noise = ddim_invert(model.eps_fn(1), x0.to(model.device), schedule, timesteps, progress=progress).float().cpu()
     if out is not None:
