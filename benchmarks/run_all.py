@@ -6,14 +6,13 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["digits.py", "ddim.py", "clip.py", "personalize.py"]
+# Every script here but the shared helpers; each writes results/<name>.json and results/<name>.md.
+SCRIPTS = sorted(p.name for p in HERE.glob("*.py") if not p.name.startswith("_") and p.name != "run_all.py")
 
 
 def main() -> int:
     failed = []
-    for script in SCRIPTS + [a for a in sys.argv[1:] if a.endswith(".py")]:
-        if not (HERE / script).is_file():
-            continue
+    for script in sys.argv[1:] or SCRIPTS:
         print(f"== {script}", flush=True)
         if subprocess.call([sys.executable, str(HERE / script)]) != 0:
             failed.append(script)
