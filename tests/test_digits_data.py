@@ -67,6 +67,18 @@ def test_mnist_pools_are_real_balanced_and_disjoint():
     assert 0.12 < (m.train_images > 128).mean() < 0.25
 
 
+def test_full_mnist_source_or_a_clear_error():
+    import importlib.util
+
+    if importlib.util.find_spec("pureml") is None or importlib.util.find_spec("zarr") is None:
+        with pytest.raises(DifflabError, match="pip install"):
+            synth.load_mnist("pureml")
+        return
+    m = synth.load_mnist("pureml")
+    assert m.train_images.shape == (60000, 28, 28) and m.heldout_images.shape == (10000, 28, 28)
+    assert m.train_images.mean() == pytest.approx(33.32, abs=0.05)  # the well-known MNIST pixel mean
+
+
 def test_mnist_sources_match_labels_and_spread_use():
     rng = np.random.default_rng(0)
     pool_labels = np.repeat(np.arange(10), 4)
