@@ -132,9 +132,3 @@ def save_embeddings(path: str | os.PathLike, embeddings: dict[str, torch.Tensor]
     tensors = {k: v.detach().float().cpu().contiguous().reshape(-1, v.shape[-1]) for k, v in embeddings.items()}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp))
 
-
-def token_embeddings(text_encoder, tokenizer, tokens: dict[str, int]) -> dict[str, torch.Tensor]:
-    """Current `{token: (num_vectors, dim)}` rows of the embedding matrix, for saving."""
-    weight = text_encoder.get_input_embeddings().weight
-    return {t: weight[tokenizer.convert_tokens_to_ids(vector_tokens(t, n))].detach().float().cpu().clone()
-            for t, n in tokens.items()}

@@ -39,7 +39,7 @@ def load_sd(path: str | os.PathLike, device: str | torch.device | None = None, d
         pipe = _load_single_file(path, Path(config_dir) if config_dir else SD_V1_CONFIG, dtype)
     else:
         raise DifflabError(f"{path}: Stable Diffusion model not found (give a diffusers folder or sd-v1-4.ckpt)")
-    return pipe.to(pick_device(device) if not isinstance(device, torch.device) else device)
+    return pipe.to(pick_device(None if device is None else str(device)))
 
 
 def _check_folder(path: Path) -> None:

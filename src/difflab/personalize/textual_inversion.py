@@ -152,7 +152,7 @@ class TextualInversion:
             frozen.to(self.device).requires_grad_(False)
             if weight_dtype != torch.float32:
                 frozen.to(dtype=weight_dtype)
-        self.text_encoder.to(self.device).requires_grad_(False)
+        self.text_encoder.to(self.device, torch.float32).requires_grad_(False)  # learned rows train in fp32
         self.text_encoder.get_input_embeddings().weight.requires_grad_(True)
         if cfg.gradient_checkpointing:
             pipe.unet.enable_gradient_checkpointing()
