@@ -79,7 +79,7 @@ def write_split(domain_dir: Path, csv_name: str, names: list[str], images: np.nd
     data_dir.mkdir(parents=True, exist_ok=True)
     items = [(data_dir / name, img) for name, img in zip(names, images)]
     with ThreadPoolExecutor(max(1, workers)) as pool:  # PNG encoding and file writes release the GIL
-        list(tqdm(pool.map(_write_png, items, chunksize=256), total=len(items),
+        list(tqdm(pool.map(_write_png, items), total=len(items),
                   desc=f"{domain_dir.name}/{csv_name}", unit="img", leave=False))
 
     def write_csv(tmp: str) -> None:
@@ -162,7 +162,7 @@ def read_image(path: Path, resize: bool = False) -> np.ndarray:
 def read_images(paths: list[Path], resize: bool = False, workers: int = 4) -> np.ndarray:
     """Decode many images in parallel threads (PNG decoding releases the GIL) into one (N,28,28,3) array."""
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        return np.stack(list(pool.map(lambda p: read_image(p, resize), paths, chunksize=64)))
+        return np.stack(list(pool.map(lambda p: read_image(p, resize), paths)))
 
 
 def _domain_dir(root: Path, domain: str) -> Path:
