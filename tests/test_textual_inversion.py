@@ -57,7 +57,8 @@ def test_training_lowers_loss_and_only_new_rows_change(setup, tmp_path):
 
 
 def test_latent_cache_is_the_vae_posterior(setup, tmp_path):
-    ti = make(setup, tmp_path)
+    ti = make(setup, tmp_path, scale_lr=True, grad_accum=3, lr=1e-3)
+    assert ti.lr == pytest.approx(1e-3 * 3 * 2)  # lr x grad_accum x batch x processes, as diffusers scales it
     from difflab.personalize.textual_inversion import load_images
 
     x = load_images(setup / "images", 32)
@@ -72,7 +73,7 @@ def test_latent_cache_is_the_vae_posterior(setup, tmp_path):
 
 def test_two_concepts_multi_vector_files_load_in_diffusers(setup, tmp_path):
     concepts = [Concept(str(setup / "images"), "<new1>", "dog"), Concept(str(setup / "images"), "<new2>", "art", "style")]
-    ti = make(setup, tmp_path, concepts=concepts, num_vectors=2, lr=0.05)
+    ti = make(setup, tmp_path, concepts=concepts, num_vectors=2, lr=0.05, gradient_checkpointing=True)
     assert ti.token_ids == [[49408, 49409], [49410, 49411]]
     assert (ti.prompt_ids[1] == 49411).any(dim=1).all()  # style captions carry both vectors of <new2>
     path = ti.train()

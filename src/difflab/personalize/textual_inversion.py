@@ -156,7 +156,9 @@ class TextualInversion:
         self.text_encoder.get_input_embeddings().weight.requires_grad_(True)
         if cfg.gradient_checkpointing:
             pipe.unet.enable_gradient_checkpointing()
-            self.text_encoder.gradient_checkpointing_enable()
+            # transformers 5 renamed gradient_checkpointing_enable; keep working with 4.x too.
+            enable = getattr(self.text_encoder, "activation_checkpointing_enable", None)
+            (enable or self.text_encoder.gradient_checkpointing_enable)()
             pipe.unet.train()
         self.text_encoder.train()
         self.frozen_rows = self.text_encoder.get_input_embeddings().weight.detach().clone()
