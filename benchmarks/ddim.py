@@ -50,8 +50,13 @@ def main() -> None:
     results = {}
 
     def timed(name, fn):
-        results[name] = fn()  # also the warm-up run
-        return best_time(fn, repeats=repeats, warmup=0)
+        def run():
+            results[name] = fn()
+
+        return best_time(run, repeats=repeats, warmup=1 if cuda else 0)
+
+    with torch.inference_mode():  # warm up kernels once, outside the timings
+        net(x_T, torch.full((batch,), 981, device=device))
 
     t_diff = timed("diffusers", lambda: diffusers_loop(net, x_T.clone()).cpu())
     t_ours = timed("ours", lambda: ddim_sample(ours, x_T.clone(), cfg, progress=False))
@@ -66,7 +71,8 @@ def main() -> None:
         a, b = minmax_uint8(results["ours"]).astype(np.float64), minmax_uint8(results["fast"]).astype(np.float64)
         extra["fp16_vs_fp32_per_image_mse"] = ((a - b) ** 2).reshape(batch, -1).mean(axis=1).tolist()
     notes = (f"{STEPS} DDIM steps, η = 0, random-weight face UNet (113.7 M params), best of {repeats}. "
-             f"Both loops call the same network; the ratio is the sampler overhead plus our inference settings. "
+             "Both loops call the same network, so on CPU the ratio can only reflect sampler overhead (expected ≈ 1); "
+             "on a shared, busy machine it mostly shows timing noise. "
              f"Max |ours - diffusers| on the final images: {extra['max_abs_diff_ours_vs_diffusers']:.2e} "
              "(float32 ᾱ in diffusers vs float64 in difflab, amplified by a random net).")
     write_results("ddim", ["sampler", "size", "batch", "images/s", "speed vs diffusers"], rows, notes, extra)
