@@ -55,8 +55,9 @@ def test_writes_exactly_the_course_layout(sd, tmp_path):
 
 def test_single_image_regenerates_alone(sd, tmp_path):
     pipe, _, _ = sd
-    generate(pipe, SPEC, tmp_path, CFG, keys=["0"])
-    assert not (tmp_path / "1").exists()
+    one_prompt = {"0": dict(SPEC["0"], prompt=[TWO_TOKENS]), "1": SPEC["1"]}
+    generate(pipe, one_prompt, tmp_path, CFG, keys=["0"])
+    assert not (tmp_path / "1").exists() and not (tmp_path / "0" / "1").exists()
     for n in range(CFG.per_prompt):
         alone = pixels(generate_one(pipe, TWO_TOKENS, "0", 0, n, CFG))
         in_batch = pixels(image_path(tmp_path, "0", 0, n))
