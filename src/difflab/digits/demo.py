@@ -26,7 +26,7 @@ class DemoConfig:
     n_test_per_domain: int = 2000
     train_steps: int = 2400
     train_minutes: float = 9.0
-    classifier_epochs: int = 4
+    classifier_epochs: int = 6
     sample: SampleConfig = None  # type: ignore[assignment]
     per_digit: int = 50
     seed: int = 0
