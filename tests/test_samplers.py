@@ -145,3 +145,15 @@ def test_guidance_is_one_batched_forward_and_matches_two_forwards():
     assert calls == [6]  # the zero-weight branch costs nothing
     with pytest.raises(ValueError):
         guided(model, [c, u], [2.0, 0.0])
+
+
+def test_min_snr_weighting_matches_its_definition():
+    sched = NoiseSchedule.make()
+    x0, noise, t = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4), torch.tensor([5, 300, 900])
+    zero = lambda x, tt: torch.zeros_like(x)  # noqa: E731
+    ab = sched.alphas_cumprod[t]
+    snr = ab / (1 - ab)
+    weight = torch.minimum(snr, torch.tensor(5.0)) / snr
+    expected = (weight.float() * noise.pow(2).flatten(1).mean(1)).mean()
+    torch.testing.assert_close(sched.training_loss(zero, x0, t, noise, min_snr_gamma=5.0), expected)
+    assert weight[0] < 0.1 and weight[2] == 1.0  # clean steps are down-weighted, noisy ones kept

@@ -76,12 +76,25 @@ class NoiseSchedule:
                          generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randint(0, self.num_steps, (batch,), generator=generator).to(device)
 
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        ab = self.alphas_cumprod[t.cpu().long()]
+        return (ab / (1 - ab)).to(t.device)
+
     def training_loss(self, eps_fn: EpsFn, x0: torch.Tensor, t: torch.Tensor | None = None,
-                      noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The simple ε-prediction loss of Ho et al.: ‖ε − ε_θ(√ᾱ x_0 + √(1−ᾱ) ε, t)‖²."""
+                      noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                      min_snr_gamma: float | None = None) -> torch.Tensor:
+        """The simple ε-prediction loss of Ho et al.: ‖ε − ε_θ(√ᾱ x_0 + √(1−ᾱ) ε, t)‖².
+
+        `min_snr_gamma` weights each sample by min(SNR_t, γ)/SNR_t (Hang et al., 2023): the many
+        nearly-clean timesteps then stop dominating the gradient, which speeds up convergence."""
         if t is None:
             t = self.sample_timesteps(x0.shape[0], x0.device, generator)
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
         pred = eps_fn(self.q_sample(x0, t, noise), t)
-        return F.mse_loss(pred.float(), noise.float())
+        if min_snr_gamma is None:
+            return F.mse_loss(pred.float(), noise.float())
+        snr = self.snr(t)
+        weight = (snr.clamp(max=min_snr_gamma) / snr).float()
+        per_sample = (pred.float() - noise.float()).pow(2).flatten(1).mean(1)
+        return (weight * per_sample).mean()

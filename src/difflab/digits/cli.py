@@ -31,6 +31,7 @@ def train_command(
     ema_decay: float = typer.Option(0.999, "--ema-decay", help="Decay of the EMA weights used for sampling."),
     p_drop_domain: float = typer.Option(0.1, "--p-drop-domain", help="Probability to replace the domain by its null embedding."),
     p_drop_digit: float = typer.Option(0.15, "--p-drop-digit", help="Probability to replace the digit by its null embedding."),
+    min_snr_gamma: float = typer.Option(0.0, "--min-snr-gamma", help="Min-SNR loss weighting γ, e.g. 5 (0: plain ε-MSE)."),
     timesteps: int = typer.Option(1000, "--timesteps", help="Diffusion steps T of the linear schedule 1e-4..2e-2."),
     save_every: int = typer.Option(500, "--save-every", help="Write an atomic checkpoint every N steps."),
     sample_every: int = typer.Option(0, "--sample-every", help="Write a progress grid to <out>/progress/ every N steps (0: never)."),
@@ -49,6 +50,7 @@ def train_command(
 
     cfg = TrainConfig(data_root=str(data_root), out_dir=str(out), preset=preset, steps=steps, batch_size=batch_size,
                       lr=lr, ema_decay=ema_decay, p_drop_domain=p_drop_domain, p_drop_digit=p_drop_digit,
+                      min_snr_gamma=min_snr_gamma or None,
                       schedule=ScheduleConfig(num_steps=timesteps), save_every=save_every, sample_every=sample_every,
                       max_minutes=max_minutes, resume=resume, seed=seed, cpu_bf16=bf16, device=device)
 

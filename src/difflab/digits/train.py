@@ -41,6 +41,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     p_drop_domain: float = 0.1
     p_drop_digit: float = 0.15
+    min_snr_gamma: float | None = None
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     seed: int = 0
     save_every: int = 500
@@ -160,7 +161,7 @@ def train(cfg: TrainConfig, on_sample=None) -> Path:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg, total_steps)
         with autocast(device, cpu_bf16=cfg.cpu_bf16):
-            loss = schedule.training_loss(lambda x, tt: net(x, tt, cond), x0, t, noise)
+            loss = schedule.training_loss(lambda x, tt: net(x, tt, cond), x0, t, noise, min_snr_gamma=cfg.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(net.parameters(), 1.0)
@@ -178,9 +179,10 @@ def train(cfg: TrainConfig, on_sample=None) -> Path:
             left = 60 * cfg.max_minutes - (time.perf_counter() - start)
             fitted = max(step + 1, min(cfg.steps, step + int(left / per_step)))
             if fitted != total_steps:
+                if abs(fitted - total_steps) > 0.02 * total_steps:
+                    bar.write(f"{per_step:.2f} s/step: {fitted} steps fit the {cfg.max_minutes} min budget")
                 total_steps = fitted
                 bar.total = total_steps
-                bar.write(f"{per_step:.2f} s/step: {total_steps} steps fit the {cfg.max_minutes} min budget")
         if step % cfg.log_every == 0 or step == total_steps:
             mean = float(accelerator.reduce(torch.tensor(np.mean(running), device=device), "mean"))
             losses.append((step, mean))
