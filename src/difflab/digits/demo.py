@@ -24,8 +24,12 @@ class DemoConfig:
     out_dir: str = "runs/demo"
     n_per_domain: int = 10000
     n_test_per_domain: int = 2000
-    train_steps: int = 2400
+    train_steps: int = 6000
     train_minutes: float = 9.0
+    # Measured here: batch 64 + min-SNR(5) (the TrainConfig defaults) gave 0.59 mean accuracy against 0.34
+    # for batch 128 + plain loss in the same 9 minutes.
+    train_batch_size: int = 64
+    min_snr_gamma: float | None = 5.0
     classifier_epochs: int = 6
     sample: SampleConfig = None  # type: ignore[assignment]
     per_digit: int = 50
@@ -34,13 +38,13 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         if self.sample is None:
-            self.sample = SampleConfig(steps=25, guidance_digit=3.0)
+            self.sample = SampleConfig(steps=25, guidance_digit=5.0)
 
     @classmethod
     def quick(cls, out_dir: str) -> "DemoConfig":
         """A two-minute smoke run: small data, a few hundred steps, few sampling steps. Accuracy is not the point."""
         return cls(out_dir=out_dir, n_per_domain=1000, n_test_per_domain=200, train_steps=150, train_minutes=1.0,
-                   classifier_epochs=2, sample=SampleConfig(steps=10, guidance_digit=3.0), per_digit=5)
+                   classifier_epochs=2, sample=SampleConfig(steps=10, guidance_digit=5.0), per_digit=5)
 
 
 def plot_losses(losses_json: Path, out_png: Path) -> Path:
@@ -77,6 +81,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     ckpt = out / "model"
     train_cfg = TrainConfig(data_root=str(data_root), out_dir=str(ckpt), steps=cfg.train_steps,
                             max_minutes=cfg.train_minutes, seed=cfg.seed, device=cfg.device,
+                            batch_size=cfg.train_batch_size, min_snr_gamma=cfg.min_snr_gamma,
                             save_every=max(100, cfg.train_steps // 4))
     timed("train diffusion", train, train_cfg)
     accs = timed("train classifiers", train_classifiers, data_root, out / "classifiers",

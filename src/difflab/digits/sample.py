@@ -21,7 +21,7 @@ class SampleConfig:
     method: str = "ddim"          # "ddim" or "ddpm" (ancestral over all T steps)
     steps: int = 50               # DDIM steps; ignored by ddpm
     eta: float = 0.0
-    guidance_digit: float = 3.0   # 1 = no guidance
+    guidance_digit: float = 5.0   # 1 = no guidance
     guidance_domain: float = 1.0
     batch_size: int = 500
     seed: int = 0

@@ -34,14 +34,14 @@ class TrainConfig:
     out_dir: str
     preset: str = "cpu"
     steps: int = 3000
-    batch_size: int = 128
+    batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 100
     weight_decay: float = 0.0
     ema_decay: float = 0.999
     p_drop_domain: float = 0.1
     p_drop_digit: float = 0.15
-    min_snr_gamma: float | None = None
+    min_snr_gamma: float | None = 5.0
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     seed: int = 0
     save_every: int = 500
