@@ -26,7 +26,7 @@ def train_command(
     out: Path = typer.Option(..., "--out", help="Checkpoint folder: config.json, model.safetensors (EMA), train_state.pt."),
     preset: str = typer.Option("cpu", "--preset", help="Network size: 'cpu' (~1.5 M params, for the CPU demo) or 'full' (GPU)."),
     steps: int = typer.Option(3000, "--steps", min=1, help="Optimiser steps in total (a resumed run continues to this count)."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per step and process."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per step and process (small batches, many steps: best in a short budget)."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak AdamW learning rate (linear warm-up, cosine decay to lr/10)."),
     ema_decay: float = typer.Option(0.999, "--ema-decay", help="Decay of the EMA weights used for sampling."),
     p_drop_domain: float = typer.Option(0.1, "--p-drop-domain", help="Probability to replace the domain by its null embedding."),

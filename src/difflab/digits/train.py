@@ -34,7 +34,7 @@ class TrainConfig:
     out_dir: str
     preset: str = "cpu"
     steps: int = 3000
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 100
     weight_decay: float = 0.0
