@@ -104,6 +104,23 @@ def load_rgb(path: str | os.PathLike, size: tuple[int, int] | None = None) -> Im
     return im
 
 
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
+
+
+def image_files(folder: str | os.PathLike, what: str | None = "image") -> list[Path]:
+    """Image files directly in `folder`, sorted by name. With `what` (e.g. "reference image"), a missing
+    folder or one without images is a DifflabError naming it; with what=None an empty list is returned."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        if what is None:
+            return []
+        raise DifflabError(f"{folder}: {what} folder not found")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files and what is not None:
+        raise DifflabError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this {what} folder")
+    return files
+
+
 def to_uint8(images: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
     """(B,C,H,W) float tensor in `value_range` -> (B,H,W,C) uint8 array."""
     lo, hi = value_range

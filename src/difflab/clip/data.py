@@ -16,10 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from difflab.clip.preprocess import ClipTransform
-from difflab.utils import DifflabError, load_json, load_rgb
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
-
+from difflab.utils import DifflabError, image_files, load_json, load_rgb
 
 @dataclass
 class LabeledImages:
@@ -27,10 +24,6 @@ class LabeledImages:
     targets: list[int]  # index into class_names
     class_names: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
-
-
-def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _sort_ids(ids) -> list[str]:
@@ -56,7 +49,7 @@ def find_labeled_images(images_dir: str | os.PathLike, labels: str | os.PathLike
         raise DifflabError(f"{root}: image folder not found")
     id2label = load_id2label(labels) if labels is not None else None
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    flat = image_files(root)
+    flat = image_files(root, what=None)
     if flat or not subdirs:
         if not flat:
             raise DifflabError(f"{root}: no images found (expected <classid>_<idx>.png files or class sub-folders)")
@@ -76,7 +69,7 @@ def find_labeled_images(images_dir: str | os.PathLike, labels: str | os.PathLike
         else:
             index = {n: i for i, n in enumerate(names)}
             class_names = names
-        pairs = [(f, d.name) for d in subdirs for f in image_files(d)]
+        pairs = [(f, d.name) for d in subdirs for f in image_files(d, what=None)]
         if not pairs:
             raise DifflabError(f"{root}: class sub-folders hold no images")
         problem = {}

@@ -21,10 +21,9 @@ import torch
 import typer
 from PIL import Image
 
-from difflab.utils import DifflabError, atomic_write, image_grid, load_rgb, save_png
+from difflab.utils import DifflabError, atomic_write, image_files, image_grid, load_rgb, save_png
 
 SCHEDULERS = ("ddim", "dpmsolver")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 THUMB = 128  # side of the report thumbnails; full-size images stay on disk
 
 
@@ -147,13 +146,7 @@ def generate_one(pipe, prompt: str, key: str, idx: int, n: int, cfg: GenerateCon
 
 def reference_images(folder: str | os.PathLike) -> list[Image.Image]:
     """All images of a concept's reference folder, sorted by name."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DifflabError(f"{folder}: reference image folder not found")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise DifflabError(f"{folder}: no reference images ({'/'.join(IMAGE_SUFFIXES)}) in this folder")
-    return [load_rgb(p) for p in files]
+    return [load_rgb(p) for p in image_files(folder, "reference image")]
 
 
 def thumbnails(images: Sequence[Image.Image]) -> np.ndarray:

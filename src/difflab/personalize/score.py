@@ -15,11 +15,10 @@ from typing import Optional
 import typer
 from tqdm import tqdm
 
-from difflab.clip.data import image_files
 from difflab.clip.score import TEXT_WEIGHT, ClipScorer, select_best
 from difflab.personalize.prompts import load_input_json
 from difflab.report import HtmlReport
-from difflab.utils import DifflabError, atomic_write, load_rgb, save_json
+from difflab.utils import atomic_write, image_files, load_rgb, save_json
 
 
 @dataclass
@@ -36,15 +35,6 @@ class PromptResult:
     selected: list[str]  # file paths, best first
 
 
-def _images_in(folder: Path, what: str) -> list[Path]:
-    if not folder.is_dir():
-        raise DifflabError(f"{folder}: {what} folder not found")
-    files = image_files(folder)
-    if not files:
-        raise DifflabError(f"{folder}: no images in this {what} folder")
-    return files
-
-
 def run_score(prompts_json: str | os.PathLike, refs_dir: str | os.PathLike, gen_dir: str | os.PathLike,
               clip_path: str | os.PathLike, out_dir: str | os.PathLike, device: str | None = None,
               top_k: int = 5, scorer: ClipScorer | None = None) -> list[PromptResult]:
@@ -53,8 +43,8 @@ def run_score(prompts_json: str | os.PathLike, refs_dir: str | os.PathLike, gen_
     spec = load_input_json(prompts_json)
     refs_dir, gen_dir, out = Path(refs_dir), Path(gen_dir), Path(out_dir)
     # Check every folder before the (slow) model load, so a typo fails at once.
-    refs = {key: _images_in(refs_dir / key, "reference image") for key in spec}
-    gens = {(key, i): _images_in(gen_dir / key / str(i), "generated image")
+    refs = {key: image_files(refs_dir / key, "reference image") for key in spec}
+    gens = {(key, i): image_files(gen_dir / key / str(i), "generated image")
             for key, entry in spec.items() for i in range(len(entry["prompt_4_clip_eval"]))}
     scorer = scorer or ClipScorer.from_pretrained(clip_path, device)
 

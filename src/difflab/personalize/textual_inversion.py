@@ -19,9 +19,8 @@ from tqdm.auto import tqdm
 
 from difflab.personalize.embeddings import add_tokens, expand_prompt, save_embeddings
 from difflab.personalize.prompts import TEMPLATES
-from difflab.utils import DifflabError, atomic_write, image_grid, load_rgb, pick_device, save_json, save_png, to_uint8
+from difflab.utils import DifflabError, atomic_write, image_files, image_grid, load_rgb, pick_device, save_json, save_png, to_uint8
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 @dataclass
@@ -68,16 +67,6 @@ class TextualInversionConfig:
     resume: bool = False
     seed: int = 0
     device: str | None = None
-
-
-def image_files(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DifflabError(f"{folder}: image folder not found")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise DifflabError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
-    return files
 
 
 def load_images(folder: str | Path, resolution: int) -> torch.Tensor:
