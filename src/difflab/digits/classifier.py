@@ -30,7 +30,7 @@ FORMAT = "difflab-digit-classifier"
 @dataclass
 class ClassifierConfig:
     domain: str
-    width: int = 16  # channels of the first stage; doubled at each of the next two
+    width: int = 32  # channels of the first stage; doubled at each of the next two
     num_classes: int = 10
     mean: float = 0.5
     std: float = 0.5
@@ -38,13 +38,15 @@ class ClassifierConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 6
+    # Measured on the embedded data (held-out MNIST-M / SVHN style): width 16, 6 epochs, no augmentation
+    # 0.958 / 0.996 in 13 s; width 32, 15 epochs, augmentation 0.973 / 0.9995 in 108 s (both domains).
+    epochs: int = 15
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 5e-4
     label_smoothing: float = 0.05
     cpu_bf16: bool = True  # bf16 autocast on CPU: faster on CPUs with bf16 units, same accuracy
-    augment: bool = False  # the embedded data is already jittered; measured no gain at equal CPU time
+    augment: bool = True
     val_fraction: float = 0.1  # held out from train.csv when the data has no val.csv
 
 
@@ -102,7 +104,7 @@ def accuracy(model: DigitClassifier, images: np.ndarray, labels: np.ndarray) -> 
 
 
 def train_classifier(train_images: np.ndarray, train_labels: np.ndarray, domain: str,
-                     train_config: TrainConfig | None = None, width: int = 16,
+                     train_config: TrainConfig | None = None, width: int = ClassifierConfig.width,
                      device: str | torch.device | None = None, seed: int = 0) -> DigitClassifier:
     """Train one classifier on uint8 (N,28,28,3) images and int labels; returns it in eval mode."""
     tc = train_config or TrainConfig()
@@ -194,10 +196,10 @@ def _heldout(data_root: Path, domain: str, val_fraction: float, seed: int):
     return images[train], labels[train], images[val], labels[val], f"{n_val} images held out of train.csv"
 
 
-def train_classifiers(data_root: str | os.PathLike, out_dir: str | os.PathLike, epochs: int = 6,
-                      device: str | None = None, seed: int = 0, width: int = 16,
+def train_classifiers(data_root: str | os.PathLike, out_dir: str | os.PathLike, epochs: int = TrainConfig.epochs,
+                      device: str | None = None, seed: int = 0, width: int = ClassifierConfig.width,
                       domains: tuple[str, ...] = DOMAINS, cpu_bf16: bool = True,
-                      augment: bool = False) -> dict[str, float]:
+                      augment: bool = TrainConfig.augment) -> dict[str, float]:
     """Train and save one classifier per domain; returns the held-out accuracy of each."""
     from difflab.report import HtmlReport
 
@@ -229,12 +231,12 @@ def train_classifiers(data_root: str | os.PathLike, out_dir: str | os.PathLike, 
 def train_classifier_command(
     data_root: Path = typer.Option(..., "--data-root", help="Folder containing digits/<domain>/ (train.csv, optional val.csv)."),
     out: Path = typer.Option(..., "--out", help="Folder for <domain>.safetensors + <domain>.json and report.html."),
-    epochs: int = typer.Option(6, "--epochs", min=1, help="Passes over the training split per domain."),
-    width: int = typer.Option(16, "--width", min=4, help="Channels of the first conv stage (then x2, x4)."),
+    epochs: int = typer.Option(TrainConfig.epochs, "--epochs", min=1, help="Passes over the training split per domain."),
+    width: int = typer.Option(ClassifierConfig.width, "--width", min=4, help="Channels of the first conv stage (then x2, x4)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)."),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation, batches and augmentation."),
     bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast on CPU (CUDA always uses autocast)."),
-    augment: bool = typer.Option(False, "--augment/--no-augment",
+    augment: bool = typer.Option(TrainConfig.augment, "--augment/--no-augment",
                                  help="Random shift/scale/rotation, contrast/brightness and channel order while training "
                                       "(useful for small or real data)."),
 ):

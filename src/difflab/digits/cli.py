@@ -32,7 +32,7 @@ def train_command(
     p_drop_domain: float = typer.Option(0.1, "--p-drop-domain", help="Probability to replace the domain by its null embedding."),
     p_drop_digit: float = typer.Option(0.15, "--p-drop-digit", help="Probability to replace the digit by its null embedding."),
     min_snr_gamma: float = typer.Option(5.0, "--min-snr-gamma", help="Min-SNR loss weighting γ, e.g. 5 (0: plain ε-MSE)."),
-    timesteps: int = typer.Option(1000, "--timesteps", help="Diffusion steps T of the linear schedule 1e-4..2e-2."),
+    timesteps: int = typer.Option(500, "--timesteps", help="Diffusion steps T of the linear schedule 1e-4..2e-2."),
     save_every: int = typer.Option(500, "--save-every", help="Write an atomic checkpoint every N steps."),
     sample_every: int = typer.Option(0, "--sample-every", help="Write a progress grid to <out>/progress/ every N steps (0: never)."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop (and save) after this wall time."),

