@@ -7,7 +7,6 @@ import argparse
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import best_time, write_results  # noqa: E402
 
-from difflab.digits.model import load_digits_model  # noqa: E402
+from difflab.digits.model import ScheduleConfig, load_digits_model  # noqa: E402
 from difflab.digits.sample import SampleConfig, guided_digits_eps, make_conds, write_course_layout  # noqa: E402
 from difflab.digits.train import PRESETS  # noqa: E402
 from difflab.nets.digits_unet import DigitsUNet  # noqa: E402
@@ -23,11 +22,11 @@ from difflab.samplers import ddim_timesteps, sample  # noqa: E402
 from difflab.schedule import NoiseSchedule  # noqa: E402
 
 
-def diffusers_cfg_loop(net, x, cond, uncond, scale, steps):
+def diffusers_cfg_loop(net, x, cond, uncond, scale, steps, num_train_timesteps):
     """How a diffusers user writes CFG: a DDIMScheduler and two forwards (cond, uncond) per step."""
     from diffusers import DDIMScheduler
 
-    sch = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+    sch = DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                         clip_sample=True, set_alpha_to_one=True, steps_offset=1)
     sch.set_timesteps(steps)
     for t in sch.timesteps:
@@ -37,30 +36,30 @@ def diffusers_cfg_loop(net, x, cond, uncond, scale, steps):
     return x
 
 
-def sampling_rows(net, n, steps, scale):
-    sched = NoiseSchedule.make()
+def sampling_rows(net, sched: NoiseSchedule, n, steps, scale):
     x = torch.randn(n, 3, 28, 28, generator=torch.Generator().manual_seed(0))
     cond = make_conds([0] * n, [i % 10 for i in range(n)])
     uncond = cond.clone()
     uncond[:, 1] = net.null_cond[1]
-    ts = ddim_timesteps(1000, steps)
+    ts = ddim_timesteps(sched.num_steps, steps)
     rows = []
     with torch.inference_mode():
-        ref = diffusers_cfg_loop(net, x, cond, uncond, scale, steps)
-        theirs = best_time(lambda: diffusers_cfg_loop(net, x, cond, uncond, scale, steps), repeats=2, warmup=0)
+        ref = diffusers_cfg_loop(net, x, cond, uncond, scale, steps, sched.num_steps)
+        theirs = best_time(lambda: diffusers_cfg_loop(net, x, cond, uncond, scale, steps, sched.num_steps),
+                           repeats=2, warmup=0)
         ours_fn = lambda: sample(guided_digits_eps(net, cond, scale, 1.0), x, sched, ts)  # noqa: E731
         diff = (ours_fn().images - ref).abs().max().item()
         ours = best_time(ours_fn, repeats=2, warmup=0)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             ours_bf16 = best_time(ours_fn, repeats=2, warmup=0)
-    rows.append(["sampling", f"diffusers DDIMScheduler, 2 forwards/step, fp32", n / theirs, 1.0, ""])
+    rows.append(["sampling", "diffusers DDIMScheduler, 2 forwards/step, fp32", n / theirs, 1.0, ""])
     rows.append(["sampling", "difflab, 1 batched forward/step, fp32", n / ours, theirs / ours, f"max abs diff vs diffusers {diff:.1e}"])
     rows.append(["sampling", "difflab, 1 batched forward/step, bf16 autocast", n / ours_bf16, theirs / ours_bf16, ""])
     return rows
 
 
 def train_rows(net, batch):
-    sched = NoiseSchedule.make()
+    sched = ScheduleConfig().build()
     opt = torch.optim.AdamW(net.parameters(), 1e-4)
     x = torch.rand(batch, 3, 28, 28) * 2 - 1
     cond = make_conds([0] * batch, [i % 10 for i in range(batch)])
@@ -83,7 +82,7 @@ def accuracy_rows(ckpt: Path, classifiers: Path, per_digit: int):
 
     net, sched, _ = load_digits_model(ckpt)
     rows = []
-    variants = [("ddpm", 1000), ("ddim", 100), ("ddim", 50), ("ddim", 25), ("ddim", 10)]
+    variants = [("ddpm", sched.num_steps), ("ddim", 100), ("ddim", 50), ("ddim", 25), ("ddim", 10)]
     for method, steps in variants:
         cfg = SampleConfig(method=method, steps=steps)
         with tempfile.TemporaryDirectory() as tmp:
@@ -102,7 +101,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--ckpt", type=Path, default=Path("runs/demo/model"))
     p.add_argument("--classifiers", type=Path, default=Path("runs/demo/classifiers"))
-    p.add_argument("--per-digit", type=int, default=5, help="images per digit and domain for the accuracy sweep")
+    p.add_argument("--per-digit", type=int, default=10, help="images per digit and domain for the accuracy sweep")
     p.add_argument("--n", type=int, default=100, help="images for the throughput comparison")
     p.add_argument("--steps", type=int, default=50)
     args = p.parse_args()
@@ -110,8 +109,11 @@ def main() -> None:
     trained = (args.ckpt / "model.safetensors").is_file() and (args.classifiers / "svhn.safetensors").is_file()
     # A trained net for the sampler comparison when there is one: with random weights the reverse process
     # amplifies rounding differences (diffusers keeps ᾱ in float32) and the max-diff column means little.
-    net = load_digits_model(args.ckpt)[0] if trained else DigitsUNet(PRESETS["cpu"]).eval()
-    rows = sampling_rows(net, args.n, args.steps, scale=5.0)
+    if trained:
+        net, sched, _ = load_digits_model(args.ckpt)
+    else:
+        net, sched = DigitsUNet(PRESETS["cpu"]).eval(), ScheduleConfig().build()
+    rows = sampling_rows(net, sched, args.n, args.steps, scale=5.0)
     rows += train_rows(DigitsUNet(PRESETS["cpu"]), 128)
     notes = (f"Preset 'cpu' network ({sum(p.numel() for p in net.parameters()) / 1e6:.2f} M params). Sampling: "
              f"{args.n} images, DDIM-{args.steps}, digit guidance 5, {'trained' if trained else 'random-weight'} net; 'rate' is images/s (train: steps/s); "

@@ -25,11 +25,11 @@ class DemoConfig:
     n_per_domain: int = 10000
     n_test_per_domain: int = 2000
     train_steps: int = 20000
-    # The rest of `make demo` (install, data, classifiers, sampling) takes about 5 minutes here, so 13
+    # The rest of `make demo` (install, data, classifiers, sampling) takes about 3.5 minutes here, so 15
     # minutes of training keep it under 20. Measured mean accuracy at T = 1000 in 9 minutes (digit guidance
     # 3 / 5): batch 128 + plain loss 0.34; batch 64 + min-SNR(5) 0.59 / 0.70; batch 32 + min-SNR(5) - / 0.785.
-    # T = 500 and the narrower CPU preset in 13 minutes: 0.989. More, smaller steps win.
-    train_minutes: float = 13.0
+    # T = 500 and the narrower CPU preset in 13 minutes: 0.988. More, smaller steps win.
+    train_minutes: float = 15.0
     train_batch_size: int = 32
     min_snr_gamma: float | None = 5.0
     classifier_epochs: int = 15
