@@ -10,6 +10,7 @@ import typer
 from difflab.digits.classifier import train_classifier_command
 from difflab.digits.data import make_data_command
 from difflab.digits.evaluate import evaluate_command
+from difflab.digits.model import ScheduleConfig
 
 app = typer.Typer(help="Conditional digits (domain x digit) with DDPM/DDIM and classifier-free guidance.",
                   no_args_is_help=True)
@@ -32,7 +33,7 @@ def train_command(
     p_drop_domain: float = typer.Option(0.1, "--p-drop-domain", help="Probability to replace the domain by its null embedding."),
     p_drop_digit: float = typer.Option(0.15, "--p-drop-digit", help="Probability to replace the digit by its null embedding."),
     min_snr_gamma: float = typer.Option(5.0, "--min-snr-gamma", help="Min-SNR loss weighting γ, e.g. 5 (0: plain ε-MSE)."),
-    timesteps: int = typer.Option(500, "--timesteps", help="Diffusion steps T of the linear schedule 1e-4..2e-2."),
+    timesteps: int = typer.Option(ScheduleConfig.num_steps, "--timesteps", help="Diffusion steps T of the linear schedule 1e-4..2e-2."),
     save_every: int = typer.Option(500, "--save-every", help="Write an atomic checkpoint every N steps."),
     sample_every: int = typer.Option(0, "--sample-every", help="Write a progress grid to <out>/progress/ every N steps (0: never)."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop (and save) after this wall time."),
@@ -43,7 +44,6 @@ def train_command(
 ):
     """Train the conditional DDPM. Several GPUs or nodes: `accelerate launch --multi_gpu -m difflab.cli digits train ...`
     (or `torchrun --nproc_per_node N -m difflab.cli digits train ...`, also on CPUs)."""
-    from difflab.digits.model import ScheduleConfig
     from difflab.digits.sample import SampleConfig, make_conds, generate
     from difflab.digits.train import TrainConfig, train
     from difflab.utils import image_grid, save_png, to_uint8
@@ -104,8 +104,8 @@ def sample_command(
 def demo_command(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder: data/, model/, classifiers/, samples/, report.html."),
     quick: bool = typer.Option(False, "--quick", help="Two-minute smoke run on small data (accuracy is not the point)."),
-    train_steps: Optional[int] = typer.Option(None, "--train-steps", help="Most diffusion training steps (default 6000; the time budget usually ends it first)."),
-    train_minutes: Optional[float] = typer.Option(None, "--train-minutes", help="Wall-time cap of diffusion training."),
+    train_steps: Optional[int] = typer.Option(None, "--train-steps", help="Most diffusion training steps (default 20000; on a CPU the time budget ends it first)."),
+    train_minutes: Optional[float] = typer.Option(None, "--train-minutes", help="Wall-time budget of diffusion training; the step count is fitted to it (default 15, 1 with --quick)."),
     seed: int = typer.Option(0, "--seed", help="Seed of every stage."),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
 ):
