@@ -15,21 +15,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_results  # noqa: E402
+from _common import best_time, write_results  # noqa: E402
 
 N_IMAGES, STEPS, SIZE = 8, 10, 64
-
-
-def best_cpu_time(fn, repeats: int = 3, warmup: int = 1) -> float:
-    """Minimum CPU seconds of `fn` on one thread: unlike wall time it barely moves when other jobs share the cores."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return min(times)
 PROMPT = "a <new1> in a city in a style of <new2>"
 
 
@@ -57,10 +45,10 @@ def main() -> None:
         return lambda: sample(pipe, encode_prompt(pipe, PROMPT), seeds, cfg)
 
     rows = []
-    base = best_cpu_time(diffusers_per_image)
+    base = best_time(diffusers_per_image, clock=time.process_time)
     rows.append(["generate: diffusers pipeline per image", f"{N_IMAGES} images", base, base / N_IMAGES, 1.0])
     for b in (1, 8):
-        t = best_cpu_time(ours(b))
+        t = best_time(ours(b), clock=time.process_time)
         rows.append([f"generate: difflab, batch {b}", f"{N_IMAGES} images", t, t / N_IMAGES, base / t])
 
     ccfg = ComposeConfig(steps=STEPS, height=SIZE, width=SIZE)
@@ -74,11 +62,11 @@ def main() -> None:
             plain()
 
     concepts = [Concept("<new1>", "a photo of a <new1> dog in a style of <new2>")]
-    t_plain = best_cpu_time(plain)
+    t_plain = best_time(plain, clock=time.process_time)
     rows.append(["compose: naive prompt only", "1 image", t_plain, t_plain, 1.0])
-    t_rec = best_cpu_time(recorded)
+    t_rec = best_time(recorded, clock=time.process_time)
     rows.append(["compose: naive + attention recording", "1 image", t_rec, t_rec, t_plain / t_rec])
-    t_comp = best_cpu_time(lambda: compose(pipe, PROMPT, concepts, ccfg))
+    t_comp = best_time(lambda: compose(pipe, PROMPT, concepts, ccfg), clock=time.process_time)
     rows.append(["compose: layout + region pass (2 prompts)", "1 image", t_comp, t_comp, t_plain / t_comp])
 
     write_results(

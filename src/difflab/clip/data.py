@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from difflab.clip.preprocess import ClipTransform
 from difflab.utils import DifflabError, image_files, load_json, load_rgb
 
+
 @dataclass
 class LabeledImages:
     files: list[Path]

@@ -10,7 +10,10 @@ import typer
 from difflab.digits.classifier import train_classifier_command
 from difflab.digits.data import make_data_command
 from difflab.digits.evaluate import evaluate_command
-from difflab.digits.model import ScheduleConfig
+from difflab.digits.model import ScheduleConfig, load_digits_model
+from difflab.digits.sample import SampleConfig, digit_grid, generate, make_conds, reverse_process_strip, write_course_layout
+from difflab.digits.train import TrainConfig, train
+from difflab.utils import image_grid, pick_device, save_png, to_uint8
 
 app = typer.Typer(help="Conditional digits (domain x digit) with DDPM/DDIM and classifier-free guidance.",
                   no_args_is_help=True)
@@ -25,16 +28,16 @@ DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: CUDA when available)."
 def train_command(
     data_root: Path = typer.Option(..., "--data-root", help="Folder containing digits/{mnistm,svhn}/ (train.csv + data/)."),
     out: Path = typer.Option(..., "--out", help="Checkpoint folder: config.json, model.safetensors (EMA), train_state.pt."),
-    preset: str = typer.Option("cpu", "--preset", help="Network size: 'cpu' (~1.5 M params, for the CPU demo) or 'full' (GPU)."),
-    steps: int = typer.Option(3000, "--steps", min=1, help="Optimiser steps in total (a resumed run continues to this count)."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per step and process (small batches, many steps: best in a short budget)."),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak AdamW learning rate (linear warm-up, cosine decay to lr/10)."),
-    ema_decay: float = typer.Option(0.999, "--ema-decay", help="Decay of the EMA weights used for sampling."),
-    p_drop_domain: float = typer.Option(0.1, "--p-drop-domain", help="Probability to replace the domain by its null embedding."),
-    p_drop_digit: float = typer.Option(0.15, "--p-drop-digit", help="Probability to replace the digit by its null embedding."),
-    min_snr_gamma: float = typer.Option(5.0, "--min-snr-gamma", help="Min-SNR loss weighting γ, e.g. 5 (0: plain ε-MSE)."),
+    preset: str = typer.Option(TrainConfig.preset, "--preset", help="Network size: 'cpu' (~1.5 M params, for the CPU demo) or 'full' (GPU)."),
+    steps: int = typer.Option(TrainConfig.steps, "--steps", min=1, help="Optimiser steps in total (a resumed run continues to this count)."),
+    batch_size: int = typer.Option(TrainConfig.batch_size, "--batch-size", min=1, help="Images per step and process (small batches, many steps: best in a short budget)."),
+    lr: float = typer.Option(TrainConfig.lr, "--lr", help="Peak AdamW learning rate (linear warm-up, cosine decay to lr/10)."),
+    ema_decay: float = typer.Option(TrainConfig.ema_decay, "--ema-decay", help="Decay of the EMA weights used for sampling."),
+    p_drop_domain: float = typer.Option(TrainConfig.p_drop_domain, "--p-drop-domain", help="Probability to replace the domain by its null embedding."),
+    p_drop_digit: float = typer.Option(TrainConfig.p_drop_digit, "--p-drop-digit", help="Probability to replace the digit by its null embedding."),
+    min_snr_gamma: float = typer.Option(TrainConfig.min_snr_gamma, "--min-snr-gamma", help="Min-SNR loss weighting γ, e.g. 5 (0: plain ε-MSE)."),
     timesteps: int = typer.Option(ScheduleConfig.num_steps, "--timesteps", help="Diffusion steps T of the linear schedule 1e-4..2e-2."),
-    save_every: int = typer.Option(500, "--save-every", help="Write an atomic checkpoint every N steps."),
+    save_every: int = typer.Option(TrainConfig.save_every, "--save-every", help="Write an atomic checkpoint every N steps."),
     sample_every: int = typer.Option(0, "--sample-every", help="Write a progress grid to <out>/progress/ every N steps (0: never)."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop (and save) after this wall time."),
     resume: bool = typer.Option(False, "--resume", help="Continue from <out>/train_state.pt."),
@@ -44,9 +47,6 @@ def train_command(
 ):
     """Train the conditional DDPM. Several GPUs or nodes: `accelerate launch --multi_gpu -m difflab.cli digits train ...`
     (or `torchrun --nproc_per_node N -m difflab.cli digits train ...`, also on CPUs)."""
-    from difflab.digits.sample import SampleConfig, make_conds, generate
-    from difflab.digits.train import TrainConfig, train
-    from difflab.utils import image_grid, save_png, to_uint8
 
     cfg = TrainConfig(data_root=str(data_root), out_dir=str(out), preset=preset, steps=steps, batch_size=batch_size,
                       lr=lr, ema_decay=ema_decay, p_drop_domain=p_drop_domain, p_drop_digit=p_drop_digit,
@@ -70,21 +70,18 @@ def sample_command(
     ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint folder written by `difflab digits train`."),
     out: Path = typer.Option(..., "--out", help="Output folder: mnistm/ and svhn/ with {digit}_{NNN}.png, plus figures/."),
     per_digit: int = typer.Option(50, "--per-digit", min=1, help="Images per digit and domain."),
-    method: str = typer.Option("ddim", "--method", help="'ddim' (fast, --steps/--eta) or 'ddpm' (ancestral, all T steps)."),
-    steps: int = typer.Option(50, "--steps", min=1, help="DDIM steps."),
-    eta: float = typer.Option(0.0, "--eta", help="DDIM stochasticity: 0 deterministic, 1 DDPM-like."),
-    guidance_digit: float = typer.Option(5.0, "--guidance-digit", help="CFG scale of the digit (1: none)."),
-    guidance_domain: float = typer.Option(1.0, "--guidance-domain", help="CFG scale of the domain (1: none)."),
-    batch_size: int = typer.Option(500, "--batch-size", min=1, help="Images per batched forward (x2 or x3 with guidance)."),
+    method: str = typer.Option(SampleConfig.method, "--method", help="'ddim' (fast, --steps/--eta) or 'ddpm' (ancestral, all T steps)."),
+    steps: int = typer.Option(SampleConfig.steps, "--steps", min=1, help="DDIM steps."),
+    eta: float = typer.Option(SampleConfig.eta, "--eta", help="DDIM stochasticity: 0 deterministic, 1 DDPM-like."),
+    guidance_digit: float = typer.Option(SampleConfig.guidance_digit, "--guidance-digit", help="CFG scale of the digit (1: none)."),
+    guidance_domain: float = typer.Option(SampleConfig.guidance_domain, "--guidance-domain", help="CFG scale of the domain (1: none)."),
+    batch_size: int = typer.Option(SampleConfig.batch_size, "--batch-size", min=1, help="Images per batched forward (x2 or x3 with guidance)."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Also write 10x10 grids and the reverse-process figure."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial noise (and of DDPM/η>0 step noise)."),
     bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast on CPU."),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
 ):
     """Generate the course layout (50 per digit per domain), 10x10 grids and the reverse process of the first 0."""
-    from difflab.digits.model import load_digits_model
-    from difflab.digits.sample import SampleConfig, digit_grid, reverse_process_strip, write_course_layout
-    from difflab.utils import pick_device, save_png
 
     dev = pick_device(device)
     net, schedule, _ = load_digits_model(ckpt, dev)

@@ -31,8 +31,8 @@ class DemoConfig:
     # 3 / 5): batch 128 + plain loss 0.34; batch 64 + min-SNR(5) 0.59 / 0.70; batch 32 + min-SNR(5) - / 0.785.
     # T = 500 and the narrower CPU preset: 0.988 in 13 minutes, 0.995 in 15. More, smaller steps win.
     train_minutes: float = 15.0
-    train_batch_size: int = 32
-    min_snr_gamma: float | None = 5.0
+    train_batch_size: int = TrainConfig.batch_size
+    min_snr_gamma: float | None = TrainConfig.min_snr_gamma
     classifier_epochs: int = ClassifierTrainConfig.epochs
     sample: SampleConfig = None  # type: ignore[assignment]
     per_digit: int = 50
@@ -41,13 +41,13 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         if self.sample is None:
-            self.sample = SampleConfig(steps=25, guidance_digit=5.0)
+            self.sample = SampleConfig(steps=25)
 
     @classmethod
     def quick(cls, out_dir: str) -> "DemoConfig":
         """A two-minute smoke run: small data, a few hundred steps, few sampling steps. Accuracy is not the point."""
         return cls(out_dir=out_dir, n_per_domain=1000, n_test_per_domain=200, train_steps=150, train_minutes=1.0,
-                   classifier_epochs=2, sample=SampleConfig(steps=10, guidance_digit=5.0), per_digit=5)
+                   classifier_epochs=2, sample=SampleConfig(steps=10), per_digit=5)
 
 
 def plot_losses(losses_json: Path, out_png: Path) -> Path:

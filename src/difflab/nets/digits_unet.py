@@ -7,7 +7,7 @@ applied to the domain and the digit separately.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -26,7 +26,6 @@ class DigitsUNetConfig:
     attention: bool = True
     dropout: float = 0.0
     patch: int = 1  # 2: the UNet runs on 2x2 pixel patches (14x14x12 for 28x28x3), a quarter of the cost
-
 
     def to_dict(self) -> dict:
         return {**asdict(self), "channels": list(self.channels)}

@@ -22,7 +22,6 @@ from difflab.personalize.prompts import TEMPLATES
 from difflab.utils import DifflabError, atomic_write, image_files, image_grid, load_rgb, pick_device, save_json, save_png, to_uint8
 
 
-
 @dataclass
 class Concept:
     """A folder of reference images, the new token that will stand for them and a one-token initialiser word."""
