@@ -14,8 +14,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict:
+    from difflab.precision import cpu_name
+
     info = {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
-            "threads": torch.get_num_threads()}
+            "cpu": cpu_name(), "threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -53,7 +55,8 @@ def write_results(name: str, header: Sequence[str], rows: Sequence[Sequence[obje
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
     m = machine()
-    lines = [f"### {name}", "", f"Machine: {m.get('gpu', 'CPU')}, torch {m['torch']}, {m['threads']} threads.", "",
+    device = m["gpu"] + " (GPU)" if "gpu" in m else "no GPU"
+    lines = [f"### {name}", "", f"Machine: {m['cpu']}, {m['threads']} threads, {device}, torch {m['torch']}.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     if notes:

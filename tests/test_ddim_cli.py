@@ -163,3 +163,27 @@ def test_sample_drives_a_conditional_digits_checkpoint(tmp_path):
     assert outs[3].shape == (28, 28, 3) and not np.array_equal(outs[3], outs[7])  # the condition reaches the net
     assert "mnistm, svhn" in error_of(run("sample", "--noise-dir", tmp_path / "noise", "--ckpt", tmp_path / "digits",
                                           "--out", tmp_path / "x", "--domain", "mars", "--digit", 1))
+
+
+def test_seeded_noises_instead_of_a_noise_folder(files, tmp_path):
+    r = run("sample", "--noise-seed", 5, "--num-noises", 3, "--size", 32, "--ckpt", files / "UNet.pt",
+            "--out", tmp_path / "seeded", "--steps", 2)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "seeded").glob("*.png")) == ["00.png", "01.png", "02.png"]
+    assert sorted(p.name for p in (tmp_path / "seeded" / "noise").iterdir()) == ["00.pt", "01.pt", "02.pt"]
+    # The saved noises reproduce the run through the usual --noise-dir path.
+    r = run("sample", "--noise-dir", tmp_path / "seeded" / "noise", "--ckpt", files / "UNet.pt",
+            "--out", tmp_path / "again", "--steps", 2)
+    assert r.exit_code == 0, r.output
+    for png in (tmp_path / "again").iterdir():
+        assert png.read_bytes() == (tmp_path / "seeded" / png.name).read_bytes()
+    r = run("eta-grid", "--noise-seed", 5, "--size", 32, "--ckpt", files / "UNet.pt", "--out", tmp_path / "grid",
+            "--noises", "00,01", "--etas", "0,1", "--steps", 2)
+    assert r.exit_code == 0 and (tmp_path / "grid" / "eta_grid.png").is_file(), r.output
+    assert torch.equal(torch.load(tmp_path / "grid" / "noise" / "00.pt"), torch.load(tmp_path / "seeded" / "noise" / "00.pt"))
+    r = run("interpolate", "--size", 32, "--ckpt", files / "UNet.pt", "--out", tmp_path / "interp", "--steps", 2,
+            "--alphas", "0,0.5,1")
+    assert r.exit_code == 0 and (tmp_path / "interp" / "interp_slerp.png").is_file(), r.output
+    assert "--a and --b go together" in error_of(run("interpolate", "--a", files / "noise" / "00.pt",
+                                                      "--ckpt", files / "UNet.pt", "--out", tmp_path / "x"))
+    assert "does not fit" in error_of(run("sample", "--size", 30, "--ckpt", files / "UNet.pt", "--out", tmp_path / "y"))

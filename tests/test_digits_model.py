@@ -68,7 +68,7 @@ def _weights(folder):
 
 def test_training_lowers_loss_saves_atomically_and_resumes_exactly(data_root, tiny_preset, tmp_path):
     common = dict(data_root=str(data_root), preset=tiny_preset, batch_size=16, lr=2e-3, warmup_steps=2,
-                  save_every=3, log_every=1, device="cpu", cpu_bf16=False)
+                  save_every=3, log_every=1, device="cpu", precision="fp32")
     straight = train(TrainConfig(out_dir=str(tmp_path / "a"), steps=6, **common))
     train(TrainConfig(out_dir=str(tmp_path / "b"), steps=3, **common))
     resumed = train(TrainConfig(out_dir=str(tmp_path / "b"), steps=6, resume=True, **common))
@@ -135,16 +135,18 @@ def test_course_layout_and_figures(tmp_path):
     torch.manual_seed(0)
     net = DigitsUNet(TINY).eval()
     sched = ScheduleConfig().build()
-    cfg = SampleConfig(steps=3, batch_size=7, cpu_bf16=False)
+    cfg = SampleConfig(steps=3, batch_size=7, precision="fp32")
     images = write_course_layout(net, sched, tmp_path, cfg, torch.device("cpu"), per_digit=2)
     for domain in ("mnistm", "svhn"):
         names = sorted(p.name for p in (tmp_path / domain).iterdir())
         assert names == sorted(f"{d}_{i:03d}.png" for d in range(10) for i in (1, 2))
         assert images[domain].shape == (20, 28, 28, 3)
-    # Batching does not change images: the noise is drawn once for the whole run.
-    again = write_course_layout(net, sched, tmp_path / "again", SampleConfig(steps=3, batch_size=40, cpu_bf16=False),
+    # Batching does not change images, up to numerics: the noise is drawn once for the whole run, but CPU
+    # kernels may sum in another order for another batch size (a few pixels then differ by one grey level).
+    again = write_course_layout(net, sched, tmp_path / "again", SampleConfig(steps=3, batch_size=40, precision="fp32"),
                                 torch.device("cpu"), per_digit=2)
-    np.testing.assert_array_equal(images["svhn"], again["svhn"])
+    diff = np.abs(images["svhn"].astype(int) - again["svhn"])
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
     strip, ts = reverse_process_strip(net, sched, cfg, torch.device("cpu"), per_digit=2)
     assert strip.shape[0] > 2 * 28 and ts[0] > ts[-1] == 0 and len(ts) == 6
     # The strip's last frame is the layout's first 0 of the first domain.
@@ -175,7 +177,7 @@ def test_two_process_cpu_training(data_root, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "difflab.cli", "digits", "train",
-           "--data-root", str(data_root), "--out", str(out), "--steps", "2", "--batch-size", "4", "--no-bf16",
+           "--data-root", str(data_root), "--out", str(out), "--steps", "2", "--batch-size", "4", "--precision", "fp32",
            "--device", "cpu"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -186,7 +188,7 @@ def test_two_process_cpu_training(data_root, tmp_path):
 
 def test_time_budget_shortens_the_run_and_saves(data_root, tiny_preset, tmp_path):
     cfg = TrainConfig(data_root=str(data_root), out_dir=str(tmp_path / "t"), preset=tiny_preset, steps=10_000,
-                      batch_size=4, max_minutes=1e-4, save_every=10_000, device="cpu", cpu_bf16=False)
+                      batch_size=4, max_minutes=1e-4, save_every=10_000, device="cpu", precision="fp32")
     train(cfg)
     config = json.loads((tmp_path / "t" / "config.json").read_text())
     assert config["steps"] == 21  # fitted after the 20 timing steps; the budget is long spent by then

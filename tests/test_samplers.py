@@ -157,3 +157,34 @@ def test_min_snr_weighting_matches_its_definition():
     expected = (weight.float() * noise.pow(2).flatten(1).mean(1)).mean()
     torch.testing.assert_close(sched.training_loss(zero, x0, t, noise, min_snr_gamma=5.0), expected)
     assert weight[0] < 0.1 and weight[2] == 1.0  # clean steps are down-weighted, noisy ones kept
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_dpm_solver_pp_2m_trajectory_matches_diffusers(steps, prediction):
+    from diffusers import DPMSolverMultistepScheduler
+
+    theirs_sch = DPMSolverMultistepScheduler(**SPEC, prediction_type=prediction)  # algorithm dpmsolver++, order 2
+    theirs_sch.alphas_cumprod = NoiseSchedule.make().alphas_cumprod  # float64, as in _full_precision
+    theirs_sch.set_timesteps(steps)
+    sched = NoiseSchedule.make(prediction=prediction)
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours = sample(eps_fn, x_T.clone(), sched, theirs_sch.timesteps.tolist(), method="dpm++2m", capture="all")
+    x, worst = x_T.clone(), 0.0
+    for t in theirs_sch.timesteps:
+        # Relative: without clipping, x grows to ~500 under the stand-in ε (a tanh, not a denoiser).
+        worst = max(worst, ((ours.trajectory[int(t)] - x).abs().max() / x.abs().max()).item())
+        x = theirs_sch.step(eps_fn(x, t.repeat(2)), t, x).prev_sample
+    assert worst <= 2e-6
+    assert (ours.images - x).abs().max() <= 2e-6 * x.abs().max()
+
+
+def test_v_prediction_loss_and_conversion_match_diffusers():
+    theirs = DDPMScheduler(**SPEC, prediction_type="v_prediction")
+    sched = NoiseSchedule.make(prediction="v_prediction")
+    x0, noise = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0, 10, 500, 999])
+    v = theirs.get_velocity(x0, noise, t)
+    torch.testing.assert_close(sched.velocity(x0, t, noise), v, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sched.to_eps(sched.q_sample(x0, t, noise), t, v), noise, atol=1e-4, rtol=1e-4)
+    assert sched.training_loss(lambda x, tt: v, x0, t, noise).item() < 1e-9

@@ -8,6 +8,7 @@ Conventions follow diffusers so results can be compared number for number:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -81,12 +82,49 @@ def ddpm_step(schedule: NoiseSchedule, eps: torch.Tensor, x_t: torch.Tensor, t: 
     return mean, x0
 
 
+def _half_log_snr(ab: float) -> float:
+    """λ = log(α/σ) = ½ log(ᾱ / (1 − ᾱ)), the time variable of DPM-Solver."""
+    return 0.5 * math.log(ab / (1 - ab))
+
+
+def dpmpp_2m_step(schedule: NoiseSchedule, eps: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int,
+                  previous: tuple[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DPM-Solver++(2M) step x_t -> x_{t_prev} (Lu et al., 2022; diffusers' DPMSolverMultistepScheduler with
+    its defaults: data prediction, midpoint, first order at the first and at the last step, which goes to
+    σ = 0). `previous` = (the timestep before t, the x̂_0 predicted there) enables the second-order
+    correction; returns (x_prev, x̂_0)."""
+    ab_t = _alpha_bar(schedule, t, 1.0)
+    x0 = (x_t - (1 - ab_t) ** 0.5 * eps) / ab_t**0.5
+    ab_prev = _alpha_bar(schedule, t_prev, 1.0)
+    if ab_prev >= 1.0:  # the final step to σ = 0 lands on x̂_0 itself
+        return x0, x0
+    lam_t, lam_prev = _half_log_snr(ab_t), _half_log_snr(ab_prev)
+    h = lam_prev - lam_t
+    decay = math.expm1(-h)  # e^{-h} - 1
+    d = x0
+    if previous is not None:
+        t_before, x0_before = previous
+        r = (lam_t - _half_log_snr(_alpha_bar(schedule, t_before, 1.0))) / h
+        d = x0 + (x0 - x0_before) / (2 * r)
+    x_prev = ((1 - ab_prev) / (1 - ab_t)) ** 0.5 * x_t - ab_prev**0.5 * decay * d
+    return x_prev, x0
+
+
 def ddim_invert_step(schedule: NoiseSchedule, eps: torch.Tensor, x_t: torch.Tensor, t: int, t_next: int
                      ) -> torch.Tensor:
     """Deterministic DDIM run backwards: x_t -> x_{t_next} with t_next > t (t = -1 is the clean image)."""
     ab_t, ab_next = _alpha_bar(schedule, t, 1.0), _alpha_bar(schedule, t_next, 1.0)
     x0 = (x_t - (1 - ab_t) ** 0.5 * eps) / ab_t**0.5
     return ab_next**0.5 * x0 + (1 - ab_next) ** 0.5 * eps
+
+
+def _eps(model_fn: EpsFn, schedule: NoiseSchedule, x: torch.Tensor, t: int) -> torch.Tensor:
+    """ε at x_t for a network that predicts what `schedule.prediction` says (ε or v)."""
+    out = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).to(x.dtype)
+    return schedule.to_eps(x, t, out)
+
+
+METHODS = ("ddim", "ddpm", "dpm++2m")
 
 
 @dataclass
@@ -104,28 +142,33 @@ def sample(eps_fn: EpsFn, x_T: torch.Tensor, schedule: NoiseSchedule, timesteps:
            on_step: Callable[[int, int, torch.Tensor], None] | None = None) -> SampleResult:
     """Run a reverse process from x_T over descending `timesteps` (default: all T steps).
 
-    method: "ddim" (η knob) or "ddpm" (ancestral). Fresh noise comes from `generator` (drawn on CPU so a seed
-    gives the same images on every device) unless `step_noise[i]` is given for step i.
+    method: "ddim" (η knob), "ddpm" (ancestral) or "dpm++2m" (DPM-Solver++(2M), deterministic, few steps;
+    the last step goes to σ = 0 whatever `final_alpha`). Fresh noise comes from `generator` (drawn on CPU so a
+    seed gives the same images on every device) unless `step_noise[i]` is given for step i.
     capture: timesteps whose x_t to keep, or "all".
     """
-    if method not in ("ddim", "ddpm"):
-        raise ValueError(f"unknown method {method!r}; choose ddim or ddpm")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     ts = list(range(schedule.num_steps - 1, -1, -1)) if timesteps is None else [int(t) for t in timesteps]
     keep = set(ts) if capture == "all" else set(capture or ())
     x = x_T
     result = SampleResult(images=x_T)
-    stochastic = method == "ddpm" or eta > 0
+    stochastic = method == "ddpm" or (method == "ddim" and eta > 0)
+    previous = None
     for i, t in enumerate(tqdm(ts, desc=f"{method} sampling", disable=not progress, leave=False)):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         if t in keep:
             result.trajectory[t] = x.detach().float().cpu()
-        eps = eps_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).to(x.dtype)
+        eps = _eps(eps_fn, schedule, x, t)
         noise = None
         if stochastic and (method == "ddim" or t > 0):
             noise = step_noise[i] if step_noise is not None else torch.randn(x.shape, generator=generator, dtype=x.dtype)
             noise = noise.to(x.device, x.dtype)
         if method == "ddim":
             x, _ = ddim_step(schedule, eps, x, t, t_prev, eta, noise, clip_x0, final_alpha)
+        elif method == "dpm++2m":
+            x, x0 = dpmpp_2m_step(schedule, eps, x, t, t_prev, previous)
+            previous = (t, x0)
         else:
             x, _ = ddpm_step(schedule, eps, x, t, t_prev, noise, clip_x0)
         if on_step is not None:
@@ -145,7 +188,7 @@ def ddim_invert(eps_fn: EpsFn, x0: torch.Tensor, schedule: NoiseSchedule, timest
     t_cur = -1
     for t_next in tqdm(ascending, desc="ddim inversion", disable=not progress, leave=False):
         # The sampler will use ε(x_{t_next}, t_next) for this step; x_{t_next} is unknown yet, so x_t stands in.
-        eps = eps_fn(x, torch.full((x.shape[0],), t_next, device=x.device, dtype=torch.long)).to(x.dtype)
+        eps = _eps(eps_fn, schedule, x, t_next)
         x = ddim_invert_step(schedule, eps, x, t_cur, t_next)
         t_cur = t_next
     return x

@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""An ε-prediction function: (x_t of shape (B,...), integer timesteps of shape (B,)) -> predicted noise."""
+"""A network as samplers see it: (x_t of shape (B,...), integer timesteps of shape (B,)) -> predicted noise
+(or v, for a schedule whose `prediction` is "v_prediction")."""
 
 SCHEDULE_KINDS = ("linear", "scaled_linear", "cosine")
+PREDICTIONS = ("epsilon", "v_prediction")  # diffusers' `prediction_type` names
 
 
 def make_betas(kind: str = "linear", num_steps: int = 1000, beta_start: float = 1e-4,
@@ -37,20 +39,25 @@ def make_betas(kind: str = "linear", num_steps: int = 1000, beta_start: float = 
 
 @dataclass(frozen=True)
 class NoiseSchedule:
+    """β_t and ᾱ_t, and what the network predicts (as diffusers' schedulers carry `prediction_type`)."""
+
     betas: torch.Tensor
+    prediction: str = "epsilon"
     alphas_cumprod: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         betas = self.betas.to(torch.float64)
         if betas.ndim != 1 or not bool(((betas > 0) & (betas < 1)).all()):
             raise ValueError("betas must be a 1-D tensor with values in (0, 1)")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {self.prediction!r}; choose one of {', '.join(PREDICTIONS)}")
         object.__setattr__(self, "betas", betas)
         object.__setattr__(self, "alphas_cumprod", torch.cumprod(1.0 - betas, dim=0))
 
     @classmethod
     def make(cls, kind: str = "linear", num_steps: int = 1000, beta_start: float = 1e-4,
-             beta_end: float = 2e-2) -> "NoiseSchedule":
-        return cls(make_betas(kind, num_steps, beta_start, beta_end))
+             beta_end: float = 2e-2, prediction: str = "epsilon") -> "NoiseSchedule":
+        return cls(make_betas(kind, num_steps, beta_start, beta_end), prediction)
 
     @property
     def num_steps(self) -> int:
@@ -72,6 +79,19 @@ class NoiseSchedule:
         ab = self.alpha_bar(t, x_t)
         return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
 
+    def velocity(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The v-prediction target of Salimans & Ho: v = √ᾱ_t ε − √(1−ᾱ_t) x_0."""
+        ab = self.alpha_bar(t, x0)
+        return ab.sqrt() * noise - (1 - ab).sqrt() * x0
+
+    def to_eps(self, x_t: torch.Tensor, t: torch.Tensor | int, output: torch.Tensor) -> torch.Tensor:
+        """The ε implied by a network output: the output itself, or √ᾱ_t v + √(1−ᾱ_t) x_t for v-prediction.
+        Linear in the output, so guidance may combine raw outputs before this."""
+        if self.prediction == "epsilon":
+            return output
+        ab = self.alpha_bar(t, x_t)
+        return ab.sqrt() * output + (1 - ab).sqrt() * x_t
+
     def sample_timesteps(self, batch: int, device: torch.device | str = "cpu",
                          generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randint(0, self.num_steps, (batch,), generator=generator).to(device)
@@ -83,18 +103,21 @@ class NoiseSchedule:
     def training_loss(self, eps_fn: EpsFn, x0: torch.Tensor, t: torch.Tensor | None = None,
                       noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
                       min_snr_gamma: float | None = None) -> torch.Tensor:
-        """The simple ε-prediction loss of Ho et al.: ‖ε − ε_θ(√ᾱ x_0 + √(1−ᾱ) ε, t)‖².
+        """The simple loss of Ho et al., ‖ε − ε_θ(√ᾱ x_0 + √(1−ᾱ) ε, t)‖², or for a v-prediction schedule
+        its twin ‖v − v_θ‖² (`eps_fn` then returns v).
 
-        `min_snr_gamma` weights each sample by min(SNR_t, γ)/SNR_t (Hang et al., 2023): the many
-        nearly-clean timesteps then stop dominating the gradient, which speeds up convergence."""
+        `min_snr_gamma` weights each sample so that the implied x_0 loss is weighted by min(SNR_t, γ)
+        (Hang et al., 2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v. The many nearly-clean
+        timesteps then stop dominating the gradient, which speeds up convergence."""
         if t is None:
             t = self.sample_timesteps(x0.shape[0], x0.device, generator)
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        target = noise if self.prediction == "epsilon" else self.velocity(x0, t, noise)
         pred = eps_fn(self.q_sample(x0, t, noise), t)
         if min_snr_gamma is None:
-            return F.mse_loss(pred.float(), noise.float())
+            return F.mse_loss(pred.float(), target.float())
         snr = self.snr(t)
-        weight = (snr.clamp(max=min_snr_gamma) / snr).float()
-        per_sample = (pred.float() - noise.float()).pow(2).flatten(1).mean(1)
+        weight = (snr.clamp(max=min_snr_gamma) / (snr if self.prediction == "epsilon" else snr + 1)).float()
+        per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
         return (weight * per_sample).mean()

@@ -22,7 +22,8 @@ import typer
 from tqdm import tqdm
 
 from difflab.digits.data import DOMAINS, SPLITS, load_split, split_csv
-from difflab.utils import DifflabError, atomic_write, autocast, load_json, pick_device, save_json, seed_everything
+from difflab.precision import PRECISION_HELP, Precision, resolve
+from difflab.utils import DifflabError, atomic_write, load_json, pick_device, save_json, seed_everything
 
 FORMAT = "difflab-digit-classifier"
 
@@ -45,7 +46,7 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 5e-4
     label_smoothing: float = 0.05
-    cpu_bf16: bool = True  # bf16 autocast on CPU: faster on CPUs with bf16 units, same accuracy
+    precision: str = "auto"  # see difflab.precision: measured on a CPU
     augment: bool = True
     val_fraction: float = 0.1  # held out from train.csv when the data has no val.csv
 
@@ -82,6 +83,15 @@ class DigitClassifier(nn.Module):
         out = [self(self.preprocess(images[i : i + batch_size])).argmax(1).cpu() for i in range(0, len(images), batch_size)]
         return torch.cat(out).numpy().astype(np.int64) if out else np.zeros(0, dtype=np.int64)
 
+    @torch.inference_mode()
+    def embed(self, images: np.ndarray | torch.Tensor, batch_size: int = 512) -> np.ndarray:
+        """Penultimate-layer features (what the linear head sees) of uint8 (N,28,28,3) images, float64 (N, D)."""
+        self.eval()
+        images = torch.as_tensor(images)
+        out = [self.features(self.preprocess(images[i : i + batch_size])).flatten(1).cpu()
+               for i in range(0, len(images), batch_size)]
+        return torch.cat(out).double().numpy()
+
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Small random shift/scale/rotation, brightness/contrast jitter and channel order, per sample."""
@@ -105,12 +115,15 @@ def accuracy(model: DigitClassifier, images: np.ndarray, labels: np.ndarray) -> 
 
 def train_classifier(train_images: np.ndarray, train_labels: np.ndarray, domain: str,
                      train_config: TrainConfig | None = None, width: int = ClassifierConfig.width,
-                     device: str | torch.device | None = None, seed: int = 0) -> DigitClassifier:
-    """Train one classifier on uint8 (N,28,28,3) images and int labels; returns it in eval mode."""
+                     device: str | torch.device | None = None, seed: int = 0,
+                     precision: Precision | None = None) -> DigitClassifier:
+    """Train one classifier on uint8 (N,28,28,3) images and int labels; returns it in eval mode.
+    `precision` defaults to resolving `train_config.precision` here."""
     tc = train_config or TrainConfig()
     device = pick_device(device) if not isinstance(device, torch.device) else device
+    precision = precision or classifier_precision(tc, width, device)
     gen = seed_everything(seed)
-    model = DigitClassifier(ClassifierConfig(domain=domain, width=width)).to(device)
+    model = precision.prepare(DigitClassifier(ClassifierConfig(domain=domain, width=width)).to(device))
     # The whole uint8 set is small (10,000 images: 23 MB): keep it on the device, index batches there.
     images = torch.as_tensor(train_images).to(device)
     labels = torch.as_tensor(train_labels, dtype=torch.long).to(device)
@@ -127,7 +140,8 @@ def train_classifier(train_images: np.ndarray, train_labels: np.ndarray, domain:
             x = model.preprocess(images[idx])
             if tc.augment:
                 x = augment(x, gen)
-            with autocast(device, cpu_bf16=tc.cpu_bf16):
+            with precision.autocast(device):
+                x = precision.input(x)
                 loss = F.cross_entropy(model(x), labels[idx], label_smoothing=tc.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -138,6 +152,21 @@ def train_classifier(train_images: np.ndarray, train_labels: np.ndarray, domain:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     return model.eval()
+
+
+def classifier_precision(tc: TrainConfig, width: int, device: torch.device) -> Precision:
+    """Resolve `tc.precision` by timing training steps of a throw-away classifier of the same shape."""
+    x = torch.randn(tc.batch_size, 3, 28, 28, device=device)
+    y = torch.zeros(tc.batch_size, dtype=torch.long, device=device)
+    models: dict[str, DigitClassifier] = {}
+
+    def trial(p: Precision) -> None:
+        model = models.setdefault(p.label, p.prepare(DigitClassifier(ClassifierConfig("trial", width)).to(device)))
+        with p.autocast(device):
+            F.cross_entropy(model(p.input(x)), y).backward()
+        model.zero_grad(set_to_none=True)
+
+    return resolve(tc.precision, device, f"digit-classifier width {width} batch {tc.batch_size}", trial)
 
 
 def classifier_path(classifier_dir: str | os.PathLike, domain: str) -> Path:
@@ -198,25 +227,28 @@ def _heldout(data_root: Path, domain: str, val_fraction: float, seed: int):
 
 def train_classifiers(data_root: str | os.PathLike, out_dir: str | os.PathLike, epochs: int = TrainConfig.epochs,
                       device: str | None = None, seed: int = 0, width: int = ClassifierConfig.width,
-                      domains: tuple[str, ...] = DOMAINS, cpu_bf16: bool = True,
+                      domains: tuple[str, ...] = DOMAINS, precision: str = TrainConfig.precision,
                       augment: bool = TrainConfig.augment) -> dict[str, float]:
     """Train and save one classifier per domain; returns the held-out accuracy of each."""
     from difflab.report import HtmlReport
 
     data_root, out_dir = Path(data_root), Path(out_dir)
     dev = pick_device(device)
-    tc = TrainConfig(epochs=epochs, cpu_bf16=cpu_bf16, augment=augment)
+    tc = TrainConfig(epochs=epochs, precision=precision, augment=augment)
+    chosen = classifier_precision(tc, width, dev)
+    print(f"classifier precision: {chosen.describe()}", flush=True)
     results, rows = {}, []
     for domain in domains:
         images, labels, val_images, val_labels, heldout = _heldout(data_root, domain, tc.val_fraction, seed)
         start = time.perf_counter()
-        model = train_classifier(images, labels, domain, tc, width, dev, seed)
+        model = train_classifier(images, labels, domain, tc, width, dev, seed, chosen)
         seconds = time.perf_counter() - start
         acc = accuracy(model, val_images, val_labels)
         save_classifier(model, classifier_path(out_dir, domain),
                         {"held_out_accuracy": acc, "held_out": heldout, "n_train": int(len(labels)),
                          "n_held_out": int(len(val_labels)), "train_seconds": round(seconds, 1),
-                         "data_root": str(data_root), "train": asdict(tc), "seed": seed})
+                         "data_root": str(data_root), "train": asdict(tc), "seed": seed,
+                         "precision": chosen.describe()})
         print(f"{domain}: held-out acc = {acc:.4f} ({len(val_labels)} images, {heldout}); "
               f"trained on {len(labels)} images in {seconds:.1f} s")
         results[domain] = acc
@@ -235,11 +267,11 @@ def train_classifier_command(
     width: int = typer.Option(ClassifierConfig.width, "--width", min=4, help="Channels of the first conv stage (then x2, x4)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)."),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation, batches and augmentation."),
-    bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast on CPU (CUDA always uses autocast)."),
+    precision: str = typer.Option(TrainConfig.precision, "--precision", help=PRECISION_HELP),
     augment: bool = typer.Option(TrainConfig.augment, "--augment/--no-augment",
                                  help="Random shift/scale/rotation, contrast/brightness and channel order while training "
                                       "(useful for small or real data)."),
 ):
     """Train the per-domain digit classifiers that judge generated digits; print held-out accuracy."""
-    train_classifiers(data_root, out, epochs=epochs, device=device, seed=seed, width=width, cpu_bf16=bf16,
+    train_classifiers(data_root, out, epochs=epochs, device=device, seed=seed, width=width, precision=precision,
                       augment=augment)

@@ -13,6 +13,7 @@ from difflab.digits.evaluate import evaluate_command
 from difflab.digits.model import ScheduleConfig, load_digits_model
 from difflab.digits.sample import SampleConfig, digit_grid, generate, make_conds, reverse_process_strip, write_course_layout
 from difflab.digits.train import TrainConfig, train
+from difflab.precision import PRECISION_HELP
 from difflab.utils import image_grid, pick_device, save_png, to_uint8
 
 app = typer.Typer(help="Conditional digits (domain x digit) with DDPM/DDIM and classifier-free guidance.",
@@ -42,7 +43,7 @@ def train_command(
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop (and save) after this wall time."),
     resume: bool = typer.Option(False, "--resume", help="Continue from <out>/train_state.pt."),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation, batches, timesteps and noise."),
-    bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast on CPU (CUDA always uses autocast)."),
+    precision: str = typer.Option(TrainConfig.precision, "--precision", help=PRECISION_HELP),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
 ):
     """Train the conditional DDPM. Several GPUs or nodes: `accelerate launch --multi_gpu -m difflab.cli digits train ...`
@@ -52,7 +53,7 @@ def train_command(
                       lr=lr, ema_decay=ema_decay, p_drop_domain=p_drop_domain, p_drop_digit=p_drop_digit,
                       min_snr_gamma=min_snr_gamma or None,
                       schedule=ScheduleConfig(num_steps=timesteps), save_every=save_every, sample_every=sample_every,
-                      max_minutes=max_minutes, resume=resume, seed=seed, cpu_bf16=bf16, device=device)
+                      max_minutes=max_minutes, resume=resume, seed=seed, precision=precision, device=device)
 
     def progress_grid(step: int, ema) -> None:
         cond = make_conds([0] * 10 + [1] * 10, list(range(10)) * 2)
@@ -70,15 +71,15 @@ def sample_command(
     ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint folder written by `difflab digits train`."),
     out: Path = typer.Option(..., "--out", help="Output folder: mnistm/ and svhn/ with {digit}_{NNN}.png, plus figures/."),
     per_digit: int = typer.Option(50, "--per-digit", min=1, help="Images per digit and domain."),
-    method: str = typer.Option(SampleConfig.method, "--method", help="'ddim' (fast, --steps/--eta) or 'ddpm' (ancestral, all T steps)."),
-    steps: int = typer.Option(SampleConfig.steps, "--steps", min=1, help="DDIM steps."),
-    eta: float = typer.Option(SampleConfig.eta, "--eta", help="DDIM stochasticity: 0 deterministic, 1 DDPM-like."),
+    method: str = typer.Option(SampleConfig.method, "--method", help="'ddim' (--steps/--eta), 'dpm++2m' (DPM-Solver++(2M): good in 10-20 steps) or 'ddpm' (ancestral, all T steps)."),
+    steps: int = typer.Option(SampleConfig.steps, "--steps", min=1, help="DDIM / DPM-Solver++ steps."),
+    eta: float = typer.Option(SampleConfig.eta, "--eta", min=0.0, help="DDIM stochasticity: 0 deterministic, 1 DDPM-like."),
     guidance_digit: float = typer.Option(SampleConfig.guidance_digit, "--guidance-digit", help="CFG scale of the digit (1: none)."),
     guidance_domain: float = typer.Option(SampleConfig.guidance_domain, "--guidance-domain", help="CFG scale of the domain (1: none)."),
     batch_size: int = typer.Option(SampleConfig.batch_size, "--batch-size", min=1, help="Images per batched forward (x2 or x3 with guidance)."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Also write 10x10 grids and the reverse-process figure."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial noise (and of DDPM/η>0 step noise)."),
-    bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast on CPU."),
+    precision: str = typer.Option(SampleConfig.precision, "--precision", help=PRECISION_HELP),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
 ):
     """Generate the course layout (50 per digit per domain), 10x10 grids and the reverse process of the first 0."""
@@ -86,7 +87,7 @@ def sample_command(
     dev = pick_device(device)
     net, schedule, _ = load_digits_model(ckpt, dev)
     cfg = SampleConfig(method=method, steps=steps, eta=eta, guidance_digit=guidance_digit,
-                       guidance_domain=guidance_domain, batch_size=batch_size, seed=seed, cpu_bf16=bf16)
+                       guidance_domain=guidance_domain, batch_size=batch_size, seed=seed, precision=precision)
     per_domain = write_course_layout(net, schedule, out, cfg, dev, per_digit)
     if figures:
         for domain, images in per_domain.items():
@@ -101,13 +102,15 @@ def sample_command(
 def demo_command(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder: data/, model/, classifiers/, samples/, report.html."),
     quick: bool = typer.Option(False, "--quick", help="Two-minute smoke run on small data (accuracy is not the point)."),
-    train_steps: Optional[int] = typer.Option(None, "--train-steps", help="Most diffusion training steps (default 20000; on a CPU the time budget ends it first)."),
-    train_minutes: Optional[float] = typer.Option(None, "--train-minutes", help="Wall-time budget of diffusion training; the step count is fitted to it (default 15, 1 with --quick)."),
+    train_steps: Optional[int] = typer.Option(None, "--train-steps", min=1, help=f"Diffusion training steps (default {TrainConfig.steps}: fixed work, the same model on a machine whatever its load)."),
+    train_minutes: Optional[float] = typer.Option(None, "--train-minutes", min=0.1, help="Instead of fixed work, a wall-clock budget the step count is fitted to (the model then depends on the machine's speed; the report says so)."),
     seed: int = typer.Option(0, "--seed", help="Seed of every stage."),
+    precision: str = typer.Option(TrainConfig.precision, "--precision", help=PRECISION_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an earlier run in --out first (without it the demo refuses to replace one)."),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
 ):
-    """The whole digits job on the embedded dataset: make-data, train, train-classifier, sample, evaluate, report."""
+    """The whole digits job on the embedded dataset: make-data, train, train-classifier, sample, evaluate, DDIM figures, report."""
     from difflab.digits.demo import quick_or_full, run_demo
 
     run_demo(quick_or_full(str(out), quick, train_steps=train_steps, train_minutes=train_minutes, seed=seed,
-                           device=device))
+                           precision=precision, device=device), overwrite)

@@ -2,22 +2,26 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 
 from difflab.digits.classifier import TrainConfig as ClassifierTrainConfig, train_classifiers  # noqa: E402
 from difflab.digits.data import DOMAINS, make_dataset  # noqa: E402
+from difflab.digits.evaluate import add_quality_section, evaluate_folder, format_quality, format_summary  # noqa: E402
 from difflab.digits.model import load_digits_model  # noqa: E402
 from difflab.digits.sample import SampleConfig, digit_grid, reverse_process_strip, write_course_layout  # noqa: E402
 from difflab.digits.train import TrainConfig, train  # noqa: E402
+from difflab.precision import cpu_name  # noqa: E402
 from difflab.report import HtmlReport  # noqa: E402
-from difflab.utils import load_json, pick_device, save_png  # noqa: E402
+from difflab.utils import DifflabError, load_json, pick_device, save_png  # noqa: E402
 
 
 @dataclass
@@ -25,29 +29,36 @@ class DemoConfig:
     out_dir: str = "runs/demo"
     n_per_domain: int = 10000
     n_test_per_domain: int = 2000
-    train_steps: int = 20000
-    # The rest of `make demo` (install, data, classifiers, sampling) takes about 3.5 minutes here, so 15
-    # minutes of training keep it under 20. Measured mean accuracy at T = 1000 in 9 minutes (digit guidance
-    # 3 / 5): batch 128 + plain loss 0.34; batch 64 + min-SNR(5) 0.59 / 0.70; batch 32 + min-SNR(5) - / 0.785.
-    # T = 500 and the narrower CPU preset: 0.988 in 13 minutes, 0.995 in 15. More, smaller steps win.
-    train_minutes: float = 15.0
-    train_batch_size: int = TrainConfig.batch_size
-    min_snr_gamma: float | None = TrainConfig.min_snr_gamma
+    # Fixed work, so that a seed gives the same model on a machine whatever its speed or load; sized from
+    # per-step times on the slower of the two CPUs seen (see README: "What to expect").
+    train_steps: int = TrainConfig.steps
+    train_minutes: float | None = None  # an explicit wall-clock budget instead (the report then says so)
     classifier_epochs: int = ClassifierTrainConfig.epochs
-    sample: SampleConfig = None  # type: ignore[assignment]
+    sample: SampleConfig = field(default_factory=lambda: SampleConfig(steps=25))
     per_digit: int = 50
     seed: int = 0
+    precision: str = TrainConfig.precision
     device: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.sample is None:
-            self.sample = SampleConfig(steps=25)
 
     @classmethod
     def quick(cls, out_dir: str) -> "DemoConfig":
         """A two-minute smoke run: small data, a few hundred steps, few sampling steps. Accuracy is not the point."""
-        return cls(out_dir=out_dir, n_per_domain=1000, n_test_per_domain=200, train_steps=150, train_minutes=1.0,
+        return cls(out_dir=out_dir, n_per_domain=1000, n_test_per_domain=200, train_steps=150,
                    classifier_epochs=2, sample=SampleConfig(steps=10), per_digit=5)
+
+
+class Stages:
+    """Runs the demo's stages one after the other and keeps their wall times for the report."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, fn, *args, **kwargs):
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.seconds[name] = round(time.perf_counter() - start, 1)
+        print(f"[{name}] {self.seconds[name]:.1f} s", flush=True)
+        return result
 
 
 def plot_losses(losses_json: Path, out_png: Path) -> Path:
@@ -55,7 +66,7 @@ def plot_losses(losses_json: Path, out_png: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.plot(data["steps"], data["loss"])
     ax.set_xlabel("step")
-    ax.set_ylabel("ε-MSE loss")
+    ax.set_ylabel("training loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -64,69 +75,100 @@ def plot_losses(losses_json: Path, out_png: Path) -> Path:
     return out_png
 
 
-def run_demo(cfg: DemoConfig) -> Path:
-    from difflab.digits.evaluate import evaluate_folder, format_summary
+def prepare_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to replace an earlier run unless asked to; `overwrite` deletes it first."""
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise DifflabError(f"{out}: holds an earlier run; choose another --out or pass --overwrite to delete it")
+        shutil.rmtree(out)
 
+
+def ddim_figures(ckpt: Path, figures: Path, cfg: DemoConfig, report: HtmlReport) -> None:
+    """The DDIM exercise on the trained digits model: an η grid and lerp/slerp strips from seeded noises."""
+    from difflab.faces.figures import eta_grid_figure, interpolation_figure
+    from difflab.faces.models import DigitsCondition, load_eps_model
+    from difflab.faces.pipeline import DDIMConfig, draw_noises, eta_grid, interpolate
+
+    condition = DigitsCondition(domain=0, digit=3, guidance=cfg.sample.guidance_digit)
+    model = load_eps_model(ckpt, cfg.device, precision="fp32", condition=condition)
+    ddim = DDIMConfig(steps=cfg.sample.steps, batch_size=64, seed=cfg.seed)
+    names = ["00", "01", "02", "03"]
+    noises = draw_noises(model, names, cfg.seed, figures / "noise")
+    etas = [0.0, 0.25, 0.5, 0.75, 1.0]
+    eta_grid_figure(eta_grid(model, noises, etas, ddim, progress=False), names, etas, figures, report)
+    alphas = [i / 10 for i in range(11)]
+    strips = interpolate(model, noises[:1], noises[1:2], ["lerp", "slerp"], alphas, ddim, progress=False)
+    interpolation_figure(strips, alphas, ("00", "01"), figures, report)
+
+
+def run_demo(cfg: DemoConfig, overwrite: bool = False) -> Path:
     out = Path(cfg.out_dir)
-    timings: dict[str, float] = {}
-
-    def timed(name, fn, *args, **kwargs):
-        start = time.perf_counter()
-        result = fn(*args, **kwargs)
-        timings[name] = round(time.perf_counter() - start, 1)
-        print(f"[{name}] {timings[name]:.1f} s", flush=True)
-        return result
-
-    data_root = out / "data"
-    if not (data_root / "digits" / DOMAINS[-1] / "train.csv").is_file():
-        timed("make data", make_dataset, data_root, cfg.n_per_domain, cfg.n_test_per_domain, cfg.seed)
-    ckpt = out / "model"
+    prepare_out_dir(out, overwrite)
+    stages = Stages()
+    data_root, ckpt, judges = out / "data", out / "model", out / "classifiers"
+    stages.run("make data", make_dataset, data_root, cfg.n_per_domain, cfg.n_test_per_domain, cfg.seed)
     train_cfg = TrainConfig(data_root=str(data_root), out_dir=str(ckpt), steps=cfg.train_steps,
-                            max_minutes=cfg.train_minutes, seed=cfg.seed, device=cfg.device,
-                            batch_size=cfg.train_batch_size, min_snr_gamma=cfg.min_snr_gamma,
+                            max_minutes=cfg.train_minutes, seed=cfg.seed, device=cfg.device, precision=cfg.precision,
                             save_every=max(100, cfg.train_steps // 4))
-    timed("train diffusion", train, train_cfg)
-    accs = timed("train classifiers", train_classifiers, data_root, out / "classifiers",
-                 epochs=cfg.classifier_epochs, device=cfg.device, seed=cfg.seed)
-
+    stages.run("train diffusion", train, train_cfg)
+    accs = stages.run("train classifiers", train_classifiers, data_root, judges, epochs=cfg.classifier_epochs,
+                      device=cfg.device, seed=cfg.seed, precision=cfg.precision)
     device = pick_device(cfg.device)
     net, schedule, model_config = load_digits_model(ckpt, device)
-    samples = out / "samples"
-    per_domain = timed("sample", write_course_layout, net, schedule, samples, cfg.sample, device, cfg.per_digit)
-    figures = out / "figures"
-    for domain, images in per_domain.items():
-        save_png(digit_grid(images, cfg.per_digit, columns=min(10, cfg.per_digit)), figures / f"grid_{domain}.png")
-    strip, strip_ts = reverse_process_strip(net, schedule, cfg.sample, device, per_digit=cfg.per_digit)
-    save_png(strip, figures / "reverse_process.png")
-    plot_losses(ckpt / "losses.json", figures / "loss.png")
-    result = timed("evaluate", evaluate_folder, samples, out / "classifiers", out / "eval")
-
+    samples, figures = out / "samples", out / "figures"
+    sample_cfg = replace(cfg.sample, precision=cfg.precision)
+    per_domain = stages.run("sample", write_course_layout, net, schedule, samples, sample_cfg, device, cfg.per_digit)
+    result = stages.run("evaluate", evaluate_folder, samples, judges, out / "eval", cfg.device, data_root)
     report = HtmlReport("difflab — conditional digits (DDPM + classifier-free guidance)")
-    report.text(f"Model: {ckpt} ({model_config['steps']} training steps, net {json.dumps(model_config['net'])}). "
+    describe_run(report, cfg, model_config, load_json(judges / f"{DOMAINS[0]}.json"))
+    add_accuracy(report, result, accs, out / "eval")
+    add_quality_section(report, result, out / "eval")
+    add_samples(report, net, schedule, per_domain, sample_cfg, device, cfg.per_digit, figures)
+    report.heading("DDIM on the digits model")
+    stages.run("ddim figures", ddim_figures, ckpt, figures, cfg, report)
+    report.heading("Training loss")
+    report.image(plot_losses(ckpt / "losses.json", figures / "loss.png"), "per-step loss, averaged over 20 steps")
+    report.heading("Timings (seconds, wall clock)")
+    report.table(["stage", "seconds"], list(stages.seconds.items()))
+    path = report.save(out / "report.html")
+    print(format_summary(result))
+    print(format_quality(result))
+    print(f"report: {path.resolve()}")
+    return path
+
+
+def describe_run(report: HtmlReport, cfg: DemoConfig, model_config: dict, judge_meta: dict) -> None:
+    work = (f"a wall-clock budget of {cfg.train_minutes} min (--train-minutes): the step count followed this "
+            f"machine's speed, so another machine trains another model" if cfg.train_minutes is not None
+            else "fixed work (same seed, same model on this machine whatever its load)")
+    report.text(f"Machine: {cpu_name()}, {torch.get_num_threads()} threads. Diffusion training: "
+                f"{model_config['steps']} steps, {work}; precision {model_config.get('precision', '?')}. "
+                f"Judges: precision {judge_meta.get('precision', '?')}.")
+    report.text(f"Net {json.dumps(model_config['net'])}; schedule {json.dumps(model_config['schedule'])}. "
                 f"Sampler: {json.dumps(asdict(cfg.sample))}.")
+
+
+def add_accuracy(report: HtmlReport, result: dict, accs: dict, eval_dir: Path) -> None:
     report.heading("Accuracy of the per-domain classifiers on generated digits")
-    summary = format_summary(result)
-    report.pre(summary)
+    report.pre(format_summary(result))
     report.table(["domain", "classifier held-out accuracy", "accuracy on generated digits"],
                  [[d, accs[d], result["domains"][d]["accuracy"]] for d in DOMAINS])
     report.table(["digit"] + list(DOMAINS),
                  [[k] + [result["domains"][d]["per_digit"][str(k)] for d in DOMAINS] for k in range(10)])
     for d in DOMAINS:
-        report.image(out / "eval" / f"confusion_{d}.png", f"confusion matrix, {d}", width=360)
+        report.image(eval_dir / f"confusion_{d}.png", f"confusion matrix, {d}", width=360)
+
+
+def add_samples(report: HtmlReport, net, schedule, per_domain: dict, sample_cfg: SampleConfig, device,
+                per_digit: int, figures: Path) -> None:
     report.heading("Samples: rows are digits 0-9, columns different noises")
-    for d in DOMAINS:
-        report.image(figures / f"grid_{d}.png", d, width=360)
+    for domain, images in per_domain.items():
+        grid = save_png(digit_grid(images, per_digit, columns=min(10, per_digit)), figures / f"grid_{domain}.png")
+        report.image(grid, domain, width=360)
+    strip, strip_ts = reverse_process_strip(net, schedule, sample_cfg, device, per_digit=per_digit)
     report.heading("Reverse process of the first 0 of each domain")
-    report.image(figures / "reverse_process.png", "t = " + ", ".join(map(str, strip_ts)) + " (rows: "
-                 + ", ".join(DOMAINS) + ")", width=480)
-    report.heading("Training loss")
-    report.image(figures / "loss.png", "EMA-free per-step loss, averaged over 20 steps")
-    report.heading("Timings (seconds)")
-    report.table(["stage", "seconds"], list(timings.items()))
-    path = report.save(out / "report.html")
-    print(summary)
-    print(f"report: {path.resolve()}")
-    return path
+    report.image(save_png(strip, figures / "reverse_process.png"), "t = " + ", ".join(map(str, strip_ts))
+                 + " (rows: " + ", ".join(DOMAINS) + ")", width=480)
 
 
 def quick_or_full(out_dir: str, quick: bool, **overrides) -> DemoConfig:

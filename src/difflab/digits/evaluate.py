@@ -10,8 +10,9 @@ import numpy as np
 import typer
 
 from difflab.digits.classifier import classifier_path, load_classifier
-from difflab.digits.data import DOMAINS, read_images
-from difflab.utils import DifflabError, atomic_write, save_json
+from difflab.digits.data import DOMAINS, load_split, read_images, split_csv
+from difflab.digits.quality import domain_quality
+from difflab.utils import DifflabError, atomic_write, image_grid, load_json, save_json, save_png
 
 DOMAIN_NAMES = {"mnistm": "MNIST-M", "svhn": "SVHN"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -50,19 +51,40 @@ def save_confusion_png(matrix: np.ndarray, title: str, path: Path) -> Path:
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
+def quality_data_root(classifier_dir: str | os.PathLike, data_root: str | os.PathLike | None) -> Path | None:
+    """The dataset to compare with: `data_root`, else the one the judges were trained on (from their JSON);
+    None when it has no held-out split on this machine."""
+    if data_root is None:
+        meta = load_json(classifier_path(classifier_dir, DOMAINS[0]).with_suffix(".json"))
+        data_root = meta.get("data_root") if isinstance(meta, dict) else None
+    if data_root is None:
+        return None
+    try:
+        if all(split_csv(data_root, d, "val").is_file() for d in DOMAINS):
+            return Path(data_root)
+    except DifflabError:  # no such dataset here: accuracy alone is still worth reporting
+        pass
+    return None
+
+
 def evaluate_folder(folder: str | os.PathLike, classifier_dir: str | os.PathLike,
-                    out_dir: str | os.PathLike | None = None, device: str | None = None) -> dict:
+                    out_dir: str | os.PathLike | None = None, device: str | None = None,
+                    data_root: str | os.PathLike | None = None) -> dict:
     """Classify <folder>/mnistm/*.png and <folder>/svhn/*.png, print the three course lines and write
-    per-digit accuracy, confusion matrices (PNG + JSON) and report.html to out_dir (default <folder>/eval)."""
+    per-digit accuracy, confusion matrices, quality measures against the real data (see `quality`),
+    metrics.json and report.html to out_dir (default <folder>/eval)."""
     from difflab.report import HtmlReport
 
     folder = Path(folder)
     out_dir = Path(out_dir) if out_dir is not None else folder / "eval"
-    result: dict = {"folder": str(folder), "classifier_dir": str(classifier_dir), "domains": {}}
+    real_root = quality_data_root(classifier_dir, data_root)
+    result: dict = {"folder": str(folder), "classifier_dir": str(classifier_dir), "domains": {},
+                    "quality_data_root": str(real_root) if real_root else None}
     for domain in DOMAINS:
         files, labels = labelled_files(folder / domain)
         model = load_classifier(classifier_path(classifier_dir, domain), device)
-        preds = model.predict(read_images(files, resize=True))
+        images = read_images(files, resize=True)
+        preds = model.predict(images)
         matrix = confusion(labels, preds)
         per_digit = {str(d): (float(matrix[d, d] / matrix[d].sum()) if matrix[d].sum() else None) for d in range(10)}
         result["domains"][domain] = {
@@ -70,6 +92,8 @@ def evaluate_folder(folder: str | os.PathLike, classifier_dir: str | os.PathLike
             "per_digit": per_digit, "confusion": matrix.tolist(),
             "wrong": [{"file": f.name, "label": int(y), "pred": int(p)} for f, y, p in zip(files, labels, preds) if y != p],
         }
+        if real_root is not None:
+            result["domains"][domain]["quality"] = _quality(model, images, labels, files, real_root, domain, out_dir)
     result["accuracy"] = float(np.mean([r["accuracy"] for r in result["domains"].values()]))
 
     report = HtmlReport(f"Digit accuracy: {folder}")
@@ -80,13 +104,65 @@ def evaluate_folder(folder: str | os.PathLike, classifier_dir: str | os.PathLike
     for domain, r in result["domains"].items():
         png = save_confusion_png(np.array(r["confusion"]), f"{DOMAIN_NAMES[domain]} confusion", out_dir / f"confusion_{domain}.png")
         report.image(png, caption=f"{DOMAIN_NAMES[domain]}: rows true digit, columns predicted")
-    save_json(result, out_dir / "eval.json")
+    add_quality_section(report, result, out_dir)
+    save_json(result, out_dir / "metrics.json")
     report.save(out_dir / "report.html")
     print(format_summary(result))
     for domain, r in result["domains"].items():
         print(f"{DOMAIN_NAMES[domain]} per digit: " + " ".join(
             f"{d}:{'-' if a is None else f'{a:.2f}'}" for d, a in r["per_digit"].items()))
+    print(format_quality(result))
     return result
+
+
+def _quality(judge, images: np.ndarray, labels: np.ndarray, files: list[Path], real_root: Path, domain: str,
+             out_dir: Path) -> dict:
+    train, _ = load_split(real_root, domain, "train")
+    heldout, heldout_labels = load_split(real_root, domain, "val")
+    quality = domain_quality(judge, images, labels, train, heldout, heldout_labels)
+    pairs = quality["closest_pairs"]
+    tiles = np.concatenate([images[[p["generated"] for p in pairs]], train[[p["train"] for p in pairs]]])
+    save_png(image_grid(tiles, 2, len(pairs)), out_dir / f"closest_{domain}.png")
+    for p in pairs:
+        p["generated_file"] = files[p["generated"]].name
+    return quality
+
+
+def format_quality(result: dict) -> str:
+    """One line per domain: Fréchet distance (and its floor), memorisation rate, diversity."""
+    lines = []
+    for domain, r in result["domains"].items():
+        q = r.get("quality")
+        if q is None:
+            continue
+        lines.append(f"{DOMAIN_NAMES[domain]}: Fréchet distance (judge features) = {q['frechet_generated_vs_heldout']:.2f} "
+                     f"(train vs held-out floor {q['frechet_train_vs_heldout']:.2f}); memorisation = "
+                     f"{100 * q['memorisation_rate']:.1f} % (real held-out: 5 %); diversity = {q['diversity_ratio']:.2f} x real")
+    if not lines:
+        return ("quality measures skipped: the judges' dataset (with its held-out split) is not here; "
+                "pass --data-root to compare with real images")
+    return "\n".join(lines)
+
+
+def add_quality_section(report, result: dict, out_dir: Path) -> None:
+    report.heading("Quality beyond accuracy")
+    rows = [[DOMAIN_NAMES[d], f"{q['frechet_generated_vs_heldout']:.2f}", f"{q['frechet_train_vs_heldout']:.2f}",
+             f"{100 * q['memorisation_rate']:.1f} %", f"{q['diversity_ratio']:.2f}"]
+            for d, r in result["domains"].items() if (q := r.get("quality"))]
+    if not rows:
+        report.text(format_quality(result))
+        return
+    report.text("Fréchet distance between the judge's penultimate features of generated and real held-out images; "
+                "the floor is the same distance for an equally large sample of real training images. "
+                "Memorisation: generated images whose nearest training image (pixel L2) is closer than the 5th "
+                "percentile of held-out-to-training distances (5 % for real unseen images). Diversity: mean "
+                "pairwise feature distance within each digit, generated over real held-out (1 = as diverse).")
+    report.table(["domain", "Fréchet (generated vs held-out)", "Fréchet floor (train vs held-out)",
+                  "memorisation rate", "diversity ratio"], rows)
+    for d in result["domains"]:
+        if (out_dir / f"closest_{d}.png").is_file():
+            report.image(out_dir / f"closest_{d}.png", f"{DOMAIN_NAMES[d]}: the generated images closest to a "
+                         "training image (top) and that training image (bottom)", width=480)
 
 
 def format_summary(result: dict) -> str:
@@ -100,8 +176,11 @@ def evaluate_command(
     folder: Path = typer.Argument(..., help="Generated digits: <folder>/mnistm/*.png and <folder>/svhn/*.png, "
                                             "label = first character of each file name."),
     classifiers: Path = typer.Option(..., "--classifiers", help="Folder with mnistm.safetensors/.json and svhn.safetensors/.json."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Where eval.json, confusion PNGs and report.html go (default: <folder>/eval)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where metrics.json, confusion PNGs and report.html go (default: <folder>/eval)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Real data (digits/<domain>/train.csv + val.csv) for the "
+                                             "quality measures (default: the data the classifiers were trained on)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)."),
 ):
-    """Score generated digits with the per-domain classifiers: MNIST-M acc, SVHN acc and their mean."""
-    evaluate_folder(folder, classifiers, out, device)
+    """Score generated digits with the per-domain classifiers: MNIST-M acc, SVHN acc and their mean; then
+    Fréchet distance, memorisation rate and diversity against the real data."""
+    evaluate_folder(folder, classifiers, out, device, data_root)

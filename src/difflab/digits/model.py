@@ -28,9 +28,10 @@ class ScheduleConfig:
     num_steps: int = 500
     beta_start: float = 1e-4
     beta_end: float = 2e-2
+    prediction: str = "epsilon"
 
     def build(self) -> NoiseSchedule:
-        return NoiseSchedule.make(self.kind, self.num_steps, self.beta_start, self.beta_end)
+        return NoiseSchedule.make(self.kind, self.num_steps, self.beta_start, self.beta_end, self.prediction)
 
 
 def save_model(out_dir: str | os.PathLike, net: DigitsUNet, schedule: ScheduleConfig, extra: dict | None = None) -> Path:

@@ -11,40 +11,66 @@ from tqdm.auto import tqdm
 
 from difflab.digits.data import DOMAINS
 from difflab.nets.digits_unet import DigitsUNet
-from difflab.samplers import ddim_timesteps, guided, sample
+from difflab.samplers import METHODS, ddim_timesteps, guided, sample
 from difflab.schedule import NoiseSchedule
-from difflab.utils import DifflabError, autocast, image_grid, save_png, to_uint8
+from difflab.precision import Precision, resolve
+from difflab.utils import DifflabError, image_grid, save_png, to_uint8
 
 
 @dataclass
 class SampleConfig:
-    method: str = "ddim"          # "ddim" or "ddpm" (ancestral over all T steps)
-    steps: int = 50               # DDIM steps; ignored by ddpm
+    method: str = "ddim"          # "ddim", "dpm++2m" or "ddpm" (ancestral over all T steps)
+    steps: int = 50               # DDIM / DPM-Solver++ steps; ignored by ddpm
     eta: float = 0.0
     guidance_digit: float = 5.0   # 1 = no guidance
     guidance_domain: float = 1.0
     batch_size: int = 500
     seed: int = 0
-    cpu_bf16: bool = True
+    precision: str = "auto"  # see difflab.precision: measured on a CPU
 
     def timesteps(self, schedule: NoiseSchedule) -> list[int]:
         if self.method == "ddpm":
             return list(range(schedule.num_steps - 1, -1, -1))
-        if self.method != "ddim":
-            raise DifflabError(f"unknown sampler {self.method!r}; choose ddim or ddpm")
-        return ddim_timesteps(schedule.num_steps, self.steps)
+        if self.method not in METHODS:
+            raise DifflabError(f"unknown sampler {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not 1 <= self.steps <= schedule.num_steps:
+            raise DifflabError(f"--steps must be in 1..{schedule.num_steps} (the model's T), got {self.steps}")
+        # DPM-Solver++ starts at T-1 ("trailing"), where its first-order first step is accurate.
+        return ddim_timesteps(schedule.num_steps, self.steps, "trailing" if self.method == "dpm++2m" else "leading")
 
 
-def guided_digits_eps(net: DigitsUNet, cond: torch.Tensor, guidance_digit: float, guidance_domain: float):
+def guided_digits_eps(net, cond: torch.Tensor, guidance_digit: float, guidance_domain: float,
+                      null_cond: tuple[int, int] | None = None):
     """ε = ε(∅,∅) + g_dom·(ε(dom,∅) − ε(∅,∅)) + g_dig·(ε(dom,dig) − ε(dom,∅)), in one batched forward.
 
-    With g_dom = 1 the (∅,∅) branch drops out; with g_dom = g_dig the (dom,∅) branch does."""
-    null_domain, null_digit = net.null_cond
+    With g_dom = 1 the (∅,∅) branch drops out; with g_dom = g_dig the (dom,∅) branch does. `null_cond`
+    (the null ids) defaults to `net.null_cond`."""
+    null_domain, null_digit = null_cond or net.null_cond
     domain_only = cond.clone()
     domain_only[:, 1] = null_digit
     nothing = torch.tensor([null_domain, null_digit], device=cond.device).expand_as(cond)
     weights = [guidance_digit, guidance_domain - guidance_digit, 1.0 - guidance_domain]
     return guided(net, [cond, domain_only, nothing], weights)
+
+
+def sampling_precision(net: DigitsUNet, cond: torch.Tensor, cfg: SampleConfig, device: torch.device) -> Precision:
+    """Resolve `cfg.precision` by timing guided forwards of copies of the net on one batch of `cond`."""
+    import copy
+
+    copies: dict[str, DigitsUNet] = {}
+    x = torch.randn(len(cond), net.config.in_channels, net.config.image_size, net.config.image_size, device=device)
+    t = torch.zeros(len(cond), dtype=torch.long, device=device)  # the cost does not depend on t
+
+    def trial(p: Precision) -> None:
+        model = copies.setdefault(p.label, p.prepare(copy.deepcopy(net)))
+        with torch.inference_mode(), p.autocast(device):
+            guided_digits_eps(lambda xx, tt, cc: model(p.input(xx), tt, cc), cond, cfg.guidance_digit,
+                              cfg.guidance_domain, net.null_cond)(x, t)
+
+    weights = (cfg.guidance_digit, cfg.guidance_domain - cfg.guidance_digit, 1 - cfg.guidance_domain)
+    branches = sum(w != 0 for w in weights)
+    job = f"digits-sample {net.config.channels} patch {net.config.patch} batch {len(cond)}x{branches}"
+    return resolve(cfg.precision, device, job, trial, rounds=3)
 
 
 def make_conds(domains: list[int] | torch.Tensor, digits: list[int] | torch.Tensor) -> torch.Tensor:
@@ -70,12 +96,15 @@ def generate(net: DigitsUNet, schedule: NoiseSchedule, cond: torch.Tensor, cfg: 
     if rows is not None:
         x_T = x_T[rows]
     timesteps = cfg.timesteps(schedule)
+    precision = sampling_precision(net, cond[: cfg.batch_size].to(device), cfg, device)
+    model = precision.prepare(net)
     outs, traj = [], {}
     batches = range(0, len(cond), cfg.batch_size)
     for start in tqdm(batches, desc=f"sampling {cfg.method}", disable=not progress or len(batches) == 1):
         c = cond[start : start + cfg.batch_size].to(device)
-        eps_fn = guided_digits_eps(net, c, cfg.guidance_digit, cfg.guidance_domain)
-        with autocast(device, cpu_bf16=cfg.cpu_bf16):
+        eps_fn = guided_digits_eps(lambda x, t, cc: model(precision.input(x), t, cc), c, cfg.guidance_digit,
+                                   cfg.guidance_domain, net.null_cond)
+        with precision.autocast(device):
             res = sample(eps_fn, x_T[start : start + cfg.batch_size].to(device), schedule, timesteps,
                          method=cfg.method, eta=cfg.eta, generator=g, capture=capture,
                          progress=progress and len(batches) == 1)

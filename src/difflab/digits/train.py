@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from difflab.digits.data import DOMAINS, load_split
 from difflab.digits.model import STATE_FILE, ScheduleConfig, check_state_dict, save_model
 from difflab.nets.digits_unet import DigitsUNet, DigitsUNetConfig
-from difflab.utils import DifflabError, atomic_write, autocast, save_json
+from difflab.precision import Precision, resolve
+from difflab.utils import DifflabError, atomic_write, save_json
 
 WARMUP_STEPS, TIMING_STEPS, REFIT_EVERY = 5, 20, 100
 
@@ -50,7 +51,7 @@ class TrainConfig:
     log_every: int = 20
     max_minutes: float | None = None  # wall-time budget: the step count is fitted to it after a few steps
     device: str | None = None
-    cpu_bf16: bool = True
+    precision: str = "auto"  # see difflab.precision: measured on a CPU
     resume: bool = False
 
     def net_config(self) -> DigitsUNetConfig:
@@ -128,6 +129,10 @@ def train(cfg: TrainConfig, on_sample=None) -> Path:
         g.set_state(state["rng"][accelerator.process_index % len(state["rng"])])
         step, losses = state["step"], state["losses"]
 
+    precision = choose_precision(cfg, net, schedule, device, accelerator)
+    if accelerator.is_main_process:
+        print(f"precision: {precision.describe()}", flush=True)
+    net = precision.prepare(net)
     net, opt = accelerator.prepare(net, opt)
     ema.to(device)
     images, conds = images.to(device), conds.to(device)
@@ -143,7 +148,8 @@ def train(cfg: TrainConfig, on_sample=None) -> Path:
         state = {"net": accelerator.unwrap_model(net).state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                  "step": step, "rng": list(rng), "losses": losses, "net_config": net_config.to_dict()}
         atomic_write(state_path, lambda tmp: torch.save(state, tmp))
-        save_model(out, ema, cfg.schedule, extra={"steps": step, "train": _jsonable(cfg)})
+        save_model(out, ema, cfg.schedule, extra={"steps": step, "train": _jsonable(cfg),
+                                                  "precision": precision.describe()})
         save_json({"steps": [s for s, _ in losses], "loss": [v for _, v in losses]}, out / "losses.json")
 
     # With a time budget the step count is fitted to it (from TIMING_STEPS on) so the learning-rate decay
@@ -155,13 +161,13 @@ def train(cfg: TrainConfig, on_sample=None) -> Path:
     net.train()
     while step < total_steps:
         idx = torch.randint(0, len(images), (cfg.batch_size,), generator=g).to(device)
-        x0 = images[idx].float() / 127.5 - 1.0
+        x0 = precision.input(images[idx].float() / 127.5 - 1.0)
         cond = drop_conditions(conds[idx].cpu(), accelerator.unwrap_model(net), cfg, g).to(device)
         t = schedule.sample_timesteps(cfg.batch_size, device, g)
         noise = torch.randn(x0.shape, generator=g).to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg, total_steps)
-        with autocast(device, cpu_bf16=cfg.cpu_bf16):
+        with precision.autocast(device):
             loss = schedule.training_loss(lambda x, tt: net(x, tt, cond), x0, t, noise, min_snr_gamma=cfg.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
@@ -203,6 +209,30 @@ def train(cfg: TrainConfig, on_sample=None) -> Path:
         save_state()
     accelerator.wait_for_everyone()
     return out
+
+
+def choose_precision(cfg: TrainConfig, net: DigitsUNet, schedule, device: torch.device, accelerator) -> Precision:
+    """Resolve `cfg.precision` by timing forward + backward passes of a copy of the net (the run's own
+    weights and random streams stay untouched); every process then uses the main process's choice."""
+    from accelerate.utils import broadcast_object_list
+
+    copies: dict[str, DigitsUNet] = {}
+    x0 = torch.randn(cfg.batch_size, net.config.in_channels, net.config.image_size, net.config.image_size, device=device)
+    t = torch.randint(0, schedule.num_steps, (cfg.batch_size,), device=device)
+    cond = torch.zeros(cfg.batch_size, 2, dtype=torch.long, device=device)
+
+    def trial(p: Precision) -> None:
+        model = copies.setdefault(p.label, p.prepare(copy.deepcopy(net).to(device)))
+        with p.autocast(device):
+            loss = schedule.training_loss(lambda x, tt: model(x, tt, cond), p.input(x0), t, torch.randn_like(x0))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    shape = f"digits-train {net.config.channels} patch {net.config.patch} batch {cfg.batch_size}"
+    chosen = [resolve(cfg.precision, device, shape, trial) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(chosen)
+    return chosen[0]
 
 
 def _jsonable(cfg: TrainConfig) -> dict:

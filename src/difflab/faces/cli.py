@@ -44,9 +44,17 @@ def _digits_condition(domain: Optional[str], digit: Optional[int], guidance: flo
     return DigitsCondition(domain=index, digit=digit, guidance=guidance)
 
 
+NOISE_DIR_HELP = "Folder of noise tensors 00.pt, 01.pt, ... (1,C,H,W) or (C,H,W); without it noises are drawn from --noise-seed."
+NOISE_SEED_HELP = "Seed of the noises drawn when no noise files are given (saved under <out>/noise/ for reuse)."
+SIZE_HELP = "Image size of drawn noises for nets that do not carry one (default 256, the face UNet's)."
+
+
 @app.command("sample")
 def sample_cmd(
-    noise_dir: Path = typer.Option(..., "--noise-dir", help="Folder of noise tensors 00.pt, 01.pt, ... (1,C,H,W) or (C,H,W)."),
+    noise_dir: Optional[Path] = typer.Option(None, "--noise-dir", help=NOISE_DIR_HELP),
+    noise_seed: int = typer.Option(0, "--noise-seed", help=NOISE_SEED_HELP),
+    num_noises: int = typer.Option(10, "--num-noises", min=1, max=10_000, help="How many noises to draw without --noise-dir."),
+    size: Optional[int] = typer.Option(None, "--size", min=8, max=4096, help=SIZE_HELP),
     ckpt: Path = typer.Option(..., "--ckpt", help=CKPT_HELP),
     out: Path = typer.Option(..., "--out", help="Output folder; writes <stem>.png per noise file."),
     eta: float = typer.Option(0.0, "--eta", min=0.0, help="DDIM η: 0 is deterministic, 1 is DDPM-like."),
@@ -59,18 +67,25 @@ def sample_cmd(
     digit: Optional[int] = typer.Option(None, "--digit", min=0, help="Digits checkpoints: the digit to draw."),
     guidance: float = typer.Option(1.0, "--guidance", help="Digits checkpoints: classifier-free guidance scale."),
 ):
-    """Denoise every noise file with DDIM and write one PNG per file (same stem), min-max normalised per image."""
+    """Denoise every noise file (or seeded noises) with DDIM and write one PNG per noise (same stem), min-max
+    normalised per image."""
     from difflab.faces.models import load_eps_model
-    from difflab.faces.pipeline import DDIMConfig, sample_noise_folder
+    from difflab.faces.pipeline import DDIMConfig, sample_noise_folder, sample_seeded
 
     model = load_eps_model(ckpt, device, precision, condition=_digits_condition(domain, digit, guidance))
-    paths = sample_noise_folder(model, noise_dir, out, DDIMConfig(steps=steps, eta=eta, batch_size=batch_size, seed=seed))
+    config = DDIMConfig(steps=steps, eta=eta, batch_size=batch_size, seed=seed)
+    if noise_dir is None:
+        paths = sample_seeded(model, num_noises, noise_seed, out, config, size)
+    else:
+        paths = sample_noise_folder(model, noise_dir, out, config)
     typer.echo(f"wrote {len(paths)} image(s) to {out}")
 
 
 @app.command("eta-grid")
 def eta_grid_cmd(
-    noise_dir: Path = typer.Option(..., "--noise-dir", help="Folder of noise tensors."),
+    noise_dir: Optional[Path] = typer.Option(None, "--noise-dir", help=NOISE_DIR_HELP),
+    noise_seed: int = typer.Option(0, "--noise-seed", help=NOISE_SEED_HELP),
+    size: Optional[int] = typer.Option(None, "--size", min=8, max=4096, help=SIZE_HELP),
     ckpt: Path = typer.Option(..., "--ckpt", help=CKPT_HELP),
     out: Path = typer.Option(..., "--out", help="Output folder for eta_grid.png and eta_grid.html."),
     noises: str = typer.Option("00,01,02,03", "--noises", help="Comma-separated noise file stems, one grid row each."),
@@ -85,13 +100,16 @@ def eta_grid_cmd(
     from difflab.faces.figures import eta_grid_figure
     from difflab.faces.io import load_noises
     from difflab.faces.models import load_eps_model
-    from difflab.faces.pipeline import DDIMConfig, eta_grid
+    from difflab.faces.pipeline import DDIMConfig, draw_noises, eta_grid
     from difflab.report import HtmlReport
 
     names = [n.strip() for n in noises.split(",") if n.strip()]
     eta_values = _parse_floats(etas, "--etas")
-    x = load_noises([noise_dir / f"{n}.pt" for n in names])
     model = load_eps_model(ckpt, device, precision)
+    if noise_dir is None:
+        x = draw_noises(model, names, noise_seed, out / "noise", size)
+    else:
+        x = load_noises([noise_dir / f"{n}.pt" for n in names])
     images = eta_grid(model, x, eta_values, DDIMConfig(steps=steps, batch_size=batch_size, seed=seed))
     report = HtmlReport("DDIM η grid")
     path = eta_grid_figure(images, names, eta_values, out, report)
@@ -101,8 +119,10 @@ def eta_grid_cmd(
 
 @app.command("interpolate")
 def interpolate_cmd(
-    a: Path = typer.Option(..., "--a", help="First noise file (α = 0), e.g. 00.pt."),
-    b: Path = typer.Option(..., "--b", help="Second noise file (α = 1), e.g. 01.pt."),
+    a: Optional[Path] = typer.Option(None, "--a", help="First noise file (α = 0), e.g. 00.pt; without --a/--b two noises are drawn from --noise-seed."),
+    b: Optional[Path] = typer.Option(None, "--b", help="Second noise file (α = 1), e.g. 01.pt."),
+    noise_seed: int = typer.Option(0, "--noise-seed", help=NOISE_SEED_HELP),
+    size: Optional[int] = typer.Option(None, "--size", min=8, max=4096, help=SIZE_HELP),
     ckpt: Path = typer.Option(..., "--ckpt", help=CKPT_HELP),
     out: Path = typer.Option(..., "--out", help="Output folder for interp_<method>.png and interpolation.html."),
     method: str = typer.Option("both", "--method", help="lerp, slerp or both."),
@@ -116,21 +136,28 @@ def interpolate_cmd(
     from difflab.faces.figures import interpolation_figure
     from difflab.faces.io import load_noise
     from difflab.faces.models import load_eps_model
-    from difflab.faces.pipeline import DDIMConfig, interpolate
+    from difflab.faces.pipeline import DDIMConfig, draw_noises, interpolate
     from difflab.report import HtmlReport
     from difflab.utils import DifflabError
 
     if method not in ("lerp", "slerp", "both"):
         raise DifflabError(f"--method: {method!r} is not lerp, slerp or both")
+    if (a is None) != (b is None):
+        raise DifflabError("--a and --b go together (or leave both out to draw two noises from --noise-seed)")
     methods = ["lerp", "slerp"] if method == "both" else [method]
     alpha_values = _parse_floats(alphas, "--alphas")
-    x0, x1 = load_noise(a), load_noise(b)
-    if x0.shape != x1.shape:
-        raise DifflabError(f"{b}: shape {tuple(x1.shape)} differs from {a}'s {tuple(x0.shape)}")
     model = load_eps_model(ckpt, device, precision)
+    if a is None:
+        x0, x1 = draw_noises(model, ["00", "01"], noise_seed, out / "noise", size).split(1)
+        names = ("00", "01")
+    else:
+        x0, x1 = load_noise(a), load_noise(b)
+        names = (a.stem, b.stem)
+        if x0.shape != x1.shape:
+            raise DifflabError(f"{b}: shape {tuple(x1.shape)} differs from {a}'s {tuple(x0.shape)}")
     strips = interpolate(model, x0, x1, methods, alpha_values, DDIMConfig(batch_size=batch_size, steps=steps))
     report = HtmlReport("DDIM noise interpolation")
-    paths = interpolation_figure(strips, alpha_values, (a.stem, b.stem), out, report)
+    paths = interpolation_figure(strips, alpha_values, names, out, report)
     report.save(out / "interpolation.html")
     typer.echo(f"wrote {', '.join(str(p) for p in paths)} and {out / 'interpolation.html'}")
 

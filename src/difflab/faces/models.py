@@ -149,21 +149,22 @@ def _load_diffusers(path: Path, config: dict, device: torch.device, dtype, chann
 
 def _load_digits(path: Path, device: torch.device, dtype, channels_last: bool, cond: DigitsCondition) -> EpsModel:
     from difflab.digits.model import load_digits_model
-    from difflab.samplers import cfg
+    from difflab.digits.sample import guided_digits_eps
 
     net, schedule, _ = load_digits_model(path)
-    net = _prepare(net, device, channels_last)
-    run = _runner(net, device, dtype, channels_last)
-    num_domains, num_digits = net.null_cond
+    null_cond = net.null_cond
+    num_domains, num_digits = null_cond
     if not (0 <= cond.domain < num_domains and 0 <= cond.digit < num_digits):
         raise DifflabError(f"{path}: domain {cond.domain} / digit {cond.digit} out of range "
                            f"({num_domains} domains, {num_digits} digits)")
+    config = net.config
+    net = _prepare(net, device, channels_last)
+    run = _runner(net, device, dtype, channels_last)
 
     def make(n: int) -> EpsFn:
+        # The digits sampler's rule, so `ddim sample --guidance g` is `digits sample --guidance-digit g`.
         c = torch.tensor([[cond.domain, cond.digit]], device=device).repeat(n, 1)
-        null = torch.tensor([[num_domains, num_digits]], device=device).repeat(n, 1)
-        return cfg(run, c, null, cond.guidance)
+        return guided_digits_eps(run, c, cond.guidance, 1.0, null_cond)
 
-    multiple = 2 ** (len(net.config.channels) - 1)
-    return EpsModel("digits UNet", path, net.config.in_channels, multiple, net.config.image_size, device, make,
-                    schedule)
+    multiple = config.patch * 2 ** (len(config.channels) - 1)
+    return EpsModel("digits UNet", path, config.in_channels, multiple, config.image_size, device, make, schedule)

@@ -32,8 +32,25 @@ class DDIMConfig:
     clip_x0: bool = True
 
 
+FACE_SIZE = 256  # the course face UNet's images; other nets carry their own size
+
+
 def spec_schedule() -> NoiseSchedule:
     return NoiseSchedule.make("linear", 1000, 1e-4, 2e-2)
+
+
+def draw_noises(model: EpsModel, names: Sequence[str], seed: int, out_dir: str | os.PathLike | None = None,
+                size: int | None = None) -> torch.Tensor:
+    """Seeded standard-normal noises, one per name, shaped for `model` (its own image size, else `size` or
+    the face UNet's 256); saved as `<out_dir>/<name>.pt` so a run can be repeated with `--noise-dir`."""
+    size = size or model.sample_size or FACE_SIZE
+    generator = torch.Generator().manual_seed(seed)
+    noises = torch.randn(len(names), model.channels, size, size, generator=generator)
+    model.check_input(tuple(noises.shape), f"--size {size}")
+    if out_dir is not None:
+        for name, noise in zip(names, noises):
+            save_noise(noise[None], Path(out_dir) / f"{name}.pt")
+    return noises
 
 
 def ddim_sample(model: EpsModel, noises: torch.Tensor, config: DDIMConfig = DDIMConfig(), *, eta: float | None = None,
@@ -70,6 +87,15 @@ def sample_noise_folder(model: EpsModel, noise_dir: str | os.PathLike, out_dir: 
     model.check_input(tuple(noises.shape), str(files[0]))
     images = ddim_sample(model, noises, config, progress=progress)
     return write_pngs(images, [f.stem for f in files], out_dir)
+
+
+def sample_seeded(model: EpsModel, count: int, noise_seed: int, out_dir: str | os.PathLike,
+                  config: DDIMConfig = DDIMConfig(), size: int | None = None, progress: bool = True) -> list[Path]:
+    """Like `sample_noise_folder` without a noise folder: `count` noises drawn from `noise_seed`, kept in
+    `<out_dir>/noise/NN.pt` for reuse, images in `<out_dir>/NN.png`."""
+    names = [f"{i:02d}" for i in range(count)]
+    noises = draw_noises(model, names, noise_seed, Path(out_dir) / "noise", size)
+    return write_pngs(ddim_sample(model, noises, config, progress=progress), names, out_dir)
 
 
 def eta_grid(model: EpsModel, noises: torch.Tensor, etas: Sequence[float], config: DDIMConfig = DDIMConfig(),

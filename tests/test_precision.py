@@ -1,0 +1,83 @@
+"""The precision policy: explicit choices pass through, "auto" on a CPU times the candidates, keeps a clear
+winner, caches it per machine and job, and leaves the caller's random streams alone."""
+import json
+import time
+
+import pytest
+import torch
+
+from difflab import precision as P
+from difflab.utils import DifflabError
+
+CPU = torch.device("cpu")
+
+
+def fake_trial(ms: dict[str, float], calls: list[str]):
+    def trial(p: P.Precision) -> None:
+        calls.append(p.label)
+        torch.rand(3)  # consumes the global RNG, which `resolve` must restore
+        time.sleep(ms[p.label] / 1000)
+
+    return trial
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path))
+    return tmp_path / "precision.json"
+
+
+def test_explicit_choices_and_errors():
+    assert P.resolve("fp32", CPU).dtype is None
+    assert P.resolve("bf16", CPU).dtype is torch.bfloat16
+    with pytest.raises(DifflabError, match="fp16 autocast needs CUDA"):
+        P.resolve("fp16", CPU)
+    with pytest.raises(DifflabError, match="unknown precision 'half'"):
+        P.resolve("half", CPU)
+    assert P.resolve("auto", CPU).label == "fp32"  # nothing to time: the safe default
+
+
+def test_auto_keeps_a_clear_winner_and_caches_it(cache):
+    calls: list[str] = []
+    ms = {"fp32": 12, "bf16": 4, "fp32+channels_last": 12, "bf16+channels_last": 12}
+    torch.manual_seed(0)
+    chosen = P.resolve("auto", CPU, "job A", fake_trial(ms, calls), rounds=2)
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(1))  # the trial's draws did not shift the caller's stream
+    assert chosen.label == "bf16" and chosen.how == "measured" and chosen.timings_ms["fp32"] > chosen.timings_ms["bf16"]
+    assert len(calls) == 4 * 3  # warm-up + 2 rounds, interleaved
+    entry = next(iter(json.loads(cache.read_text()).values()))
+    assert entry["name"] == "bf16" and "job A" in next(iter(json.loads(cache.read_text())))
+    calls.clear()
+    again = P.resolve("auto", CPU, "job A", fake_trial(ms, calls))
+    assert calls == [] and again.label == "bf16" and again.how == "cached"
+    P.resolve("auto", CPU, "job B", fake_trial(ms, calls), rounds=1)
+    assert calls  # another job is timed on its own
+
+
+def test_auto_needs_a_clear_margin_to_leave_fp32():
+    ms = {"fp32": 10, "bf16": 9.5, "fp32+channels_last": 10, "bf16+channels_last": 10}
+    assert P.resolve("auto", CPU, "close call", fake_trial(ms, []), rounds=3).label == "fp32"
+
+
+def test_a_broken_cache_is_ignored(cache):
+    cache.write_text("{not json")
+    ms = {"fp32": 2, "bf16": 6, "fp32+channels_last": 6, "bf16+channels_last": 6}
+    assert P.resolve("auto", CPU, "job", fake_trial(ms, []), rounds=1).label == "fp32"
+    key = next(iter(json.loads(cache.read_text())))
+    cache.write_text(json.dumps({key: {"name": "int4", "channels_last": "yes"}}))
+    calls: list[str] = []
+    assert P.resolve("auto", CPU, "job", fake_trial(ms, calls), rounds=1).how == "measured" and calls
+
+
+def test_channels_last_precision_runs_a_net():
+    from difflab.nets.digits_unet import DigitsUNet, DigitsUNetConfig
+
+    net = DigitsUNet(DigitsUNetConfig(channels=(8, 16), patch=2)).eval()
+    x, t, c = torch.randn(2, 3, 28, 28), torch.tensor([3, 400]), torch.tensor([[0, 1], [1, 2]])
+    ref = net(x, t, c)
+    p = P.Precision("fp32", channels_last=True)
+    with torch.inference_mode(), p.autocast(CPU):
+        out = p.prepare(net)(p.input(x), t, c)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
