@@ -65,6 +65,7 @@ def main() -> None:
     from difflab.clip.model import folder_fingerprint, load_clip
     from difflab.clip.preprocess import ClipTransform
     from difflab.clip.zeroshot import ZeroShotClassifier, cached_class_embeddings
+    from difflab.precision import Precision
 
     template = "A photo of {}."
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,7 +80,7 @@ def main() -> None:
             embeds, _ = cached_class_embeddings(clip.model, clip.tokenizer, CLASSES, [template], clip.device,
                                                 folder_fingerprint(model_dir), cache)
             clf = ZeroShotClassifier(clip.model, CLASSES, embeds, ClipTransform.from_processor(clip.processor),
-                                     clip.device, cpu_bf16)
+                                     clip.device, Precision("bf16" if cpu_bf16 else "fp32"))
             return classify_files(clf, data, cfg)[1]
 
         pipe = pipeline("zero-shot-image-classification", model=clip.model, tokenizer=clip.tokenizer,

@@ -16,7 +16,7 @@ from _common import best_time, write_results  # noqa: E402
 from difflab.digits import synth  # noqa: E402
 from difflab.digits.classifier import ClassifierConfig, DigitClassifier, augment  # noqa: E402
 from difflab.digits.data import generate_split, load_split, make_dataset  # noqa: E402
-from difflab.utils import autocast  # noqa: E402
+from difflab.precision import Precision  # noqa: E402
 
 N = 2000
 
@@ -54,7 +54,7 @@ def main() -> None:
 
         def step():
             x = augment(model.preprocess(images), gen)
-            with autocast(device, cpu_bf16=bf16):
+            with Precision("bf16" if bf16 else "fp32").autocast(device):
                 loss = F.cross_entropy(model(x), labels)
             opt.zero_grad()
             loss.backward()

@@ -79,7 +79,9 @@ def test_state_dict_round_trips_through_pt_and_safetensors(small_unet, tmp_path)
         for name in ("UNet.pt", "UNet.safetensors"):
             net = load_face_unet(tmp_path / name)
             assert net.config == SMALL
-            torch.testing.assert_close(net(x, t), expected, rtol=0, atol=0)
+            # Equal up to numerics: loaded tensors may sit at another memory alignment, and CPU kernels then
+            # vectorise sums differently (seen: 1e-6 on an AMD EPYC).
+            torch.testing.assert_close(net(x, t), expected, rtol=0, atol=1e-5)
 
 
 def test_checkpoint_with_wrong_keys_lists_them(small_unet, tmp_path):

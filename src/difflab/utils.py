@@ -30,16 +30,6 @@ def pick_device(device: str | None = None) -> torch.device:
     return dev
 
 
-def autocast(device: torch.device, enabled: bool = True, cpu_bf16: bool = False):
-    """Mixed precision where it pays: fp16 on CUDA, bf16 on CPU only when asked for."""
-    if not enabled:
-        return torch.autocast(device.type, enabled=False)
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16)
-
-
 def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from difflab.precision import PRECISION_HELP
+
 app = typer.Typer(help="CLIP zero-shot classification and image/text scoring.", no_args_is_help=True)
 
 
@@ -23,7 +25,7 @@ def zeroshot(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where class text embeddings are cached (default: <out>/.cache)."),
     gallery: int = typer.Option(5, "--gallery", min=0, help="Number of successful and of failed cases to show."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unlabelled or unreadable images (listed in the report) instead of failing."),
-    bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast for the image encoder on CPU (CUDA always uses autocast)."),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed for picking the gallery examples."),
 ):
     """Classify images with CLIP against text prompts of every class; write a report a person can read."""
@@ -31,7 +33,7 @@ def zeroshot(
 
     cfg = ZeroShotConfig(images=images, model=model, out=out, labels=labels, templates=templates or template,
                          batch_size=batch_size, num_workers=num_workers, device=device, cache_dir=cache_dir,
-                         gallery_size=gallery, skip_bad=skip_bad, cpu_bf16=bf16, seed=seed)
+                         gallery_size=gallery, skip_bad=skip_bad, precision=precision, seed=seed)
     result = run_zeroshot(cfg)
     if result.skipped:
         typer.echo(f"skipped {len(result.skipped)} file(s):")

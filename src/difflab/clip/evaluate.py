@@ -16,6 +16,7 @@ from difflab.clip.figures import plot_confusion_matrix, plot_gallery
 from difflab.clip.model import folder_fingerprint, load_clip
 from difflab.clip.preprocess import ClipTransform
 from difflab.clip.zeroshot import DEFAULT_TEMPLATE, ZeroShotClassifier, cached_class_embeddings, load_templates
+from difflab.precision import resolve
 from difflab.report import HtmlReport
 from difflab.utils import DifflabError, atomic_write, load_rgb, save_json
 
@@ -35,7 +36,7 @@ class ZeroShotConfig:
     cache_dir: Path | None = None  # None: <out>/.cache
     gallery_size: int = 5
     skip_bad: bool = False
-    cpu_bf16: bool = False
+    precision: str = "auto"  # difflab.precision; fp32 on a CPU, where CLIP inference is not timed
     seed: int = 0
     top_k: int = 5
 
@@ -88,7 +89,7 @@ def run_zeroshot(cfg: ZeroShotConfig) -> ZeroShotResult:
         clip.model, clip.tokenizer, data.class_names, templates, clip.device, folder_fingerprint(clip.path),
         cfg.cache_dir or out / ".cache")
     classifier = ZeroShotClassifier(clip.model, data.class_names, class_embeds, ClipTransform.from_processor(clip.processor),
-                                    clip.device, cfg.cpu_bf16)
+                                    clip.device, resolve(cfg.precision, clip.device))
     kept, probs = classify_files(classifier, data, cfg)
 
     names = data.class_names

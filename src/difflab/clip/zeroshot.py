@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from difflab.clip.model import default_processor, encode_pixels, encode_texts, pixel_batch
 from difflab.clip.preprocess import ClipTransform
 from difflab.clip.tokenizer import load_clip_tokenizer
-from difflab.utils import DifflabError, atomic_write, autocast, pick_device
+from difflab.precision import Precision, resolve
+from difflab.utils import DifflabError, atomic_write, pick_device
 
 DEFAULT_TEMPLATE = "A photo of {}."
 
@@ -75,7 +76,7 @@ def class_embeddings(model, tokenizer, class_names: Sequence[str], templates: Se
                      device: torch.device) -> torch.Tensor:
     """(C,D) unit-length embeddings, prompts of all classes encoded in large batches."""
     prompts = [t.format(readable_name(c)) for c in class_names for t in templates]
-    with autocast(device):
+    with resolve("auto", device).autocast(device):
         feats = encode_texts(model, tokenizer, prompts, device)
     return F.normalize(feats.view(len(class_names), len(templates), -1).mean(dim=1), dim=-1)
 
@@ -118,16 +119,16 @@ class ZeroShotClassifier:
     """Reusable: text side computed once, `predict` on PIL images or preprocessed pixel tensors."""
 
     def __init__(self, model, class_names: Sequence[str], class_embeds: torch.Tensor, transform: ClipTransform,
-                 device: torch.device, cpu_bf16: bool = False):
+                 device: torch.device, precision: Precision = Precision()):
         self.model, self.class_names, self.transform, self.device = model, list(class_names), transform, device
         self.class_embeds = class_embeds.to(device)
         self.logit_scale = model.logit_scale.detach().exp().float().to(device)
-        self.cpu_bf16 = cpu_bf16
+        self.precision = precision
 
     @torch.inference_mode()
     def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised (B,3,H,W) pixels -> (B,C) scaled cosine similarities, as CLIP's logits_per_image."""
-        with autocast(self.device, cpu_bf16=self.cpu_bf16):
+        with self.precision.autocast(self.device):
             image_embeds = encode_pixels(self.model, pixel_values.to(self.device))
         return self.logit_scale * image_embeds @ self.class_embeds.T
 
@@ -144,7 +145,7 @@ class ZeroShotClassifier:
 
 def zeroshot_classifier(model, class_names: Sequence[str], templates: Sequence[str] = (DEFAULT_TEMPLATE,),
                         tokenizer=None, processor=None, device: str | torch.device | None = None,
-                        cpu_bf16: bool = False) -> ZeroShotClassifier:
+                        precision: Precision = Precision()) -> ZeroShotClassifier:
     """Build a classifier from a CLIPModel (its text embeddings computed here, once)."""
     if not class_names:
         raise DifflabError("no class names given")
@@ -153,4 +154,4 @@ def zeroshot_classifier(model, class_names: Sequence[str], templates: Sequence[s
     tokenizer = tokenizer or load_clip_tokenizer()
     processor = processor or default_processor(model.config.vision_config.image_size)
     embeds = class_embeddings(model, tokenizer, class_names, list(templates), device)
-    return ZeroShotClassifier(model, class_names, embeds, ClipTransform.from_processor(processor), device, cpu_bf16)
+    return ZeroShotClassifier(model, class_names, embeds, ClipTransform.from_processor(processor), device, precision)

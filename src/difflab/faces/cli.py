@@ -11,7 +11,7 @@ app = typer.Typer(help="DDIM sampling, eta grids, interpolation, inversion and M
 CKPT_HELP = ("Face UNet state dict (UNet.pt / .safetensors), a diffusers UNet2DModel folder, "
              "or a difflab digits checkpoint folder.")
 DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: CUDA when available)."
-PRECISION_HELP = "auto (fp16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16."
+PRECISION_HELP = "auto (CUDA: bf16 where supported; CPU: fp32), fp32, bf16 or fp16 (CUDA only)."
 
 
 def _parse_floats(text: str, option: str) -> list[float]:
@@ -203,7 +203,7 @@ def invert_cmd(
 def precision_check_cmd(
     noise_dir: Path = typer.Option(..., "--noise-dir", help="Folder of noise tensors."),
     ckpt: Path = typer.Option(..., "--ckpt", help=CKPT_HELP),
-    precision: str = typer.Option("auto", "--precision", help="The low precision to check against fp32: auto, bf16 or fp16."),
+    precision: str = typer.Option("bf16", "--precision", help="The low precision to check against fp32: bf16, or fp16 on CUDA."),
     limit: int = typer.Option(4, "--limit", min=1, help="Use the first N noise files."),
     steps: int = typer.Option(50, "--steps", min=1, max=1000, help="Number of DDIM steps."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Noises denoised together."),

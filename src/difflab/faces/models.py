@@ -14,11 +14,9 @@ from typing import Callable
 import torch
 
 from difflab.faces.io import read_state_dict
+from difflab.precision import resolve
 from difflab.schedule import EpsFn, NoiseSchedule
 from difflab.utils import DifflabError, load_json, pick_device
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
 
 @dataclass(frozen=True)
 class DigitsCondition:
@@ -54,15 +52,9 @@ class EpsModel:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a precision name; None means plain float32. "auto" is fp16 on CUDA (more mantissa
-    than bf16, which matters for reproducing images exactly) and fp32 on CPU."""
-    if precision not in PRECISIONS:
-        raise DifflabError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise DifflabError("fp16 autocast needs CUDA; use bf16 or fp32 on CPU")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    """The autocast dtype for a precision name (None: plain float32), by the project's one policy
+    (`difflab.precision`). Sampling is not timed here: "auto" is fp32 on a CPU, the safe default."""
+    return resolve(precision, device).dtype
 
 
 def _runner(net: Callable[..., torch.Tensor], device: torch.device, dtype: torch.dtype | None,
