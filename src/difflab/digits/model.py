@@ -67,8 +67,9 @@ def load_digits_model(path: str | os.PathLike, device: torch.device | str = "cpu
     if path.is_file():
         path = path.parent
     config = load_json(path / CONFIG_FILE)
-    if config.get("model") != MODEL_TYPE:
-        raise DifflabError(f"{path / CONFIG_FILE}: not a difflab digits checkpoint (model={config.get('model')!r})")
+    if not isinstance(config, dict) or config.get("model") != MODEL_TYPE:
+        found = config.get("model") if isinstance(config, dict) else type(config).__name__
+        raise DifflabError(f"{path / CONFIG_FILE}: not a difflab digits checkpoint (model={found!r})")
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise DifflabError(f"{weights}: weights file not found")
@@ -76,6 +77,10 @@ def load_digits_model(path: str | os.PathLike, device: torch.device | str = "cpu
         state = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise DifflabError(f"{weights}: unreadable safetensors file ({e})") from None
-    net = DigitsUNet(DigitsUNetConfig.from_dict(config["net"]))
+    try:
+        net = DigitsUNet(DigitsUNetConfig.from_dict(config["net"]))
+        schedule = ScheduleConfig(**config["schedule"]).build()
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DifflabError(f"{path / CONFIG_FILE}: invalid digits model config ({e.__class__.__name__}: {e})") from None
     check_state_dict(net, state, str(weights))
-    return net.to(device).eval(), ScheduleConfig(**config["schedule"]).build(), config
+    return net.to(device).eval(), schedule, config

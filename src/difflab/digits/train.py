@@ -3,7 +3,9 @@ resume, and multi-process data parallelism through `accelerate` (`accelerate lau
 from __future__ import annotations
 
 import copy
+import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from difflab.digits.data import DOMAINS, load_split
-from difflab.digits.model import STATE_FILE, ScheduleConfig, check_state_dict, save_model
+from difflab.digits.model import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE, ScheduleConfig, check_state_dict, save_model
 from difflab.nets.digits_unet import DigitsUNet, DigitsUNetConfig
 from difflab.precision import Precision, resolve
 from difflab.utils import DifflabError, atomic_write, save_json
@@ -53,6 +55,11 @@ class TrainConfig:
     device: str | None = None
     precision: str = "auto"  # see difflab.precision: measured on a CPU
     resume: bool = False
+    overwrite: bool = False  # start over in a folder that holds a checkpoint (deletes it)
+
+    @staticmethod
+    def default_schedule() -> ScheduleConfig:
+        return TrainConfig.__dataclass_fields__["schedule"].default_factory()
 
     def net_config(self) -> DigitsUNetConfig:
         if self.preset not in PRESETS:
@@ -103,7 +110,10 @@ def train(cfg: TrainConfig, on_sample=None) -> Path:
     out = Path(cfg.out_dir)
     images, conds = load_training_set(cfg.data_root)
     net_config = cfg.net_config()
-    schedule = cfg.schedule.build()
+    try:
+        schedule = cfg.schedule.build()
+    except ValueError as e:
+        raise DifflabError(f"schedule: {e}") from None
 
     torch.manual_seed(cfg.seed)
     net = DigitsUNet(net_config)
@@ -114,20 +124,20 @@ def train(cfg: TrainConfig, on_sample=None) -> Path:
     step, losses = 0, []
 
     state_path = out / STATE_FILE
+    identity = run_identity(cfg)
+    if accelerator.is_main_process:
+        prepare_out_dir(cfg, out)
+    accelerator.wait_for_everyone()
     if cfg.resume:
-        if not state_path.is_file():
-            raise DifflabError(f"{state_path}: nothing to resume from (no training state in {out})")
-        try:
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a truncated or foreign file: say which, never a bare traceback
-            raise DifflabError(f"{state_path}: unreadable training state ({e.__class__.__name__}: {e})") from None
-        if state.get("net_config") != net_config.to_dict():
-            raise DifflabError(f"{state_path}: saved with another network configuration; use the same --preset")
+        state = read_state(state_path, identity)
         check_state_dict(net, state["net"], str(state_path))
         check_state_dict(ema, state["ema"], str(state_path))
-        opt.load_state_dict(state["opt"])
-        g.set_state(state["rng"][accelerator.process_index % len(state["rng"])])
-        step, losses = state["step"], state["losses"]
+        try:
+            opt.load_state_dict(state["opt"])
+            g.set_state(state["rng"][accelerator.process_index % len(state["rng"])])
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+            raise DifflabError(f"{state_path}: optimiser or random state does not fit this run ({e})") from None
+        step, losses = int(state["step"]), [tuple(x) for x in state["losses"]]
 
     precision = choose_precision(cfg, net, schedule, device, accelerator)
     if accelerator.is_main_process:
@@ -146,7 +156,7 @@ def train(cfg: TrainConfig, on_sample=None) -> Path:
         if not accelerator.is_main_process:
             return
         state = {"net": accelerator.unwrap_model(net).state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                 "step": step, "rng": list(rng), "losses": losses, "net_config": net_config.to_dict()}
+                 "step": step, "rng": list(rng), "losses": losses, "net_config": net_config.to_dict(), "run": identity}
         atomic_write(state_path, lambda tmp: torch.save(state, tmp))
         save_model(out, ema, cfg.schedule, extra={"steps": step, "train": _jsonable(cfg),
                                                   "precision": precision.describe()})
@@ -209,6 +219,51 @@ def train(cfg: TrainConfig, on_sample=None) -> Path:
         save_state()
     accelerator.wait_for_everyone()
     return out
+
+
+STATE_KEYS = ("net", "ema", "opt", "step", "rng", "losses")
+
+
+def run_identity(cfg: TrainConfig) -> dict:
+    """What defines a run: a resume with other values would silently train another model."""
+    return {"schedule": asdict(cfg.schedule), "net": cfg.net_config().to_dict(), "seed": cfg.seed,
+            "batch_size": cfg.batch_size, "data_root": str(Path(cfg.data_root).resolve())}
+
+
+def prepare_out_dir(cfg: TrainConfig, out: Path) -> None:
+    """Never replace a checkpoint unasked; clear temporary files a killed save left behind."""
+    for stale in out.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+    if cfg.resume:
+        return
+    found = [name for name in (STATE_FILE, WEIGHTS_FILE) if (out / name).exists()]
+    if found and not cfg.overwrite:
+        raise DifflabError(f"{out}: holds a checkpoint ({', '.join(found)}); pass --resume to continue it, "
+                           "or --overwrite to delete it and start over")
+    if found:
+        for name in (STATE_FILE, WEIGHTS_FILE, CONFIG_FILE, "losses.json"):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "progress", ignore_errors=True)
+
+
+def read_state(path: Path, identity: dict) -> dict:
+    """The training state at `path`, checked to belong to the run described by `identity`."""
+    if not path.is_file():
+        raise DifflabError(f"{path}: nothing to resume from (no training state in {path.parent})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which, never a bare traceback
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else e.__class__.__name__
+        raise DifflabError(f"{path}: unreadable training state ({reason})") from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise DifflabError(f"{path}: not a difflab digits training state (missing {', '.join(missing)})")
+    saved = state.get("run", {"net": state.get("net_config")})
+    for key, value in saved.items():
+        if key in identity and identity[key] != value:
+            raise DifflabError(f"{path}: the run was started with {key} = {json.dumps(value)}, not "
+                               f"{json.dumps(identity[key])}; resume with the same options")
+    return state
 
 
 def choose_precision(cfg: TrainConfig, net: DigitsUNet, schedule, device: torch.device, accelerator) -> Precision:
