@@ -163,6 +163,13 @@ def test_sample_drives_a_conditional_digits_checkpoint(tmp_path):
     assert outs[3].shape == (28, 28, 3) and not np.array_equal(outs[3], outs[7])  # the condition reaches the net
     assert "mnistm, svhn" in error_of(run("sample", "--noise-dir", tmp_path / "noise", "--ckpt", tmp_path / "digits",
                                           "--out", tmp_path / "x", "--domain", "mars", "--digit", 1))
+    assert "--domain and --digit" in error_of(run("sample", "--noise-dir", tmp_path / "noise", "--ckpt",
+                                                  tmp_path / "digits", "--out", tmp_path / "y"))
+    # Seeded noises take the net's own size; the η grid takes the same condition options.
+    r = run("eta-grid", "--ckpt", tmp_path / "digits", "--out", tmp_path / "grid", "--domain", "mnistm", "--digit", 2,
+            "--noises", "00,01", "--etas", "0,1", "--steps", 3)
+    assert r.exit_code == 0, r.output
+    assert np.asarray(Image.open(tmp_path / "grid" / "eta_grid.png")).shape[:2] == (2 * 30 + 2, 2 * 30 + 2)
 
 
 def test_seeded_noises_instead_of_a_noise_folder(files, tmp_path):

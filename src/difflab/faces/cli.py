@@ -95,6 +95,9 @@ def eta_grid_cmd(
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of the fresh per-step noise for η > 0."),
+    domain: Optional[str] = typer.Option(None, "--domain", help="Digits checkpoints: mnistm, svhn or a domain index."),
+    digit: Optional[int] = typer.Option(None, "--digit", min=0, help="Digits checkpoints: the digit to draw."),
+    guidance: float = typer.Option(1.0, "--guidance", help="Digits checkpoints: classifier-free guidance scale."),
 ):
     """Figure: the same noises sampled with several η values (rows = noises, columns = η)."""
     from difflab.faces.figures import eta_grid_figure
@@ -105,7 +108,7 @@ def eta_grid_cmd(
 
     names = [n.strip() for n in noises.split(",") if n.strip()]
     eta_values = _parse_floats(etas, "--etas")
-    model = load_eps_model(ckpt, device, precision)
+    model = load_eps_model(ckpt, device, precision, condition=_digits_condition(domain, digit, guidance))
     if noise_dir is None:
         x = draw_noises(model, names, noise_seed, out / "noise", size)
     else:
@@ -131,6 +134,9 @@ def interpolate_cmd(
     batch_size: int = typer.Option(11, "--batch-size", min=1, help="Noises denoised together."),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
+    domain: Optional[str] = typer.Option(None, "--domain", help="Digits checkpoints: mnistm, svhn or a domain index."),
+    digit: Optional[int] = typer.Option(None, "--digit", min=0, help="Digits checkpoints: the digit to draw."),
+    guidance: float = typer.Option(1.0, "--guidance", help="Digits checkpoints: classifier-free guidance scale."),
 ):
     """Figure: η = 0 images of noises interpolated between two files, by lerp and/or slerp."""
     from difflab.faces.figures import interpolation_figure
@@ -146,7 +152,7 @@ def interpolate_cmd(
         raise DifflabError("--a and --b go together (or leave both out to draw two noises from --noise-seed)")
     methods = ["lerp", "slerp"] if method == "both" else [method]
     alpha_values = _parse_floats(alphas, "--alphas")
-    model = load_eps_model(ckpt, device, precision)
+    model = load_eps_model(ckpt, device, precision, condition=_digits_condition(domain, digit, guidance))
     if a is None:
         x0, x1 = draw_noises(model, ["00", "01"], noise_seed, out / "noise", size).split(1)
         names = ("00", "01")

@@ -86,7 +86,9 @@ def load_eps_model(path: str | os.PathLike, device: str | torch.device | None = 
     if path.is_dir():
         config = load_json(path / "config.json") if (path / "config.json").is_file() else {}
         if config.get("model") == "digits_unet":
-            return _load_digits(path, device, dtype, channels_last, condition or DigitsCondition())
+            if condition is None:
+                raise DifflabError(f"{path}: a conditional digits checkpoint; say what to draw with --domain and --digit")
+            return _load_digits(path, device, dtype, channels_last, condition)
         if config.get("_class_name") == "UNet2DModel":
             return _load_diffusers(path, config, device, dtype, channels_last)
         raise DifflabError(f"{path}: folder is neither a diffusers UNet2DModel (config.json with "
