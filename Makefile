@@ -24,6 +24,7 @@ demo-quick: $(STAMP)
 	$(BIN)/difflab digits demo --out runs/demo-quick --quick
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)

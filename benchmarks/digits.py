@@ -13,7 +13,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import best_time, write_results  # noqa: E402
-
 from difflab.digits.model import ScheduleConfig, load_digits_model  # noqa: E402
 from difflab.digits.sample import SampleConfig, guided_digits_eps, make_conds, write_course_layout  # noqa: E402
 from difflab.digits.train import PRESETS  # noqa: E402

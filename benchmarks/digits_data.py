@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import best_time, write_results  # noqa: E402
-
 from difflab.digits import synth  # noqa: E402
 from difflab.digits.classifier import ClassifierConfig, DigitClassifier, augment  # noqa: E402
 from difflab.digits.data import generate_split, load_split, make_dataset  # noqa: E402

@@ -25,7 +25,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, write_results  # noqa: E402
-
 from difflab.digits.classifier import classifier_path, load_classifier, train_classifiers  # noqa: E402
 from difflab.digits.data import DOMAINS, make_dataset, split_csv  # noqa: E402
 from difflab.digits.model import ScheduleConfig  # noqa: E402

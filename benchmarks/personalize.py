@@ -20,10 +20,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
-
 from difflab.personalize.sd import SD_V1_CONFIG, tiny_sd  # noqa: E402
-from difflab.personalize.textual_inversion import (Concept, TextualInversion, TextualInversionConfig,  # noqa: E402
-                                                   load_images)
+from difflab.personalize.textual_inversion import Concept, TextualInversion, TextualInversionConfig, load_images  # noqa: E402
 from difflab.utils import pick_device  # noqa: E402
 
 RESOLUTION = 256

@@ -24,7 +24,14 @@ PROMPT = "a <new1> in a city in a style of <new2>"
 def main() -> None:
     from difflab.personalize.compose import AttentionStore, ComposeConfig, Concept, capture_cross_attention, compose
     from difflab.personalize.embeddings import add_tokens
-    from difflab.personalize.generate import GenerateConfig, encode_prompt, image_seed, initial_latents, sample, set_scheduler
+    from difflab.personalize.generate import (
+        GenerateConfig,
+        encode_prompt,
+        image_seed,
+        initial_latents,
+        sample,
+        set_scheduler,
+    )
     from difflab.personalize.sd import tiny_sd
 
     torch.set_num_threads(1)

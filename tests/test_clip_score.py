@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from _clip_tiny import random_images, save_tiny_clip
 
+from _clip_tiny import random_images, save_tiny_clip
 from difflab.utils import DifflabError
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _clip_tiny import random_images, save_tiny_clip
 
+from _clip_tiny import random_images, save_tiny_clip
 from difflab.utils import DifflabError
 
 CLASSES = {"0": "willow_tree", "1": "apple", "2": "sea", "3": "pickup_truck", "4": "bee", "5": "cloud"}

@@ -7,8 +7,15 @@ import torch
 from PIL import Image
 
 from difflab.personalize.compose import (
-    AttentionStore, ComposeConfig, Concept, capture_cross_attention, compose, concept_maps, denoise_regions,
-    region_masks, token_indices,
+    AttentionStore,
+    ComposeConfig,
+    Concept,
+    capture_cross_attention,
+    compose,
+    concept_maps,
+    denoise_regions,
+    region_masks,
+    token_indices,
 )
 from difflab.personalize.generate import initial_latents, set_scheduler
 from difflab.utils import DifflabError
@@ -119,9 +126,9 @@ def test_compose_returns_naive_masks_and_a_blend(sd):
 
 
 def test_cli_compose_end_to_end_with_scores(sd, tmp_path):
-    from _clip_tiny import random_images, save_tiny_clip
     from typer.testing import CliRunner
 
+    from _clip_tiny import random_images, save_tiny_clip
     from difflab.cli import app
 
     _, model, embeds = sd

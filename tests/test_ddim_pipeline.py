@@ -6,13 +6,21 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
-from test_samplers import SPEC, _full_precision
 
 from difflab.faces.models import load_eps_model, wrap_face_unet
-from difflab.faces.pipeline import DDIMConfig, ddim_sample, eta_grid, interpolate, invert_image, lerp, precision_mse, slerp
+from difflab.faces.pipeline import (
+    DDIMConfig,
+    ddim_sample,
+    eta_grid,
+    interpolate,
+    invert_image,
+    lerp,
+    precision_mse,
+    slerp,
+)
 from difflab.nets.face_unet import FaceUNet, FaceUNetConfig, to_diffusers
 from difflab.utils import save_png
-
+from test_samplers import SPEC, _full_precision
 
 # Layout-independent tests run on a three-level member of the family (16x16 inputs) to stay fast on a CPU;
 # the real six-level layout is checked against diffusers below and in test_face_unet.py.

@@ -8,8 +8,16 @@ from PIL import Image
 from safetensors.torch import save_file
 from sklearn.metrics import accuracy_score, confusion_matrix
 
-from difflab.digits.classifier import (ClassifierConfig, DigitClassifier, TrainConfig, classifier_path,
-                                       load_classifier, save_classifier, train_classifier, train_classifiers)
+from difflab.digits.classifier import (
+    ClassifierConfig,
+    DigitClassifier,
+    TrainConfig,
+    classifier_path,
+    load_classifier,
+    save_classifier,
+    train_classifier,
+    train_classifiers,
+)
 from difflab.digits.data import DOMAINS, load_split, make_dataset
 from difflab.digits.evaluate import evaluate_folder
 from difflab.utils import DifflabError

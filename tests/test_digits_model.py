@@ -14,8 +14,14 @@ from typer.testing import CliRunner
 
 from difflab.cli import app
 from difflab.digits.data import make_dataset
-from difflab.digits.model import load_digits_model, save_model, ScheduleConfig
-from difflab.digits.sample import SampleConfig, guided_digits_eps, make_conds, reverse_process_strip, write_course_layout
+from difflab.digits.model import ScheduleConfig, load_digits_model, save_model
+from difflab.digits.sample import (
+    SampleConfig,
+    guided_digits_eps,
+    make_conds,
+    reverse_process_strip,
+    write_course_layout,
+)
 from difflab.digits.train import PRESETS, TrainConfig, train
 from difflab.nets.digits_unet import DigitsUNet, DigitsUNetConfig
 from difflab.utils import DifflabError

@@ -7,7 +7,14 @@ import torch
 from PIL import Image
 
 from difflab.personalize.generate import (
-    GenerateConfig, encode_prompt, generate, generate_one, image_path, image_seed, sample, set_scheduler,
+    GenerateConfig,
+    encode_prompt,
+    generate,
+    generate_one,
+    image_path,
+    image_seed,
+    sample,
+    set_scheduler,
 )
 from difflab.utils import DifflabError, save_json
 

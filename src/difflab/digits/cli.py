@@ -12,7 +12,14 @@ from difflab.digits.classifier import train_classifier_command
 from difflab.digits.data import make_data_command
 from difflab.digits.evaluate import evaluate_command
 from difflab.digits.model import ScheduleConfig, load_digits_model
-from difflab.digits.sample import SampleConfig, digit_grid, generate, make_conds, reverse_process_strip, write_course_layout
+from difflab.digits.sample import (
+    SampleConfig,
+    digit_grid,
+    generate,
+    make_conds,
+    reverse_process_strip,
+    write_course_layout,
+)
 from difflab.digits.train import TrainConfig, train
 from difflab.precision import PRECISION_HELP
 from difflab.utils import image_grid, pick_device, save_png, to_uint8

@@ -7,21 +7,18 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from difflab.digits.classifier import TrainConfig as ClassifierTrainConfig, train_classifiers  # noqa: E402
-from difflab.digits.data import DOMAINS, make_dataset  # noqa: E402
-from difflab.digits.evaluate import add_quality_section, evaluate_folder, format_quality, format_summary  # noqa: E402
-from difflab.digits.model import load_digits_model  # noqa: E402
-from difflab.digits.sample import SampleConfig, digit_grid, reverse_process_strip, write_course_layout  # noqa: E402
-from difflab.digits.train import TrainConfig, train  # noqa: E402
-from difflab.precision import cpu_name  # noqa: E402
-from difflab.report import HtmlReport  # noqa: E402
-from difflab.utils import DifflabError, load_json, pick_device, save_png  # noqa: E402
+from difflab.digits.classifier import TrainConfig as ClassifierTrainConfig
+from difflab.digits.classifier import train_classifiers
+from difflab.digits.data import DOMAINS, make_dataset
+from difflab.digits.evaluate import add_quality_section, evaluate_folder, format_quality, format_summary
+from difflab.digits.model import load_digits_model
+from difflab.digits.sample import SampleConfig, digit_grid, reverse_process_strip, write_course_layout
+from difflab.digits.train import TrainConfig, train
+from difflab.precision import cpu_name
+from difflab.report import HtmlReport
+from difflab.utils import DifflabError, atomic_write, load_json, pick_device, save_png
 
 
 @dataclass
@@ -62,17 +59,16 @@ class Stages:
 
 
 def plot_losses(losses_json: Path, out_png: Path) -> Path:
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
     data = load_json(losses_json)
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig = Figure(figsize=(6, 3.2), dpi=120)
+    ax = fig.add_subplot()
     ax.plot(data["steps"], data["loss"])
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_yscale("log")
+    ax.set(xlabel="step", ylabel="training loss", yscale="log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def prepare_out_dir(out: Path, overwrite: bool) -> None:

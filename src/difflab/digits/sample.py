@@ -11,9 +11,9 @@ from tqdm.auto import tqdm
 
 from difflab.digits.data import DOMAINS
 from difflab.nets.digits_unet import DigitsUNet
+from difflab.precision import Precision, resolve
 from difflab.samplers import METHODS, ddim_timesteps, guided, sample
 from difflab.schedule import NoiseSchedule
-from difflab.precision import Precision, resolve
 from difflab.utils import DifflabError, image_grid, save_png, to_uint8
 
 

@@ -18,6 +18,7 @@ from difflab.precision import resolve
 from difflab.schedule import EpsFn, NoiseSchedule
 from difflab.utils import DifflabError, load_json, pick_device
 
+
 @dataclass(frozen=True)
 class DigitsCondition:
     """What a conditional digits net is asked for: a domain, a digit and the CFG scale."""

@@ -24,8 +24,15 @@ import typer
 from PIL import Image
 
 from difflab.personalize.generate import (
-    SCHEDULERS, check_learned_tokens, encode_prompt, image_size, initial_latents, reference_images, set_scheduler,
-    thumbnails, write_csv,
+    SCHEDULERS,
+    check_learned_tokens,
+    encode_prompt,
+    image_size,
+    initial_latents,
+    reference_images,
+    set_scheduler,
+    thumbnails,
+    write_csv,
 )
 from difflab.utils import DifflabError, image_grid, save_png
 

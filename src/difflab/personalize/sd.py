@@ -188,8 +188,11 @@ def _load_tokenizer(folder: Path):
 def _load_single_file(path: Path, config_dir: Path, dtype: torch.dtype | None):
     import diffusers
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint)
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     _check_folder(config_dir)

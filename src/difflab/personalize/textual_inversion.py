@@ -19,7 +19,17 @@ from tqdm.auto import tqdm
 
 from difflab.personalize.embeddings import add_tokens, expand_prompt, save_embeddings
 from difflab.personalize.prompts import TEMPLATES
-from difflab.utils import DifflabError, atomic_write, image_files, image_grid, load_rgb, pick_device, save_json, save_png, to_uint8
+from difflab.utils import (
+    DifflabError,
+    atomic_write,
+    image_files,
+    image_grid,
+    load_rgb,
+    pick_device,
+    save_json,
+    save_png,
+    to_uint8,
+)
 
 
 @dataclass
