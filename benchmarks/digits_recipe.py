@@ -2,7 +2,7 @@
 and the current defaults, on the same embedded data and the same judges.
 
 Each recipe trains once for `--steps` with its learning-rate schedule set for that length; the EMA weights
-are judged at every `--every` steps (1,000 digits, DDIM-25, digit guidance 5, the demo's sampler). The
+are judged at every `--every` steps (1,000 digits with the demo's sampler, `SampleConfig()`). The
 intermediate points are snapshots of one run, not runs of their own length, so they understate what a run
 of that length reaches. Fixed work and seeds: the accuracies do not depend on the machine's load; the CPU
 seconds (process time of training) do a little.
@@ -18,7 +18,7 @@ import copy
 import json
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -49,10 +49,14 @@ def data_and_judges(seed: int = 0) -> tuple[Path, Path]:
     return data, judges
 
 
-def judge(net, schedule, judges: dict, per_digit: int = 50) -> dict[str, float]:
+# The earlier sampler (DDIM-25, η = 0, digit guidance 5), judged at the last step only.
+OLD_SAMPLER = SampleConfig(steps=25, eta=0.0, guidance_digit=5.0)
+
+
+def judge(net, schedule, judges: dict, sampler: SampleConfig, per_digit: int = 50) -> dict[str, float]:
     digits = torch.arange(10).repeat_interleave(per_digit)
     cond = torch.cat([make_conds(torch.full_like(digits, d), digits) for d in range(len(DOMAINS))])
-    images = to_uint8(generate(net, schedule, cond, SampleConfig(steps=25), torch.device("cpu"), progress=False)[0])
+    images = to_uint8(generate(net, schedule, cond, sampler, torch.device("cpu"), progress=False)[0])
     n = len(digits)
     accs = {d: float((judges[d].predict(images[i * n:(i + 1) * n]) == digits.numpy()).mean())
             for i, d in enumerate(DOMAINS)}
@@ -72,17 +76,22 @@ def run_recipe(name: str, steps: int, every: int, data: Path, judges_dir: Path) 
     schedule = cfg.schedule.build()
     rows = []
     for step, (net, cpu_s) in sorted(snapshots.items()):
-        row = {"recipe": name, "step": step, "cpu_s": round(cpu_s, 1), **judge(net, schedule, judges)}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        samplers = {"new": SampleConfig(), "old": OLD_SAMPLER} if step == steps else {"new": SampleConfig()}
+        for sampler_name, sampler in samplers.items():
+            row = {"recipe": name, "sampler": sampler_name, "step": step, "cpu_s": round(cpu_s, 1),
+                   **judge(net, schedule, judges, sampler)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     return rows
 
 
 def write_table(rows: list[dict], steps: int, threads: int) -> None:
-    header = ["recipe", "step", "CPU s (training)", "MNIST-M acc", "SVHN acc", "mean acc"]
-    table = [[r["recipe"], r["step"], r["cpu_s"], r["mnistm"], r["svhn"], r["acc"]] for r in rows]
+    header = ["recipe", "sampler", "step", "CPU s (training)", "MNIST-M acc", "SVHN acc", "mean acc"]
+    table = [[r["recipe"], r["sampler"], r["step"], r["cpu_s"], r["mnistm"], r["svhn"], r["acc"]] for r in rows]
     notes = (f"Each recipe: one run of {steps} steps (LR schedule set for {steps}), EMA weights judged every "
-             f"{rows[0]['step']} steps on 1,000 digits (DDIM-25, digit guidance 5) by the same judges. "
+             f"{rows[0]['step']} steps on 1,000 digits by the same judges, with the demo's sampler (new: "
+             f"{json.dumps(asdict(SampleConfig()))}) and at the last step also with the earlier one (old: DDIM-25, "
+             "η = 0, digit guidance 5). "
              f"Training on {threads} thread(s) per run. Old = commit 0d367a9's recipe as fixed work; new = the "
              "current TrainConfig defaults.")
     write_results("digits_recipe", header, table, notes, extra={"records": rows})

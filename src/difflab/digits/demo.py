@@ -31,7 +31,7 @@ class DemoConfig:
     train_steps: int = TrainConfig.steps
     train_minutes: float | None = None  # an explicit wall-clock budget instead (the report then says so)
     classifier_epochs: int = ClassifierTrainConfig.epochs
-    sample: SampleConfig = field(default_factory=lambda: SampleConfig(steps=25))
+    sample: SampleConfig = field(default_factory=SampleConfig)
     per_digit: int = 50
     seed: int = 0
     precision: str = TrainConfig.precision

@@ -20,9 +20,11 @@ from difflab.utils import DifflabError, image_grid, save_png, to_uint8
 @dataclass
 class SampleConfig:
     method: str = "ddim"          # "ddim", "dpm++2m" or "ddpm" (ancestral over all T steps)
-    steps: int = 50               # DDIM / DPM-Solver++ steps; ignored by ddpm
-    eta: float = 0.0
-    guidance_digit: float = 5.0   # 1 = no guidance
+    # DDIM-25 with fresh noise (η = 1) and digit guidance 6: on the 5,000-step model, mean accuracy 0.991
+    # against 0.980 at η = 0 (1,000 digits; DDIM-50, DPM-Solver++-20 and guidance 4-7 were not better).
+    steps: int = 25               # DDIM / DPM-Solver++ steps; ignored by ddpm
+    eta: float = 1.0
+    guidance_digit: float = 6.0   # 1 = no guidance
     guidance_domain: float = 1.0
     batch_size: int = 500
     seed: int = 0
@@ -73,6 +75,18 @@ def sampling_precision(net: DigitsUNet, cond: torch.Tensor, cfg: SampleConfig, d
     return resolve(cfg.precision, device, job, trial, rounds=3)
 
 
+class StepNoise:
+    """The fresh noise of reverse step i for some rows of a run: drawn for all `n_total` images from a
+    generator seeded by (seed, i), then indexed, so a row's noise is the same in any batch."""
+
+    def __init__(self, seed: int, n_total: int, rows: list[int], shape: torch.Size):
+        self.seed, self.n_total, self.rows, self.shape = seed, n_total, rows, tuple(shape)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 1 + i)
+        return torch.randn(self.n_total, *self.shape, generator=g)[self.rows]
+
+
 def make_conds(domains: list[int] | torch.Tensor, digits: list[int] | torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.as_tensor(domains), torch.as_tensor(digits)], dim=1).long()
 
@@ -89,12 +103,14 @@ def generate(net: DigitsUNet, schedule: NoiseSchedule, cond: torch.Tensor, cfg: 
              rows: list[int] | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Images in [-1, 1] (on CPU) for every row of `cond`, and the captured x_t per timestep.
 
-    All initial noise is drawn at once from `cfg.seed`, so an image does not depend on the batch size;
-    `rows` picks which of those noises to use (to redo single images of a larger run)."""
+    All initial noise is drawn at once from `cfg.seed`, and so is each step's fresh noise (η > 0, DDPM), so an
+    image does not depend on the batch size; `rows` picks which of those noises to use (to redo single images
+    of a larger run)."""
     g = torch.Generator().manual_seed(cfg.seed)
-    x_T = initial_noise(net, len(cond) if rows is None else max(rows) + 1, g)
-    if rows is not None:
-        x_T = x_T[rows]
+    n_total = len(cond) if rows is None else max(rows) + 1
+    x_T = initial_noise(net, n_total, g)
+    rows = list(range(n_total)) if rows is None else list(rows)
+    x_T = x_T[rows]
     timesteps = cfg.timesteps(schedule)
     precision = sampling_precision(net, cond[: cfg.batch_size].to(device), cfg, device)
     model = precision.prepare(net)
@@ -106,7 +122,8 @@ def generate(net: DigitsUNet, schedule: NoiseSchedule, cond: torch.Tensor, cfg: 
                                    cfg.guidance_domain, net.null_cond)
         with precision.autocast(device):
             res = sample(eps_fn, x_T[start : start + cfg.batch_size].to(device), schedule, timesteps,
-                         method=cfg.method, eta=cfg.eta, generator=g, capture=capture,
+                         method=cfg.method, eta=cfg.eta, capture=capture,
+                         step_noise=StepNoise(cfg.seed, n_total, rows[start : start + cfg.batch_size], x_T.shape[1:]),
                          progress=progress and len(batches) == 1)
         outs.append(res.images.float().clamp(-1, 1).cpu())
         for t, x in res.trajectory.items():

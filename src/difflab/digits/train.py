@@ -43,7 +43,7 @@ class TrainConfig:
     preset: str = "cpu"
     steps: int = 5000  # fixed work: ~10 min at 0.12 s/step on the slower CPU seen
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 4e-3
     warmup_steps: int = 100
     weight_decay: float = 0.0
     ema_decay: float = 0.999
