@@ -112,7 +112,8 @@ def generate(net: DigitsUNet, schedule: NoiseSchedule, cond: torch.Tensor, cfg: 
     rows = list(range(n_total)) if rows is None else list(rows)
     x_T = x_T[rows]
     timesteps = cfg.timesteps(schedule)
-    precision = sampling_precision(net, cond[: cfg.batch_size].to(device), cfg, device)
+    # Timed on a slice of a batch: the ranking of the candidates holds, at a fraction of the cost.
+    precision = sampling_precision(net, cond[: min(cfg.batch_size, 64)].to(device), cfg, device)
     model = precision.prepare(net)
     outs, traj = [], {}
     batches = range(0, len(cond), cfg.batch_size)
