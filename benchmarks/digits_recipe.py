@@ -92,7 +92,7 @@ def write_table(rows: list[dict], steps: int, threads: int) -> None:
              f"{rows[0]['step']} steps on 1,000 digits by the same judges, with the demo's sampler (new: "
              f"{json.dumps(asdict(SampleConfig()))}) and at the last step also with the earlier one (old: DDIM-25, "
              "η = 0, digit guidance 5). "
-             f"Training on {threads} thread(s) per run. Old = commit 0d367a9's recipe as fixed work; new = the "
+             f"Training on {threads} thread(s) per run (with --part, the runs may go side by side). Old = commit 0d367a9's recipe as fixed work; new = the "
              "current TrainConfig defaults.")
     write_results("digits_recipe", header, table, notes, extra={"records": rows})
 
@@ -106,11 +106,11 @@ def main() -> None:
     p.add_argument("--part", help="write only results/.digits_recipe_<part>.json, for --merge")
     p.add_argument("--merge", nargs="+", help="parts to gather into the table")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)  # also what the table's machine line reports
     if args.merge:
         rows = [r for part in args.merge for r in json.loads((RESULTS / f".digits_recipe_{part}.json").read_text())]
         write_table(rows, max(r["step"] for r in rows), args.threads)
         return
-    torch.set_num_threads(args.threads)
     data, judges = data_and_judges()
     rows = [r for name in args.recipes for r in run_recipe(name, args.steps, args.every, data, judges)]
     if args.part:
