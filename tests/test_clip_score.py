@@ -114,7 +114,7 @@ def test_run_score_job(tmp_path, scorer, clip_dir):
 
 
 def _open(path):
-    from difflab.utils import load_rgb
+    from difflab.io import load_rgb
 
     return load_rgb(path)
 

@@ -7,8 +7,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from difflab.cli import app
+from difflab.io import save_png
 from difflab.nets.face_unet import FaceUNet, FaceUNetConfig
-from difflab.utils import DifflabError, save_png
+from difflab.utils import DifflabError
 
 runner = CliRunner()
 

@@ -18,8 +18,8 @@ from difflab.faces.pipeline import (
     precision_mse,
     slerp,
 )
+from difflab.io import save_png
 from difflab.nets.face_unet import FaceUNet, FaceUNetConfig, to_diffusers
-from difflab.utils import save_png
 from test_samplers import SPEC, _full_precision
 
 # Layout-independent tests run on a three-level member of the family (16x16 inputs) to stay fast on a CPU;

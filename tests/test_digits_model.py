@@ -116,7 +116,7 @@ def test_resume_errors_are_clear(data_root, tiny_preset, tmp_path):
         train(cfg)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "train_state.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(DifflabError, match="unreadable training state"):
+    with pytest.raises(DifflabError, match="not a readable training state: not a PyTorch file"):
         train(TrainConfig(**{**cfg.__dict__, "out_dir": str(tmp_path / "bad")}))
 
 

@@ -11,7 +11,7 @@ from difflab.digits.classifier import ClassifierConfig, DigitClassifier, save_cl
 from difflab.digits.data import DOMAINS, load_split, make_dataset
 from difflab.digits.evaluate import evaluate_folder
 from difflab.digits.quality import domain_quality, frechet_distance, nearest_distances
-from difflab.utils import save_png
+from difflab.io import save_png
 
 
 def scipy_frechet(a, b):

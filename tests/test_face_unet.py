@@ -117,10 +117,10 @@ def test_non_state_dict_files_are_rejected(tmp_path, content, expected):
 
 def test_unreadable_and_missing_checkpoints(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a zip")
-    with pytest.raises(DifflabError, match="not a readable torch file"):
+    with pytest.raises(DifflabError, match="not a readable checkpoint: not a PyTorch file"):
         load_face_unet(tmp_path / "junk.pt")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 4)
-    with pytest.raises(DifflabError, match="not a readable safetensors file"):
+    with pytest.raises(DifflabError, match="not a readable safetensors"):
         load_face_unet(tmp_path / "junk.safetensors")
     with pytest.raises(DifflabError, match="checkpoint not found"):
         load_eps_model(tmp_path / "nope.pt", "cpu")

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from difflab.io import save_json
 from difflab.personalize.generate import (
     GenerateConfig,
     encode_prompt,
@@ -16,7 +17,7 @@ from difflab.personalize.generate import (
     sample,
     set_scheduler,
 )
-from difflab.utils import DifflabError, save_json
+from difflab.utils import DifflabError
 
 CFG = GenerateConfig(per_prompt=3, steps=2, batch_size=2, height=64, width=64)
 TWO_TOKENS = "a <new1> in a city in a style of <new2>"

@@ -164,7 +164,7 @@ def test_not_sd_v1_checkpoint(tiny, tmp_path):
         load_sd(small)
     bad = tmp_path / "junk.ckpt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(DifflabError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(DifflabError, match="not a readable Stable Diffusion checkpoint: not a PyTorch file"):
         load_sd(bad)
 
 

@@ -24,7 +24,8 @@ from typing import Callable
 
 import torch
 
-from difflab.utils import DifflabError, save_json
+from difflab.io import save_json
+from difflab.utils import DifflabError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRECISION_HELP = ("auto (CPU: the fastest of fp32/bf16 timed on this machine, cached; CUDA: bf16 where supported), "

@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import Dataset
 
 from difflab.clip.preprocess import ClipTransform
-from difflab.utils import DifflabError, image_files, load_json, load_rgb
+from difflab.io import image_files, load_json, load_rgb
+from difflab.utils import DifflabError
 
 
 @dataclass

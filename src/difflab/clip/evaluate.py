@@ -16,9 +16,10 @@ from difflab.clip.figures import plot_confusion_matrix, plot_gallery
 from difflab.clip.model import folder_fingerprint, load_clip
 from difflab.clip.preprocess import ClipTransform
 from difflab.clip.zeroshot import DEFAULT_TEMPLATE, ZeroShotClassifier, cached_class_embeddings, load_templates
+from difflab.io import atomic_write, load_rgb, save_json
 from difflab.precision import resolve
 from difflab.report import HtmlReport
-from difflab.utils import DifflabError, atomic_write, load_rgb, save_json
+from difflab.utils import DifflabError
 
 ARROW = "\u21d2"  # ⇒
 

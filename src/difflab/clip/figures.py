@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from difflab.utils import atomic_write
+from difflab.io import atomic_write
 
 
 def _save(fig, path: str | os.PathLike, dpi: int = 100) -> Path:

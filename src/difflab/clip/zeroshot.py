@@ -15,13 +15,14 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from difflab.clip.model import default_processor, encode_pixels, encode_texts, pixel_batch
 from difflab.clip.preprocess import ClipTransform
 from difflab.clip.tokenizer import load_clip_tokenizer
+from difflab.io import atomic_write, read_safetensors
 from difflab.precision import Precision, resolve
-from difflab.utils import DifflabError, atomic_write, pick_device
+from difflab.utils import DifflabError, pick_device
 
 DEFAULT_TEMPLATE = "A photo of {}."
 
@@ -96,8 +97,8 @@ def cached_class_embeddings(model, tokenizer, class_names, templates, device, mo
     path = Path(cache_dir or default_cache_dir()) / f"text-{cache_key(model_fingerprint, class_names, templates)}.safetensors"
     if path.is_file():
         try:
-            return load_file(str(path))["embeds"], True
-        except Exception:  # a damaged cache entry is recomputed, never fatal
+            return read_safetensors(path, "cache entry")["embeds"], True
+        except (DifflabError, KeyError):  # a damaged cache entry is recomputed, never fatal
             pass
     embeds = class_embeddings(model, tokenizer, class_names, templates, device).cpu()
     atomic_write(path, lambda tmp: save_file({"embeds": embeds.contiguous()}, tmp))

@@ -22,8 +22,9 @@ import typer
 from tqdm import tqdm
 
 from difflab.digits.data import DOMAINS, SPLITS, load_split, split_csv
+from difflab.io import atomic_write, check_state_dict, load_json, read_safetensors, save_json
 from difflab.precision import PRECISION_HELP, Precision, resolve
-from difflab.utils import DifflabError, atomic_write, load_json, pick_device, save_json, seed_everything
+from difflab.utils import DifflabError, pick_device, seed_everything
 
 FORMAT = "difflab-digit-classifier"
 
@@ -189,9 +190,6 @@ def save_classifier(model: DigitClassifier, path: str | os.PathLike, extra: dict
 
 def load_classifier(path: str | os.PathLike, device: str | torch.device | None = None) -> DigitClassifier:
     """Load a classifier from its .safetensors (or .json) file; anything else is a one-line error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path).with_suffix(".safetensors")
     json_path = path.with_suffix(".json")
     if not path.is_file():
@@ -204,14 +202,7 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device | None =
         model = DigitClassifier(config)
     except (TypeError, ValueError) as e:
         raise DifflabError(f"{json_path}: invalid classifier config ({e})") from None
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise DifflabError(f"{path}: not a readable safetensors file ({e})") from None
-    expected = model.state_dict()
-    if set(state) != set(expected) or any(state[k].shape != v.shape for k, v in expected.items()):
-        raise DifflabError(f"{path}: weights do not match a difflab digit classifier of width {config.width}")
-    model.load_state_dict(state)
+    check_state_dict(model, read_safetensors(path, "classifier weights"), path)
     return model.to(pick_device(device) if not isinstance(device, torch.device) else device).eval()
 
 

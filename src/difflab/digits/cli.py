@@ -21,8 +21,9 @@ from difflab.digits.sample import (
     write_course_layout,
 )
 from difflab.digits.train import TrainConfig, train
+from difflab.io import save_png
 from difflab.precision import PRECISION_HELP
-from difflab.utils import image_grid, pick_device, save_png, to_uint8
+from difflab.utils import image_grid, pick_device, to_uint8
 
 app = typer.Typer(help="Conditional digits (domain x digit) with DDPM/DDIM and classifier-free guidance.",
                   no_args_is_help=True)

@@ -21,7 +21,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from difflab.digits import synth
-from difflab.utils import DifflabError, atomic_write, image_grid, load_rgb, save_json, save_png
+from difflab.io import atomic_write, load_rgb, save_json, save_png
+from difflab.utils import DifflabError, image_grid
 
 DOMAINS = ("mnistm", "svhn")
 SPLITS = {"train": "train.csv", "val": "val.csv"}

@@ -16,9 +16,10 @@ from difflab.digits.evaluate import add_quality_section, evaluate_folder, format
 from difflab.digits.model import load_digits_model
 from difflab.digits.sample import SampleConfig, digit_grid, reverse_process_strip, write_course_layout
 from difflab.digits.train import TrainConfig, train
+from difflab.io import atomic_write, load_json, save_png
 from difflab.precision import cpu_name
 from difflab.report import HtmlReport
-from difflab.utils import DifflabError, atomic_write, load_json, pick_device, save_png
+from difflab.utils import DifflabError, pick_device
 
 
 @dataclass

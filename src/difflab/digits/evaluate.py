@@ -12,7 +12,8 @@ import typer
 from difflab.digits.classifier import classifier_path, load_classifier
 from difflab.digits.data import DOMAINS, load_split, read_images, split_csv
 from difflab.digits.quality import domain_quality
-from difflab.utils import DifflabError, atomic_write, image_grid, load_json, save_json, save_png
+from difflab.io import atomic_write, load_json, save_json, save_png
+from difflab.utils import DifflabError, image_grid
 
 DOMAIN_NAMES = {"mnistm": "MNIST-M", "svhn": "SVHN"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

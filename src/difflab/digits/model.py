@@ -7,12 +7,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from difflab.io import atomic_write, check_state_dict, load_json, read_safetensors, save_json
 from difflab.nets.digits_unet import DigitsUNet, DigitsUNetConfig
 from difflab.schedule import NoiseSchedule
-from difflab.utils import DifflabError, atomic_write, load_json, save_json
+from difflab.utils import DifflabError
 
 MODEL_TYPE = "digits_unet"
 CONFIG_FILE, WEIGHTS_FILE, STATE_FILE = "config.json", "model.safetensors", "train_state.pt"
@@ -43,23 +43,6 @@ def save_model(out_dir: str | os.PathLike, net: DigitsUNet, schedule: ScheduleCo
     return out
 
 
-def check_state_dict(net: torch.nn.Module, state: dict, source: str) -> None:
-    """Load strictly, turning a mismatch into one line that lists what is missing and unexpected."""
-    ours = net.state_dict()
-    missing = sorted(set(ours) - set(state))
-    unexpected = sorted(set(state) - set(ours))
-    wrong = sorted(k for k in set(ours) & set(state) if ours[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        def few(keys: list[str]) -> str:
-            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-
-        parts = [f"missing keys: {few(missing)}" if missing else "",
-                 f"unexpected keys: {few(unexpected)}" if unexpected else "",
-                 f"wrong shapes: {few(wrong)}" if wrong else ""]
-        raise DifflabError(f"{source}: weights do not fit the model; " + "; ".join(p for p in parts if p))
-    net.load_state_dict(state, strict=True)
-
-
 def load_digits_model(path: str | os.PathLike, device: torch.device | str = "cpu"
                       ) -> tuple[DigitsUNet, NoiseSchedule, dict]:
     """(net in eval mode, noise schedule, the whole config dict) from a checkpoint folder."""
@@ -71,12 +54,7 @@ def load_digits_model(path: str | os.PathLike, device: torch.device | str = "cpu
         found = config.get("model") if isinstance(config, dict) else type(config).__name__
         raise DifflabError(f"{path / CONFIG_FILE}: not a difflab digits checkpoint (model={found!r})")
     weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise DifflabError(f"{weights}: weights file not found")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise DifflabError(f"{weights}: unreadable safetensors file ({e})") from None
+    state = read_safetensors(weights, "weights")
     try:
         net = DigitsUNet(DigitsUNetConfig.from_dict(config["net"]))
         schedule = ScheduleConfig(**config["schedule"]).build()

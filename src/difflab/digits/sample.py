@@ -10,11 +10,12 @@ import torch
 from tqdm.auto import tqdm
 
 from difflab.digits.data import DOMAINS
+from difflab.io import save_png
 from difflab.nets.digits_unet import DigitsUNet
 from difflab.precision import Precision, resolve
 from difflab.samplers import METHODS, ddim_timesteps, guided, sample
 from difflab.schedule import NoiseSchedule
-from difflab.utils import DifflabError, image_grid, save_png, to_uint8
+from difflab.utils import DifflabError, image_grid, to_uint8
 
 
 @dataclass

@@ -15,10 +15,11 @@ import torch
 from tqdm.auto import tqdm
 
 from difflab.digits.data import DOMAINS, load_split
-from difflab.digits.model import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE, ScheduleConfig, check_state_dict, save_model
+from difflab.digits.model import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE, ScheduleConfig, save_model
+from difflab.io import atomic_write, check_state_dict, read_torch, save_json
 from difflab.nets.digits_unet import DigitsUNet, DigitsUNetConfig
 from difflab.precision import Precision, resolve
-from difflab.utils import DifflabError, atomic_write, save_json
+from difflab.utils import DifflabError
 
 WARMUP_STEPS, TIMING_STEPS, REFIT_EVERY = 5, 20, 100
 
@@ -276,11 +277,7 @@ def read_state(path: Path, identity: dict) -> dict:
     """The training state at `path`, checked to belong to the run described by `identity`."""
     if not path.is_file():
         raise DifflabError(f"{path}: nothing to resume from (no training state in {path.parent})")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which, never a bare traceback
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else e.__class__.__name__
-        raise DifflabError(f"{path}: unreadable training state ({reason})") from None
+    state = read_torch(path, "training state")
     missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise DifflabError(f"{path}: not a difflab digits training state (missing {', '.join(missing)})")

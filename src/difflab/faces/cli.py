@@ -176,7 +176,7 @@ def mse_cmd(
 ):
     """Per-image MSE over 0-255 RGB values and their mean (the HW2 grading); fails when names differ."""
     from difflab.faces.metrics import mse_folders
-    from difflab.utils import save_json
+    from difflab.io import save_json
 
     result = mse_folders(pred, gt)
     for name, value in result.per_image.items():

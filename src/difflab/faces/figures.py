@@ -7,8 +7,9 @@ from typing import Sequence
 import torch
 
 from difflab.faces.io import minmax_uint8
+from difflab.io import save_png
 from difflab.report import HtmlReport
-from difflab.utils import image_grid, save_png
+from difflab.utils import image_grid
 
 
 def eta_grid_figure(images: torch.Tensor, noise_names: Sequence[str], etas: Sequence[float], out_dir: Path,

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflab.utils import DifflabError, atomic_write, load_rgb, save_png
+from difflab.io import atomic_write, load_rgb, read_torch, save_png
+from difflab.utils import DifflabError
 
 NOISE_SUFFIXES = (".pt", ".pth")
-STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 
 def list_noise_files(folder: str | os.PathLike) -> list[Path]:
@@ -24,20 +24,10 @@ def list_noise_files(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
-def _torch_load(path: Path, what: str):
-    if not path.is_file():
-        raise DifflabError(f"{path}: {what} file not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and weights-only errors all mean "not a file we can read"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise DifflabError(f"{path}: not a readable torch file ({reason[:160]})") from None
-
-
 def load_noise(path: str | os.PathLike, channels: int | None = None) -> torch.Tensor:
     """One noise file as a float32 (1, C, H, W) tensor; (C, H, W) is accepted too."""
     path = Path(path)
-    noise = _torch_load(path, "noise")
+    noise = read_torch(path, "noise")
     if not isinstance(noise, torch.Tensor):
         raise DifflabError(f"{path}: holds a {type(noise).__name__}, expected a noise tensor of shape (1, C, H, W)")
     if not noise.is_floating_point():
@@ -65,28 +55,6 @@ def save_noise(noise: torch.Tensor, path: str | os.PathLike) -> Path:
     """Write a (1, C, H, W) float32 noise tensor the way the exercise ships them."""
     noise = noise.detach().float().cpu().contiguous()
     return atomic_write(path, lambda tmp: torch.save(noise, tmp))
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A plain tensor state dict from `.pt`/`.pth`/`.bin`/`.ckpt` (weights-only) or `.safetensors`."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise DifflabError(f"{path}: checkpoint file not found")
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(path)
-        except (SafetensorError, OSError) as e:
-            raise DifflabError(f"{path}: not a readable safetensors file ({e})") from None
-    else:
-        state = _torch_load(path, "checkpoint")
-    if not isinstance(state, dict) or not state or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise DifflabError(f"{path}: expected a state dict (names -> tensors), got a {type(state).__name__}"
-                           + (" with other contents" if isinstance(state, dict) else ""))
-    return state
 
 
 def minmax_uint8(images: torch.Tensor) -> np.ndarray:

@@ -13,10 +13,10 @@ from typing import Callable
 
 import torch
 
-from difflab.faces.io import read_state_dict
+from difflab.io import load_json, read_state_dict
 from difflab.precision import resolve
 from difflab.schedule import EpsFn, NoiseSchedule
-from difflab.utils import DifflabError, load_json, pick_device
+from difflab.utils import DifflabError, pick_device
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from difflab.io import state_dict_mismatch
+
 
 @dataclass(frozen=True)
 class FaceUNetConfig:
@@ -177,22 +179,6 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> FaceUNetConfi
     return FaceUNetConfig(in_channel=conv_in.shape[1], channel=conv_in.shape[0])
 
 
-def state_dict_mismatch(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """Human-readable problems loading `state_dict` into `model` strictly; empty when it fits exactly."""
-    ours = model.state_dict()
-    missing = [k for k in ours if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in ours]
-    wrong = [f"{k} {tuple(state_dict[k].shape)} != {tuple(v.shape)}" for k, v in ours.items()
-             if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
-
-    def listing(what: str, items: list[str]) -> str:
-        shown = ", ".join(items[:6]) + (f", ... (+{len(items) - 6} more)" if len(items) > 6 else "")
-        return f"{len(items)} {what}: {shown}"
-
-    return [listing(what, items) for what, items in
-            (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if items]
-
-
 def face_unet_from_state_dict(state_dict: dict[str, torch.Tensor]) -> FaceUNet:
     """Build a FaceUNet around the given tensors without a throw-away random init (built on the meta device).
     Raises ValueError listing missing/unexpected keys and wrong shapes."""
@@ -276,5 +262,5 @@ def to_diffusers(model: FaceUNet):
 
 
 __all__ = [
-    "FaceUNet", "FaceUNetConfig", "face_unet_from_state_dict", "state_dict_mismatch", "config_from_state_dict",
+    "FaceUNet", "FaceUNetConfig", "face_unet_from_state_dict", "config_from_state_dict",
     "diffusers_unet_config", "to_diffusers_state_dict", "to_diffusers"]

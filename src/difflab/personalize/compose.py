@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import typer
 from PIL import Image
 
+from difflab.io import save_png
 from difflab.personalize.generate import (
     SCHEDULERS,
     check_learned_tokens,
@@ -34,7 +35,7 @@ from difflab.personalize.generate import (
     thumbnails,
     write_csv,
 )
-from difflab.utils import DifflabError, image_grid, save_png
+from difflab.utils import DifflabError, image_grid
 
 REGION_COLOURS = np.array([[128, 128, 128], [230, 60, 60], [60, 120, 230], [60, 190, 90], [230, 180, 40],
                            [170, 80, 200]], dtype=np.float32)

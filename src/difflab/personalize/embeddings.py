@@ -10,13 +10,13 @@ original textual-inversion / A1111 `.pt` (`string_to_param` + `string_to_token`,
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from pathlib import Path
 
 import torch
 
-from difflab.utils import DifflabError, atomic_write
+from difflab.io import atomic_write, read_tensors
+from difflab.utils import DifflabError
 
 
 def vector_tokens(token: str, num_vectors: int) -> list[str]:
@@ -32,26 +32,11 @@ def expand_prompt(prompt: str, token_vectors: dict[str, int]) -> str:
     return prompt
 
 
-def _read(path: Path):
-    if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:  # safetensors has its own error types for bad headers
-            raise DifflabError(f"{path}: not a readable safetensors file ({e})") from None
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise DifflabError(f"{path}: not a readable embedding file ({str(e).splitlines()[0]})") from None
-
-
 def read_embeddings(path: str | os.PathLike, token: str | None = None) -> dict[str, torch.Tensor]:
     """`{token: (num_vectors, dim)}` from any supported file; `token` renames a file that holds exactly one."""
     path = Path(path)
-    if not path.is_file():
-        raise DifflabError(f"{path}: embedding file not found")
-    data = _read(path)
+    # The original textual-inversion code saves `string_to_param` as an nn.ParameterDict.
+    data = read_tensors(path, "embedding", allowed=[torch.nn.ParameterDict])
     if isinstance(data, torch.Tensor):
         found = {token or f"<{path.stem}>": data}
     elif isinstance(data, dict) and "string_to_param" in data:

@@ -21,7 +21,8 @@ import torch
 import typer
 from PIL import Image
 
-from difflab.utils import DifflabError, atomic_write, image_files, image_grid, load_rgb, save_png
+from difflab.io import atomic_write, image_files, load_rgb, save_png
+from difflab.utils import DifflabError, image_grid
 
 SCHEDULERS = ("ddim", "dpmsolver")
 THUMB = 128  # side of the report thumbnails; full-size images stay on disk

@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 from numbers import Real
 
-from difflab.utils import DifflabError, load_json
+from difflab.io import load_json
+from difflab.utils import DifflabError
 
 # The caption templates of the textual-inversion paper / diffusers example; "{}" is the placeholder token.
 OBJECT_TEMPLATES = [

@@ -16,9 +16,9 @@ import typer
 from tqdm import tqdm
 
 from difflab.clip.score import TEXT_WEIGHT, ClipScorer, select_best
+from difflab.io import atomic_write, image_files, load_rgb, save_json
 from difflab.personalize.prompts import load_input_json
 from difflab.report import HtmlReport
-from difflab.utils import atomic_write, image_files, load_rgb, save_json
 
 
 @dataclass

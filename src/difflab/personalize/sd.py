@@ -9,11 +9,11 @@ Two inputs are accepted:
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 
 import torch
 
+from difflab.io import read_tensors
 from difflab.utils import DifflabError, pick_device
 
 SD_V1_CONFIG = Path(__file__).resolve().parent / "configs" / "sd-v1"
@@ -70,50 +70,17 @@ def _check_pipeline(pipe, where: str) -> None:
         raise DifflabError(f"{where}: text encoder width {hidden} does not match the UNet cross-attention dim {cross}")
 
 
-class _Ignored:
-    """Stands in for non-tensor objects pickled beside the weights (e.g. Lightning callbacks) that we never use."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The flat state dict of a single-file checkpoint, read without executing pickled code."""
     path = Path(path)
-    if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            sd = load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise DifflabError(f"{path}: not a readable safetensors file ({e})") from None
-    else:
-        try:
-            sd = _torch_load_weights_only(path)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-            raise DifflabError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+    # Original checkpoints may carry training-framework objects (e.g. Lightning callbacks) next to the
+    # weights: they are read as inert stand-ins, so the tensors load and no pickled code runs.
+    sd = read_tensors(path, "Stable Diffusion checkpoint", skip_unknown_objects=True)
     while isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
         raise DifflabError(f"{path}: expected a state dict, found {type(sd).__name__}")
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-
-
-def _torch_load_weights_only(path: Path):
-    """`torch.load(weights_only=True)`, with unknown pickled classes mapped to an inert stand-in.
-
-    Original checkpoints may carry training-framework objects next to the weights; listing them and mapping each
-    to `_Ignored` keeps the safe loader (no arbitrary code runs) while still reading the tensors.
-    """
-    try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except ValueError:  # not a zip checkpoint: the legacy format is read by the plain safe loader below
-        unsafe = []
-    with torch.serialization.safe_globals([(_Ignored, name) for name in unsafe]):
-        return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
 def _split_ldm(sd: dict[str, torch.Tensor], path: Path) -> None:

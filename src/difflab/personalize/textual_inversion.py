@@ -17,19 +17,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from difflab.io import atomic_write, image_files, load_rgb, read_torch, save_json, save_png
 from difflab.personalize.embeddings import add_tokens, expand_prompt, save_embeddings
 from difflab.personalize.prompts import TEMPLATES
-from difflab.utils import (
-    DifflabError,
-    atomic_write,
-    image_files,
-    image_grid,
-    load_rgb,
-    pick_device,
-    save_json,
-    save_png,
-    to_uint8,
-)
+from difflab.utils import DifflabError, image_grid, pick_device, to_uint8
 
 
 @dataclass
@@ -102,6 +93,9 @@ def single_token_id(tokenizer, word: str) -> int:
 
 def _file_stem(token: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "", token) or "token"
+
+
+CHECKPOINT_KEYS = ("step", "tokens", "num_vectors", "rows", "generator", "losses")
 
 
 class TextualInversion:
@@ -284,7 +278,10 @@ class TextualInversion:
 
     def load_checkpoint(self) -> None:
         path = self.checkpoint_path()
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_torch(path, "textual-inversion checkpoint")
+        missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise DifflabError(f"{path}: not a difflab textual-inversion checkpoint (missing {', '.join(missing)})")
         if state["tokens"] != list(self.tokens) or state["num_vectors"] != self.cfg.num_vectors:
             raise DifflabError(f"{path}: checkpoint is for tokens {state['tokens']} x {state['num_vectors']} vectors, "
                                f"not {list(self.tokens)} x {self.cfg.num_vectors}")

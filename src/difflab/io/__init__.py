@@ -1,0 +1,25 @@
+"""Every file difflab reads or writes goes through here: one safe reader per kind (checkpoints, JSON, text,
+images, tables) that turns any failure into `<path>: <what is wrong>`, and atomic writers."""
+from difflab.io.checkpoints import (
+    check_state_dict,
+    read_safetensors,
+    read_state_dict,
+    read_tensors,
+    read_torch,
+    state_dict_mismatch,
+)
+from difflab.io.files import (
+    IMAGE_SUFFIXES,
+    atomic_write,
+    image_files,
+    load_json,
+    load_rgb,
+    read_text,
+    save_json,
+    save_png,
+    write_csv,
+)
+
+__all__ = ["IMAGE_SUFFIXES", "atomic_write", "check_state_dict", "image_files", "load_json", "load_rgb",
+           "read_safetensors", "read_state_dict", "read_tensors", "read_text", "read_torch", "save_json", "save_png",
+           "state_dict_mismatch", "write_csv"]
