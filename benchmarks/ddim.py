@@ -16,9 +16,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import best_time, write_results  # noqa: E402
-from difflab.faces.io import minmax_uint8  # noqa: E402
-from difflab.faces.models import wrap_face_unet  # noqa: E402
-from difflab.faces.pipeline import DDIMConfig, ddim_sample  # noqa: E402
+from difflab.ddim.models import wrap_face_unet  # noqa: E402
+from difflab.ddim.noise import minmax_uint8  # noqa: E402
+from difflab.ddim.pipeline import DDIMConfig, ddim_sample  # noqa: E402
 from difflab.nets.face_unet import FaceUNet  # noqa: E402
 
 STEPS = 50

@@ -48,12 +48,30 @@ def test_scores_equal_direct_computation(scorer):
                                   for i in range(7)])
     torch.testing.assert_close(image, expected_image, atol=1e-3, rtol=0)
     text = scorer.text_score(ours_g, scorer.text_embeds(["A dog sitting on a beach at sunset."]))
-    torch.testing.assert_close(text, 100 * F.cosine_similarity(g, t, dim=-1), atol=1e-3, rtol=0)
+    scale = scorer.model.logit_scale.exp().item()
+    torch.testing.assert_close(text, scale * F.cosine_similarity(g, t, dim=-1), atol=1e-3, rtol=0)
     assert text.shape == (7,)
 
 
+def test_text_score_is_the_models_logits_per_image(clip_dir):
+    """The grader's text score is `logits_per_image`: the model's own logit scale, 100 only for released CLIPs."""
+    from transformers import CLIPImageProcessorPil
+
+    from difflab.clip.score import ClipScorer
+
+    scorer = ClipScorer.from_pretrained(clip_dir, "cpu")
+    assert scorer.text_scale != pytest.approx(100)  # a tiny random CLIP starts at 1 / 0.07
+    images, texts = random_images(4, seed=3), ["a red square", "the number seven"]
+    proc = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    inputs = scorer.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = scorer.model(**inputs, pixel_values=proc(images=images, return_tensors="pt")["pixel_values"])
+    ours = scorer.text_score(scorer.image_embeds(images), scorer.text_embeds(texts))
+    torch.testing.assert_close(ours, expected.logits_per_image, atol=1e-3, rtol=1e-4)
+
+
 def test_select_best_rule():
-    from difflab.clip.score import select_best
+    from difflab.personalize.grading import select_best
 
     image = torch.tensor([80.0, 70.0, 90.0, 60.0, 75.0, 85.0])
     text = torch.tensor([30.0, 40.0, 20.0, 40.0, 32.0, 26.0])
@@ -87,7 +105,7 @@ def make_grading_layout(root, n_gen=7):
 
 
 def test_run_score_job(tmp_path, scorer, clip_dir):
-    from difflab.clip.score import select_best
+    from difflab.personalize.grading import select_best
     from difflab.personalize.score import run_score
 
     spec = make_grading_layout(tmp_path)
@@ -100,7 +118,7 @@ def test_run_score_job(tmp_path, scorer, clip_dir):
         gen = direct_image_embeds(scorer, [_open(f) for f in files])
         refs = direct_image_embeds(scorer, [_open(f) for f in sorted((tmp_path / "refs" / r.key).glob("*.jpg"))])
         image = 100 * (gen @ refs.T).mean(1)
-        text = 100 * (gen @ direct_text_embeds(scorer, [spec[r.key]["prompt_4_clip_eval"][r.prompt_idx]]).T)[:, 0]
+        text = scorer.text_scale * (gen @ direct_text_embeds(scorer, [spec[r.key]["prompt_4_clip_eval"][r.prompt_idx]]).T)[:, 0]
         best = select_best(image, text, 5)
         assert [f.split("/")[-1] for f in r.selected] == [files[i].name for i in best]
         assert r.image_score == pytest.approx(image[best].mean().item(), abs=1e-3)

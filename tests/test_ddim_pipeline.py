@@ -7,8 +7,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
-from difflab.faces.models import load_eps_model, wrap_face_unet
-from difflab.faces.pipeline import (
+from difflab.ddim.models import load_eps_model, wrap_face_unet
+from difflab.ddim.pipeline import (
     DDIMConfig,
     ddim_sample,
     eta_grid,

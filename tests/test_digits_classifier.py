@@ -10,8 +10,8 @@ from sklearn.metrics import accuracy_score, confusion_matrix
 
 from difflab.digits.classifier import (
     ClassifierConfig,
+    ClassifierTrainConfig,
     DigitClassifier,
-    TrainConfig,
     classifier_path,
     load_classifier,
     save_classifier,
@@ -67,7 +67,7 @@ def test_without_val_csv_a_slice_of_train_is_held_out(tmp_path, data_root):
 
 def test_training_reduces_loss_and_round_trips(tmp_path, data_root):
     images, labels = load_split(data_root, "mnistm", "train")
-    config = TrainConfig(epochs=3, batch_size=25, lr=3e-3, augment=True)
+    config = ClassifierTrainConfig(epochs=3, batch_size=25, lr=3e-3, augment=True)
     model = train_classifier(images, labels, "mnistm", config, width=8, seed=0)
     x = model.preprocess(torch.as_tensor(images))
     with torch.inference_mode():

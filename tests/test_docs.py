@@ -3,7 +3,7 @@ import re
 from pathlib import Path
 
 from difflab.digits.classifier import ClassifierConfig
-from difflab.digits.classifier import TrainConfig as JudgeConfig
+from difflab.digits.classifier import ClassifierTrainConfig as JudgeConfig
 from difflab.digits.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

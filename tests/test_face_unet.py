@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from difflab.faces.models import load_eps_model, load_face_unet
+from difflab.ddim.models import load_eps_model, load_face_unet
 from difflab.nets.face_unet import FaceUNet, FaceUNetConfig, SelfAttention, to_diffusers
 from difflab.utils import DifflabError
 

@@ -1,7 +1,8 @@
-"""CLIP image and text scores for generated images, and the best-k selection rule used to grade them.
+"""CLIP image and text scores for generated images.
 
-image score = 100 x mean cosine similarity of a generated image to the reference images of its concept;
-text score  = 100 x cosine similarity of a generated image to the evaluation prompt.
+image score = 100 x mean cosine similarity of a generated image to the reference images of a concept;
+text score  = the model's own logit scale (`logit_scale.exp()`, 100 for the released CLIP models) x cosine
+similarity of a generated image to a text: `logits_per_image`, as transformers computes it.
 """
 from __future__ import annotations
 
@@ -14,8 +15,6 @@ from difflab.clip.model import encode_pixels, encode_texts, load_clip, pixel_bat
 from difflab.clip.preprocess import ClipTransform
 from difflab.utils import pick_device
 
-TEXT_WEIGHT = 2.5
-
 
 class ClipScorer:
     """Embeds images and texts with one CLIP model; all embeddings are unit-length float32 on the CPU."""
@@ -26,6 +25,7 @@ class ClipScorer:
         self.tokenizer = tokenizer
         self.transform = ClipTransform.from_processor(processor)
         self.batch_size = batch_size
+        self.text_scale = float(model.logit_scale.detach().exp())
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "ClipScorer":
@@ -53,20 +53,8 @@ class ClipScorer:
         """(N,D) generated, (R,D) references -> (N,) 100 x mean cosine similarity to the references."""
         return 100 * (gen_embeds @ ref_embeds.T).mean(dim=1)
 
-    @staticmethod
-    def text_score(gen_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        """(N,D) generated, one text (D,) or (1,D) -> (N,); several texts (M,D) -> (N,M). 100 x cosine similarity."""
+    def text_score(self, gen_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """(N,D) generated, one text (D,) or (1,D) -> (N,); several texts (M,D) -> (N,M). Logit scale x cosine."""
         if text_embeds.dim() == 1 or text_embeds.shape[0] == 1:
-            return 100 * gen_embeds @ text_embeds.reshape(-1)
-        return 100 * gen_embeds @ text_embeds.T
-
-
-def select_best(image_scores: torch.Tensor, text_scores: torch.Tensor, k: int, text_weight: float = TEXT_WEIGHT) -> torch.Tensor:
-    """Indices of the k images with the highest image + text_weight x text score, best first (ties: lower index)."""
-    if image_scores.shape != text_scores.shape or image_scores.dim() != 1:
-        raise ValueError(f"image and text scores must be 1-D of equal length, got {tuple(image_scores.shape)} "
-                         f"and {tuple(text_scores.shape)}")
-    combined = image_scores.float() + text_weight * text_scores.float()
-    # A stable descending sort keeps the selection deterministic when scores tie.
-    order = torch.sort(combined, descending=True, stable=True).indices
-    return order[: min(k, len(order))]
+            return self.text_scale * gen_embeds @ text_embeds.reshape(-1)
+        return self.text_scale * gen_embeds @ text_embeds.T

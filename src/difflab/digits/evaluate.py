@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
-import typer
 
 from difflab.digits.classifier import classifier_path, load_classifier
 from difflab.digits.data import DOMAINS, load_split, read_images, split_csv
@@ -171,17 +169,3 @@ def format_summary(result: dict) -> str:
     lines = [f"{DOMAIN_NAMES[dom]} acc = {r['accuracy']:.4f} (correct/total = {r['correct']}/{r['total']})"
              for dom, r in result["domains"].items()]
     return "\n".join(lines + [f"acc = {result['accuracy']:.4f}"])
-
-
-def evaluate_command(
-    folder: Path = typer.Argument(..., help="Generated digits: <folder>/mnistm/*.png and <folder>/svhn/*.png, "
-                                            "label = first character of each file name."),
-    classifiers: Path = typer.Option(..., "--classifiers", help="Folder with mnistm.safetensors/.json and svhn.safetensors/.json."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Where metrics.json, confusion PNGs and report.html go (default: <folder>/eval)."),
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Real data (digits/<domain>/train.csv + val.csv) for the "
-                                             "quality measures (default: the data the classifiers were trained on)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)."),
-):
-    """Score generated digits with the per-domain classifiers: MNIST-M acc, SVHN acc and their mean; then
-    Fréchet distance, memorisation rate and diversity against the real data."""
-    evaluate_folder(folder, classifiers, out, device, data_root)

@@ -181,7 +181,7 @@ def generate(pipe, spec: dict, out: str | os.PathLike, cfg: GenerateConfig, keys
     if cfg.per_prompt < 1:
         raise DifflabError(f"--per-prompt must be at least 1, got {cfg.per_prompt}")
     if best_of is not None:
-        from difflab.clip.score import TEXT_WEIGHT, select_best
+        from difflab.personalize.grading import TEXT_WEIGHT, select_best
 
         if best_of < cfg.per_prompt:
             raise DifflabError(f"--best-of {best_of} must be at least --per-prompt {cfg.per_prompt}")

@@ -15,7 +15,8 @@ from typing import Optional
 import typer
 from tqdm import tqdm
 
-from difflab.clip.score import TEXT_WEIGHT, ClipScorer, select_best
+from difflab.clip.score import ClipScorer
+from difflab.personalize.grading import TEXT_WEIGHT, select_best
 from difflab.io import atomic_write, image_files, load_rgb, save_json
 from difflab.personalize.prompts import load_input_json
 from difflab.report import HtmlReport

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from difflab.faces.io import list_noise_files, load_image_tensor, load_noises, minmax_uint8, save_noise, write_pngs
-from difflab.faces.models import EpsModel
+from difflab.ddim.models import EpsModel
+from difflab.ddim.noise import list_noise_files, load_image_tensor, load_noises, minmax_uint8, save_noise, write_pngs
 from difflab.samplers import ddim_invert, ddim_timesteps, sample
 from difflab.schedule import NoiseSchedule
 from difflab.utils import DifflabError, to_uint8

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from difflab.faces.io import load_uint8
+from difflab.ddim.noise import load_uint8
 from difflab.utils import DifflabError
 
 

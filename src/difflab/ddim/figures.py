@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from difflab.faces.io import minmax_uint8
+from difflab.ddim.noise import minmax_uint8
 from difflab.io import save_png
 from difflab.report import HtmlReport
 from difflab.utils import image_grid

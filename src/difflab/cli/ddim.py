@@ -27,8 +27,8 @@ def _parse_floats(text: str, option: str) -> list[float]:
 
 
 def _digits_condition(domain: Optional[str], digit: Optional[int], guidance: float):
+    from difflab.ddim.models import DigitsCondition
     from difflab.digits.data import DOMAINS
-    from difflab.faces.models import DigitsCondition
     from difflab.utils import DifflabError
 
     if domain is None and digit is None:
@@ -69,8 +69,8 @@ def sample_cmd(
 ):
     """Denoise every noise file (or seeded noises) with DDIM and write one PNG per noise (same stem), min-max
     normalised per image."""
-    from difflab.faces.models import load_eps_model
-    from difflab.faces.pipeline import DDIMConfig, sample_noise_folder, sample_seeded
+    from difflab.ddim.models import load_eps_model
+    from difflab.ddim.pipeline import DDIMConfig, sample_noise_folder, sample_seeded
 
     model = load_eps_model(ckpt, device, precision, condition=_digits_condition(domain, digit, guidance))
     config = DDIMConfig(steps=steps, eta=eta, batch_size=batch_size, seed=seed)
@@ -100,10 +100,10 @@ def eta_grid_cmd(
     guidance: float = typer.Option(1.0, "--guidance", help="Digits checkpoints: classifier-free guidance scale."),
 ):
     """Figure: the same noises sampled with several η values (rows = noises, columns = η)."""
-    from difflab.faces.figures import eta_grid_figure
-    from difflab.faces.io import load_noises
-    from difflab.faces.models import load_eps_model
-    from difflab.faces.pipeline import DDIMConfig, draw_noises, eta_grid
+    from difflab.ddim.figures import eta_grid_figure
+    from difflab.ddim.models import load_eps_model
+    from difflab.ddim.noise import load_noises
+    from difflab.ddim.pipeline import DDIMConfig, draw_noises, eta_grid
     from difflab.report import HtmlReport
 
     names = [n.strip() for n in noises.split(",") if n.strip()]
@@ -139,10 +139,10 @@ def interpolate_cmd(
     guidance: float = typer.Option(1.0, "--guidance", help="Digits checkpoints: classifier-free guidance scale."),
 ):
     """Figure: η = 0 images of noises interpolated between two files, by lerp and/or slerp."""
-    from difflab.faces.figures import interpolation_figure
-    from difflab.faces.io import load_noise
-    from difflab.faces.models import load_eps_model
-    from difflab.faces.pipeline import DDIMConfig, draw_noises, interpolate
+    from difflab.ddim.figures import interpolation_figure
+    from difflab.ddim.models import load_eps_model
+    from difflab.ddim.noise import load_noise
+    from difflab.ddim.pipeline import DDIMConfig, draw_noises, interpolate
     from difflab.report import HtmlReport
     from difflab.utils import DifflabError
 
@@ -175,7 +175,7 @@ def mse_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write per-image and mean MSE to this JSON file."),
 ):
     """Per-image MSE over 0-255 RGB values and their mean (the HW2 grading); fails when names differ."""
-    from difflab.faces.metrics import mse_folders
+    from difflab.ddim.metrics import mse_folders
     from difflab.io import save_json
 
     result = mse_folders(pred, gt)
@@ -196,8 +196,8 @@ def invert_cmd(
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
 ):
     """DDIM inversion: find the x_T that η = 0 DDIM turns back into the image; reports the reconstruction MSE."""
-    from difflab.faces.models import load_eps_model
-    from difflab.faces.pipeline import DDIMConfig, invert_image
+    from difflab.ddim.models import load_eps_model
+    from difflab.ddim.pipeline import DDIMConfig, invert_image
 
     model = load_eps_model(ckpt, device, precision)
     result = invert_image(model, image, out, DDIMConfig(steps=steps))
@@ -217,9 +217,9 @@ def precision_check_cmd(
     threshold: float = typer.Option(1.0, "--threshold", help="Largest acceptable per-image MSE (0-255 scale)."),
 ):
     """Check that η = 0 images under autocast stay within MSE `threshold` of float32; exit 1 when not."""
-    from difflab.faces.io import list_noise_files, load_noises
-    from difflab.faces.models import load_eps_model
-    from difflab.faces.pipeline import DDIMConfig, precision_mse
+    from difflab.ddim.models import load_eps_model
+    from difflab.ddim.noise import list_noise_files, load_noises
+    from difflab.ddim.pipeline import DDIMConfig, precision_mse
     from difflab.utils import DifflabError
 
     files = list_noise_files(noise_dir)[:limit]
@@ -239,7 +239,7 @@ def export_cmd(
     out: Path = typer.Option(..., "--out", help="Folder to write the diffusers UNet2DModel into (config.json + weights)."),
 ):
     """Convert a face UNet checkpoint to a diffusers UNet2DModel folder (the same network, renamed)."""
-    from difflab.faces.models import load_face_unet
+    from difflab.ddim.models import load_face_unet
     from difflab.nets.face_unet import to_diffusers
 
     to_diffusers(load_face_unet(ckpt)).save_pretrained(out)

@@ -8,10 +8,10 @@ import sys
 
 import typer
 
-from difflab.clip.cli import app as clip_app
-from difflab.digits.cli import app as digits_app
-from difflab.faces.cli import app as ddim_app
-from difflab.personalize.cli import app as personalize_app
+from difflab.cli.clip import app as clip_app
+from difflab.cli.ddim import app as ddim_app
+from difflab.cli.digits import app as digits_app
+from difflab.cli.personalize import app as personalize_app
 from difflab.utils import DifflabError
 
 app = typer.Typer(

