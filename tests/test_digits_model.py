@@ -72,18 +72,30 @@ def _weights(folder):
     return load_file(str(Path(folder) / "model.safetensors"))
 
 
+class Killed(Exception):
+    pass
+
+
+def kill(step, ema):
+    raise Killed
+
+
 def test_training_lowers_loss_saves_atomically_and_resumes_exactly(data_root, tiny_preset, tmp_path):
     common = dict(data_root=str(data_root), preset=tiny_preset, batch_size=16, lr=2e-3, warmup_steps=2,
-                  save_every=3, log_every=1, device="cpu", precision="fp32")
+                  save_every=3, log_every=2, device="cpu", precision="fp32")  # a save inside a log window
     straight = train(TrainConfig(out_dir=str(tmp_path / "a"), steps=6, **common))
-    train(TrainConfig(out_dir=str(tmp_path / "b"), steps=3, **common))
+    with pytest.raises(Killed):  # killed right after the save at step 3, inside a log window
+        train(TrainConfig(out_dir=str(tmp_path / "b"), steps=6, sample_every=3, **common), on_sample=kill)
     resumed = train(TrainConfig(out_dir=str(tmp_path / "b"), steps=6, resume=True, **common))
     a, b = _weights(straight), _weights(resumed)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
     losses = json.loads((tmp_path / "a" / "losses.json").read_text())
-    assert losses["steps"] == list(range(1, 7))
+    assert losses["steps"] == [2, 4, 6]
+    resumed_losses = json.loads((tmp_path / "b" / "losses.json").read_text())
+    assert resumed_losses["steps"] == losses["steps"]
+    assert resumed_losses["loss"] == pytest.approx(losses["loss"], rel=1e-5)
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert config["model"] == "digits_unet" and config["steps"] == 6
     assert not list((tmp_path / "a").glob("*.tmp")), "no temp files left behind"

@@ -99,9 +99,9 @@ def make_dataset(out_dir: str | os.PathLike, n_per_domain: int = 10000, n_test_p
     `n_test_per_domain` held-out images listed in val.csv (numbered after them), labels balanced.
     An existing dataset there is replaced only with `overwrite`.
     """
-    existing = [split_csv(out_dir, d, s) for d in DOMAINS for s in SPLITS if split_csv(out_dir, d, s).is_file()]
+    existing = [f for d in DOMAINS for f in SPLITS.values() if (Path(out_dir) / "digits" / d / f).is_file()]
     if existing and not overwrite:
-        raise DifflabError(f"{Path(out_dir) / 'digits'}: holds a dataset ({existing[0].name} ...); choose another "
+        raise DifflabError(f"{Path(out_dir) / 'digits'}: holds a dataset ({existing[0]} ...); choose another "
                            "--out or pass --overwrite to replace it")
     if n_per_domain < 10 or n_test_per_domain < 10:
         raise DifflabError(f"need at least 10 images per domain and split, got {n_per_domain} / {n_test_per_domain}")

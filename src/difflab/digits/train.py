@@ -126,7 +126,7 @@ def train(cfg: TrainConfig, on_sample=None) -> Path:
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Every process draws its own batches; seeds differ by rank so the batches do too.
     g = torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index)
-    step, losses = 0, []
+    step, losses, running = 0, [], []
 
     state_path = out / STATE_FILE
     identity = run_identity(cfg)
@@ -134,7 +134,7 @@ def train(cfg: TrainConfig, on_sample=None) -> Path:
         prepare_out_dir(cfg, out)
     accelerator.wait_for_everyone()
     if cfg.resume:
-        step, losses = resume_from(read_state(state_path, identity), net, ema, opt, g, accelerator.process_index,
+        step, losses, running = resume_from(read_state(state_path, identity), net, ema, opt, g, accelerator.process_index,
                                    state_path)
 
     precision = choose_precision(cfg, net, schedule, device, accelerator)
@@ -154,14 +154,14 @@ def train(cfg: TrainConfig, on_sample=None) -> Path:
         if not accelerator.is_main_process:
             return
         state = {"net": accelerator.unwrap_model(net).state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                 "step": step, "rng": list(rng), "losses": losses, "net_config": net_config.to_dict(), "run": identity}
+                 "step": step, "rng": list(rng), "losses": losses, "running": running, "net_config": net_config.to_dict(), "run": identity}
         atomic_write(state_path, lambda tmp: torch.save(state, tmp))
         save_model(out, ema, cfg.schedule, extra={"steps": step, "train": _jsonable(cfg),
                                                   "precision": precision.describe()})
         save_json({"steps": [s for s, _ in losses], "loss": [v for _, v in losses]}, out / "losses.json")
 
     budget = TimeBudget(cfg.max_minutes, step, cfg.steps, accelerator)
-    total_steps, running = cfg.steps, []
+    total_steps = cfg.steps
     bar = tqdm(total=cfg.steps, initial=step, desc="train digits", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
     net.train()
@@ -239,8 +239,9 @@ class TimeBudget:
 STATE_KEYS = ("net", "ema", "opt", "step", "rng", "losses")
 
 
-def resume_from(state: dict, net, ema, opt, g: torch.Generator, rank: int, path: Path) -> tuple[int, list]:
-    """Load a checked training state into the run's objects; returns (step, losses)."""
+def resume_from(state: dict, net, ema, opt, g: torch.Generator, rank: int, path: Path) -> tuple[int, list, list]:
+    """Load a checked training state into the run's objects; returns (step, logged losses, the losses of the
+    log window in progress), so the loss log continues as if the run had never stopped."""
     check_state_dict(net, state["net"], str(path))
     check_state_dict(ema, state["ema"], str(path))
     try:
@@ -248,7 +249,7 @@ def resume_from(state: dict, net, ema, opt, g: torch.Generator, rank: int, path:
         g.set_state(state["rng"][rank % len(state["rng"])])
     except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
         raise DifflabError(f"{path}: optimiser or random state does not fit this run ({e})") from None
-    return int(state["step"]), [tuple(x) for x in state["losses"]]
+    return int(state["step"]), [tuple(x) for x in state["losses"]], list(state.get("running", []))
 
 
 def run_identity(cfg: TrainConfig) -> dict:

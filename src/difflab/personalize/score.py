@@ -16,8 +16,8 @@ import typer
 from tqdm import tqdm
 
 from difflab.clip.score import ClipScorer
-from difflab.personalize.grading import TEXT_WEIGHT, select_best
 from difflab.io import atomic_write, image_files, load_rgb, save_json
+from difflab.personalize.grading import TEXT_WEIGHT, select_best
 from difflab.personalize.prompts import load_input_json
 from difflab.report import HtmlReport
 
