@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny random SD the tests use
 from _common import best_time, write_results  # noqa: E402
 
 N_IMAGES, STEPS, SIZE = 8, 10, 64
@@ -22,6 +23,7 @@ PROMPT = "a <new1> in a city in a style of <new2>"
 
 
 def main() -> None:
+    from _sd_tiny import tiny_sd
     from difflab.personalize.compose import AttentionStore, ComposeConfig, Concept, capture_cross_attention, compose
     from difflab.personalize.embeddings import add_tokens
     from difflab.personalize.generate import (
@@ -32,7 +34,6 @@ def main() -> None:
         sample,
         set_scheduler,
     )
-    from difflab.personalize.sd import tiny_sd
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ from PIL import Image
 from difflab.personalize.compose import (
     AttentionStore,
     ComposeConfig,
-    Concept,
+    Region,
     capture_cross_attention,
     compose,
     concept_maps,
@@ -21,14 +21,14 @@ from difflab.personalize.generate import initial_latents, set_scheduler
 from difflab.utils import DifflabError
 
 PROMPT = "a <new1> in a city in a style of <new2>"
-CONCEPTS = [Concept("<new1>", "a photo of a <new1> dog"), Concept("city", "a photo of a city")]
+CONCEPTS = [Region("<new1>", "a photo of a <new1> dog"), Region("city", "a photo of a city")]
 CFG = ComposeConfig(steps=3, height=64, width=64)
 
 
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
+    from _sd_tiny import tiny_sd
     from difflab.personalize.embeddings import load_embeddings, save_embeddings
-    from difflab.personalize.sd import tiny_sd
 
     root = tmp_path_factory.mktemp("sd")
     pipe = tiny_sd(seed=0)

@@ -1,13 +1,14 @@
 """The DDIM pipeline on a (small-width) face UNet against diffusers: our checkpoint loader + batching + sampler
 must give the same trajectory as diffusers' UNet2DModel with the same weights driven by its DDIMScheduler."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
-from difflab.ddim.models import load_eps_model, wrap_face_unet
+from difflab.ddim.models import autocast_dtype, face_eps_model, load_eps_model
 from difflab.ddim.pipeline import (
     DDIMConfig,
     ddim_sample,
@@ -27,6 +28,13 @@ from test_samplers import SPEC, _full_precision
 TINY = FaceUNetConfig(channel=32, channel_multiplier=(1, 2, 2), attention_levels=(1,))
 
 
+def wrap(net, precision="auto"):
+    """A small face UNet in memory as the `EpsModel` the loader would make of it (the loader itself reads only
+    the course's six-level layout)."""
+    cpu = torch.device("cpu")
+    return face_eps_model(net, Path("<memory>"), cpu, autocast_dtype(precision, cpu), channels_last=False)
+
+
 @pytest.fixture(scope="module")
 def tiny_net():
     torch.manual_seed(0)
@@ -35,7 +43,7 @@ def tiny_net():
 
 @pytest.fixture(scope="module")
 def model(tiny_net):
-    return wrap_face_unet(tiny_net, "cpu")
+    return wrap(tiny_net)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +91,7 @@ def test_real_layout_network_matches_diffusers_along_a_trajectory():
     x_T = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     traj = _diffusers_trajectory(unet, x_T, 0.0, 5, seed=0)
     states = [(801 + 200, x_T)] + [(t - 200, x) for t, x in traj[:-1]]  # (timestep x is fed at, x)
-    eps = wrap_face_unet(net, "cpu").eps_fn(2)
+    eps = wrap(net).eps_fn(2)
     with torch.no_grad():
         for t, x in states:
             tt = torch.full((2,), t)
@@ -139,7 +147,7 @@ def test_low_precision_check_runs_on_cpu_bf16(tiny_net, model):
     noises = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(9))
     cfg = DDIMConfig(steps=3)
     assert precision_mse(model, model, noises, cfg, progress=False) == [0.0, 0.0]
-    bf16 = wrap_face_unet(tiny_net, "cpu", precision="bf16")
+    bf16 = wrap(tiny_net, precision="bf16")
     mses = precision_mse(model, bf16, noises, cfg, progress=False)
     assert len(mses) == 2 and all(math.isfinite(v) for v in mses) and max(mses) > 0  # autocast really ran
 
@@ -152,7 +160,7 @@ def test_inversion_reconstructs_when_eps_does_not_depend_on_x(tmp_path):
     with torch.no_grad():
         net.out[2].weight.zero_()
         net.out[2].bias.copy_(const)
-    model = wrap_face_unet(net, "cpu")
+    model = wrap(net)
     yy, xx = np.mgrid[0:16, 0:16]
     image = np.stack([yy * 14 + 10, xx * 14 + 12, (yy + xx) * 6 + 40], -1).clip(0, 255).astype(np.uint8)
     save_png(image, tmp_path / "img.png")

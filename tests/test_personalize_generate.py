@@ -33,8 +33,8 @@ SPEC = {
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
     """A tiny SD saved as a diffusers folder, two learned-embedding files, and the pipeline with both loaded."""
+    from _sd_tiny import tiny_sd
     from difflab.personalize.embeddings import load_embeddings, save_embeddings
-    from difflab.personalize.sd import tiny_sd
 
     root = tmp_path_factory.mktemp("sd")
     pipe = tiny_sd(seed=0)

@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from _sd_tiny import tiny_sd
 from difflab.personalize.embeddings import expand_prompt, load_embeddings, read_embeddings, save_embeddings
 from difflab.personalize.prompts import load_input_json
-from difflab.personalize.sd import load_sd, tiny_sd
+from difflab.personalize.sd import load_sd
 from difflab.utils import DifflabError
 
 RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",

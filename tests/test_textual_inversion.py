@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from _sd_tiny import tiny_sd
 from difflab.personalize.embeddings import expand_prompt
-from difflab.personalize.sd import load_sd, tiny_sd
+from difflab.personalize.sd import load_sd
 from difflab.personalize.textual_inversion import Concept, TextualInversion, TextualInversionConfig
 from difflab.utils import DifflabError
 

@@ -1,4 +1,7 @@
-"""`difflab personalize ...`: textual-inversion training, generation, composition and CLIP scoring."""
+"""`difflab personalize ...`: textual-inversion training, generation, composition and CLIP scoring.
+
+Defaults come from the config dataclasses; each command parses its options, checks what it can before the slow
+model load, and calls the library."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,53 +9,210 @@ from typing import List, Optional
 
 import typer
 
+from difflab.cli.options import Device, Overwrite, Precision, Seed
+from difflab.personalize.compose import ComposeConfig
+from difflab.personalize.generate import SCHEDULERS, GenerateConfig
+from difflab.personalize.grading import TOP_K
+from difflab.personalize.textual_inversion import TextualInversionConfig as TIConfig
+from difflab.utils import DifflabError
+
 app = typer.Typer(help="Textual inversion on Stable Diffusion v1.x: train, generate, compose, score.", no_args_is_help=True)
+
+SD_HELP = "Stable Diffusion v1.x: a diffusers folder or a single-file .ckpt/.safetensors."
+EMBEDS_HELP = "Learned embedding file(s) adding the concept tokens; repeat for several."
+SCHEDULER_HELP = f"Sampler: {' or '.join(SCHEDULERS)} (the model's noise schedule is kept)."
+SIZE_HELP = "Image {} in pixels, a multiple of 8 (default: the model's native size)."
 
 
 @app.command("train")
 def train_command(
     concept: List[str] = typer.Option(..., "--concept", help="DIR:TOKEN:INIT[:object|style], e.g. "
                                       "textual_inversion/0:<new1>:dog. Repeat for several tokens in one run."),
-    sd: Path = typer.Option(..., "--sd", help="Stable Diffusion v1.x: sd-v1-4.ckpt/.safetensors or a diffusers folder."),
+    sd: Path = typer.Option(..., "--sd", help=SD_HELP),
     out: Path = typer.Option(..., "--out", help="Output folder (embeddings, checkpoint, report)."),
-    num_vectors: int = typer.Option(1, help="Vectors per new token (K > 1 adds TOKEN_1..TOKEN_{K-1})."),
-    steps: int = typer.Option(3000, help="Optimizer steps."),
-    resolution: int = typer.Option(512, help="Training image size (square)."),
-    batch_size: int = typer.Option(1, help="Images per micro-batch (per process)."),
-    grad_accum: int = typer.Option(4, help="Micro-batches per optimizer step."),
-    lr: float = typer.Option(5e-4, help="Base learning rate."),
-    scale_lr: bool = typer.Option(True, help="Multiply lr by grad_accum x batch_size x processes."),
-    ema_decay: float = typer.Option(0.0, help="EMA decay of the learned rows (0: off, e.g. 0.99)."),
-    mixed_precision: str = typer.Option("no", help="CUDA autocast: no, fp16 or bf16."),
-    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Trade compute for memory."),
-    save_every: int = typer.Option(500, help="Embedding snapshot every N steps (0: only at the end)."),
-    checkpoint_every: int = typer.Option(500, help="Resumable checkpoint every N steps (0: only at the end)."),
-    validate_every: int = typer.Option(0, help="Validation images every N steps (0: never)."),
+    num_vectors: int = typer.Option(TIConfig.num_vectors, min=1, max=75, help="Vectors per new token (K > 1 adds TOKEN_1..TOKEN_{K-1})."),
+    steps: int = typer.Option(TIConfig.steps, min=1, help="Optimizer steps."),
+    resolution: int = typer.Option(TIConfig.resolution, min=8, max=4096, help="Training image size (square, a multiple of 8)."),
+    center_crop: bool = typer.Option(TIConfig.center_crop, "--center-crop/--no-center-crop",
+                                     help="Crop each image to its centre square before resizing (default: squash the whole image, as diffusers does)."),
+    batch_size: int = typer.Option(TIConfig.batch_size, min=1, help="Images per micro-batch (per process)."),
+    grad_accum: int = typer.Option(TIConfig.grad_accum, min=1, help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(TIConfig.lr, min=1e-8, max=1.0, help="Base learning rate."),
+    scale_lr: bool = typer.Option(TIConfig.scale_lr, help="Multiply lr by grad_accum x batch_size x processes."),
+    ema_decay: float = typer.Option(TIConfig.ema_decay, min=0.0, max=0.99999, help="EMA decay of the learned rows (0: off, e.g. 0.99)."),
+    gradient_checkpointing: bool = typer.Option(TIConfig.gradient_checkpointing, "--gradient-checkpointing", help="Trade compute for memory."),
+    save_every: int = typer.Option(TIConfig.save_every, min=0, help="Embedding snapshot every N steps (0: only at the end)."),
+    checkpoint_every: int = typer.Option(TIConfig.checkpoint_every, min=0, help="Resumable checkpoint every N steps (0: only at the end)."),
+    validate_every: int = typer.Option(TIConfig.validate_every, min=0, help="Validation images every N steps (0: never)."),
     validation_prompt: List[str] = typer.Option([], help="Validation prompt (repeatable); default one per concept."),
-    validation_steps: int = typer.Option(25, help="Sampling steps for validation images."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt when present."),
-    seed: int = typer.Option(0, help="Random seed."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)."),
+    validation_steps: int = typer.Option(TIConfig.validation_steps, min=1, max=1000, help="Sampling steps for validation images."),
+    resume: bool = typer.Option(TIConfig.resume, "--resume", help="Continue the run in OUT from its checkpoint.pt."),
+    overwrite: Overwrite = TIConfig.overwrite,
+    seed: Seed = TIConfig.seed,
+    precision: Precision = TIConfig.precision,
+    device: Device = TIConfig.device,
 ) -> None:
     """Learn new token embeddings for reference images (textual inversion)."""
-    from difflab.personalize.textual_inversion import Concept, TextualInversionConfig, train_textual_inversion
+    from difflab.personalize.textual_inversion import Concept, train_textual_inversion
 
-    cfg = TextualInversionConfig(
+    cfg = TIConfig(
         concepts=[Concept.parse(c) for c in concept], sd=str(sd), out=str(out), num_vectors=num_vectors, steps=steps,
-        resolution=resolution, batch_size=batch_size, grad_accum=grad_accum, lr=lr, scale_lr=scale_lr,
-        ema_decay=ema_decay, mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
+        resolution=resolution, center_crop=center_crop, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+        scale_lr=scale_lr, ema_decay=ema_decay, precision=precision, gradient_checkpointing=gradient_checkpointing,
         save_every=save_every, checkpoint_every=checkpoint_every, validate_every=validate_every,
-        validation_prompts=list(validation_prompt), validation_steps=validation_steps, resume=resume, seed=seed,
-        device=device)
+        validation_prompts=list(validation_prompt), validation_steps=validation_steps, resume=resume,
+        overwrite=overwrite, seed=seed, device=device)
     path = train_textual_inversion(cfg)
     typer.echo(f"embeddings: {path}")
 
 
-from difflab.personalize.compose import compose_command  # noqa: E402
-from difflab.personalize.generate import generate_command  # noqa: E402
+def parse_only(only: str) -> tuple[str, int, int]:
+    parts = only.split("/")
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        raise DifflabError(f"--only {only!r}: expected KEY/IDX/N, e.g. 0/1/7")
+    return parts[0], int(parts[1]), int(parts[2])
 
-app.command("generate")(generate_command)
-app.command("compose")(compose_command)
-from difflab.personalize.score import score_command  # noqa: E402
 
-app.command("score")(score_command)
+@app.command("generate")
+def generate_command(
+    prompts: Path = typer.Option(..., "--prompts", help="input.json with the concepts and their prompts (course schema)."),
+    sd: Path = typer.Option(..., "--sd", help=SD_HELP),
+    embeds: List[Path] = typer.Option([], "--embeds", help=EMBEDS_HELP),
+    out: Path = typer.Option(..., "--out", help="Output folder; images go to <out>/<key>/<idx>/source{key}_prompt{idx}_{n}.png."),
+    per_prompt: int = typer.Option(GenerateConfig.per_prompt, "--per-prompt", min=1, max=10_000, help="Images written per prompt."),
+    scheduler: str = typer.Option(GenerateConfig.scheduler, "--scheduler", help=SCHEDULER_HELP),
+    steps: int = typer.Option(GenerateConfig.steps, "--steps", min=1, max=1000, help="Denoising steps."),
+    guidance: float = typer.Option(GenerateConfig.guidance, "--guidance", min=0.0, max=100.0, help="Classifier-free guidance scale."),
+    seed: int = typer.Option(GenerateConfig.seed, "--seed", help="Base seed; each image's seed is derived from it and the image's key/idx/n."),
+    batch_size: int = typer.Option(GenerateConfig.batch_size, "--batch-size", min=1, max=1024, help="Images denoised together in one batch."),
+    height: Optional[int] = typer.Option(GenerateConfig.height, "--height", min=8, max=4096, help=SIZE_HELP.format("height")),
+    width: Optional[int] = typer.Option(GenerateConfig.width, "--width", min=8, max=4096, help=SIZE_HELP.format("width")),
+    keys: Optional[str] = typer.Option(None, "--keys", help="Comma-separated concept keys to generate (default: all), e.g. 0,1."),
+    negative_prompt: str = typer.Option(GenerateConfig.negative_prompt, "--negative-prompt", help="Negative prompt for classifier-free guidance."),
+    only: Optional[str] = typer.Option(None, "--only", help="Regenerate one image KEY/IDX/N (its file is rewritten in place)."),
+    resume: bool = typer.Option(False, "--resume", help="Keep the images already in --out and make only the missing ones."),
+    overwrite: Overwrite = False,
+    best_of: Optional[int] = typer.Option(None, "--best-of", min=1, max=10_000, help="Draw this many candidates per prompt and keep the best --per-prompt by CLIP score."),
+    clip: Optional[Path] = typer.Option(None, "--clip", help="CLIP model folder (transformers format) for --best-of scoring."),
+    refs: Optional[Path] = typer.Option(None, "--refs", help="Reference image root with one <key>/ folder per concept, for --best-of."),
+    precision: Precision = GenerateConfig.precision,
+    device: Device = None,
+) -> None:
+    """Generate the course output layout for every prompt of input.json with learned concept tokens."""
+    from difflab.personalize.generate import generate, prompt_jobs, regenerate_one
+    from difflab.personalize.prompts import load_input_json
+    from difflab.personalize.sd import load_pipeline
+
+    spec = load_input_json(prompts)
+    cfg = GenerateConfig(per_prompt=per_prompt, scheduler=scheduler, steps=steps, guidance=guidance, seed=seed,
+                         batch_size=batch_size, height=height, width=width, negative_prompt=negative_prompt,
+                         precision=precision)
+    cfg.check()
+    key_list = [k.strip() for k in keys.split(",") if k.strip()] if keys else None
+    jobs = prompt_jobs(spec, key_list)  # unknown keys fail here, before the (slow) model load
+    if only is not None:
+        if best_of is not None:
+            raise DifflabError("--only regenerates one image of the plain layout; it cannot be combined with --best-of")
+        key, idx, n = parse_only(only)
+        jobs = [j for j in prompt_jobs(spec, [key]) if j.idx == idx]
+        if not jobs:
+            raise DifflabError(f"--only {only}: concept {key} has no prompt {idx}")
+        path = regenerate_one(load_pipeline(sd, embeds, device, precision), jobs[0], n, cfg, out)
+        typer.echo(f"wrote {path}")
+        return
+    scorer = None
+    if best_of is not None and clip is not None:
+        from difflab.clip.score import ClipScorer
+
+        scorer = ClipScorer.from_pretrained(clip, device)
+    generate(load_pipeline(sd, embeds, device, precision), spec, out, cfg, keys=key_list, resume=resume,
+             overwrite=overwrite, best_of=best_of, scorer=scorer, refs=refs)
+    typer.echo(f"wrote {out / 'report.html'}")
+
+
+def parse_pairs(values: List[str], option: str) -> list[tuple[str, str]]:
+    """`WORDS=VALUE` strings -> (WORDS, VALUE) pairs."""
+    pairs = []
+    for value in values:
+        words, sep, rest = value.partition("=")
+        if not sep or not words.strip() or not rest.strip():
+            raise DifflabError(f"{option} {value!r}: expected WORDS=VALUE, e.g. \"<new1>=a photo of a <new1> dog\"")
+        pairs.append((words.strip(), rest.strip()))
+    return pairs
+
+
+@app.command("compose")
+def compose_command(
+    prompt: str = typer.Option(..., "--prompt", help="The plain multi-concept prompt, e.g. \"a <new1> in a city in a style of <new2>\"."),
+    concepts: List[str] = typer.Option(..., "--concepts", help="WORDS=PROMPT, repeatable: words of --prompt locating a concept, and the prompt for its region."),
+    sd: Path = typer.Option(..., "--sd", help=SD_HELP),
+    embeds: List[Path] = typer.Option([], "--embeds", help=EMBEDS_HELP),
+    out: Path = typer.Option(..., "--out", help="Output folder for naive/composed images, mask figures and report.html."),
+    background: Optional[str] = typer.Option(None, "--background", help="Prompt for the area outside every concept region (default: --prompt)."),
+    seed: int = typer.Option(ComposeConfig.seed, "--seed", help="Seed of the first image; image i uses seed + i."),
+    num_images: int = typer.Option(ComposeConfig.num_images, "--num-images", min=1, max=10_000, help="Images to compose (scores are averaged over them)."),
+    steps: int = typer.Option(ComposeConfig.steps, "--steps", min=1, max=1000, help="Denoising steps."),
+    guidance: float = typer.Option(ComposeConfig.guidance, "--guidance", min=0.0, max=100.0, help="Classifier-free guidance scale, applied per region prompt."),
+    scheduler: str = typer.Option(ComposeConfig.scheduler, "--scheduler", help=SCHEDULER_HELP),
+    height: Optional[int] = typer.Option(ComposeConfig.height, "--height", min=64, max=4096, help="Image height in pixels, a multiple of 64 (default: the model's native size)."),
+    width: Optional[int] = typer.Option(ComposeConfig.width, "--width", min=64, max=4096, help="Image width in pixels, a multiple of 64 (default: the model's native size)."),
+    threshold: float = typer.Option(ComposeConfig.threshold, "--threshold", min=0.0, max=1.0, help="A concept owns pixels where its normalised attention wins and exceeds this."),
+    smooth: float = typer.Option(ComposeConfig.smooth, "--smooth", min=0.0, max=100.0, help="Gaussian sigma (attention-map pixels) applied to the maps; 0 disables."),
+    negative_prompt: str = typer.Option(ComposeConfig.negative_prompt, "--negative-prompt", help="Negative prompt shared by all region prompts."),
+    capture_fraction: float = typer.Option(ComposeConfig.capture_fraction, "--capture-fraction", min=0.01, max=1.0, help="Average the attention maps over this first fraction of the steps."),
+    clip: Optional[Path] = typer.Option(None, "--clip", help="CLIP model folder: adds naive vs composed image scores to the report."),
+    refs: List[str] = typer.Option([], "--refs", help="WORDS=DIR, repeatable: reference images of a concept for CLIP scoring."),
+    overwrite: Overwrite = False,
+    precision: Precision = ComposeConfig.precision,
+    device: Device = None,
+) -> None:
+    """Compose several learned concepts in one image by region-wise denoising, next to the naive prompt."""
+    from difflab.personalize.compose import Region, compose_images
+    from difflab.personalize.sd import load_pipeline
+
+    regions = [Region(w, p) for w, p in parse_pairs(concepts, "--concepts")]
+    ref_pairs = parse_pairs(refs, "--refs")
+    if bool(ref_pairs) != (clip is not None):
+        raise DifflabError("--clip and --refs go together: a CLIP model folder and WORDS=DIR reference folders")
+    cfg = ComposeConfig(steps=steps, guidance=guidance, seed=seed, scheduler=scheduler, height=height, width=width,
+                        negative_prompt=negative_prompt, threshold=threshold, smooth=smooth,
+                        capture_fraction=capture_fraction, num_images=num_images, precision=precision)
+    cfg.check()
+    scorer = None
+    if clip is not None:
+        from difflab.clip.score import ClipScorer
+
+        scorer = ClipScorer.from_pretrained(clip, device)
+    compose_images(load_pipeline(sd, embeds, device, precision), prompt, regions, cfg, out, background=background,
+                   scorer=scorer, refs=ref_pairs, overwrite=overwrite)
+    typer.echo(f"wrote {out / 'report.html'}")
+
+
+@app.command("score")
+def score_command(
+    prompts: Path = typer.Option(..., "--prompts", help="input.json with prompt_4_clip_eval and baseline per concept."),
+    refs: Path = typer.Option(..., "--refs", help="Folder of reference images: <refs>/<key>/*.jpg|png."),
+    gen: Path = typer.Option(..., "--gen", help="Folder of generated images: <gen>/<key>/<prompt_idx>/*.png."),
+    clip: Path = typer.Option(..., "--clip", help="Local CLIP folder in transformers format (the course uses ViT-B/32)."),
+    out: Path = typer.Option(..., "--out", help="Output folder for image_scores.csv, prompt_scores.csv/.json, report.html."),
+    top_k: int = typer.Option(TOP_K, "--top-k", min=1, max=10_000, help="Images per prompt kept by image + 2.5 x text and averaged."),
+    overwrite: Overwrite = False,
+    device: Device = None,
+):
+    """Grade generated images with CLIP image/text scores against each prompt's baseline (PASS/FAIL)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from difflab.personalize.score import run_score
+
+    results = run_score(prompts, refs, gen, clip, out, device=device, top_k=top_k, overwrite=overwrite)
+    table = Table(title="CLIP grading")
+    for col in ("concept", "prompt", "eval prompt", "image", "text", "baseline", "result"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r.key, str(r.prompt_idx), r.eval_prompt, f"{r.image_score:.2f}", f"{r.text_score:.2f}",
+                      f"{r.baseline_image:g} / {r.baseline_text:g}",
+                      "[green]PASS[/green]" if r.passed else "[red]FAIL[/red]")
+    Console().print(table)
+    n_pass = sum(r.passed for r in results)
+    typer.echo(f"{n_pass}/{len(results)} prompts pass; report: {Path(out) / 'report.html'}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -53,25 +52,6 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     base = _bytes_to_unicode()
     tokens = base + [c + "</w>" for c in base] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     return {t: i for i, t in enumerate(tokens)}, merges
-
-
-def write_clip_tokenizer_files(out_dir: str | os.PathLike) -> Path:
-    """Write vocab.json + merges.txt (+ special tokens) so `CLIPTokenizer.from_pretrained(out_dir)` works offline."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    vocab, merges = clip_vocab_and_merges()
-    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "model_max_length": MAX_LENGTH, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "do_lower_case": True,
-        "tokenizer_class": "CLIPTokenizer",
-    }))
-    (out / "special_tokens_map.json").write_text(json.dumps({
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-    }))
-    return out
 
 
 def load_clip_tokenizer(path: str | os.PathLike | None = None):

@@ -110,18 +110,10 @@ def load_face_unet(path: str | os.PathLike):
 
 
 def _load_face_unet(path: Path, device: torch.device, dtype, channels_last: bool) -> EpsModel:
-    return _face_eps_model(load_face_unet(path), path, device, dtype, channels_last)
+    return face_eps_model(load_face_unet(path), path, device, dtype, channels_last)
 
 
-def wrap_face_unet(net, device: str | torch.device | None = None, precision: str = "auto",
-                   channels_last: bool | None = None) -> EpsModel:
-    """An `EpsModel` around a FaceUNet already in memory."""
-    device = device if isinstance(device, torch.device) else pick_device(device)
-    channels_last = device.type == "cuda" if channels_last is None else channels_last
-    return _face_eps_model(net, Path("<memory>"), device, autocast_dtype(precision, device), channels_last)
-
-
-def _face_eps_model(net, source: Path, device: torch.device, dtype, channels_last: bool) -> EpsModel:
+def face_eps_model(net, source: Path, device: torch.device, dtype, channels_last: bool) -> EpsModel:
     net = _prepare(net, device, channels_last)
     run = _runner(net, device, dtype, channels_last)
     return EpsModel("face UNet", source, net.config.in_channel, net.config.size_multiple, None, device, lambda n: run)

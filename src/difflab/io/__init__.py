@@ -15,11 +15,12 @@ from difflab.io.files import (
     load_json,
     load_rgb,
     read_text,
+    refuse_to_replace,
     save_json,
     save_png,
     write_csv,
 )
 
 __all__ = ["IMAGE_SUFFIXES", "atomic_write", "check_state_dict", "image_files", "load_json", "load_rgb",
-           "read_safetensors", "read_state_dict", "read_tensors", "read_text", "read_torch", "save_json", "save_png",
+           "read_safetensors", "read_state_dict", "read_tensors", "read_text", "read_torch", "refuse_to_replace", "save_json", "save_png",
            "state_dict_mismatch", "write_csv"]

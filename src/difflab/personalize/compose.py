@@ -20,10 +20,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-import typer
 from PIL import Image
 
-from difflab.io import save_png
+from difflab.io import refuse_to_replace, save_png, write_csv
 from difflab.personalize.generate import (
     SCHEDULERS,
     check_learned_tokens,
@@ -33,7 +32,6 @@ from difflab.personalize.generate import (
     reference_images,
     set_scheduler,
     thumbnails,
-    write_csv,
 )
 from difflab.utils import DifflabError, image_grid
 
@@ -54,10 +52,30 @@ class ComposeConfig:
     smooth: float = 1.0  # Gaussian sigma, in attention-map pixels, applied before thresholding (0: none)
     map_factor: int = 4  # attention maps from the layers at latent size / map_factor (16x16 for SD at 512)
     capture_fraction: float = 1.0  # maps are averaged over this first fraction of the steps
+    num_images: int = 1  # images composed with seeds seed, seed + 1, ...; scores are averaged over them
+    precision: str = "auto"  # difflab.precision: the dtype of the pipeline's weights (CPU: fp32)
+
+    def check(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise DifflabError(f"unknown scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        if self.steps < 1 or self.num_images < 1:
+            raise DifflabError(f"steps = {self.steps}, num_images = {self.num_images}: must be at least 1")
+        if not 0 < self.capture_fraction <= 1 or not 0 <= self.threshold < 1:
+            raise DifflabError(f"capture fraction must be in (0, 1] and threshold in [0, 1), got "
+                               f"{self.capture_fraction} and {self.threshold}")
+        check_size(self.height, self.width)
+
+
+def check_size(height: int | None, width: int | None) -> None:
+    """The attention maps are reshaped to the UNet's level sizes, which halve exactly only for multiples of 64
+    (a 600-px image has latent levels 75, 38, 19: rounded up, not down)."""
+    bad = [f"{name} {v}" for name, v in (("height", height), ("width", width)) if v is not None and v % 64]
+    if bad:
+        raise DifflabError(f"{', '.join(bad)}: compose needs image sides that are multiples of 64")
 
 
 @dataclass
-class Concept:
+class Region:
     words: str  # text of the main prompt whose cross-attention locates the concept, e.g. "<new1>" or "<new1> dog"
     prompt: str  # prompt that denoises the concept's region, e.g. "a photo of a <new1> dog"
 
@@ -203,20 +221,19 @@ def denoise_regions(pipe, latents: torch.Tensor, prompts: Sequence[str], masks: 
 
 
 @torch.inference_mode()
-def compose(pipe, prompt: str, concepts: Sequence[Concept], cfg: ComposeConfig, background: str | None = None,
+def compose(pipe, prompt: str, concepts: Sequence[Region], cfg: ComposeConfig, background: str | None = None,
             seed: int | None = None) -> Composition:
     """Naive image of `prompt`, concept regions from its cross-attention, and the region-wise composed image."""
     if not concepts:
         raise DifflabError("compose needs at least one concept (--concepts WORDS=PROMPT)")
-    if not 0 < cfg.capture_fraction <= 1 or not 0 <= cfg.threshold < 1:
-        raise DifflabError(f"capture fraction must be in (0, 1] and threshold in [0, 1), got "
-                           f"{cfg.capture_fraction} and {cfg.threshold}")
+    cfg.check()
     prompts = [background or prompt] + [c.prompt for c in concepts]
     check_learned_tokens(pipe, [prompt, *prompts])
     groups = [token_indices(pipe, prompt, c.words) for c in concepts]
     set_scheduler(pipe, cfg.scheduler)
     pipe.set_progress_bar_config(disable=True)
     height, width = image_size(pipe, cfg)
+    check_size(height, width)
     latents = initial_latents(pipe, [cfg.seed if seed is None else seed], height, width)
     cond, uncond = encode_prompt(pipe, prompt, cfg.negative_prompt)
 
@@ -256,40 +273,32 @@ def masks_figure(result: Composition) -> np.ndarray:
     return image_grid(panels, 1, len(panels))
 
 
-def parse_pairs(values: Sequence[str], option: str) -> list[tuple[str, str]]:
-    pairs = []
-    for v in values:
-        left, sep, right = v.partition("=")
-        if not sep or not left.strip() or not right.strip():
-            raise DifflabError(f"{option} {v!r}: expected WORDS=VALUE, e.g. \"<new1>=a photo of a <new1> dog\"")
-        pairs.append((left.strip(), right.strip()))
-    return pairs
-
-
-def compose_images(pipe, prompt: str, concepts: Sequence[Concept], cfg: ComposeConfig, out: str | os.PathLike,
-                   num_images: int = 1, background: str | None = None, scorer=None,
-                   refs: Sequence[tuple[str, str | os.PathLike]] = ()) -> Path:
-    """Compose `num_images` images (seeds seed, seed+1, ...) and write PNGs, figures, scores and `report.html`."""
+def compose_images(pipe, prompt: str, concepts: Sequence[Region], cfg: ComposeConfig, out: str | os.PathLike,
+                   background: str | None = None, scorer=None, refs: Sequence[tuple[str, str | os.PathLike]] = (),
+                   overwrite: bool = False) -> Path:
+    """Compose `cfg.num_images` images (seeds seed, seed+1, ...); write PNGs, figures, scores and `report.html`."""
     from tqdm.auto import tqdm
 
     from difflab.report import HtmlReport
 
     out = Path(out)
+    cfg.check()
+    refuse_to_replace(out, ["report.html", "naive_0.png", "composed_0.png"], overwrite)
     ref_embeds = {words: scorer.image_embeds(reference_images(folder)) for words, folder in refs} if scorer else {}
     report = HtmlReport("Multi-concept composition: naive prompt vs region-wise denoising")
     report.pre(f"prompt: {prompt}\n" + "\n".join(f"region {c.words}: {c.prompt}" for c in concepts)
                + f"\nbackground: {background or prompt}\nsteps={cfg.steps} guidance={cfg.guidance} "
                f"scheduler={cfg.scheduler} threshold={cfg.threshold} smooth={cfg.smooth}")
     naive_all, composed_all = [], []
-    for i in tqdm(range(num_images), desc="compose", unit="img"):
+    for i in tqdm(range(cfg.num_images), desc="compose", unit="img"):
         result = compose(pipe, prompt, concepts, cfg, background=background, seed=cfg.seed + i)
         save_png(np.asarray(result.naive), out / f"naive_{i}.png")
         save_png(np.asarray(result.composed), out / f"composed_{i}.png")
         figure = masks_figure(result)
         save_png(figure, out / f"masks_{i}.png")
         report.heading(f"seed {cfg.seed + i}")
-        report.image(out / f"naive_{i}.png", caption="naive prompt")
-        report.image(out / f"composed_{i}.png", caption="composed")
+        report.image(np.asarray(result.naive), caption="naive prompt")
+        report.image(np.asarray(result.composed), caption="composed")
         report.image(figure, caption="naive | attention of " + " | ".join(c.words for c in concepts) + " | regions")
         naive_all.append(result.naive)
         composed_all.append(result.composed)
@@ -305,60 +314,7 @@ def compose_images(pipe, prompt: str, concepts: Sequence[Concept], cfg: ComposeC
             rows.append([words, naive_s, composed_s, composed_s - naive_s])
         header = ["concept", "naive image score", "composed image score", "difference"]
         write_csv(out / "scores.csv", header, [[w, f"{a:.4f}", f"{b:.4f}", f"{d:.4f}"] for w, a, b, d in rows])
-        report.heading(f"CLIP image score against each concept's references (mean of {num_images} images)")
+        report.heading(f"CLIP image score against each concept's references (mean of {cfg.num_images} images)")
         report.table(header, rows)
     report.save(out / "report.html")
     return out
-
-
-def compose_command(
-    prompt: str = typer.Option(..., "--prompt", help="The plain multi-concept prompt, e.g. \"a <new1> in a city in a style of <new2>\"."),
-    concepts: list[str] = typer.Option(..., "--concepts", help="WORDS=PROMPT, repeatable: words of --prompt locating a concept, and the prompt for its region."),
-    sd: Path = typer.Option(..., "--sd", help="Stable Diffusion v1.x: a diffusers folder or a single-file .ckpt/.safetensors."),
-    embeds: list[Path] = typer.Option([], "--embeds", help="Learned embedding file(s) adding the concept tokens; repeat for several."),
-    out: Path = typer.Option(..., "--out", help="Output folder for naive/composed images, mask figures and report.html."),
-    background: Optional[str] = typer.Option(None, "--background", help="Prompt for the area outside every concept region (default: --prompt)."),
-    seed: int = typer.Option(42, "--seed", help="Seed of the first image; image i uses seed + i."),
-    num_images: int = typer.Option(1, "--num-images", help="Images to compose (scores are averaged over them)."),
-    steps: int = typer.Option(50, "--steps", help="Denoising steps."),
-    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale, applied per region prompt."),
-    scheduler: str = typer.Option("ddim", "--scheduler", help="Sampler: ddim or dpmsolver."),
-    height: Optional[int] = typer.Option(None, "--height", help="Image height in pixels (default: the model's native size)."),
-    width: Optional[int] = typer.Option(None, "--width", help="Image width in pixels (default: the model's native size)."),
-    threshold: float = typer.Option(0.4, "--threshold", help="A concept owns pixels where its normalised attention wins and exceeds this."),
-    smooth: float = typer.Option(1.0, "--smooth", help="Gaussian sigma (attention-map pixels) applied to the maps; 0 disables."),
-    negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt shared by all region prompts."),
-    capture_fraction: float = typer.Option(1.0, "--capture-fraction", help="Average the attention maps over this first fraction of the steps."),
-    clip: Optional[Path] = typer.Option(None, "--clip", help="CLIP model folder: adds naive vs composed image scores to the report."),
-    refs: list[str] = typer.Option([], "--refs", help="WORDS=DIR, repeatable: reference images of a concept for CLIP scoring."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)."),
-    fp32: bool = typer.Option(False, "--fp32", help="Keep float32 weights on CUDA (default there: float16)."),
-) -> None:
-    """Compose several learned concepts in one image by region-wise denoising, next to the naive prompt."""
-    from difflab.personalize.embeddings import load_embeddings
-    from difflab.personalize.sd import load_sd
-    from difflab.utils import pick_device
-
-    if scheduler not in SCHEDULERS:
-        raise DifflabError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
-    if num_images < 1:
-        raise DifflabError(f"--num-images must be at least 1, got {num_images}")
-    concept_list = [Concept(w, p) for w, p in parse_pairs(concepts, "--concepts")]
-    ref_pairs = parse_pairs(refs, "--refs")
-    if bool(ref_pairs) != (clip is not None):
-        raise DifflabError("--clip and --refs go together: a CLIP model folder and WORDS=DIR reference folders")
-    cfg = ComposeConfig(steps=steps, guidance=guidance, seed=seed, scheduler=scheduler, height=height, width=width,
-                        negative_prompt=negative_prompt, threshold=threshold, smooth=smooth,
-                        capture_fraction=capture_fraction)
-    dev = pick_device(device)
-    pipe = load_sd(sd, device=dev, dtype=torch.float16 if dev.type == "cuda" and not fp32 else torch.float32)
-    if embeds:
-        load_embeddings(pipe, embeds)
-    scorer = None
-    if clip is not None:
-        from difflab.clip.score import ClipScorer
-
-        scorer = ClipScorer.from_pretrained(clip, dev)
-    compose_images(pipe, prompt, concept_list, cfg, out, num_images=num_images, background=background,
-                   scorer=scorer, refs=ref_pairs)
-    typer.echo(f"wrote {out / 'report.html'}")

@@ -8,7 +8,6 @@ With `best_of`, more candidates are drawn per prompt and the best ones by the CL
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
 import re
@@ -18,10 +17,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import typer
 from PIL import Image
 
-from difflab.io import atomic_write, image_files, load_rgb, save_png
+from difflab.io import image_files, load_rgb, refuse_to_replace, save_png, write_csv
 from difflab.utils import DifflabError, image_grid
 
 SCHEDULERS = ("ddim", "dpmsolver")
@@ -39,6 +37,14 @@ class GenerateConfig:
     height: Optional[int] = None  # None: the model's native size (512 for SD v1.x)
     width: Optional[int] = None
     negative_prompt: str = ""
+    precision: str = "auto"  # difflab.precision: the dtype of the pipeline's weights (CPU: fp32)
+
+    def check(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise DifflabError(f"unknown scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        small = [f"{k} = {getattr(self, k)}" for k in ("per_prompt", "steps", "batch_size") if getattr(self, k) < 1]
+        if small:
+            raise DifflabError(f"{', '.join(small)}: must be at least 1")
 
 
 @dataclass
@@ -66,7 +72,9 @@ def set_scheduler(pipe, name: str) -> None:
     classes = {"ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler}
     if name not in classes:
         raise DifflabError(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
-    pipe.scheduler = classes[name].from_config(pipe.scheduler.config)
+    # A PNDM config without the key would give DDIM its default clip_sample=True, wrong for latents.
+    unclipped = {} if "clip_sample" in pipe.scheduler.config else {"clip_sample": False}
+    pipe.scheduler = classes[name].from_config(pipe.scheduler.config, **unclipped)
 
 
 def image_size(pipe, cfg: GenerateConfig) -> tuple[int, int]:
@@ -139,10 +147,17 @@ def prompt_jobs(spec: dict, keys: Sequence[str] | None = None) -> list[PromptJob
 
 
 def generate_one(pipe, prompt: str, key: str, idx: int, n: int, cfg: GenerateConfig) -> Image.Image:
-    """Regenerate image n of prompt (key, idx) alone; equal to the one written by `generate`."""
+    """Regenerate image n of prompt (key, idx) alone; equal (up to numerics) to the one written by `generate`."""
     set_scheduler(pipe, cfg.scheduler)
     pipe.set_progress_bar_config(disable=True)
     return sample(pipe, encode_prompt(pipe, prompt, cfg.negative_prompt), [image_seed(cfg.seed, key, idx, n)], cfg)[0]
+
+
+def regenerate_one(pipe, job: PromptJob, n: int, cfg: GenerateConfig, out: str | os.PathLike) -> Path:
+    """Rewrite image n of `job` in the layout under `out`; returns its path."""
+    check_learned_tokens(pipe, [job.prompt])
+    image = generate_one(pipe, job.prompt, job.key, job.idx, n, cfg)
+    return save_png(np.asarray(image.convert("RGB")), image_path(out, job.key, job.idx, n))
 
 
 def reference_images(folder: str | os.PathLike) -> list[Image.Image]:
@@ -154,32 +169,26 @@ def thumbnails(images: Sequence[Image.Image]) -> np.ndarray:
     return np.stack([np.asarray(im.convert("RGB").resize((THUMB, THUMB), Image.BICUBIC)) for im in images])
 
 
-def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]]) -> Path:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            w.writerows(rows)
-
-    return atomic_write(path, write)
-
-
 def generate(pipe, spec: dict, out: str | os.PathLike, cfg: GenerateConfig, keys: Sequence[str] | None = None,
              resume: bool = False, best_of: int | None = None, scorer=None,
-             refs: str | os.PathLike | None = None) -> Path:
+             refs: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
     """Write the course layout under `out` plus `report.html` (and `best_of_scores.csv` with `best_of`).
 
-    `resume` skips images already on disk (their seeds do not depend on the others). With `best_of`,
-    `scorer` is a `difflab.clip.score.ClipScorer` and `refs` the folder holding `<key>/` reference images.
+    Images already in `out` are kept with `resume` (their seeds do not depend on the others), replaced with
+    `overwrite`, and otherwise make this refuse. With `best_of`, `scorer` is a `difflab.clip.score.ClipScorer` and
+    `refs` the folder holding `<key>/` reference images.
     """
     from tqdm.auto import tqdm
 
     from difflab.report import HtmlReport
 
     out = Path(out)
+    cfg.check()
     jobs = prompt_jobs(spec, keys)
-    if cfg.per_prompt < 1:
-        raise DifflabError(f"--per-prompt must be at least 1, got {cfg.per_prompt}")
+    done = [image_path(out, j.key, j.idx, n).relative_to(out) for j in jobs for n in range(cfg.per_prompt)]
+    can_resume = not best_of  # best-of-N ranks all candidates together: it cannot keep some of them
+    if not (resume and can_resume):
+        refuse_to_replace(out, [str(p) for p in done], overwrite, resume=can_resume)
     if best_of is not None:
         from difflab.personalize.grading import TEXT_WEIGHT, select_best
 
@@ -221,7 +230,8 @@ def generate(pipe, spec: dict, out: str | os.PathLike, cfg: GenerateConfig, keys
             images, todo = [images[c] for c in keep], list(range(cfg.per_prompt))
         for n, im in zip(todo, images):
             save_png(np.asarray(im.convert("RGB")), image_path(out, job.key, job.idx, n))
-        shown = [load_rgb(image_path(out, job.key, job.idx, n)) for n in range(cfg.per_prompt)]
+        made = dict(zip(todo, images))  # images kept from an earlier run are read back for the report only
+        shown = [made[n] if n in made else load_rgb(image_path(out, job.key, job.idx, n)) for n in range(cfg.per_prompt)]
         cols = min(5, len(shown))
         report.heading(f"{job.key}/{job.idx}: {job.prompt}")
         report.image(image_grid(thumbnails(shown), -(-len(shown) // cols), cols), caption=f"{len(shown)} images")
@@ -234,67 +244,3 @@ def generate(pipe, spec: dict, out: str | os.PathLike, cfg: GenerateConfig, keys
         report.table(["prompt", "text", "image score", "text score"], summary)
     report.save(out / "report.html")
     return out
-
-
-def parse_only(only: str) -> tuple[str, int, int]:
-    parts = only.split("/")
-    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
-        raise DifflabError(f"--only {only!r}: expected KEY/IDX/N, e.g. 0/1/7")
-    return parts[0], int(parts[1]), int(parts[2])
-
-
-def generate_command(
-    prompts: Path = typer.Option(..., "--prompts", help="input.json with the concepts and their prompts (course schema)."),
-    sd: Path = typer.Option(..., "--sd", help="Stable Diffusion v1.x: a diffusers folder or a single-file .ckpt/.safetensors."),
-    embeds: list[Path] = typer.Option([], "--embeds", help="Learned embedding file(s) adding the concept tokens; repeat for several."),
-    out: Path = typer.Option(..., "--out", help="Output folder; images go to <out>/<key>/<idx>/source{key}_prompt{idx}_{n}.png."),
-    per_prompt: int = typer.Option(25, "--per-prompt", help="Images written per prompt."),
-    scheduler: str = typer.Option("ddim", "--scheduler", help="Sampler: ddim or dpmsolver (noise schedule kept from the model)."),
-    steps: int = typer.Option(50, "--steps", help="Denoising steps."),
-    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
-    seed: int = typer.Option(42, "--seed", help="Base seed; each image's seed is derived from it and the image's key/idx/n."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Images denoised together in one batch."),
-    height: Optional[int] = typer.Option(None, "--height", help="Image height in pixels (default: the model's native size)."),
-    width: Optional[int] = typer.Option(None, "--width", help="Image width in pixels (default: the model's native size)."),
-    keys: Optional[str] = typer.Option(None, "--keys", help="Comma-separated concept keys to generate (default: all), e.g. 0,1."),
-    negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt for classifier-free guidance."),
-    only: Optional[str] = typer.Option(None, "--only", help="Regenerate one image KEY/IDX/N (its file is rewritten in place)."),
-    resume: bool = typer.Option(False, "--resume", help="Skip images that already exist in the output folder."),
-    best_of: Optional[int] = typer.Option(None, "--best-of", help="Draw this many candidates per prompt and keep the best --per-prompt by CLIP score."),
-    clip: Optional[Path] = typer.Option(None, "--clip", help="CLIP model folder (transformers format) for --best-of scoring."),
-    refs: Optional[Path] = typer.Option(None, "--refs", help="Reference image root with one <key>/ folder per concept, for --best-of."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)."),
-    fp32: bool = typer.Option(False, "--fp32", help="Keep float32 weights on CUDA (default there: float16)."),
-) -> None:
-    """Generate the course output layout for every prompt of input.json with learned concept tokens."""
-    from difflab.clip.score import ClipScorer
-    from difflab.personalize.embeddings import load_embeddings
-    from difflab.personalize.prompts import load_input_json
-    from difflab.personalize.sd import load_sd
-    from difflab.utils import pick_device
-
-    spec = load_input_json(prompts)
-    cfg = GenerateConfig(per_prompt=per_prompt, scheduler=scheduler, steps=steps, guidance=guidance, seed=seed,
-                         batch_size=batch_size, height=height, width=width, negative_prompt=negative_prompt)
-    if scheduler not in SCHEDULERS:
-        raise DifflabError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
-    if only is not None:  # checked before the (slow) model load
-        if best_of is not None:
-            raise DifflabError("--only regenerates one image of the plain layout; it cannot be combined with --best-of")
-        key, idx, n = parse_only(only)
-        jobs = [j for j in prompt_jobs(spec, [key]) if j.idx == idx]
-        if not jobs:
-            raise DifflabError(f"--only {only}: concept {key} has no prompt {idx}")
-    dev = pick_device(device)
-    pipe = load_sd(sd, device=dev, dtype=torch.float16 if dev.type == "cuda" and not fp32 else torch.float32)
-    if embeds:
-        load_embeddings(pipe, embeds)
-    if only is not None:
-        path = image_path(out, key, idx, n)
-        save_png(np.asarray(generate_one(pipe, jobs[0].prompt, key, idx, n, cfg).convert("RGB")), path)
-        typer.echo(f"wrote {path}")
-        return
-    scorer = ClipScorer.from_pretrained(clip, dev) if best_of is not None and clip is not None else None
-    key_list = [k.strip() for k in keys.split(",") if k.strip()] if keys else None
-    generate(pipe, spec, out, cfg, keys=key_list, resume=resume, best_of=best_of, scorer=scorer, refs=refs)
-    typer.echo(f"wrote images and {out / 'report.html'}")

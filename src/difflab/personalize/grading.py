@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 TEXT_WEIGHT = 2.5
+TOP_K = 5  # images per prompt whose scores are averaged
 
 
 def select_best(image_scores: torch.Tensor, text_scores: torch.Tensor, k: int, text_weight: float = TEXT_WEIGHT) -> torch.Tensor:

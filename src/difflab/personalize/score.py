@@ -6,18 +6,15 @@ PASS when both averages reach the prompt's baseline.
 """
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
-import typer
 from tqdm import tqdm
 
 from difflab.clip.score import ClipScorer
-from difflab.io import atomic_write, image_files, load_rgb, save_json
-from difflab.personalize.grading import TEXT_WEIGHT, select_best
+from difflab.io import image_files, load_rgb, refuse_to_replace, save_json, write_csv
+from difflab.personalize.grading import TEXT_WEIGHT, TOP_K, select_best
 from difflab.personalize.prompts import load_input_json
 from difflab.report import HtmlReport
 
@@ -38,11 +35,12 @@ class PromptResult:
 
 def run_score(prompts_json: str | os.PathLike, refs_dir: str | os.PathLike, gen_dir: str | os.PathLike,
               clip_path: str | os.PathLike, out_dir: str | os.PathLike, device: str | None = None,
-              top_k: int = 5, scorer: ClipScorer | None = None) -> list[PromptResult]:
+              top_k: int = TOP_K, scorer: ClipScorer | None = None, overwrite: bool = False) -> list[PromptResult]:
     """Score `<gen>/<key>/<idx>/*` against `<refs>/<key>/*`; writes image_scores.csv, prompt_scores.csv/.json and
     report.html into `out_dir`. `scorer` reuses an already loaded model (then `clip_path` is not read)."""
     spec = load_input_json(prompts_json)
     refs_dir, gen_dir, out = Path(refs_dir), Path(gen_dir), Path(out_dir)
+    refuse_to_replace(out, ["prompt_scores.json", "image_scores.csv", "report.html"], overwrite)
     # Check every folder before the (slow) model load, so a typo fails at once.
     refs = {key: image_files(refs_dir / key, "reference image") for key in spec}
     gens = {(key, i): image_files(gen_dir / key / str(i), "generated image")
@@ -67,9 +65,9 @@ def run_score(prompts_json: str | os.PathLike, refs_dir: str | os.PathLike, gen_
                         f"{image[j] + TEXT_WEIGHT * text[j]:.4f}", j in chosen] for j in range(len(files))]
 
     out.mkdir(parents=True, exist_ok=True)
-    _write_csv(out / "image_scores.csv", ["key", "prompt_idx", "file", "image_score", "text_score",
+    write_csv(out / "image_scores.csv", ["key", "prompt_idx", "file", "image_score", "text_score",
                                           "combined", "selected"], image_rows)
-    _write_csv(out / "prompt_scores.csv", ["key", "prompt_idx", "eval_prompt", "n_images", "image_score",
+    write_csv(out / "prompt_scores.csv", ["key", "prompt_idx", "eval_prompt", "n_images", "image_score",
                                            "text_score", "baseline_image", "baseline_text", "result"],
                [[r.key, r.prompt_idx, r.eval_prompt, r.n_images, f"{r.image_score:.4f}", f"{r.text_score:.4f}",
                  r.baseline_image, r.baseline_text, "PASS" if r.passed else "FAIL"] for r in results])
@@ -77,16 +75,6 @@ def run_score(prompts_json: str | os.PathLike, refs_dir: str | os.PathLike, gen_
               out / "prompt_scores.json")
     _write_report(results, out / "report.html", top_k)
     return results
-
-
-def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            w.writerows(rows)
-
-    atomic_write(path, write)
 
 
 def _write_report(results: list[PromptResult], path: Path, top_k: int) -> None:
@@ -103,29 +91,3 @@ def _write_report(results: list[PromptResult], path: Path, top_k: int) -> None:
             im.thumbnail((192, 192))
             html.image(im, caption=Path(f).name)
     html.save(path)
-
-
-def score_command(
-    prompts: Path = typer.Option(..., "--prompts", help="input.json with prompt_4_clip_eval and baseline per concept."),
-    refs: Path = typer.Option(..., "--refs", help="Folder of reference images: <refs>/<key>/*.jpg|png."),
-    gen: Path = typer.Option(..., "--gen", help="Folder of generated images: <gen>/<key>/<prompt_idx>/*.png."),
-    clip: Path = typer.Option(..., "--clip", help="Local CLIP folder in transformers format (the course uses ViT-B/32)."),
-    out: Path = typer.Option(..., "--out", help="Output folder for image_scores.csv, prompt_scores.csv/.json, report.html."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, ... (default: CUDA when available)."),
-    top_k: int = typer.Option(5, "--top-k", min=1, help="Images per prompt kept by image + 2.5 x text and averaged."),
-):
-    """Grade generated images with CLIP image/text scores against each prompt's baseline (PASS/FAIL)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    results = run_score(prompts, refs, gen, clip, out, device=device, top_k=top_k)
-    table = Table(title="CLIP grading")
-    for col in ("concept", "prompt", "eval prompt", "image", "text", "baseline", "result"):
-        table.add_column(col)
-    for r in results:
-        table.add_row(r.key, str(r.prompt_idx), r.eval_prompt, f"{r.image_score:.2f}", f"{r.text_score:.2f}",
-                      f"{r.baseline_image:g} / {r.baseline_text:g}",
-                      "[green]PASS[/green]" if r.passed else "[red]FAIL[/red]")
-    Console().print(table)
-    n_pass = sum(r.passed for r in results)
-    typer.echo(f"{n_pass}/{len(results)} prompts pass; report: {Path(out) / 'report.html'}")

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from difflab.io import read_tensors
+from difflab.precision import resolve
 from difflab.utils import DifflabError, pick_device
 
 SD_V1_CONFIG = Path(__file__).resolve().parent / "configs" / "sd-v1"
@@ -42,6 +44,19 @@ def load_sd(path: str | os.PathLike, device: str | torch.device | None = None, d
     return pipe.to(pick_device(None if device is None else str(device)))
 
 
+def load_pipeline(path: str | os.PathLike, embeds: Sequence[str | os.PathLike] = (), device: str | None = None,
+                  precision: str = "auto"):
+    """The pipeline that generation and composition run: weights in the dtype of the precision policy (`auto`:
+    bf16 on a CUDA GPU that supports it, else fp32), with the learned embeddings in `embeds` added."""
+    from difflab.personalize.embeddings import load_embeddings
+
+    dev = pick_device(device)
+    pipe = load_sd(path, device=dev, dtype=resolve(precision, dev).dtype or torch.float32)
+    if embeds:
+        load_embeddings(pipe, embeds)
+    return pipe
+
+
 def _check_folder(path: Path) -> None:
     missing = [c for c in COMPONENTS if not (path / c).is_dir()]
     if not (path / "model_index.json").is_file():
@@ -56,7 +71,7 @@ def _load_folder(path: Path, dtype: torch.dtype | None):
     _check_folder(path)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            str(path), local_files_only=True, torch_dtype=dtype, safety_checker=None, feature_extractor=None,
+            str(path), local_files_only=True, dtype=dtype, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False)
     except (OSError, ValueError, EnvironmentError) as e:
         raise DifflabError(f"{path}: could not load the diffusers pipeline ({str(e).splitlines()[0]})") from None
@@ -188,31 +203,3 @@ def _load_single_file(path: Path, config_dir: Path, dtype: torch.dtype | None):
         requires_safety_checker=False)
     _check_pipeline(pipe, str(path))
     return pipe.to(dtype=dtype) if dtype is not None else pipe
-
-
-def tiny_sd(seed: int = 0, cross_attention_dim: int = 32):
-    """A randomly initialised miniature SD v1 pipeline (~3 M parameters) with the real CLIP tokenizer.
-
-    Same component types and data flow as SD v1, small enough for tests and CPU benchmarks; never for images.
-    """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from difflab.clip.tokenizer import load_clip_tokenizer
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=cross_attention_dim, sample_size=8,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=4, norm_num_groups=16)
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64), latent_channels=4, norm_num_groups=16,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"))
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=cross_attention_dim, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
-        pad_token_id=49407))
-    scheduler = PNDMScheduler.from_config(PNDMScheduler.load_config(SD_V1_CONFIG / "scheduler"))
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(), unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -7,7 +7,9 @@ would do each step, without the encoder).
 """
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ from tqdm.auto import tqdm
 from difflab.io import atomic_write, image_files, load_rgb, read_torch, save_json, save_png
 from difflab.personalize.embeddings import add_tokens, expand_prompt, save_embeddings
 from difflab.personalize.prompts import TEMPLATES
+from difflab.precision import resolve
 from difflab.utils import DifflabError, image_grid, pick_device, to_uint8
 
 
@@ -38,7 +41,11 @@ class Concept:
         kind = parts.pop() if parts[-1] in TEMPLATES else "object"
         if len(parts) < 3 or not all(parts[-2:]):
             raise DifflabError(f"concept {spec!r}: expected DIR:TOKEN:INIT[:object|style]")
-        return cls(":".join(parts[:-2]), parts[-2], parts[-1], kind)
+        folder = ":".join(parts[:-2])
+        if len(parts) >= 4 and not Path(folder).exists() and Path(":".join(parts[:-3])).is_dir():
+            # DIR:TOKEN:INIT:KIND with a kind we do not know, not a folder name holding ':'
+            raise DifflabError(f"concept {spec!r}: kind {parts[-1]!r} is not one of {', '.join(TEMPLATES)}")
+        return cls(folder, parts[-2], parts[-1], kind)
 
 
 @dataclass
@@ -48,6 +55,7 @@ class TextualInversionConfig:
     out: str
     num_vectors: int = 1
     resolution: int = 512
+    center_crop: bool = False  # False: squash-resize the whole image, as diffusers and the original code do
     steps: int = 3000  # optimizer steps
     batch_size: int = 1
     grad_accum: int = 4
@@ -56,7 +64,7 @@ class TextualInversionConfig:
     weight_decay: float = 1e-2
     ema_decay: float = 0.0  # > 0 keeps an EMA of the new rows, saved instead of the raw rows
     flip_p: float = 0.5
-    mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
+    precision: str = "auto"  # difflab.precision: autocast of the frozen UNet/VAE (CPU auto: fp32)
     gradient_checkpointing: bool = False
     save_every: int = 500  # embedding snapshots (0: only at the end)
     checkpoint_every: int = 500  # resumable training state (0: only at the end)
@@ -65,20 +73,29 @@ class TextualInversionConfig:
     validation_images: int = 4
     validation_steps: int = 25
     resume: bool = False
+    overwrite: bool = False  # delete an earlier run's outputs in `out` first
     seed: int = 0
     device: str | None = None
+    vae_batch: int = 8  # images per VAE encoding batch while caching latents
 
 
-def load_images(folder: str | Path, resolution: int) -> torch.Tensor:
-    """(N, 3, R, R) in [-1, 1]: centre square crop, bicubic resize."""
+# Everything a run writes into its folder: what --overwrite deletes, and what makes a folder "an earlier run".
+RUN_FILES = ("checkpoint.pt", "learned_embeds.safetensors", "config.json", "train_log.json", "report.html", "loss.png")
+RUN_FOLDERS = ("embeds", "snapshots", "validation")
+
+
+def load_images(folder: str | Path, resolution: int, center_crop: bool = False) -> torch.Tensor:
+    """(N, 3, R, R) in [-1, 1]: the whole image squashed to R x R (bicubic), or its centre square."""
     from PIL import Image
 
     out = []
     for path in image_files(folder):
         im = load_rgb(path)
-        s = min(im.size)
-        left, top = (im.width - s) // 2, (im.height - s) // 2
-        im = im.crop((left, top, left + s, top + s)).resize((resolution, resolution), Image.BICUBIC)
+        if center_crop:
+            s = min(im.size)
+            left, top = (im.width - s) // 2, (im.height - s) // 2
+            im = im.crop((left, top, left + s, top + s))
+        im = im.resize((resolution, resolution), Image.BICUBIC)
         out.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
     return torch.stack(out).float() / 127.5 - 1.0
 
@@ -89,6 +106,51 @@ def single_token_id(tokenizer, word: str) -> int:
         pieces = tokenizer.convert_ids_to_tokens(ids)
         raise DifflabError(f"initialiser {word!r} is {len(ids)} tokens {pieces}; choose a word that is one token")
     return ids[0]
+
+
+def check_config(cfg: TextualInversionConfig) -> None:
+    if not cfg.concepts:
+        raise DifflabError("give at least one concept (DIR:TOKEN:INIT)")
+    small = [f"{name} = {getattr(cfg, name)}" for name in ("num_vectors", "steps", "batch_size", "grad_accum",
+                                                            "vae_batch", "validation_images", "validation_steps")
+             if getattr(cfg, name) < 1]
+    if small:
+        raise DifflabError(f"{', '.join(small)}: must be at least 1")
+    if cfg.resolution < 8 or cfg.resolution % 8:
+        raise DifflabError(f"resolution = {cfg.resolution}: must be a positive multiple of 8 (the VAE downsamples 8x)")
+    if cfg.resume and cfg.overwrite:
+        raise DifflabError("--resume continues the run in --out, --overwrite deletes it: choose one")
+    for c in cfg.concepts:
+        if c.kind not in TEMPLATES:
+            raise DifflabError(f"concept {c.token}: kind must be one of {', '.join(TEMPLATES)}, not {c.kind!r}")
+    if len({c.token for c in cfg.concepts}) != len(cfg.concepts):
+        raise DifflabError("each concept needs its own token")
+
+
+def prepare_out_dir(cfg: TextualInversionConfig) -> None:
+    """Refuse to replace an earlier run unless told: --resume continues it, --overwrite deletes what it wrote."""
+    out = Path(cfg.out)
+    found = [name for name in RUN_FILES + RUN_FOLDERS if (out / name).exists()]
+    if found and not (cfg.resume or cfg.overwrite):
+        raise DifflabError(f"{out}: holds an earlier textual-inversion run ({', '.join(found[:3])}); pass --resume to "
+                           "continue it or --overwrite to delete it and start over")
+    if cfg.overwrite:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        for name in RUN_FOLDERS:
+            shutil.rmtree(out / name, ignore_errors=True)
+    for tmp in out.glob(".*.tmp"):  # left by a save that was killed
+        tmp.unlink()
+
+
+def make_accelerator(cfg: TextualInversionConfig):
+    from accelerate import Accelerator
+
+    device = pick_device(cfg.device)
+    if device.type == "cuda" and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        torch.cuda.set_device(device)  # accelerate runs a single process on the current CUDA device
+    mixed = {"bf16": "bf16", "fp16": "fp16"}.get(resolve(cfg.precision, device).name, "no")
+    return Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=device.type == "cpu", mixed_precision=mixed)
 
 
 def _file_stem(token: str) -> str:
@@ -102,26 +164,14 @@ class TextualInversion:
     """Holds the frozen pipeline, the latent cache and the optimizer; `train()` runs the loop."""
 
     def __init__(self, cfg: TextualInversionConfig, pipe=None):
-        from accelerate import Accelerator
         from diffusers import DDPMScheduler
 
-        if not cfg.concepts:
-            raise DifflabError("give at least one concept (DIR:TOKEN:INIT)")
-        if cfg.num_vectors < 1 or cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
-            raise DifflabError("num_vectors, steps, batch_size and grad_accum must be >= 1")
-        if cfg.mixed_precision not in ("no", "fp16", "bf16"):
-            raise DifflabError(f"mixed_precision must be no, fp16 or bf16, not {cfg.mixed_precision!r}")
-        for c in cfg.concepts:
-            if c.kind not in TEMPLATES:
-                raise DifflabError(f"concept {c.token}: kind must be one of {', '.join(TEMPLATES)}, not {c.kind!r}")
-        if len({c.token for c in cfg.concepts}) != len(cfg.concepts):
-            raise DifflabError("each concept needs its own token")
+        check_config(cfg)
         self.cfg, self.out = cfg, Path(cfg.out)
-        device = pick_device(cfg.device)
-        self.accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=device.type == "cpu",
-                                       mixed_precision=cfg.mixed_precision if device.type == "cuda" else "no")
+        images = [load_images(c.images, cfg.resolution, cfg.center_crop) for c in cfg.concepts]  # before loading SD
+        prepare_out_dir(cfg)
+        self.accelerator = make_accelerator(cfg)
         self.device = self.accelerator.device
-        images = [load_images(c.images, cfg.resolution) for c in cfg.concepts]  # fail fast, before loading SD
 
         if pipe is None:
             from difflab.personalize.sd import load_sd
@@ -182,11 +232,15 @@ class TextualInversion:
         """Per concept, (N, 2, C, h, w) mean and std of the VAE posterior for each image and its mirror."""
         vae, means, stds = self.pipe.vae, [], []
         for x in images:
-            both = torch.cat([x, x.flip(-1)]).to(self.device, vae.dtype)
-            dist = vae.encode(both).latent_dist
+            both = torch.cat([x, x.flip(-1)])
+            # In chunks: ~60 images at 512 px in one VAE batch would not fit in memory.
+            dists = [vae.encode(both[i:i + self.cfg.vae_batch].to(self.device, vae.dtype)).latent_dist
+                     for i in range(0, len(both), self.cfg.vae_batch)]
+            mean = torch.cat([d.mean.float().cpu() for d in dists])
+            std = torch.cat([d.std.float().cpu() for d in dists])
             n = len(x)
-            means.append(dist.mean.float().cpu().view(2, n, *dist.mean.shape[1:]).transpose(0, 1).contiguous())
-            stds.append(dist.std.float().cpu().view(2, n, *dist.std.shape[1:]).transpose(0, 1).contiguous())
+            means.append(mean.view(2, n, *mean.shape[1:]).transpose(0, 1).contiguous())
+            stds.append(std.view(2, n, *std.shape[1:]).transpose(0, 1).contiguous())
         return means, stds
 
     def sample_batch(self) -> dict[str, torch.Tensor]:
