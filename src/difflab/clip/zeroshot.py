@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from difflab.clip.model import default_processor, encode_pixels, encode_texts, pixel_batch
 from difflab.clip.preprocess import ClipTransform
 from difflab.clip.tokenizer import load_clip_tokenizer
-from difflab.io import atomic_write, read_safetensors
+from difflab.io import atomic_write, read_safetensors, read_text
 from difflab.precision import Precision, resolve
 from difflab.utils import DifflabError, pick_device
 
@@ -54,8 +54,8 @@ def load_templates(spec: str) -> list[str]:
     if spec == "ensemble":
         return list(ENSEMBLE_TEMPLATES)
     path = Path(spec)
-    if path.is_file():
-        templates = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if path.is_file() or ("{}" not in spec and (path.suffix or "/" in spec)):  # a file name, present or not
+        templates = [line.strip() for line in read_text(path, "templates").splitlines() if line.strip()]
         source = str(path)
     else:
         templates, source = [spec], "template"

@@ -8,6 +8,7 @@ Two inputs are accepted:
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -17,6 +18,10 @@ import torch
 from difflab.io import read_tensors
 from difflab.precision import resolve
 from difflab.utils import DifflabError, pick_device
+
+# transformers says once per image-processor class that it falls back to PIL without torchvision. difflab never
+# installs torchvision (it breaks beside the CPU torch), so the notice is nothing a user can act on.
+logging.getLogger("transformers.utils.import_utils").addFilter(lambda r: "requires torchvision" not in r.getMessage())
 
 SD_V1_CONFIG = Path(__file__).resolve().parent / "configs" / "sd-v1"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
