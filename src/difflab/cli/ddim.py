@@ -2,34 +2,37 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
+from difflab.cli.options import Device, Precision, parse_floats
+from difflab.ddim.pipeline import DDIMConfig
+from difflab.utils import DifflabError
+
 app = typer.Typer(help="DDIM sampling, eta grids, interpolation, inversion and MSE (face UNet and others).", no_args_is_help=True)
 
-CKPT_HELP = ("Face UNet state dict (UNet.pt / .safetensors), a diffusers UNet2DModel folder, "
-             "or a difflab digits checkpoint folder.")
-DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: CUDA when available)."
-PRECISION_HELP = "auto (CUDA: bf16 where supported; CPU: fp32), fp32, bf16 or fp16 (CUDA only)."
-
-
-def _parse_floats(text: str, option: str) -> list[float]:
-    from difflab.utils import DifflabError
-
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise DifflabError(f"{option}: expected comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise DifflabError(f"{option}: no values given")
-    return values
+# Options several commands share: written once, defaults from DDIMConfig.
+Ckpt = Annotated[Path, typer.Option("--ckpt", help="Face UNet state dict (UNet.pt / .safetensors), a diffusers "
+                                    "UNet2DModel folder, or a difflab digits checkpoint folder.")]
+NoiseDir = Annotated[Optional[Path], typer.Option("--noise-dir", help="Folder of noise tensors 00.pt, 01.pt, ... "
+                     "(1,C,H,W) or (C,H,W); without it noises are drawn from --noise-seed.")]
+NoiseSeed = Annotated[int, typer.Option("--noise-seed", help="Seed of the noises drawn when no noise files are given "
+                                        "(saved under <out>/noise/ for reuse).")]
+Size = Annotated[Optional[int], typer.Option("--size", min=8, max=4096, help="Image size of drawn noises for nets that "
+                                             "do not carry one (default 256, the face UNet's).")]
+Steps = Annotated[int, typer.Option("--steps", min=1, max=1000, help="Number of DDIM steps (50: 981, 961, ..., 1).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, max=4096, help="Noises denoised together.")]
+StepSeed = Annotated[int, typer.Option("--seed", help="Seed of the fresh per-step noise when η > 0.")]
+Domain = Annotated[Optional[str], typer.Option("--domain", help="Digits checkpoints: mnistm, svhn or a domain index.")]
+Digit = Annotated[Optional[int], typer.Option("--digit", min=0, max=9, help="Digits checkpoints: the digit to draw.")]
+Guidance = Annotated[float, typer.Option("--guidance", min=0.0, max=100.0,
+                                         help="Digits checkpoints: classifier-free guidance scale of the digit.")]
 
 
 def _digits_condition(domain: Optional[str], digit: Optional[int], guidance: float):
     from difflab.ddim.models import DigitsCondition
     from difflab.digits.data import DOMAINS
-    from difflab.utils import DifflabError
 
     if domain is None and digit is None:
         return None
@@ -44,33 +47,28 @@ def _digits_condition(domain: Optional[str], digit: Optional[int], guidance: flo
     return DigitsCondition(domain=index, digit=digit, guidance=guidance)
 
 
-NOISE_DIR_HELP = "Folder of noise tensors 00.pt, 01.pt, ... (1,C,H,W) or (C,H,W); without it noises are drawn from --noise-seed."
-NOISE_SEED_HELP = "Seed of the noises drawn when no noise files are given (saved under <out>/noise/ for reuse)."
-SIZE_HELP = "Image size of drawn noises for nets that do not carry one (default 256, the face UNet's)."
-
-
 @app.command("sample")
 def sample_cmd(
-    noise_dir: Optional[Path] = typer.Option(None, "--noise-dir", help=NOISE_DIR_HELP),
-    noise_seed: int = typer.Option(0, "--noise-seed", help=NOISE_SEED_HELP),
+    noise_dir: NoiseDir = None,
+    noise_seed: NoiseSeed = 0,
     num_noises: int = typer.Option(10, "--num-noises", min=1, max=10_000, help="How many noises to draw without --noise-dir."),
-    size: Optional[int] = typer.Option(None, "--size", min=8, max=4096, help=SIZE_HELP),
-    ckpt: Path = typer.Option(..., "--ckpt", help=CKPT_HELP),
+    size: Size = None,
+    ckpt: Ckpt = ...,
     out: Path = typer.Option(..., "--out", help="Output folder; writes <stem>.png per noise file."),
-    eta: float = typer.Option(0.0, "--eta", min=0.0, help="DDIM η: 0 is deterministic, 1 is DDPM-like."),
-    steps: int = typer.Option(50, "--steps", min=1, max=1000, help="Number of DDIM steps (50: 981, 961, ..., 1)."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Noises denoised together."),
-    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
-    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
-    seed: int = typer.Option(0, "--seed", help="Seed of the fresh per-step noise when η > 0."),
-    domain: Optional[str] = typer.Option(None, "--domain", help="Digits checkpoints: mnistm, svhn or a domain index."),
-    digit: Optional[int] = typer.Option(None, "--digit", min=0, help="Digits checkpoints: the digit to draw."),
-    guidance: float = typer.Option(1.0, "--guidance", help="Digits checkpoints: classifier-free guidance scale."),
+    eta: float = typer.Option(DDIMConfig.eta, "--eta", min=0.0, max=1.0, help="DDIM η: 0 is deterministic, 1 is DDPM-like."),
+    steps: Steps = DDIMConfig.steps,
+    batch_size: BatchSize = DDIMConfig.batch_size,
+    device: Device = None,
+    precision: Precision = "auto",
+    seed: StepSeed = DDIMConfig.seed,
+    domain: Domain = None,
+    digit: Digit = None,
+    guidance: Guidance = 1.0,
 ):
     """Denoise every noise file (or seeded noises) with DDIM and write one PNG per noise (same stem), min-max
     normalised per image."""
     from difflab.ddim.models import load_eps_model
-    from difflab.ddim.pipeline import DDIMConfig, sample_noise_folder, sample_seeded
+    from difflab.ddim.pipeline import sample_noise_folder, sample_seeded
 
     model = load_eps_model(ckpt, device, precision, condition=_digits_condition(domain, digit, guidance))
     config = DDIMConfig(steps=steps, eta=eta, batch_size=batch_size, seed=seed)
@@ -83,31 +81,31 @@ def sample_cmd(
 
 @app.command("eta-grid")
 def eta_grid_cmd(
-    noise_dir: Optional[Path] = typer.Option(None, "--noise-dir", help=NOISE_DIR_HELP),
-    noise_seed: int = typer.Option(0, "--noise-seed", help=NOISE_SEED_HELP),
-    size: Optional[int] = typer.Option(None, "--size", min=8, max=4096, help=SIZE_HELP),
-    ckpt: Path = typer.Option(..., "--ckpt", help=CKPT_HELP),
+    noise_dir: NoiseDir = None,
+    noise_seed: NoiseSeed = 0,
+    size: Size = None,
+    ckpt: Ckpt = ...,
     out: Path = typer.Option(..., "--out", help="Output folder for eta_grid.png and eta_grid.html."),
     noises: str = typer.Option("00,01,02,03", "--noises", help="Comma-separated noise file stems, one grid row each."),
     etas: str = typer.Option("0,0.25,0.5,0.75,1", "--etas", help="Comma-separated η values, one grid column each."),
-    steps: int = typer.Option(50, "--steps", min=1, max=1000, help="Number of DDIM steps."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Noises denoised together."),
-    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
-    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
-    seed: int = typer.Option(0, "--seed", help="Seed of the fresh per-step noise for η > 0."),
-    domain: Optional[str] = typer.Option(None, "--domain", help="Digits checkpoints: mnistm, svhn or a domain index."),
-    digit: Optional[int] = typer.Option(None, "--digit", min=0, help="Digits checkpoints: the digit to draw."),
-    guidance: float = typer.Option(1.0, "--guidance", help="Digits checkpoints: classifier-free guidance scale."),
+    steps: Steps = DDIMConfig.steps,
+    batch_size: BatchSize = DDIMConfig.batch_size,
+    device: Device = None,
+    precision: Precision = "auto",
+    seed: StepSeed = DDIMConfig.seed,
+    domain: Domain = None,
+    digit: Digit = None,
+    guidance: Guidance = 1.0,
 ):
     """Figure: the same noises sampled with several η values (rows = noises, columns = η)."""
     from difflab.ddim.figures import eta_grid_figure
     from difflab.ddim.models import load_eps_model
     from difflab.ddim.noise import load_noises
-    from difflab.ddim.pipeline import DDIMConfig, draw_noises, eta_grid
+    from difflab.ddim.pipeline import draw_noises, eta_grid
     from difflab.report import HtmlReport
 
     names = [n.strip() for n in noises.split(",") if n.strip()]
-    eta_values = _parse_floats(etas, "--etas")
+    eta_values = parse_floats(etas, "--etas")
     model = load_eps_model(ckpt, device, precision, condition=_digits_condition(domain, digit, guidance))
     if noise_dir is None:
         x = draw_noises(model, names, noise_seed, out / "noise", size)
@@ -124,34 +122,33 @@ def eta_grid_cmd(
 def interpolate_cmd(
     a: Optional[Path] = typer.Option(None, "--a", help="First noise file (α = 0), e.g. 00.pt; without --a/--b two noises are drawn from --noise-seed."),
     b: Optional[Path] = typer.Option(None, "--b", help="Second noise file (α = 1), e.g. 01.pt."),
-    noise_seed: int = typer.Option(0, "--noise-seed", help=NOISE_SEED_HELP),
-    size: Optional[int] = typer.Option(None, "--size", min=8, max=4096, help=SIZE_HELP),
-    ckpt: Path = typer.Option(..., "--ckpt", help=CKPT_HELP),
+    noise_seed: NoiseSeed = 0,
+    size: Size = None,
+    ckpt: Ckpt = ...,
     out: Path = typer.Option(..., "--out", help="Output folder for interp_<method>.png and interpolation.html."),
     method: str = typer.Option("both", "--method", help="lerp, slerp or both."),
     alphas: str = typer.Option("0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", "--alphas", help="Comma-separated α values."),
-    steps: int = typer.Option(50, "--steps", min=1, max=1000, help="Number of DDIM steps."),
-    batch_size: int = typer.Option(11, "--batch-size", min=1, help="Noises denoised together."),
-    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
-    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
-    domain: Optional[str] = typer.Option(None, "--domain", help="Digits checkpoints: mnistm, svhn or a domain index."),
-    digit: Optional[int] = typer.Option(None, "--digit", min=0, help="Digits checkpoints: the digit to draw."),
-    guidance: float = typer.Option(1.0, "--guidance", help="Digits checkpoints: classifier-free guidance scale."),
+    steps: Steps = DDIMConfig.steps,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=4096, help="Noises denoised together.")] = 11,
+    device: Device = None,
+    precision: Precision = "auto",
+    domain: Domain = None,
+    digit: Digit = None,
+    guidance: Guidance = 1.0,
 ):
     """Figure: η = 0 images of noises interpolated between two files, by lerp and/or slerp."""
     from difflab.ddim.figures import interpolation_figure
     from difflab.ddim.models import load_eps_model
     from difflab.ddim.noise import load_noise
-    from difflab.ddim.pipeline import DDIMConfig, draw_noises, interpolate
+    from difflab.ddim.pipeline import draw_noises, interpolate
     from difflab.report import HtmlReport
-    from difflab.utils import DifflabError
 
     if method not in ("lerp", "slerp", "both"):
         raise DifflabError(f"--method: {method!r} is not lerp, slerp or both")
     if (a is None) != (b is None):
         raise DifflabError("--a and --b go together (or leave both out to draw two noises from --noise-seed)")
     methods = ["lerp", "slerp"] if method == "both" else [method]
-    alpha_values = _parse_floats(alphas, "--alphas")
+    alpha_values = parse_floats(alphas, "--alphas")
     model = load_eps_model(ckpt, device, precision, condition=_digits_condition(domain, digit, guidance))
     if a is None:
         x0, x1 = draw_noises(model, ["00", "01"], noise_seed, out / "noise", size).split(1)
@@ -189,15 +186,15 @@ def mse_cmd(
 @app.command("invert")
 def invert_cmd(
     image: Path = typer.Option(..., "--image", help="RGB image to invert (size divisible by 32 for the face UNet)."),
-    ckpt: Path = typer.Option(..., "--ckpt", help=CKPT_HELP),
+    ckpt: Ckpt = ...,
     out: Path = typer.Option(..., "--out", help="Where to write the recovered noise tensor (.pt, shape (1,C,H,W))."),
-    steps: int = typer.Option(50, "--steps", min=1, max=1000, help="Number of DDIM steps (use the same for sampling)."),
-    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
-    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
+    steps: Steps = DDIMConfig.steps,
+    device: Device = None,
+    precision: Precision = "auto",
 ):
     """DDIM inversion: find the x_T that η = 0 DDIM turns back into the image; reports the reconstruction MSE."""
     from difflab.ddim.models import load_eps_model
-    from difflab.ddim.pipeline import DDIMConfig, invert_image
+    from difflab.ddim.pipeline import invert_image
 
     model = load_eps_model(ckpt, device, precision)
     result = invert_image(model, image, out, DDIMConfig(steps=steps))
@@ -208,19 +205,18 @@ def invert_cmd(
 @app.command("precision-check")
 def precision_check_cmd(
     noise_dir: Path = typer.Option(..., "--noise-dir", help="Folder of noise tensors."),
-    ckpt: Path = typer.Option(..., "--ckpt", help=CKPT_HELP),
+    ckpt: Ckpt = ...,
     precision: str = typer.Option("bf16", "--precision", help="The low precision to check against fp32: bf16, or fp16 on CUDA."),
     limit: int = typer.Option(4, "--limit", min=1, help="Use the first N noise files."),
-    steps: int = typer.Option(50, "--steps", min=1, max=1000, help="Number of DDIM steps."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Noises denoised together."),
-    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
-    threshold: float = typer.Option(1.0, "--threshold", help="Largest acceptable per-image MSE (0-255 scale)."),
+    steps: Steps = DDIMConfig.steps,
+    batch_size: BatchSize = DDIMConfig.batch_size,
+    device: Device = None,
+    threshold: float = typer.Option(1.0, "--threshold", min=0.0, help="Largest acceptable per-image MSE (0-255 scale)."),
 ):
     """Check that η = 0 images under autocast stay within MSE `threshold` of float32; exit 1 when not."""
     from difflab.ddim.models import load_eps_model
     from difflab.ddim.noise import list_noise_files, load_noises
-    from difflab.ddim.pipeline import DDIMConfig, precision_mse
-    from difflab.utils import DifflabError
+    from difflab.ddim.pipeline import precision_mse
 
     files = list_noise_files(noise_dir)[:limit]
     reference = load_eps_model(ckpt, device, "fp32")
