@@ -25,6 +25,7 @@ demo-quick: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)

@@ -1,4 +1,5 @@
 """Shared by the benchmark scripts: timing and writing results as JSON + a markdown table."""
+
 from __future__ import annotations
 
 import json
@@ -16,17 +17,24 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def machine() -> dict:
     from difflab.precision import cpu_name
 
-    info = {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
-            "cpu": cpu_name(), "threads": torch.get_num_threads()}
+    info = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
 
 
-def best_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1,
-              clock: Callable[[], float] = time.perf_counter) -> float:
+def best_time(
+    fn: Callable[[], object], repeats: int = 3, warmup: int = 1, clock: Callable[[], float] = time.perf_counter
+) -> float:
     """Minimum time of `fn` over `repeats` runs after `warmup` runs (seconds). Wall time by default;
     `clock=time.process_time` gives CPU time, which barely moves when other jobs share the cores."""
+
     def sync():
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -43,12 +51,19 @@ def best_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1,
     return min(times)
 
 
-def write_results(name: str, header: Sequence[str], rows: Sequence[Sequence[object]], notes: str = "",
-                  extra: dict | None = None) -> Path:
+def write_results(
+    name: str, header: Sequence[str], rows: Sequence[Sequence[object]], notes: str = "", extra: dict | None = None
+) -> Path:
     """Write `results/<name>.json` and `results/<name>.md` (a markdown table) and print the table."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "machine": machine(), "header": list(header), "rows": [list(r) for r in rows],
-               "notes": notes, **(extra or {})}
+    payload = {
+        "benchmark": name,
+        "machine": machine(),
+        "header": list(header),
+        "rows": [list(r) for r in rows],
+        "notes": notes,
+        **(extra or {}),
+    }
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
 
     def fmt(v):
@@ -56,8 +71,14 @@ def write_results(name: str, header: Sequence[str], rows: Sequence[Sequence[obje
 
     m = machine()
     device = m["gpu"] + " (GPU)" if "gpu" in m else "no GPU"
-    lines = [f"### {name}", "", f"Machine: {m['cpu']}, {m['threads']} threads, {device}, torch {m['torch']}.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [
+        f"### {name}",
+        "",
+        f"Machine: {m['cpu']}, {m['threads']} threads, {device}, torch {m['torch']}.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     if notes:
         lines += ["", notes]

@@ -5,6 +5,7 @@ Model: random-init CLIP with the real ViT-B/32 architecture (no weights are down
 The pipeline re-encodes all class prompts for every image; difflab encodes them once (and caches them on disk),
 batches images through a DataLoader and runs under inference_mode.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import best_time, write_results  # noqa: E402
 
 N_IMAGES, N_CLASSES, BATCH = 64, 20, 32
-CLASSES = ["apple", "bear", "bicycle", "bottle", "bridge", "butterfly", "castle", "cloud", "crab", "dolphin",
-           "elephant", "forest", "house", "lamp", "lion", "maple tree", "motorcycle", "mountain", "rocket", "sea"]
+CLASSES = [
+    "apple",
+    "bear",
+    "bicycle",
+    "bottle",
+    "bridge",
+    "butterfly",
+    "castle",
+    "cloud",
+    "crab",
+    "dolphin",
+    "elephant",
+    "forest",
+    "house",
+    "lamp",
+    "lion",
+    "maple tree",
+    "motorcycle",
+    "mountain",
+    "rocket",
+    "sea",
+]
 
 
 def vit_b32(path: Path) -> Path:
@@ -31,11 +52,24 @@ def vit_b32(path: Path) -> Path:
     from difflab.clip.tokenizer import load_clip_tokenizer
 
     config = CLIPConfig(
-        vision_config=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                           patch_size=32, image_size=224),
-        text_config=dict(hidden_size=512, num_hidden_layers=12, num_attention_heads=8, intermediate_size=2048,
-                         vocab_size=49408, max_position_embeddings=77),
-        projection_dim=512)
+        vision_config=dict(
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            patch_size=32,
+            image_size=224,
+        ),
+        text_config=dict(
+            hidden_size=512,
+            num_hidden_layers=12,
+            num_attention_heads=8,
+            intermediate_size=2048,
+            vocab_size=49408,
+            max_position_embeddings=77,
+        ),
+        projection_dim=512,
+    )
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(path)
     load_clip_tokenizer().save_pretrained(path)
@@ -77,14 +111,26 @@ def main() -> None:
         cfg = ZeroShotConfig(images=tmp / "images", model=model_dir, out=tmp, batch_size=BATCH, num_workers=2)
 
         def ours(cpu_bf16: bool = False, cache: Path = tmp / "cache"):
-            embeds, _ = cached_class_embeddings(clip.model, clip.tokenizer, CLASSES, [template], clip.device,
-                                                folder_fingerprint(model_dir), cache)
-            clf = ZeroShotClassifier(clip.model, CLASSES, embeds, ClipTransform.from_processor(clip.processor),
-                                     clip.device, Precision("bf16" if cpu_bf16 else "fp32"))
+            embeds, _ = cached_class_embeddings(
+                clip.model, clip.tokenizer, CLASSES, [template], clip.device, folder_fingerprint(model_dir), cache
+            )
+            clf = ZeroShotClassifier(
+                clip.model,
+                CLASSES,
+                embeds,
+                ClipTransform.from_processor(clip.processor),
+                clip.device,
+                Precision("bf16" if cpu_bf16 else "fp32"),
+            )
             return classify_files(clf, data, cfg)[1]
 
-        pipe = pipeline("zero-shot-image-classification", model=clip.model, tokenizer=clip.tokenizer,
-                        image_processor=clip.processor, device=clip.device)
+        pipe = pipeline(
+            "zero-shot-image-classification",
+            model=clip.model,
+            tokenizer=clip.tokenizer,
+            image_processor=clip.processor,
+            device=clip.device,
+        )
 
         def theirs():
             outs = pipe([str(f) for f in files], candidate_labels=CLASSES, hypothesis_template=template)
@@ -115,20 +161,42 @@ def main() -> None:
     ips = lambda t: N_IMAGES / t  # noqa: E731
     rows = [
         ["transformers pipeline", round(t_pipe, 3), round(ips(t_pipe), 2), 1.0, 1.0],
-        ["difflab, fp32, text features cached", round(t_ours, 3), round(ips(t_ours), 2),
-         round(t_pipe / t_ours, 2), same_fp32],
-        ["difflab, fp32, first run (text features computed)", round(t_cold, 3), round(ips(t_cold), 2),
-         round(t_pipe / t_cold, 2), same_fp32],
-        ["difflab, bf16 autocast (CPU), cached", round(t_bf16, 3), round(ips(t_bf16), 2),
-         round(t_pipe / t_bf16, 2), same_bf16],
+        [
+            "difflab, fp32, text features cached",
+            round(t_ours, 3),
+            round(ips(t_ours), 2),
+            round(t_pipe / t_ours, 2),
+            same_fp32,
+        ],
+        [
+            "difflab, fp32, first run (text features computed)",
+            round(t_cold, 3),
+            round(ips(t_cold), 2),
+            round(t_pipe / t_cold, 2),
+            same_fp32,
+        ],
+        [
+            "difflab, bf16 autocast (CPU), cached",
+            round(t_bf16, 3),
+            round(ips(t_bf16), 2),
+            round(t_pipe / t_bf16, 2),
+            same_bf16,
+        ],
     ]
-    notes = (f"{N_IMAGES} PNG images (240-480 px) read from disk, {N_CLASSES} classes, prompt {template!r}, "
-             f"random-init ViT-B/32 architecture; difflab batch {BATCH}, 2 DataLoader workers. "
-             f"'top-1 agreement' = fraction of images whose top-1 class equals the pipeline's; "
-             f"max |p_difflab(fp32) - p_pipeline| = {max_diff:.2e}. "
-             f"1-minute load average at the end: {os.getloadavg()[0]:.1f} (other processes share the CPU when > threads).")
-    write_results("clip", ["method", "seconds", "images/s", "speed-up", "top-1 agreement"], rows, notes,
-                  extra={"max_abs_prob_diff_fp32": max_diff, "load_average_1min": os.getloadavg()[0]})
+    notes = (
+        f"{N_IMAGES} PNG images (240-480 px) read from disk, {N_CLASSES} classes, prompt {template!r}, "
+        f"random-init ViT-B/32 architecture; difflab batch {BATCH}, 2 DataLoader workers. "
+        f"'top-1 agreement' = fraction of images whose top-1 class equals the pipeline's; "
+        f"max |p_difflab(fp32) - p_pipeline| = {max_diff:.2e}. "
+        f"1-minute load average at the end: {os.getloadavg()[0]:.1f} (other processes share the CPU when > threads)."
+    )
+    write_results(
+        "clip",
+        ["method", "seconds", "images/s", "speed-up", "top-1 agreement"],
+        rows,
+        notes,
+        extra={"max_abs_prob_diff_fp32": max_diff, "load_average_1min": os.getloadavg()[0]},
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ run on two cores. GPU: 256x256 (the real size), batch 8, plus difflab's fp16 aut
 its η = 0 MSE against float32 (the `ddim precision-check` criterion: below 1 on the 0-255 scale).
 Run: .venv/bin/python benchmarks/ddim.py
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,8 +28,9 @@ STEPS = 50
 def diffusers_loop(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     from diffusers import DDIMScheduler
 
-    sch = DDIMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=True,
-                        set_alpha_to_one=False, steps_offset=1)
+    sch = DDIMScheduler(
+        beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=True, set_alpha_to_one=False, steps_offset=1
+    )
     sch.set_timesteps(STEPS)
     with torch.inference_mode():
         for t in sch.timesteps:
@@ -45,9 +47,12 @@ def main() -> None:
     x_T = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
     cfg = DDIMConfig(steps=STEPS, batch_size=batch)
 
-    loops = {"diffusers": lambda: diffusers_loop(net, x_T.clone()).cpu(),
-             "ours": lambda: ddim_sample(wrap_face_unet(net, device, "fp32", channels_last=False), x_T.clone(), cfg,
-                                         progress=False)}
+    loops = {
+        "diffusers": lambda: diffusers_loop(net, x_T.clone()).cpu(),
+        "ours": lambda: ddim_sample(
+            wrap_face_unet(net, device, "fp32", channels_last=False), x_T.clone(), cfg, progress=False
+        ),
+    }
     if cuda:
         # A copy: channels-last conversion works in place.
         fast = wrap_face_unet(copy.deepcopy(net), device, precision="fp16", channels_last=True)
@@ -59,19 +64,28 @@ def main() -> None:
         for name, fn in loops.items():
             times[name].append(best_time(lambda: results.__setitem__(name, fn()), repeats=1, warmup=1 if cuda else 0))
     t_diff, t_ours = min(times["diffusers"]), min(times["ours"])
-    rows = [["diffusers DDIMScheduler loop, fp32", size, batch, batch / t_diff, 1.0],
-            ["difflab ddim_sample, fp32", size, batch, batch / t_ours, t_diff / t_ours]]
-    extra = {"seconds": times, "max_abs_diff_ours_vs_diffusers": float((results["ours"] - results["diffusers"]).abs().max())}
+    rows = [
+        ["diffusers DDIMScheduler loop, fp32", size, batch, batch / t_diff, 1.0],
+        ["difflab ddim_sample, fp32", size, batch, batch / t_ours, t_diff / t_ours],
+    ]
+    extra = {
+        "seconds": times,
+        "max_abs_diff_ours_vs_diffusers": float((results["ours"] - results["diffusers"]).abs().max()),
+    }
     if cuda:
         t_fast = min(times["fast"])
-        rows.append(["difflab ddim_sample, fp16 autocast + channels_last", size, batch, batch / t_fast, t_diff / t_fast])
+        rows.append(
+            ["difflab ddim_sample, fp16 autocast + channels_last", size, batch, batch / t_fast, t_diff / t_fast]
+        )
         a, b = minmax_uint8(results["ours"]).astype(np.float64), minmax_uint8(results["fast"]).astype(np.float64)
         extra["fp16_vs_fp32_per_image_mse"] = ((a - b) ** 2).reshape(batch, -1).mean(axis=1).tolist()
-    notes = (f"{STEPS} DDIM steps, η = 0, random-weight face UNet (113.7 M params), best of {repeats} interleaved runs. "
-             "Both loops call the same network, so on CPU the ratio can only reflect sampler overhead (expected ≈ 1); "
-             "on a shared, busy machine it mostly shows timing noise. "
-             f"Max |ours - diffusers| on the final images: {extra['max_abs_diff_ours_vs_diffusers']:.2e} "
-             "(float32 ᾱ in diffusers vs float64 in difflab, amplified by a random net).")
+    notes = (
+        f"{STEPS} DDIM steps, η = 0, random-weight face UNet (113.7 M params), best of {repeats} interleaved runs. "
+        "Both loops call the same network, so on CPU the ratio can only reflect sampler overhead (expected ≈ 1); "
+        "on a shared, busy machine it mostly shows timing noise. "
+        f"Max |ours - diffusers| on the final images: {extra['max_abs_diff_ours_vs_diffusers']:.2e} "
+        "(float32 ᾱ in diffusers vs float64 in difflab, amplified by a random net)."
+    )
     write_results("ddim", ["sampler", "size", "batch", "images/s", "speed vs diffusers"], rows, notes, extra)
 
 

@@ -1,6 +1,7 @@
 """Digits benchmarks: sampling throughput of our batched-CFG DDIM vs a diffusers DDIMScheduler loop with two
 forwards per step, the training-step time (fp32 vs bf16 autocast), and accuracy vs sampling steps when a
 trained checkpoint and classifiers exist (e.g. after `make demo`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,15 @@ def diffusers_cfg_loop(net, x, cond, uncond, scale, steps, num_train_timesteps):
     """How a diffusers user writes CFG: a DDIMScheduler and two forwards (cond, uncond) per step."""
     from diffusers import DDIMScheduler
 
-    sch = DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                        clip_sample=True, set_alpha_to_one=True, steps_offset=1)
+    sch = DDIMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.02,
+        clip_sample=True,
+        set_alpha_to_one=True,
+        steps_offset=1,
+    )
     sch.set_timesteps(steps)
     for t in sch.timesteps:
         tt = t.repeat(len(x))
@@ -44,15 +52,24 @@ def sampling_rows(net, sched: NoiseSchedule, n, steps, scale):
     rows = []
     with torch.inference_mode():
         ref = diffusers_cfg_loop(net, x, cond, uncond, scale, steps, sched.num_steps)
-        theirs = best_time(lambda: diffusers_cfg_loop(net, x, cond, uncond, scale, steps, sched.num_steps),
-                           repeats=2, warmup=0)
+        theirs = best_time(
+            lambda: diffusers_cfg_loop(net, x, cond, uncond, scale, steps, sched.num_steps), repeats=2, warmup=0
+        )
         ours_fn = lambda: sample(guided_digits_eps(net, cond, scale, 1.0), x, sched, ts)  # noqa: E731
         diff = (ours_fn().images - ref).abs().max().item()
         ours = best_time(ours_fn, repeats=2, warmup=0)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             ours_bf16 = best_time(ours_fn, repeats=2, warmup=0)
     rows.append(["sampling", "diffusers DDIMScheduler, 2 forwards/step, fp32", n / theirs, 1.0, ""])
-    rows.append(["sampling", "difflab, 1 batched forward/step, fp32", n / ours, theirs / ours, f"max abs diff vs diffusers {diff:.1e}"])
+    rows.append(
+        [
+            "sampling",
+            "difflab, 1 batched forward/step, fp32",
+            n / ours,
+            theirs / ours,
+            f"max abs diff vs diffusers {diff:.1e}",
+        ]
+    )
     rows.append(["sampling", "difflab, 1 batched forward/step, bf16 autocast", n / ours_bf16, theirs / ours_bf16, ""])
     return rows
 
@@ -72,8 +89,10 @@ def train_rows(net, batch):
 
     fp32 = best_time(lambda: step(False), repeats=3)
     bf16 = best_time(lambda: step(True), repeats=3)
-    return [["train step", f"AdamW, batch {batch}, fp32", 1 / fp32, 1.0, f"{fp32:.3f} s/step"],
-            ["train step", f"AdamW, batch {batch}, bf16 autocast", 1 / bf16, fp32 / bf16, f"{bf16:.3f} s/step"]]
+    return [
+        ["train step", f"AdamW, batch {batch}, fp32", 1 / fp32, 1.0, f"{fp32:.3f} s/step"],
+        ["train step", f"AdamW, batch {batch}, bf16 autocast", 1 / bf16, fp32 / bf16, f"{bf16:.3f} s/step"],
+    ]
 
 
 def accuracy_rows(ckpt: Path, classifiers: Path, per_digit: int):
@@ -90,9 +109,15 @@ def accuracy_rows(ckpt: Path, classifiers: Path, per_digit: int):
             seconds = time.perf_counter() - start
             result = evaluate_folder(tmp, classifiers, Path(tmp) / "eval")
         d = result["domains"]
-        rows.append(["accuracy", f"{method.upper()}-{steps}, guidance {cfg.guidance_digit}",
-                     20 * per_digit / seconds, result["accuracy"],
-                     f"MNIST-M {d['mnistm']['accuracy']:.3f}, SVHN {d['svhn']['accuracy']:.3f}"])
+        rows.append(
+            [
+                "accuracy",
+                f"{method.upper()}-{steps}, guidance {cfg.guidance_digit}",
+                20 * per_digit / seconds,
+                result["accuracy"],
+                f"MNIST-M {d['mnistm']['accuracy']:.3f}, SVHN {d['svhn']['accuracy']:.3f}",
+            ]
+        )
     return rows
 
 
@@ -114,9 +139,12 @@ def main() -> None:
         net, sched = DigitsUNet(PRESETS["cpu"]).eval(), ScheduleConfig().build()
     rows = sampling_rows(net, sched, args.n, args.steps, scale=5.0)
     rows += train_rows(DigitsUNet(PRESETS["cpu"]), 128)
-    notes = (f"Preset 'cpu' network ({sum(p.numel() for p in net.parameters()) / 1e6:.2f} M params). Sampling: "
-             f"{args.n} images, DDIM-{args.steps}, digit guidance 5, {'trained' if trained else 'random-weight'} net; 'rate' is images/s (train: steps/s); "
-             "'vs baseline' is the speed-up over the first row of its group, or the mean accuracy for accuracy rows.")
+    notes = (
+        f"Preset 'cpu' network ({sum(p.numel() for p in net.parameters()) / 1e6:.2f} M params). Sampling: "
+        f"{args.n} images, DDIM-{args.steps}, digit guidance 5, {'trained' if trained else 'random-weight'} net; "
+        "'rate' is images/s (train: steps/s); "
+        "'vs baseline' is the speed-up over the first row of its group, or the mean accuracy for accuracy rows."
+    )
     if trained:
         rows += accuracy_rows(args.ckpt, args.classifiers, args.per_digit)
         notes += f" Accuracy rows: {args.ckpt}, {args.per_digit} images per digit and domain."

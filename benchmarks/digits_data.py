@@ -1,4 +1,5 @@
 """Digits data and judge: generation, PNG writing, loading, classifier training and inference speed."""
+
 from __future__ import annotations
 
 import sys
@@ -60,15 +61,25 @@ def main() -> None:
             opt.step()
 
         t = best_time(lambda: [step() for _ in range(10)], repeats=3)
-        rows.append([f"classifier train step, batch 128, {'bf16' if bf16 else 'fp32'}, {n_threads} thread(s)",
-                     1280, t, 1280 / t])
+        rows.append(
+            [
+                f"classifier train step, batch 128, {'bf16' if bf16 else 'fp32'}, {n_threads} thread(s)",
+                1280,
+                t,
+                1280 / t,
+            ]
+        )
     torch.set_num_threads(threads)
     batch = np.random.default_rng(0).integers(0, 256, (2000, 28, 28, 3), dtype=np.uint8)
     t = best_time(lambda: model.predict(batch), repeats=3)
     rows.append(["classifier predict (fp32)", 2000, t, 2000 / t])
-    write_results("digits_data", ["operation", "images", "seconds", "images/s"], rows,
-                  notes="Shared 2-core machine under load from other processes: wall times include that contention, "
-                        "which hits multi-threaded small kernels hardest.")
+    write_results(
+        "digits_data",
+        ["operation", "images", "seconds", "images/s"],
+        rows,
+        notes="Shared 2-core machine under load from other processes: wall times include that contention, "
+        "which hits multi-threaded small kernels hardest.",
+    )
 
 
 if __name__ == "__main__":

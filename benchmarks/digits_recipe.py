@@ -11,6 +11,7 @@ seconds (process time of training) do a little.
     python benchmarks/digits_recipe.py --recipes new --threads 1 --part new   # one recipe per process
     python benchmarks/digits_recipe.py --merge old new      # gather per-recipe parts into one table
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,14 @@ from difflab.utils import to_uint8  # noqa: E402
 WORK = Path(__file__).resolve().parent / ".work" / "digits_recipe"
 # The recipe of commit 0d367a9 (15-minute wall-clock budget), as fixed work: ε-prediction, min-SNR(5),
 # AdamW 1e-3, batch 32, EMA 0.999, (48, 96) channels on 2x2 patches, T = 500.
-OLD = dict(lr=1e-3, batch_size=32, ema_decay=0.999, min_snr_gamma=5.0, warmup_steps=100,
-           schedule=ScheduleConfig(prediction="epsilon"))
+OLD = dict(
+    lr=1e-3,
+    batch_size=32,
+    ema_decay=0.999,
+    min_snr_gamma=5.0,
+    warmup_steps=100,
+    schedule=ScheduleConfig(prediction="epsilon"),
+)
 RECIPES = {"old": OLD, "new": {}}
 
 
@@ -58,14 +65,25 @@ def judge(net, schedule, judges: dict, sampler: SampleConfig, per_digit: int = 5
     cond = torch.cat([make_conds(torch.full_like(digits, d), digits) for d in range(len(DOMAINS))])
     images = to_uint8(generate(net, schedule, cond, sampler, torch.device("cpu"), progress=False)[0])
     n = len(digits)
-    accs = {d: float((judges[d].predict(images[i * n:(i + 1) * n]) == digits.numpy()).mean())
-            for i, d in enumerate(DOMAINS)}
+    accs = {
+        d: float((judges[d].predict(images[i * n : (i + 1) * n]) == digits.numpy()).mean())
+        for i, d in enumerate(DOMAINS)
+    }
     return {**accs, "acc": sum(accs.values()) / len(accs)}
 
 
 def run_recipe(name: str, steps: int, every: int, data: Path, judges_dir: Path) -> list[dict]:
-    cfg = replace(TrainConfig(data_root=str(data), out_dir=str(WORK / "runs" / name), steps=steps,
-                              save_every=steps, sample_every=every, device="cpu"), **RECIPES[name])
+    cfg = replace(
+        TrainConfig(
+            data_root=str(data),
+            out_dir=str(WORK / "runs" / name),
+            steps=steps,
+            save_every=steps,
+            sample_every=every,
+            device="cpu",
+        ),
+        **RECIPES[name],
+    )
     snapshots, start = {}, time.process_time()
 
     def keep(step: int, ema) -> None:
@@ -78,8 +96,13 @@ def run_recipe(name: str, steps: int, every: int, data: Path, judges_dir: Path) 
     for step, (net, cpu_s) in sorted(snapshots.items()):
         samplers = {"new": SampleConfig(), "old": OLD_SAMPLER} if step == steps else {"new": SampleConfig()}
         for sampler_name, sampler in samplers.items():
-            row = {"recipe": name, "sampler": sampler_name, "step": step, "cpu_s": round(cpu_s, 1),
-                   **judge(net, schedule, judges, sampler)}
+            row = {
+                "recipe": name,
+                "sampler": sampler_name,
+                "step": step,
+                "cpu_s": round(cpu_s, 1),
+                **judge(net, schedule, judges, sampler),
+            }
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -88,12 +111,15 @@ def run_recipe(name: str, steps: int, every: int, data: Path, judges_dir: Path) 
 def write_table(rows: list[dict], steps: int, threads: int) -> None:
     header = ["recipe", "sampler", "step", "CPU s (training)", "MNIST-M acc", "SVHN acc", "mean acc"]
     table = [[r["recipe"], r["sampler"], r["step"], r["cpu_s"], r["mnistm"], r["svhn"], r["acc"]] for r in rows]
-    notes = (f"Each recipe: one run of {steps} steps (LR schedule set for {steps}), EMA weights judged every "
-             f"{rows[0]['step']} steps on 1,000 digits by the same judges, with the demo's sampler (new: "
-             f"{json.dumps(asdict(SampleConfig()))}) and at the last step also with the earlier one (old: DDIM-25, "
-             "η = 0, digit guidance 5). "
-             f"Training on {threads} thread(s) per run (with --part, the runs may go side by side). Old = commit 0d367a9's recipe as fixed work; new = the "
-             "current TrainConfig defaults.")
+    notes = (
+        f"Each recipe: one run of {steps} steps (LR schedule set for {steps}), EMA weights judged every "
+        f"{rows[0]['step']} steps on 1,000 digits by the same judges, with the demo's sampler (new: "
+        f"{json.dumps(asdict(SampleConfig()))}) and at the last step also with the earlier one (old: DDIM-25, "
+        "η = 0, digit guidance 5). "
+        f"Training on {threads} thread(s) per run (with --part, the runs may go side by side). "
+        "Old = commit 0d367a9's recipe as fixed work; new = the "
+        "current TrainConfig defaults."
+    )
     write_results("digits_recipe", header, table, notes, extra={"records": rows})
 
 

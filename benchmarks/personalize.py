@@ -6,6 +6,7 @@ measured on the tiny random pipeline (same components, ~3 M parameters).
 
     .venv/bin/python benchmarks/personalize.py
 """
+
 from __future__ import annotations
 
 import os
@@ -40,10 +41,15 @@ def sd_v1_random():
     return StableDiffusionPipeline(
         unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD_V1_CONFIG / "unet")),
         vae=AutoencoderKL.from_config(AutoencoderKL.load_config(SD_V1_CONFIG / "vae")),
-        text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(SD_V1_CONFIG / "text_encoder", local_files_only=True)),
+        text_encoder=CLIPTextModel(
+            CLIPTextConfig.from_pretrained(SD_V1_CONFIG / "text_encoder", local_files_only=True)
+        ),
         tokenizer=load_clip_tokenizer(SD_V1_CONFIG / "tokenizer"),
         scheduler=PNDMScheduler.from_config(PNDMScheduler.load_config(SD_V1_CONFIG / "scheduler")),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def timed(fn) -> tuple[float, float]:
@@ -59,8 +65,16 @@ def training_rows(images: Path, out: Path, device: str) -> list[list]:
     t0 = time.perf_counter()
     pipe = sd_v1_random()
     print(f"built SD v1 in {time.perf_counter() - t0:.1f} s", flush=True)
-    cfg = TextualInversionConfig(concepts=[Concept(str(images), "<new1>", "dog")], sd="unused", out=str(out),
-                                 resolution=RESOLUTION, steps=10, batch_size=1, grad_accum=1, device=device)
+    cfg = TextualInversionConfig(
+        concepts=[Concept(str(images), "<new1>", "dog")],
+        sd="unused",
+        out=str(out),
+        resolution=RESOLUTION,
+        steps=10,
+        batch_size=1,
+        grad_accum=1,
+        device=device,
+    )
     w, c = time.perf_counter(), time.process_time()
     ti = TextualInversion(cfg, pipe=pipe)  # encodes the 5 images and their mirrors once
     cache = (time.perf_counter() - w, time.process_time() - c)
@@ -91,10 +105,12 @@ def training_rows(images: Path, out: Path, device: str) -> list[list]:
             times[name].append(timed(fn))
         times["encode"].append(timed(encode))
     mean = {k: (sum(w for w, _ in v) / len(v), sum(c for _, c in v) / len(v)) for k, v in times.items()}
-    rows = [["SD v1 TI step, cached latents (ours)", 1, *mean["cached"]],
-            ["SD v1 TI step, VAE encode every step", 1, *mean["plain"]],
-            ["VAE encode alone (saved per step)", 1, *mean["encode"]],
-            ["latent cache build, once (10 encodes)", 10, *cache]]
+    rows = [
+        ["SD v1 TI step, cached latents (ours)", 1, *mean["cached"]],
+        ["SD v1 TI step, VAE encode every step", 1, *mean["plain"]],
+        ["VAE encode alone (saved per step)", 1, *mean["encode"]],
+        ["latent cache build, once (10 encodes)", 10, *cache],
+    ]
     return [[name, RESOLUTION, b, round(w, 2), round(c, 2)] for name, b, w, c in rows]
 
 
@@ -105,13 +121,24 @@ def generation_row(device: str) -> list:
     n, steps, size = 8, 10, 32
 
     def run():
-        pipe(["a photo of a dog"] * n, num_inference_steps=steps, height=size, width=size, output_type="np",
-             generator=torch.Generator(device).manual_seed(0))
+        pipe(
+            ["a photo of a dog"] * n,
+            num_inference_steps=steps,
+            height=size,
+            width=size,
+            output_type="np",
+            generator=torch.Generator(device).manual_seed(0),
+        )
 
     run()
     w, c = min(timed(run) for _ in range(2))
-    return [f"tiny SD generation of {n} images, {steps} PNDM steps, CFG 7.5 ({n / w:.2f} images/s)", size, n,
-            round(w, 2), round(c, 2)]
+    return [
+        f"tiny SD generation of {n} images, {steps} PNDM steps, CFG 7.5 ({n / w:.2f} images/s)",
+        size,
+        n,
+        round(w, 2),
+        round(c, 2),
+    ]
 
 
 def main() -> None:
@@ -126,13 +153,22 @@ def main() -> None:
     rows.append(generation_row(device))
     speedup_wall, speedup_cpu = rows[1][3] / rows[0][3], rows[1][4] / rows[0][4]
     write_results(
-        "personalize", ["case", "resolution", "batch", "wall s", "CPU s"], rows,
-        notes=(f"Textual-inversion step (UNet forward+backward through the text encoder, batch 1, fp32, {device}): "
-               f"caching the VAE latents makes a step {speedup_cpu:.2f}x cheaper in CPU time ({speedup_wall:.2f}x in "
-               f"wall time), mean of 2 steps each in A-B/B-A order after a warm-up. The cache costs 10 encodes once. "
-               f"Load average at start: {load:.1f} on {os.cpu_count()} cores; wall times on a shared machine are noisy."),
-        extra={"speedup_cpu": round(speedup_cpu, 3), "speedup_wall": round(speedup_wall, 3), "device": device,
-               "load_average": load})
+        "personalize",
+        ["case", "resolution", "batch", "wall s", "CPU s"],
+        rows,
+        notes=(
+            f"Textual-inversion step (UNet forward+backward through the text encoder, batch 1, fp32, {device}): "
+            f"caching the VAE latents makes a step {speedup_cpu:.2f}x cheaper in CPU time ({speedup_wall:.2f}x in "
+            f"wall time), mean of 2 steps each in A-B/B-A order after a warm-up. The cache costs 10 encodes once. "
+            f"Load average at start: {load:.1f} on {os.cpu_count()} cores; wall times on a shared machine are noisy."
+        ),
+        extra={
+            "speedup_cpu": round(speedup_cpu, 3),
+            "speedup_wall": round(speedup_wall, 3),
+            "device": device,
+            "load_average": load,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ per image with the prompt string (the text encoder runs for every image). diffla
 batches images, each with its own seed. Composition: one image; the plain pipeline, the same with the
 cross-attention recorder installed, and the whole compose (layout pass + region pass with 2 prompts batched).
 """
+
 from __future__ import annotations
 
 import os
@@ -45,8 +46,14 @@ def main() -> None:
 
     def diffusers_per_image():
         for s in seeds:
-            pipe(PROMPT, generator=torch.Generator().manual_seed(s), num_inference_steps=STEPS, height=SIZE,
-                 width=SIZE, output_type="pil")
+            pipe(
+                PROMPT,
+                generator=torch.Generator().manual_seed(s),
+                num_inference_steps=STEPS,
+                height=SIZE,
+                width=SIZE,
+                output_type="pil",
+            )
 
     def ours(batch_size):
         cfg = GenerateConfig(steps=STEPS, height=SIZE, width=SIZE, batch_size=batch_size)
@@ -82,9 +89,9 @@ def main() -> None:
         ["setting", "work", "CPU seconds", "CPU seconds / image", "speed vs first row of its group"],
         rows,
         notes=f"Tiny random SD (tiny_sd), {SIZE}x{SIZE}, {STEPS} DDIM steps, guidance 7.5. The region pass runs "
-              "1 unconditional + 2 conditional prompts in one UNet batch (vs 2 in the plain pipeline). "
-              "CPU time of one thread (best of 3), measured on a shared machine (1-minute load average at the end: "
-              f"{os.getloadavg()[0]:.1f}), where wall times scatter.",
+        "1 unconditional + 2 conditional prompts in one UNet batch (vs 2 in the plain pipeline). "
+        "CPU time of one thread (best of 3), measured on a shared machine (1-minute load average at the end: "
+        f"{os.getloadavg()[0]:.1f}), where wall times scatter.",
         extra={"load_average_1min": os.getloadavg()[0]},
     )
 

@@ -2,6 +2,7 @@
 judge training step (batch 128) and guided sampling forward (500 images x 2 branches), in fp32 and bf16
 autocast, contiguous and channels-last, and fp32 under torch.compile (its compile time apart). Candidates are
 timed interleaved (median of 5 after a warm-up), as `difflab.precision.measure` does."""
+
 from __future__ import annotations
 
 import sys
@@ -42,7 +43,8 @@ def sampling_forward(p: Precision, models: dict):
     cond = make_conds([0] * 500, [i % 10 for i in range(500)])
     with torch.inference_mode(), p.autocast(CPU):
         guided_digits_eps(lambda x, t, c: net(p.input(x), t, c), cond, 5.0, 1.0, net.null_cond)(
-            torch.randn(500, 3, 28, 28), torch.full((500,), 250))
+            torch.randn(500, 3, 28, 28), torch.full((500,), 250)
+        )
 
 
 def compiled(job, models: dict) -> tuple[float, float]:
@@ -59,21 +61,34 @@ def compiled(job, models: dict) -> tuple[float, float]:
 def main() -> None:
     torch.manual_seed(0)
     rows = []
-    for name, job in (("digits train step, batch 32", diffusion_step), ("judge train step, batch 128", judge_step),
-                      ("sampling forward, 500 x 2 branches", sampling_forward)):
+    for name, job in (
+        ("digits train step, batch 32", diffusion_step),
+        ("judge train step, batch 128", judge_step),
+        ("sampling forward, 500 x 2 branches", sampling_forward),
+    ):
         models: dict = {}
         ms = measure(lambda p, j=job, m=models: j(p, m), CANDIDATES)
         base = ms["fp32"]
         rows += [[name, label, round(v, 1), round(base / v, 2)] for label, v in ms.items()]
         try:
             first, after = compiled(job, {})
-            rows.append([name, f"fp32 + torch.compile (compile + first call {first:.0f} s)", round(after, 1),
-                         round(base / after, 2)])
+            rows.append(
+                [
+                    name,
+                    f"fp32 + torch.compile (compile + first call {first:.0f} s)",
+                    round(after, 1),
+                    round(base / after, 2),
+                ]
+            )
         except Exception as e:  # no compiler on the machine, or an unsupported op: say so in the table
             rows.append([name, f"fp32 + torch.compile failed: {e.__class__.__name__}", "-", "-"])
-    write_results("precision", ["job", "precision", "ms per call", "speed-up vs fp32"], rows,
-                  "Median of 5 interleaved calls after a warm-up (forward + backward for the training steps). "
-                  "`--precision auto` keeps the fastest of the four eager candidates if it beats fp32 by 10 %.")
+    write_results(
+        "precision",
+        ["job", "precision", "ms per call", "speed-up vs fp32"],
+        rows,
+        "Median of 5 interleaved calls after a warm-up (forward + backward for the training steps). "
+        "`--precision auto` keeps the fastest of the four eager candidates if it beats fp32 by 10 %.",
+    )
 
 
 if __name__ == "__main__":

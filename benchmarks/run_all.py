@@ -1,4 +1,5 @@
 """Run every benchmark script, then gather their markdown tables into results/README.md."""
+
 from __future__ import annotations
 
 import subprocess

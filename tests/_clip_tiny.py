@@ -1,4 +1,5 @@
 """A tiny random CLIP model in transformers format, shared by the CLIP tests."""
+
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,11 @@ def save_tiny_clip(path: Path, with_tokenizer: bool = True, with_processor: bool
     from difflab.clip.tokenizer import load_clip_tokenizer
 
     layer = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-    config = CLIPConfig(text_config=dict(layer, vocab_size=49408), projection_dim=32,
-                        vision_config=dict(layer, image_size=32, patch_size=8))
+    config = CLIPConfig(
+        text_config=dict(layer, vocab_size=49408),
+        projection_dim=32,
+        vision_config=dict(layer, image_size=32, patch_size=8),
+    )
     torch.manual_seed(seed)
     CLIPModel(config).save_pretrained(path)
     if with_tokenizer:

@@ -1,4 +1,5 @@
 """CLIP grading: scores vs a direct transformers computation, the best-k rule, the scoring job and its errors."""
+
 import csv
 import json
 
@@ -44,8 +45,9 @@ def test_scores_equal_direct_computation(scorer):
     ours_g = scorer.image_embeds(gen)
     torch.testing.assert_close(ours_g, g, atol=1e-5, rtol=1e-4)
     image = scorer.image_score(ours_g, scorer.image_embeds(refs))
-    expected_image = torch.stack([100 * torch.stack([F.cosine_similarity(g[i], r[j], dim=0) for j in range(3)]).mean()
-                                  for i in range(7)])
+    expected_image = torch.stack(
+        [100 * torch.stack([F.cosine_similarity(g[i], r[j], dim=0) for j in range(3)]).mean() for i in range(7)]
+    )
     torch.testing.assert_close(image, expected_image, atol=1e-3, rtol=0)
     text = scorer.text_score(ours_g, scorer.text_embeds(["A dog sitting on a beach at sunset."]))
     scale = scorer.model.logit_scale.exp().item()
@@ -85,11 +87,22 @@ def test_select_best_rule():
 
 
 def make_grading_layout(root, n_gen=7):
-    spec = {"0": {"src_image": "dog", "token_name": "<new1>",
-                  "prompt": ["A <new1> on a beach.", "A <new1> in snow."],
-                  "prompt_4_clip_eval": ["A dog on a beach.", "A dog in snow."], "baseline": [[-100, -100], [101, -100]]},
-            "1": {"src_image": "Revoy", "token_name": "<new2>", "prompt": ["A house in the style of <new2>."],
-                  "prompt_4_clip_eval": ["A house in the style of David Revoy."], "baseline": [[-100, 101]]}}
+    spec = {
+        "0": {
+            "src_image": "dog",
+            "token_name": "<new1>",
+            "prompt": ["A <new1> on a beach.", "A <new1> in snow."],
+            "prompt_4_clip_eval": ["A dog on a beach.", "A dog in snow."],
+            "baseline": [[-100, -100], [101, -100]],
+        },
+        "1": {
+            "src_image": "Revoy",
+            "token_name": "<new2>",
+            "prompt": ["A house in the style of <new2>."],
+            "prompt_4_clip_eval": ["A house in the style of David Revoy."],
+            "baseline": [[-100, 101]],
+        },
+    }
     (root / "input.json").write_text(json.dumps(spec))
     seed = 0
     for key, entry in spec.items():
@@ -109,16 +122,24 @@ def test_run_score_job(tmp_path, scorer, clip_dir):
     from difflab.personalize.score import run_score
 
     spec = make_grading_layout(tmp_path)
-    results = run_score(tmp_path / "input.json", tmp_path / "refs", tmp_path / "gen", clip_dir, tmp_path / "out",
-                        device="cpu")
+    results = run_score(
+        tmp_path / "input.json", tmp_path / "refs", tmp_path / "gen", clip_dir, tmp_path / "out", device="cpu"
+    )
     assert [(r.key, r.prompt_idx) for r in results] == [("0", 0), ("0", 1), ("1", 0)]
-    assert [r.passed for r in results] == [True, False, False]  # cosines lie in [-100, 100]: only the first baseline is reachable
+    assert [r.passed for r in results] == [
+        True,
+        False,
+        False,
+    ]  # cosines lie in [-100, 100]: only the first baseline is reachable
     for r in results:
         files = sorted((tmp_path / "gen" / r.key / str(r.prompt_idx)).glob("*.png"))
         gen = direct_image_embeds(scorer, [_open(f) for f in files])
         refs = direct_image_embeds(scorer, [_open(f) for f in sorted((tmp_path / "refs" / r.key).glob("*.jpg"))])
         image = 100 * (gen @ refs.T).mean(1)
-        text = scorer.text_scale * (gen @ direct_text_embeds(scorer, [spec[r.key]["prompt_4_clip_eval"][r.prompt_idx]]).T)[:, 0]
+        text = (
+            scorer.text_scale
+            * (gen @ direct_text_embeds(scorer, [spec[r.key]["prompt_4_clip_eval"][r.prompt_idx]]).T)[:, 0]
+        )
         best = select_best(image, text, 5)
         assert [f.split("/")[-1] for f in r.selected] == [files[i].name for i in best]
         assert r.image_score == pytest.approx(image[best].mean().item(), abs=1e-3)
@@ -164,8 +185,23 @@ def test_score_command(tmp_path, clip_dir):
     app = typer.Typer()
     app.command("score")(score_command)
     app.command("noop")(lambda: None)  # two commands, so "score" is addressed by name as in the real CLI
-    res = CliRunner().invoke(app, ["score", "--prompts", str(tmp_path / "input.json"), "--refs", str(tmp_path / "refs"),
-                                   "--gen", str(tmp_path / "gen"), "--clip", str(clip_dir), "--out", str(tmp_path / "o"),
-                                   "--device", "cpu"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "score",
+            "--prompts",
+            str(tmp_path / "input.json"),
+            "--refs",
+            str(tmp_path / "refs"),
+            "--gen",
+            str(tmp_path / "gen"),
+            "--clip",
+            str(clip_dir),
+            "--out",
+            str(tmp_path / "o"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "1/3 prompts pass" in res.output and "PASS" in res.output

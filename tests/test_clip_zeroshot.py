@@ -1,4 +1,6 @@
-"""CLIP zero-shot: preprocessing, predictions vs transformers' pipeline, report vs scikit-learn, cache, bad input, CLI."""
+"""CLIP zero-shot: preprocessing, predictions vs transformers' pipeline, report vs scikit-learn, cache, bad
+input, CLI."""
+
 import csv
 import json
 from pathlib import Path
@@ -41,8 +43,9 @@ def make_flat_folder(root: Path, per_class: int = 3) -> tuple[Path, Path]:
 def zs_config(images, labels, clip_dir, out, **kw):
     from difflab.clip.evaluate import ZeroShotConfig
 
-    return ZeroShotConfig(images=images, labels=labels, model=clip_dir, out=out, num_workers=0, device="cpu",
-                          batch_size=4, **kw)
+    return ZeroShotConfig(
+        images=images, labels=labels, model=clip_dir, out=out, num_workers=0, device="cpu", batch_size=4, **kw
+    )
 
 
 def test_preprocessing_matches_processor():
@@ -50,7 +53,10 @@ def test_preprocessing_matches_processor():
 
     from difflab.clip.preprocess import ClipTransform
 
-    for proc in (CLIPImageProcessorPil(), CLIPImageProcessorPil(size={"shortest_edge": 20}, crop_size={"height": 24, "width": 24})):
+    for proc in (
+        CLIPImageProcessorPil(),
+        CLIPImageProcessorPil(size={"shortest_edge": 20}, crop_size={"height": 24, "width": 24}),
+    ):
         t = ClipTransform.from_processor(proc)
         images = random_images(6, seed=3)
         ours = t.normalize(torch.stack([t(im) for im in images]))
@@ -65,12 +71,18 @@ def test_predictions_equal_transformers_pipeline(clip):
     from difflab.clip.zeroshot import readable_name, zeroshot_classifier
 
     names = list(CLASSES.values())
-    clf = zeroshot_classifier(clip.model, names, ["A photo of {}."], tokenizer=clip.tokenizer,
-                              processor=clip.processor, device="cpu")
+    clf = zeroshot_classifier(
+        clip.model, names, ["A photo of {}."], tokenizer=clip.tokenizer, processor=clip.processor, device="cpu"
+    )
     images = random_images(5, seed=7)
     pred = clf.predict(images)
-    pipe = pipeline("zero-shot-image-classification", model=clip.model, tokenizer=clip.tokenizer,
-                    image_processor=clip.processor, device="cpu")
+    pipe = pipeline(
+        "zero-shot-image-classification",
+        model=clip.model,
+        tokenizer=clip.tokenizer,
+        image_processor=clip.processor,
+        device="cpu",
+    )
     labels = [readable_name(n) for n in names]
     for b, im in enumerate(images):
         out = pipe(im, candidate_labels=labels, hypothesis_template="A photo of {}.")
@@ -84,8 +96,9 @@ def test_ensemble_top5_equals_direct_computation(clip):
     from difflab.clip.zeroshot import ENSEMBLE_TEMPLATES, zeroshot_classifier
 
     names = list(CLASSES.values())
-    clf = zeroshot_classifier(clip.model, names, ENSEMBLE_TEMPLATES, tokenizer=clip.tokenizer, processor=clip.processor,
-                              device="cpu")
+    clf = zeroshot_classifier(
+        clip.model, names, ENSEMBLE_TEMPLATES, tokenizer=clip.tokenizer, processor=clip.processor, device="cpu"
+    )
     images = random_images(4, seed=11)
     pixels = clip.processor(images=images, return_tensors="pt")["pixel_values"]
     pred = clf.predict(pixels, k=5)
@@ -93,7 +106,9 @@ def test_ensemble_top5_equals_direct_computation(clip):
         img = F.normalize(clip.model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
         per_class = []
         for n in names:
-            tok = clip.tokenizer([t.format(n.replace("_", " ")) for t in ENSEMBLE_TEMPLATES], padding=True, return_tensors="pt")
+            tok = clip.tokenizer(
+                [t.format(n.replace("_", " ")) for t in ENSEMBLE_TEMPLATES], padding=True, return_tensors="pt"
+            )
             txt = F.normalize(clip.model.get_text_features(**tok).pooler_output, dim=-1)
             per_class.append(F.normalize(txt.mean(0), dim=0))
         probs = (clip.model.logit_scale.exp() * img @ torch.stack(per_class).T).softmax(-1)
@@ -122,8 +137,15 @@ def test_report_matches_sklearn_and_cache(tmp_path, clip_dir):
     res = run_zeroshot(zs_config(images, labels, clip_dir, tmp_path / "out", cache_dir=cache))
     assert not res.text_cache_hit and res.n_images == 18
     out = tmp_path / "out"
-    for name in ("predictions.csv", "metrics.json", "classification_report.txt", "confusion_matrix.png",
-                 "successes.png", "failures.png", "report.html"):
+    for name in (
+        "predictions.csv",
+        "metrics.json",
+        "classification_report.txt",
+        "confusion_matrix.png",
+        "successes.png",
+        "failures.png",
+        "report.html",
+    ):
         assert (out / name).is_file(), name
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert len(rows) == 18
@@ -138,7 +160,9 @@ def test_report_matches_sklearn_and_cache(tmp_path, clip_dir):
 
     # Same model, classes and templates: cached text features; new templates: recomputed.
     assert run_zeroshot(zs_config(images, labels, clip_dir, tmp_path / "out2", cache_dir=cache)).text_cache_hit
-    changed = run_zeroshot(zs_config(images, labels, clip_dir, tmp_path / "out3", cache_dir=cache, templates="ensemble"))
+    changed = run_zeroshot(
+        zs_config(images, labels, clip_dir, tmp_path / "out3", cache_dir=cache, templates="ensemble")
+    )
     assert not changed.text_cache_hit
     assert len(list(cache.glob("*.safetensors"))) == 2
     # Cached features give the same predictions as fresh ones.
@@ -152,14 +176,17 @@ def test_cached_features_invalidated_when_weights_change(tmp_path, clip):
 
     model_dir = save_tiny_clip(tmp_path / "m", with_tokenizer=False, with_processor=False)
     names = ["cat", "dog"]
-    first, hit = cached_class_embeddings(clip.model, clip.tokenizer, names, ["a {}"], clip.device,
-                                         folder_fingerprint(model_dir), tmp_path / "c")
+    first, hit = cached_class_embeddings(
+        clip.model, clip.tokenizer, names, ["a {}"], clip.device, folder_fingerprint(model_dir), tmp_path / "c"
+    )
     assert not hit
-    assert cached_class_embeddings(clip.model, clip.tokenizer, names, ["a {}"], clip.device,
-                                   folder_fingerprint(model_dir), tmp_path / "c")[1]
+    assert cached_class_embeddings(
+        clip.model, clip.tokenizer, names, ["a {}"], clip.device, folder_fingerprint(model_dir), tmp_path / "c"
+    )[1]
     save_tiny_clip(model_dir, with_tokenizer=False, with_processor=False, seed=1)  # rewrites the weights
-    assert not cached_class_embeddings(clip.model, clip.tokenizer, names, ["a {}"], clip.device,
-                                       folder_fingerprint(model_dir), tmp_path / "c")[1]
+    assert not cached_class_embeddings(
+        clip.model, clip.tokenizer, names, ["a {}"], clip.device, folder_fingerprint(model_dir), tmp_path / "c"
+    )[1]
 
 
 def test_class_subfolders_and_missing_tokenizer(tmp_path):
@@ -233,14 +260,47 @@ def test_cli_end_to_end(tmp_path, clip_dir):
 
     images, labels = make_flat_folder(tmp_path, per_class=2)
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["clip", "zeroshot", "--images", str(images), "--labels", str(labels),
-                                      "--model", str(clip_dir), "--out", str(out), "--num-workers", "1",
-                                      "--batch-size", "5", "--device", "cpu", "--templates", "ensemble"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "clip",
+            "zeroshot",
+            "--images",
+            str(images),
+            "--labels",
+            str(labels),
+            "--model",
+            str(clip_dir),
+            "--out",
+            str(out),
+            "--num-workers",
+            "1",
+            "--batch-size",
+            "5",
+            "--device",
+            "cpu",
+            "--templates",
+            "ensemble",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "top-1 acc" in result.output and "report.html" in result.output
     assert (out / "report.html").stat().st_size > 1000
     assert len(list(csv.DictReader(open(out / "predictions.csv")))) == 12
     assert (out / ".cache").is_dir()
-    bad = CliRunner().invoke(app, ["clip", "zeroshot", "--images", str(tmp_path / "missing"), "--labels", str(labels),
-                                   "--model", str(clip_dir), "--out", str(out)])
+    bad = CliRunner().invoke(
+        app,
+        [
+            "clip",
+            "zeroshot",
+            "--images",
+            str(tmp_path / "missing"),
+            "--labels",
+            str(labels),
+            "--model",
+            str(clip_dir),
+            "--out",
+            str(out),
+        ],
+    )
     assert isinstance(bad.exception, DifflabError) and "image folder not found" in str(bad.exception)

@@ -1,4 +1,5 @@
 """Region-wise multi-concept composition on a tiny random Stable Diffusion."""
+
 import csv
 
 import numpy as np
@@ -105,19 +106,37 @@ def test_one_region_everywhere_equals_plain_generation(sd):
     masks = torch.zeros(3, 32, 32)
     masks[1] = 1
     composed = denoise_regions(pipe, latents, prompts, masks, CFG)
-    plain = pipe(CONCEPTS[0].prompt, latents=latents, height=64, width=64, num_inference_steps=CFG.steps,
-                 guidance_scale=CFG.guidance).images[0]
+    plain = pipe(
+        CONCEPTS[0].prompt,
+        latents=latents,
+        height=64,
+        width=64,
+        num_inference_steps=CFG.steps,
+        guidance_scale=CFG.guidance,
+    ).images[0]
     assert np.abs(pixels(composed) - pixels(plain)).max() <= 1
-    other = pipe(CONCEPTS[1].prompt, latents=latents, height=64, width=64, num_inference_steps=CFG.steps,
-                 guidance_scale=CFG.guidance).images[0]
+    other = pipe(
+        CONCEPTS[1].prompt,
+        latents=latents,
+        height=64,
+        width=64,
+        num_inference_steps=CFG.steps,
+        guidance_scale=CFG.guidance,
+    ).images[0]
     assert np.abs(pixels(composed) - pixels(other)).mean() > 0.5  # the test can tell prompts apart
 
 
 def test_compose_returns_naive_masks_and_a_blend(sd):
     pipe, _, _ = sd
     result = compose(pipe, PROMPT, CONCEPTS, CFG, seed=3)
-    plain = pipe(PROMPT, latents=initial_latents(pipe, [3], 64, 64), height=64, width=64,
-                 num_inference_steps=CFG.steps, guidance_scale=CFG.guidance).images[0]
+    plain = pipe(
+        PROMPT,
+        latents=initial_latents(pipe, [3], 64, 64),
+        height=64,
+        width=64,
+        num_inference_steps=CFG.steps,
+        guidance_scale=CFG.guidance,
+    ).images[0]
     assert np.abs(pixels(result.naive) - pixels(plain)).max() <= 1  # recording attention changes nothing
     assert result.maps.shape == (2, 32, 32) and result.masks.shape == (3, 32, 32)
     torch.testing.assert_close(result.masks.sum(0), torch.ones(32, 32))
@@ -137,10 +156,36 @@ def test_cli_compose_end_to_end_with_scores(sd, tmp_path):
         (tmp_path / name).mkdir()
         for i, im in enumerate(random_images(2, seed=seed)):
             im.save(tmp_path / name / f"{i}.png")
-    args = ["personalize", "compose", "--prompt", PROMPT, "--concepts", "<new1>=a photo of a <new1> dog",
-            "--sd", str(model), "--embeds", str(embeds), "--out", str(tmp_path / "out"), "--steps", "2",
-            "--height", "64", "--width", "64", "--num-images", "2", "--device", "cpu",
-            "--clip", str(tmp_path / "clip"), "--refs", f"<new1>={tmp_path / 'dog'}", "--refs", f"<new2>={tmp_path / 'style'}"]
+    args = [
+        "personalize",
+        "compose",
+        "--prompt",
+        PROMPT,
+        "--concepts",
+        "<new1>=a photo of a <new1> dog",
+        "--sd",
+        str(model),
+        "--embeds",
+        str(embeds),
+        "--out",
+        str(tmp_path / "out"),
+        "--steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--num-images",
+        "2",
+        "--device",
+        "cpu",
+        "--clip",
+        str(tmp_path / "clip"),
+        "--refs",
+        f"<new1>={tmp_path / 'dog'}",
+        "--refs",
+        f"<new2>={tmp_path / 'style'}",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"

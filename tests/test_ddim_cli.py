@@ -1,5 +1,6 @@
 """`difflab ddim ...` end to end on a small-width face UNet checkpoint: file names, determinism, the MSE
 numbers, figures, and a clear one-line error for each kind of bad input."""
+
 import numpy as np
 import pytest
 import torch
@@ -42,8 +43,21 @@ def error_of(result) -> str:
 def test_sample_writes_one_png_per_noise_and_is_deterministic(files, tmp_path):
     outs = []
     for name in ("a", "b"):
-        r = run("sample", "--noise-dir", files / "noise", "--ckpt", files / "UNet.pt", "--out", tmp_path / name,
-                "--steps", 2, "--batch-size", 2, "--device", "cpu")
+        r = run(
+            "sample",
+            "--noise-dir",
+            files / "noise",
+            "--ckpt",
+            files / "UNet.pt",
+            "--out",
+            tmp_path / name,
+            "--steps",
+            2,
+            "--batch-size",
+            2,
+            "--device",
+            "cpu",
+        )
         assert r.exit_code == 0, r.output
         outs.append(tmp_path / name)
     assert sorted(p.name for p in outs[0].iterdir()) == ["00.png", "01.png"]
@@ -77,6 +91,7 @@ def test_mse_matches_numpy_and_fails_on_missing_files(tmp_path):
     r = run("mse", "--pred", pred, "--gt", gt, "--json", tmp_path / "mse.json")
     assert r.exit_code == 0, r.output
     import json
+
     saved = json.loads((tmp_path / "mse.json").read_text())
     assert saved["per_image"] == pytest.approx(expected, abs=1e-9)
     assert saved["mean"] == pytest.approx(np.mean(list(expected.values())))
@@ -87,13 +102,39 @@ def test_mse_matches_numpy_and_fails_on_missing_files(tmp_path):
 
 
 def test_eta_grid_and_interpolation_figures(files, tmp_path):
-    r = run("eta-grid", "--noise-dir", files / "noise", "--ckpt", files / "UNet.pt", "--out", tmp_path,
-            "--noises", "00,01", "--etas", "0,1", "--steps", 1)
+    r = run(
+        "eta-grid",
+        "--noise-dir",
+        files / "noise",
+        "--ckpt",
+        files / "UNet.pt",
+        "--out",
+        tmp_path,
+        "--noises",
+        "00,01",
+        "--etas",
+        "0,1",
+        "--steps",
+        1,
+    )
     assert r.exit_code == 0, r.output
     assert Image.open(tmp_path / "eta_grid.png").size == (2 * 34 + 2, 2 * 34 + 2)
     assert "<img" in (tmp_path / "eta_grid.html").read_text()
-    r = run("interpolate", "--a", files / "noise" / "00.pt", "--b", files / "noise" / "01.pt", "--ckpt",
-            files / "UNet.pt", "--out", tmp_path, "--alphas", "0,0.5,1", "--steps", 1)
+    r = run(
+        "interpolate",
+        "--a",
+        files / "noise" / "00.pt",
+        "--b",
+        files / "noise" / "01.pt",
+        "--ckpt",
+        files / "UNet.pt",
+        "--out",
+        tmp_path,
+        "--alphas",
+        "0,0.5,1",
+        "--steps",
+        1,
+    )
     assert r.exit_code == 0, r.output
     for method in ("lerp", "slerp"):
         assert Image.open(tmp_path / f"interp_{method}.png").size == (3 * 34 + 2, 36)
@@ -102,49 +143,94 @@ def test_eta_grid_and_interpolation_figures(files, tmp_path):
 
 def test_invert_writes_a_noise_that_sample_accepts(files, tmp_path):
     save_png(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8), tmp_path / "img.png")
-    r = run("invert", "--image", tmp_path / "img.png", "--ckpt", files / "UNet.pt", "--out", tmp_path / "n" / "x.pt",
-            "--steps", 2)
+    r = run(
+        "invert",
+        "--image",
+        tmp_path / "img.png",
+        "--ckpt",
+        files / "UNet.pt",
+        "--out",
+        tmp_path / "n" / "x.pt",
+        "--steps",
+        2,
+    )
     assert r.exit_code == 0, r.output and "reconstruction MSE" in r.output
     assert torch.load(tmp_path / "n" / "x.pt", weights_only=True).shape == (1, 3, 32, 32)
     r = run("sample", "--noise-dir", tmp_path / "n", "--ckpt", files / "UNet.pt", "--out", tmp_path / "o", "--steps", 2)
     assert r.exit_code == 0 and (tmp_path / "o" / "x.png").is_file()
 
 
-@pytest.mark.parametrize("content,expected", [
-    (torch.zeros(1, 3, 30, 32), "does not fit the face UNet"),
-    (torch.zeros(2, 3, 32, 32), "expected (1, 3, H, W)"),
-    (torch.zeros(1, 3, 32, 32, dtype=torch.int64), "dtype torch.int64"),
-    ({"noise": torch.zeros(1, 3, 32, 32)}, "holds a dict"),
-])
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        (torch.zeros(1, 3, 30, 32), "does not fit the face UNet"),
+        (torch.zeros(2, 3, 32, 32), "expected (1, 3, H, W)"),
+        (torch.zeros(1, 3, 32, 32, dtype=torch.int64), "dtype torch.int64"),
+        ({"noise": torch.zeros(1, 3, 32, 32)}, "holds a dict"),
+    ],
+)
 def test_bad_noise_files(files, tmp_path, content, expected):
     (tmp_path / "noise").mkdir()
     torch.save(content, tmp_path / "noise" / "00.pt")
-    msg = error_of(run("sample", "--noise-dir", tmp_path / "noise", "--ckpt", files / "UNet.pt", "--out", tmp_path / "o"))
+    msg = error_of(
+        run("sample", "--noise-dir", tmp_path / "noise", "--ckpt", files / "UNet.pt", "--out", tmp_path / "o")
+    )
     assert expected in msg and ("00.pt" in msg or "noise" in msg)
     assert not (tmp_path / "o").exists()
 
 
 def test_empty_noise_folder_and_bad_checkpoint(files, tmp_path):
     (tmp_path / "empty").mkdir()
-    msg = error_of(run("sample", "--noise-dir", tmp_path / "empty", "--ckpt", files / "UNet.pt", "--out", tmp_path / "o"))
+    msg = error_of(
+        run("sample", "--noise-dir", tmp_path / "empty", "--ckpt", files / "UNet.pt", "--out", tmp_path / "o")
+    )
     assert "no noise files" in msg
     sd = torch.load(files / "UNet.pt", weights_only=True)
     sd.pop("out.2.bias")
     sd["foo.bar"] = torch.zeros(2)
     torch.save(sd, tmp_path / "bad.pt")
-    msg = error_of(run("sample", "--noise-dir", files / "noise", "--ckpt", tmp_path / "bad.pt", "--out", tmp_path / "o"))
+    msg = error_of(
+        run("sample", "--noise-dir", files / "noise", "--ckpt", tmp_path / "bad.pt", "--out", tmp_path / "o")
+    )
     assert "missing keys: out.2.bias" in msg and "unexpected keys: foo.bar" in msg
 
 
 def test_option_errors_are_one_line(files, tmp_path):
-    assert "lerp, slerp or both" in error_of(run("interpolate", "--a", files / "noise" / "00.pt", "--b",
-                                                 files / "noise" / "01.pt", "--ckpt", files / "UNet.pt",
-                                                 "--out", tmp_path, "--method", "cubic"))
-    assert "--etas" in error_of(run("eta-grid", "--noise-dir", files / "noise", "--ckpt", files / "UNet.pt",
-                                    "--out", tmp_path, "--etas", "zero"))
-    assert "fp16 autocast needs CUDA" in error_of(run("sample", "--noise-dir", files / "noise", "--ckpt",
-                                                      files / "UNet.pt", "--out", tmp_path, "--precision", "fp16",
-                                                      "--device", "cpu"))
+    assert "lerp, slerp or both" in error_of(
+        run(
+            "interpolate",
+            "--a",
+            files / "noise" / "00.pt",
+            "--b",
+            files / "noise" / "01.pt",
+            "--ckpt",
+            files / "UNet.pt",
+            "--out",
+            tmp_path,
+            "--method",
+            "cubic",
+        )
+    )
+    assert "--etas" in error_of(
+        run(
+            "eta-grid", "--noise-dir", files / "noise", "--ckpt", files / "UNet.pt", "--out", tmp_path, "--etas", "zero"
+        )
+    )
+    assert "fp16 autocast needs CUDA" in error_of(
+        run(
+            "sample",
+            "--noise-dir",
+            files / "noise",
+            "--ckpt",
+            files / "UNet.pt",
+            "--out",
+            tmp_path,
+            "--precision",
+            "fp16",
+            "--device",
+            "cpu",
+        )
+    )
 
 
 def test_sample_drives_a_conditional_digits_checkpoint(tmp_path):
@@ -152,46 +238,143 @@ def test_sample_drives_a_conditional_digits_checkpoint(tmp_path):
     from difflab.nets.digits_unet import DigitsUNet, DigitsUNetConfig
 
     torch.manual_seed(0)
-    save_model(tmp_path / "digits", DigitsUNet(DigitsUNetConfig(channels=(16, 32), emb_dim=32)), ScheduleConfig(num_steps=500))
+    save_model(
+        tmp_path / "digits", DigitsUNet(DigitsUNetConfig(channels=(16, 32), emb_dim=32)), ScheduleConfig(num_steps=500)
+    )
     (tmp_path / "noise").mkdir()
     torch.save(torch.randn(1, 3, 28, 28), tmp_path / "noise" / "n0.pt")
     outs = {}
     for digit in (3, 7):
-        r = run("sample", "--noise-dir", tmp_path / "noise", "--ckpt", tmp_path / "digits", "--out", tmp_path / str(digit),
-                "--domain", "svhn", "--digit", digit, "--guidance", 2.0, "--steps", 5)
+        r = run(
+            "sample",
+            "--noise-dir",
+            tmp_path / "noise",
+            "--ckpt",
+            tmp_path / "digits",
+            "--out",
+            tmp_path / str(digit),
+            "--domain",
+            "svhn",
+            "--digit",
+            digit,
+            "--guidance",
+            2.0,
+            "--steps",
+            5,
+        )
         assert r.exit_code == 0, r.output
         outs[digit] = np.asarray(Image.open(tmp_path / str(digit) / "n0.png"))
     assert outs[3].shape == (28, 28, 3) and not np.array_equal(outs[3], outs[7])  # the condition reaches the net
-    assert "mnistm, svhn" in error_of(run("sample", "--noise-dir", tmp_path / "noise", "--ckpt", tmp_path / "digits",
-                                          "--out", tmp_path / "x", "--domain", "mars", "--digit", 1))
-    assert "--domain and --digit" in error_of(run("sample", "--noise-dir", tmp_path / "noise", "--ckpt",
-                                                  tmp_path / "digits", "--out", tmp_path / "y"))
+    assert "mnistm, svhn" in error_of(
+        run(
+            "sample",
+            "--noise-dir",
+            tmp_path / "noise",
+            "--ckpt",
+            tmp_path / "digits",
+            "--out",
+            tmp_path / "x",
+            "--domain",
+            "mars",
+            "--digit",
+            1,
+        )
+    )
+    assert "--domain and --digit" in error_of(
+        run("sample", "--noise-dir", tmp_path / "noise", "--ckpt", tmp_path / "digits", "--out", tmp_path / "y")
+    )
     # Seeded noises take the net's own size; the η grid takes the same condition options.
-    r = run("eta-grid", "--ckpt", tmp_path / "digits", "--out", tmp_path / "grid", "--domain", "mnistm", "--digit", 2,
-            "--noises", "00,01", "--etas", "0,1", "--steps", 3)
+    r = run(
+        "eta-grid",
+        "--ckpt",
+        tmp_path / "digits",
+        "--out",
+        tmp_path / "grid",
+        "--domain",
+        "mnistm",
+        "--digit",
+        2,
+        "--noises",
+        "00,01",
+        "--etas",
+        "0,1",
+        "--steps",
+        3,
+    )
     assert r.exit_code == 0, r.output
     assert np.asarray(Image.open(tmp_path / "grid" / "eta_grid.png")).shape[:2] == (2 * 30 + 2, 2 * 30 + 2)
 
 
 def test_seeded_noises_instead_of_a_noise_folder(files, tmp_path):
-    r = run("sample", "--noise-seed", 5, "--num-noises", 3, "--size", 32, "--ckpt", files / "UNet.pt",
-            "--out", tmp_path / "seeded", "--steps", 2)
+    r = run(
+        "sample",
+        "--noise-seed",
+        5,
+        "--num-noises",
+        3,
+        "--size",
+        32,
+        "--ckpt",
+        files / "UNet.pt",
+        "--out",
+        tmp_path / "seeded",
+        "--steps",
+        2,
+    )
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (tmp_path / "seeded").glob("*.png")) == ["00.png", "01.png", "02.png"]
     assert sorted(p.name for p in (tmp_path / "seeded" / "noise").iterdir()) == ["00.pt", "01.pt", "02.pt"]
     # The saved noises reproduce the run through the usual --noise-dir path.
-    r = run("sample", "--noise-dir", tmp_path / "seeded" / "noise", "--ckpt", files / "UNet.pt",
-            "--out", tmp_path / "again", "--steps", 2)
+    r = run(
+        "sample",
+        "--noise-dir",
+        tmp_path / "seeded" / "noise",
+        "--ckpt",
+        files / "UNet.pt",
+        "--out",
+        tmp_path / "again",
+        "--steps",
+        2,
+    )
     assert r.exit_code == 0, r.output
     for png in (tmp_path / "again").iterdir():
         assert png.read_bytes() == (tmp_path / "seeded" / png.name).read_bytes()
-    r = run("eta-grid", "--noise-seed", 5, "--size", 32, "--ckpt", files / "UNet.pt", "--out", tmp_path / "grid",
-            "--noises", "00,01", "--etas", "0,1", "--steps", 2)
+    r = run(
+        "eta-grid",
+        "--noise-seed",
+        5,
+        "--size",
+        32,
+        "--ckpt",
+        files / "UNet.pt",
+        "--out",
+        tmp_path / "grid",
+        "--noises",
+        "00,01",
+        "--etas",
+        "0,1",
+        "--steps",
+        2,
+    )
     assert r.exit_code == 0 and (tmp_path / "grid" / "eta_grid.png").is_file(), r.output
-    assert torch.equal(torch.load(tmp_path / "grid" / "noise" / "00.pt"), torch.load(tmp_path / "seeded" / "noise" / "00.pt"))
-    r = run("interpolate", "--size", 32, "--ckpt", files / "UNet.pt", "--out", tmp_path / "interp", "--steps", 2,
-            "--alphas", "0,0.5,1")
+    assert torch.equal(
+        torch.load(tmp_path / "grid" / "noise" / "00.pt"), torch.load(tmp_path / "seeded" / "noise" / "00.pt")
+    )
+    r = run(
+        "interpolate",
+        "--size",
+        32,
+        "--ckpt",
+        files / "UNet.pt",
+        "--out",
+        tmp_path / "interp",
+        "--steps",
+        2,
+        "--alphas",
+        "0,0.5,1",
+    )
     assert r.exit_code == 0 and (tmp_path / "interp" / "interp_slerp.png").is_file(), r.output
-    assert "--a and --b go together" in error_of(run("interpolate", "--a", files / "noise" / "00.pt",
-                                                      "--ckpt", files / "UNet.pt", "--out", tmp_path / "x"))
+    assert "--a and --b go together" in error_of(
+        run("interpolate", "--a", files / "noise" / "00.pt", "--ckpt", files / "UNet.pt", "--out", tmp_path / "x")
+    )
     assert "does not fit" in error_of(run("sample", "--size", 30, "--ckpt", files / "UNet.pt", "--out", tmp_path / "y"))

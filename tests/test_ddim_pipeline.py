@@ -1,5 +1,6 @@
 """The DDIM pipeline on a (small-width) face UNet against diffusers: our checkpoint loader + batching + sampler
 must give the same trajectory as diffusers' UNet2DModel with the same weights driven by its DDIMScheduler."""
+
 import math
 from pathlib import Path
 
@@ -76,8 +77,13 @@ def test_trajectory_matches_diffusers_ddim_scheduler(diffusers_dir, eta, steps):
     x_T = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     theirs = _diffusers_trajectory(UNet2DModel.from_pretrained(diffusers_dir).eval(), x_T.clone(), eta, steps, seed=5)
     ours = []
-    images = ddim_sample(their_model, x_T.clone(), DDIMConfig(steps=steps, eta=eta, seed=5), progress=False,
-                         on_step=lambda i, t, x: ours.append((t, x.clone())))
+    images = ddim_sample(
+        their_model,
+        x_T.clone(),
+        DDIMConfig(steps=steps, eta=eta, seed=5),
+        progress=False,
+        on_step=lambda i, t, x: ours.append((t, x.clone())),
+    )
     assert [t for t, _ in ours] == [t for t, _ in theirs] and ours[-1][0] == 1
     assert max((a - b).abs().max().item() for (_, a), (_, b) in zip(ours, theirs)) <= 1e-5
     assert torch.equal(images, ours[-1][1])

@@ -1,4 +1,5 @@
 """Digit classifiers and the course-style evaluation, checked against scikit-learn."""
+
 import json
 
 import numpy as np
@@ -138,7 +139,10 @@ def test_evaluate_matches_sklearn(tmp_path, data_root, classifier_dir, capsys):
     assert result["accuracy"] == pytest.approx(np.mean(accs))
     out = folder / "eval"
     assert (out / "confusion_mnistm.png").is_file() and (out / "confusion_svhn.png").is_file()
-    assert json.loads((out / "metrics.json").read_text())["domains"]["svhn"]["confusion"] == result["domains"]["svhn"]["confusion"]
+    assert (
+        json.loads((out / "metrics.json").read_text())["domains"]["svhn"]["confusion"]
+        == result["domains"]["svhn"]["confusion"]
+    )
 
 
 def test_evaluate_errors(tmp_path, data_root, classifier_dir):

@@ -1,4 +1,5 @@
 """Embedded two-domain digits: layout, determinism, disjoint held-out digits, visible digits, loader errors."""
+
 import csv
 import hashlib
 
@@ -121,8 +122,9 @@ def test_every_font_renders_ten_distinct_digits():
 
 def test_svhn_digit_stands_out_from_background():
     labels = np.arange(100) % 10
-    images, middle = synth.svhn_images(labels, np.random.default_rng(1), synth.load_photos(), synth.load_glyphs(),
-                                       return_masks=True)
+    images, middle = synth.svhn_images(
+        labels, np.random.default_rng(1), synth.load_photos(), synth.load_glyphs(), return_masks=True
+    )
     lum = images.astype(float) @ [0.299, 0.587, 0.114]
     for img, m in zip(lum, middle):
         assert (m > 0.9).sum() >= 8
@@ -171,19 +173,23 @@ def test_cache_is_refreshed_when_csv_changes(tmp_path):
     d = _tiny(tmp_path, ["0.png,1", "1.png,2"])
     assert load_split(tmp_path, "mnistm")[1].tolist() == [1, 2]
     import os
+
     (d / "train.csv").write_text("image_name,label\n0.png,1\n1.png,2\n2.png,3\n")
     os.utime(d / "train.csv", ns=(1, 1))
     images, labels = load_split(tmp_path, "mnistm")
     assert labels.tolist() == [1, 2, 3] and images[2].max() == 80
 
 
-@pytest.mark.parametrize("rows, header, match", [
-    (["0.png,11"], "image_name,label", r"line 2 \(0.png\): label '11' is not a digit"),
-    (["0.png,x"], "image_name,label", "not a digit"),
-    (["0.png,1"], "name,digit", "header must be 'image_name,label'"),
-    (["0.png"], "image_name,label", "line 2 has 1 columns"),
-    (["missing.png,1"], "image_name,label", "missing.png: image file not found"),
-])
+@pytest.mark.parametrize(
+    "rows, header, match",
+    [
+        (["0.png,11"], "image_name,label", r"line 2 \(0.png\): label '11' is not a digit"),
+        (["0.png,x"], "image_name,label", "not a digit"),
+        (["0.png,1"], "name,digit", "header must be 'image_name,label'"),
+        (["0.png"], "image_name,label", "line 2 has 1 columns"),
+        (["missing.png,1"], "image_name,label", "missing.png: image file not found"),
+    ],
+)
 def test_load_split_csv_errors(tmp_path, rows, header, match):
     _tiny(tmp_path, rows, header)
     with pytest.raises(DifflabError, match=match):

@@ -1,4 +1,5 @@
 """The conditional digits model: network contract, guidance, training with resume, sampling layout, CLI."""
+
 import json
 import os
 import shutil
@@ -81,8 +82,17 @@ def kill(step, ema):
 
 
 def test_training_lowers_loss_saves_atomically_and_resumes_exactly(data_root, tiny_preset, tmp_path):
-    common = dict(data_root=str(data_root), preset=tiny_preset, batch_size=16, lr=2e-3, warmup_steps=2,
-                  save_every=3, log_every=2, device="cpu", precision="fp32")  # a save inside a log window
+    common = dict(
+        data_root=str(data_root),
+        preset=tiny_preset,
+        batch_size=16,
+        lr=2e-3,
+        warmup_steps=2,
+        save_every=3,
+        log_every=2,
+        device="cpu",
+        precision="fp32",
+    )  # a save inside a log window
     straight = train(TrainConfig(out_dir=str(tmp_path / "a"), steps=6, **common))
     with pytest.raises(Killed):  # killed right after the save at step 3, inside a log window
         train(TrainConfig(out_dir=str(tmp_path / "b"), steps=6, sample_every=3, **common), on_sample=kill)
@@ -122,8 +132,9 @@ def test_loss_decreases_on_a_fixed_batch():
 
 
 def test_resume_errors_are_clear(data_root, tiny_preset, tmp_path):
-    cfg = TrainConfig(data_root=str(data_root), out_dir=str(tmp_path / "none"), preset=tiny_preset, steps=2,
-                      resume=True, device="cpu")
+    cfg = TrainConfig(
+        data_root=str(data_root), out_dir=str(tmp_path / "none"), preset=tiny_preset, steps=2, resume=True, device="cpu"
+    )
     with pytest.raises(DifflabError, match="nothing to resume"):
         train(cfg)
     (tmp_path / "bad").mkdir()
@@ -161,8 +172,14 @@ def test_course_layout_and_figures(tmp_path):
         assert images[domain].shape == (20, 28, 28, 3)
     # Batching does not change images, up to numerics: the noise is drawn once for the whole run, but CPU
     # kernels may sum in another order for another batch size (a few pixels then differ by one grey level).
-    again = write_course_layout(net, sched, tmp_path / "again", SampleConfig(steps=3, batch_size=40, precision="fp32"),
-                                torch.device("cpu"), per_digit=2)
+    again = write_course_layout(
+        net,
+        sched,
+        tmp_path / "again",
+        SampleConfig(steps=3, batch_size=40, precision="fp32"),
+        torch.device("cpu"),
+        per_digit=2,
+    )
     diff = np.abs(images["svhn"].astype(int) - again["svhn"])
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
     strip, ts = reverse_process_strip(net, sched, cfg, torch.device("cpu"), per_digit=2)
@@ -175,12 +192,46 @@ def test_cli_train_sample_evaluate(data_root, tiny_preset, tmp_path):
     from difflab.digits.classifier import train_classifiers
 
     ckpt = tmp_path / "ckpt"
-    r = runner.invoke(app, ["digits", "train", "--data-root", str(data_root), "--out", str(ckpt), "--preset",
-                            tiny_preset, "--steps", "2", "--batch-size", "8", "--device", "cpu", "--sample-every", "2"])
+    r = runner.invoke(
+        app,
+        [
+            "digits",
+            "train",
+            "--data-root",
+            str(data_root),
+            "--out",
+            str(ckpt),
+            "--preset",
+            tiny_preset,
+            "--steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--device",
+            "cpu",
+            "--sample-every",
+            "2",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert (ckpt / "progress" / "step_000002.png").is_file()
-    r = runner.invoke(app, ["digits", "sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--per-digit", "2",
-                            "--steps", "2", "--device", "cpu"])
+    r = runner.invoke(
+        app,
+        [
+            "digits",
+            "sample",
+            "--ckpt",
+            str(ckpt),
+            "--out",
+            str(tmp_path / "out"),
+            "--per-digit",
+            "2",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert len(list((tmp_path / "out" / "mnistm").glob("*.png"))) == 20
     assert (tmp_path / "out" / "figures" / "grid_svhn.png").is_file()
@@ -194,9 +245,29 @@ def test_two_process_cpu_training(data_root, tmp_path):
     """Data-parallel training with two CPU processes: accelerate picks up torchrun's environment (gloo)."""
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "difflab.cli", "digits", "train",
-           "--data-root", str(data_root), "--out", str(out), "--steps", "2", "--batch-size", "4", "--precision", "fp32",
-           "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "difflab.cli",
+        "digits",
+        "train",
+        "--data-root",
+        str(data_root),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = torch.load(out / "train_state.pt", weights_only=True)
@@ -205,16 +276,32 @@ def test_two_process_cpu_training(data_root, tmp_path):
 
 
 def test_time_budget_shortens_the_run_and_saves(data_root, tiny_preset, tmp_path):
-    cfg = TrainConfig(data_root=str(data_root), out_dir=str(tmp_path / "t"), preset=tiny_preset, steps=10_000,
-                      batch_size=4, max_minutes=1e-4, save_every=10_000, device="cpu", precision="fp32")
+    cfg = TrainConfig(
+        data_root=str(data_root),
+        out_dir=str(tmp_path / "t"),
+        preset=tiny_preset,
+        steps=10_000,
+        batch_size=4,
+        max_minutes=1e-4,
+        save_every=10_000,
+        device="cpu",
+        precision="fp32",
+    )
     train(cfg)
     config = json.loads((tmp_path / "t" / "config.json").read_text())
     assert config["steps"] == 21  # fitted after the 20 timing steps; the budget is long spent by then
 
 
 def test_earlier_work_is_never_replaced_and_resume_must_match(data_root, tiny_preset, tmp_path):
-    common = dict(data_root=str(data_root), preset=tiny_preset, batch_size=4, save_every=2, device="cpu",
-                  precision="fp32", out_dir=str(tmp_path / "run"))
+    common = dict(
+        data_root=str(data_root),
+        preset=tiny_preset,
+        batch_size=4,
+        save_every=2,
+        device="cpu",
+        precision="fp32",
+        out_dir=str(tmp_path / "run"),
+    )
     train(TrainConfig(steps=2, **common))
     before = (tmp_path / "run" / "train_state.pt").read_bytes()
     (tmp_path / "run" / ".model.safetensors.x1.tmp").write_bytes(b"left by a killed save")
@@ -236,14 +323,21 @@ def test_earlier_work_is_never_replaced_and_resume_must_match(data_root, tiny_pr
 
 
 def test_bad_options_and_configs_give_one_line(data_root, tmp_path):
-    for args, message in ((["--save-every", "0"], "save-every"), (["--timesteps", "0"], "timesteps"),
-                          (["--prediction", "x0"], "unknown prediction 'x0'")):
+    for args, message in (
+        (["--save-every", "0"], "save-every"),
+        (["--timesteps", "0"], "timesteps"),
+        (["--prediction", "x0"], "unknown prediction 'x0'"),
+    ):
         r = runner.invoke(app, ["digits", "train", "--data-root", str(data_root), "--out", str(tmp_path / "x"), *args])
         assert r.exit_code != 0 and message in (r.output + str(r.exception)), (args, r.output)
     save_model(tmp_path / "m", DigitsUNet(TINY), ScheduleConfig())
-    r = runner.invoke(app, ["digits", "sample", "--ckpt", str(tmp_path / "m"), "--out", str(tmp_path / "o"), "--steps", "1000"])
+    r = runner.invoke(
+        app, ["digits", "sample", "--ckpt", str(tmp_path / "m"), "--out", str(tmp_path / "o"), "--steps", "1000"]
+    )
     assert isinstance(r.exception, DifflabError) and "1..500" in str(r.exception)
-    r = runner.invoke(app, ["digits", "sample", "--ckpt", str(tmp_path / "m"), "--out", str(tmp_path / "o"), "--eta", "-1"])
+    r = runner.invoke(
+        app, ["digits", "sample", "--ckpt", str(tmp_path / "m"), "--out", str(tmp_path / "o"), "--eta", "-1"]
+    )
     assert r.exit_code == 2 and "--eta" in r.output
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     for broken in ({k: v for k, v in config.items() if k != "net"}, [1, 2], {**config, "schedule": {"kind": "zigzag"}}):

@@ -1,5 +1,6 @@
 """Quality beyond accuracy: the Fréchet distance against scipy's matrix square root, memorisation caught on
 copies of training images, diversity, and the measures in `evaluate_folder`'s metrics.json."""
+
 import json
 
 import numpy as np
@@ -51,8 +52,11 @@ def judge_dir(data_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("judges")
     torch.manual_seed(0)
     for d in DOMAINS:
-        save_classifier(DigitClassifier(ClassifierConfig(domain=d, width=4)), out / f"{d}.safetensors",
-                        {"data_root": str(data_root)})
+        save_classifier(
+            DigitClassifier(ClassifierConfig(domain=d, width=4)),
+            out / f"{d}.safetensors",
+            {"data_root": str(data_root)},
+        )
     return out
 
 

@@ -1,4 +1,5 @@
 """Docs must not drift from the code: defaults quoted in the docs are read back and compared."""
+
 import re
 from pathlib import Path
 

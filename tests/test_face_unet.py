@@ -1,5 +1,6 @@
 """The face UNet: exact checkpoint layout, attention against the explicit formula, the whole network against
 diffusers' UNet2DModel with the same weights, and loading from files."""
+
 import math
 from pathlib import Path
 
@@ -104,11 +105,14 @@ def test_checkpoint_with_wrong_shapes_names_them(small_unet, tmp_path):
         load_face_unet(tmp_path / "shape.pt")
 
 
-@pytest.mark.parametrize("content,expected", [
-    ([1, 2, 3], "expected a state dict"),
-    (torch.zeros(3), "expected a state dict"),
-    ({"a": 1}, "expected a state dict"),
-])
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        ([1, 2, 3], "expected a state dict"),
+        (torch.zeros(3), "expected a state dict"),
+        ({"a": 1}, "expected a state dict"),
+    ],
+)
 def test_non_state_dict_files_are_rejected(tmp_path, content, expected):
     torch.save(content, tmp_path / "x.pt")
     with pytest.raises(DifflabError, match=expected):

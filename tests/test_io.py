@@ -1,5 +1,6 @@
 """The one safe reader: every kind of bad file gives one line naming the file and what is wrong, and no
 pickled code ever runs."""
+
 import os
 
 import pytest
@@ -24,8 +25,13 @@ def bad_torch_files(tmp_path):
     good = tmp_path / "good.pt"
     torch.save({"w": torch.ones(3)}, good)
     raw = good.read_bytes()
-    files = {"empty": b"", "text": b"hello", "garbage": b"not a checkpoint", "zip-junk": b"PK\x03\x04junk",
-             "truncated": raw[: len(raw) // 2]}
+    files = {
+        "empty": b"",
+        "text": b"hello",
+        "garbage": b"not a checkpoint",
+        "zip-junk": b"PK\x03\x04junk",
+        "truncated": raw[: len(raw) // 2],
+    }
     paths = {}
     for name, data in files.items():
         paths[name] = tmp_path / f"{name}.pt"
@@ -33,8 +39,13 @@ def bad_torch_files(tmp_path):
     return paths
 
 
-EXPECTED = {"empty": "empty, truncated or corrupt", "text": "not a PyTorch file", "garbage": "not a PyTorch file",
-            "zip-junk": "empty, truncated or corrupt", "truncated": "empty, truncated or corrupt"}
+EXPECTED = {
+    "empty": "empty, truncated or corrupt",
+    "text": "not a PyTorch file",
+    "garbage": "not a PyTorch file",
+    "zip-junk": "empty, truncated or corrupt",
+    "truncated": "empty, truncated or corrupt",
+}
 
 
 @pytest.mark.parametrize("kind", sorted(EXPECTED))
@@ -52,8 +63,11 @@ def test_pickle_payload_never_runs(tmp_path, skip_unknown_objects):
     marker = tmp_path / "ran"
     path = tmp_path / "payload.pt"
     torch.save({"w": torch.ones(2), "x": Payload(marker)}, path)
-    with pytest.raises(DifflabError, match=r"payload.pt: not a readable checkpoint: it holds a pickled Python "
-                                           r"object \(posix.mkdir\)"):
+    with pytest.raises(
+        DifflabError,
+        match=r"payload.pt: not a readable checkpoint: it holds a pickled Python "
+        r"object \(posix.mkdir\)",
+    ):
         read_torch(path, skip_unknown_objects=skip_unknown_objects)
     assert not marker.exists()
 
@@ -88,8 +102,10 @@ def test_missing_files_and_wrong_contents(tmp_path):
 def test_original_textual_inversion_format_loads(tmp_path):
     # Saved the way the original textual-inversion code saves it: the placeholder's vectors in a ParameterDict.
     params = torch.nn.ParameterDict({"*": torch.nn.Parameter(torch.randn(2, 8))})
-    torch.save({"string_to_token": {"*": torch.tensor(265)}, "string_to_param": params,
-                "name": "<cat-toy>", "step": 3000}, tmp_path / "learned.pt")
+    torch.save(
+        {"string_to_token": {"*": torch.tensor(265)}, "string_to_param": params, "name": "<cat-toy>", "step": 3000},
+        tmp_path / "learned.pt",
+    )
     found = read_embeddings(tmp_path / "learned.pt")
     assert list(found) == ["<cat-toy>"] and torch.equal(found["<cat-toy>"], params["*"].detach())
 

@@ -1,4 +1,6 @@
-"""Personalized generation on a tiny random Stable Diffusion: layout, per-image seeds, learned tokens, best-of-N, CLI."""
+"""Personalized generation on a tiny random Stable Diffusion: layout, per-image seeds, learned tokens,
+best-of-N, CLI."""
+
 import csv
 
 import numpy as np
@@ -22,11 +24,20 @@ from difflab.utils import DifflabError
 CFG = GenerateConfig(per_prompt=3, steps=2, batch_size=2, height=64, width=64)
 TWO_TOKENS = "a <new1> in a city in a style of <new2>"
 SPEC = {
-    "0": {"src_image": "dog", "token_name": "<new1>", "prompt": [TWO_TOKENS, "a <new1> on a beach"],
-          "prompt_4_clip_eval": ["a dog in a city in a style of David Revoy", "a dog on a beach"],
-          "baseline": [[79, 34], [74, 35]]},
-    "1": {"src_image": "David Revoy", "token_name": "<new2>", "prompt": ["a lighthouse in the style of <new2>"],
-          "prompt_4_clip_eval": ["a lighthouse in the style of David Revoy"], "baseline": [[70, 30]]},
+    "0": {
+        "src_image": "dog",
+        "token_name": "<new1>",
+        "prompt": [TWO_TOKENS, "a <new1> on a beach"],
+        "prompt_4_clip_eval": ["a dog in a city in a style of David Revoy", "a dog on a beach"],
+        "baseline": [[79, 34], [74, 35]],
+    },
+    "1": {
+        "src_image": "David Revoy",
+        "token_name": "<new2>",
+        "prompt": ["a lighthouse in the style of <new2>"],
+        "prompt_4_clip_eval": ["a lighthouse in the style of David Revoy"],
+        "baseline": [[70, 30]],
+    },
 }
 
 
@@ -81,8 +92,16 @@ def test_per_image_seeds_match_diffusers_generators(sd):
     cfg = GenerateConfig(scheduler="dpmsolver", steps=3, height=64, width=64, batch_size=4)
     seeds = [image_seed(42, "0", 0, n) for n in range(3)]
     ours = sample(pipe, encode_prompt(pipe, TWO_TOKENS), seeds, cfg)
-    ref = pipe(TWO_TOKENS, num_images_per_prompt=3, generator=[torch.Generator().manual_seed(s) for s in seeds],
-               num_inference_steps=3, height=64, width=64, guidance_scale=cfg.guidance, output_type="pil").images
+    ref = pipe(
+        TWO_TOKENS,
+        num_images_per_prompt=3,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        num_inference_steps=3,
+        height=64,
+        width=64,
+        guidance_scale=cfg.guidance,
+        output_type="pil",
+    ).images
     for a, b in zip(ours, ref):
         assert np.abs(pixels(a) - pixels(b)).max() <= 1
 
@@ -164,7 +183,9 @@ def test_best_of_keeps_the_top_candidates(sd, clip_and_refs, tmp_path):
 
     pipe, _, _ = sd
     clip, refs = clip_and_refs
-    generate(pipe, SPEC, tmp_path, CFG, keys=["1"], best_of=5, scorer=ClipScorer.from_pretrained(clip, "cpu"), refs=refs)
+    generate(
+        pipe, SPEC, tmp_path, CFG, keys=["1"], best_of=5, scorer=ClipScorer.from_pretrained(clip, "cpu"), refs=refs
+    )
     assert {p.name for p in (tmp_path / "1" / "0").iterdir()} == {f"source1_prompt0_{n}.png" for n in range(3)}
     rows = list(csv.DictReader(open(tmp_path / "best_of_scores.csv")))
     assert [int(r["candidate"]) for r in rows] == list(range(5))
@@ -185,14 +206,39 @@ def test_cli_generate_end_to_end(sd, tmp_path):
 
     _, model, embeds = sd
     save_json(SPEC, tmp_path / "input.json")
-    args = ["personalize", "generate", "--prompts", str(tmp_path / "input.json"), "--sd", str(model),
-            "--embeds", str(embeds[0]), "--embeds", str(embeds[1]), "--out", str(tmp_path / "out"),
-            "--per-prompt", "2", "--steps", "2", "--height", "64", "--width", "64", "--keys", "0",
-            "--scheduler", "dpmsolver", "--device", "cpu"]
+    args = [
+        "personalize",
+        "generate",
+        "--prompts",
+        str(tmp_path / "input.json"),
+        "--sd",
+        str(model),
+        "--embeds",
+        str(embeds[0]),
+        "--embeds",
+        str(embeds[1]),
+        "--out",
+        str(tmp_path / "out"),
+        "--per-prompt",
+        "2",
+        "--steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--keys",
+        "0",
+        "--scheduler",
+        "dpmsolver",
+        "--device",
+        "cpu",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert {str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.png")} == {
-        f"0/{i}/source0_prompt{i}_{n}.png" for i in (0, 1) for n in (0, 1)}
+        f"0/{i}/source0_prompt{i}_{n}.png" for i in (0, 1) for n in (0, 1)
+    }
     target = tmp_path / "out/0/1/source0_prompt1_1.png"
     before = pixels(target)
     target.unlink()

@@ -1,5 +1,6 @@
 """Personalization never replaces earlier work silently and answers bad input with one line naming the file or
 option: the bad-input classes of the reliability sweep, one test per class."""
+
 import json
 
 import numpy as np
@@ -9,8 +10,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from _sd_tiny import tiny_sd
-from difflab.clip.zeroshot import load_templates
 from difflab.cli import app
+from difflab.clip.zeroshot import load_templates
 from difflab.personalize.compose import ComposeConfig
 from difflab.personalize.generate import set_scheduler
 from difflab.personalize.textual_inversion import Concept, TextualInversion, TextualInversionConfig, load_images
@@ -27,16 +28,33 @@ def setup(tmp_path_factory):
     rng = np.random.default_rng(0)
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
-    spec = {"0": {"src_image": "cat", "token_name": "<new1>", "prompt": ["a photo of a cat"],
-                  "prompt_4_clip_eval": ["a cat"], "baseline": [[50, 20]]}}
+    spec = {
+        "0": {
+            "src_image": "cat",
+            "token_name": "<new1>",
+            "prompt": ["a photo of a cat"],
+            "prompt_4_clip_eval": ["a cat"],
+            "baseline": [[50, 20]],
+        }
+    }
     (root / "input.json").write_text(json.dumps(spec))
     return root
 
 
 def config(setup, out, **kw):
-    base = dict(concepts=[Concept(str(setup / "images"), "<new1>", "cat")], sd=str(setup / "sd"), out=str(out),
-                resolution=32, steps=2, grad_accum=1, batch_size=2, scale_lr=False, checkpoint_every=0,
-                save_every=0, device="cpu")
+    base = dict(
+        concepts=[Concept(str(setup / "images"), "<new1>", "cat")],
+        sd=str(setup / "sd"),
+        out=str(out),
+        resolution=32,
+        steps=2,
+        grad_accum=1,
+        batch_size=2,
+        scale_lr=False,
+        checkpoint_every=0,
+        save_every=0,
+        device="cpu",
+    )
     return TextualInversionConfig(**{**base, **kw})
 
 
@@ -55,8 +73,9 @@ def test_training_refuses_to_replace_an_earlier_run(setup, tmp_path):
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
-@pytest.mark.parametrize("content,reason", [(b"PK\x03\x04", "empty, truncated or corrupt"),
-                                            ("payload", "pickled Python object")])
+@pytest.mark.parametrize(
+    "content,reason", [(b"PK\x03\x04", "empty, truncated or corrupt"), ("payload", "pickled Python object")]
+)
 def test_resume_from_a_bad_checkpoint_is_one_line(setup, tmp_path, content, reason):
     (tmp_path / "run").mkdir()
     path = tmp_path / "run" / "checkpoint.pt"
@@ -78,21 +97,76 @@ def cli(*args):
 def test_unreadable_embedding_and_checkpoint_files_through_the_cli(setup, tmp_path):
     (tmp_path / "x.pt").write_text("hello")
     (tmp_path / "x.ckpt").write_text("hello")
-    code, error = cli("personalize", "generate", "--prompts", setup / "input.json", "--sd", setup / "sd",
-                      "--embeds", tmp_path / "x.pt", "--out", tmp_path / "gen", "--device", "cpu")
+    code, error = cli(
+        "personalize",
+        "generate",
+        "--prompts",
+        setup / "input.json",
+        "--sd",
+        setup / "sd",
+        "--embeds",
+        tmp_path / "x.pt",
+        "--out",
+        tmp_path / "gen",
+        "--device",
+        "cpu",
+    )
     assert code == 1 and error == f"{tmp_path / 'x.pt'}: not a readable embedding: not a PyTorch file"
-    code, error = cli("personalize", "generate", "--prompts", setup / "input.json", "--sd", tmp_path / "x.ckpt",
-                      "--out", tmp_path / "gen", "--device", "cpu")
-    assert code == 1 and error == f"{tmp_path / 'x.ckpt'}: not a readable Stable Diffusion checkpoint: not a PyTorch file"
+    code, error = cli(
+        "personalize",
+        "generate",
+        "--prompts",
+        setup / "input.json",
+        "--sd",
+        tmp_path / "x.ckpt",
+        "--out",
+        tmp_path / "gen",
+        "--device",
+        "cpu",
+    )
+    assert (
+        code == 1 and error == f"{tmp_path / 'x.ckpt'}: not a readable Stable Diffusion checkpoint: not a PyTorch file"
+    )
 
 
-@pytest.mark.parametrize("args", [
-    ["personalize", "train", "--concept", "d:<t>:cat", "--sd", "sd", "--out", "o", "--resolution", "0"],
-    ["personalize", "generate", "--prompts", "p", "--sd", "sd", "--out", "o", "--batch-size", "0"],
-    ["personalize", "generate", "--prompts", "p", "--sd", "sd", "--out", "o", "--steps", "0"],
-    ["personalize", "compose", "--prompt", "p", "--concepts", "a=b", "--sd", "sd", "--out", "o", "--num-images", "0"],
-    ["personalize", "score", "--prompts", "p", "--refs", "r", "--gen", "g", "--clip", "c", "--out", "o", "--top-k", "0"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["personalize", "train", "--concept", "d:<t>:cat", "--sd", "sd", "--out", "o", "--resolution", "0"],
+        ["personalize", "generate", "--prompts", "p", "--sd", "sd", "--out", "o", "--batch-size", "0"],
+        ["personalize", "generate", "--prompts", "p", "--sd", "sd", "--out", "o", "--steps", "0"],
+        [
+            "personalize",
+            "compose",
+            "--prompt",
+            "p",
+            "--concepts",
+            "a=b",
+            "--sd",
+            "sd",
+            "--out",
+            "o",
+            "--num-images",
+            "0",
+        ],
+        [
+            "personalize",
+            "score",
+            "--prompts",
+            "p",
+            "--refs",
+            "r",
+            "--gen",
+            "g",
+            "--clip",
+            "c",
+            "--out",
+            "o",
+            "--top-k",
+            "0",
+        ],
+    ],
+)
 def test_numeric_options_are_range_checked(args):
     code, output = cli(*args)
     assert code == 2 and "Invalid value" in output
@@ -101,16 +175,40 @@ def test_numeric_options_are_range_checked(args):
 def test_mistakes_are_named_before_the_model_loads(setup, tmp_path):
     with pytest.raises(DifflabError, match=r"kind 'painting' is not one of object, style"):
         Concept.parse(f"{setup / 'images'}:<new1>:cat:painting")
-    code, error = cli("personalize", "generate", "--prompts", setup / "input.json", "--sd", tmp_path / "missing",
-                      "--keys", "5", "--out", tmp_path / "gen")
+    code, error = cli(
+        "personalize",
+        "generate",
+        "--prompts",
+        setup / "input.json",
+        "--sd",
+        tmp_path / "missing",
+        "--keys",
+        "5",
+        "--out",
+        tmp_path / "gen",
+    )
     assert code == 1 and "keys 5 not in the prompts file" in error  # not "model not found": checked first
     with pytest.raises(DifflabError, match="templates.txt: templates file not found"):
         load_templates(str(tmp_path / "templates.txt"))  # a file name, not a literal template
 
 
 def test_generation_refuses_to_replace_images(setup, tmp_path):
-    common = ["personalize", "generate", "--prompts", setup / "input.json", "--sd", setup / "sd", "--out",
-              tmp_path / "gen", "--per-prompt", "1", "--steps", "1", "--device", "cpu"]
+    common = [
+        "personalize",
+        "generate",
+        "--prompts",
+        setup / "input.json",
+        "--sd",
+        setup / "sd",
+        "--out",
+        tmp_path / "gen",
+        "--per-prompt",
+        "1",
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+    ]
     assert cli(*common)[0] == 0
     image = tmp_path / "gen" / "0" / "0" / "source0_prompt0_0.png"
     before = image.read_bytes()

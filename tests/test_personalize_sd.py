@@ -2,6 +2,7 @@
 
 A tiny random SD v1 (same component types, real CLIP tokenizer) stands in for the 4 GB model.
 """
+
 import json
 import re
 
@@ -15,15 +16,26 @@ from difflab.personalize.prompts import load_input_json
 from difflab.personalize.sd import load_sd
 from difflab.utils import DifflabError
 
-RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+RESNET_TO_LDM = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
 VAE_ATTN_TO_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
 def unet_to_ldm(state: dict, layers_per_block: int, up_has_attn: list[bool]) -> dict:
     """Diffusers UNet names -> the original LDM layout (input_blocks / middle_block / output_blocks)."""
-    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    fixed = {
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "conv_in": "input_blocks.0.0",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+    }
     n = layers_per_block + 1
     out = {}
     for k, v in state.items():
@@ -31,7 +43,10 @@ def unet_to_ldm(state: dict, layers_per_block: int, up_has_attn: list[bool]) -> 
         if head in fixed:
             out[f"{fixed[head]}.{leaf}"] = v
             continue
-        m = re.match(r"(down_blocks|up_blocks|mid_block)\.(?:(\d+)\.)?(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.*)", k)
+        m = re.match(
+            r"(down_blocks|up_blocks|mid_block)\.(?:(\d+)\.)?(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.*)",
+            k,
+        )
         kind, block, part, j, rest = m.groups()
         block, j = int(block or 0), int(j)
         if part == "resnets":
@@ -58,8 +73,11 @@ def vae_to_ldm(state: dict, num_blocks: int) -> dict:
         k = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets", r"encoder.down.\1.block", k)
         k = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0", r"encoder.down.\1.downsample", k)
         k = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets", lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.block", k)
-        k = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0",
-                   lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.upsample", k)
+        k = re.sub(
+            r"decoder\.up_blocks\.(\d+)\.upsamplers\.0",
+            lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.upsample",
+            k,
+        )
         k = re.sub(r"mid_block\.resnets\.(\d+)", lambda m: f"mid.block_{int(m[1]) + 1}", k)
         if "mid_block.attentions.0." in k:
             k = k.replace("mid_block.attentions.0.", "mid.attn_1.")
@@ -74,13 +92,19 @@ def vae_to_ldm(state: dict, num_blocks: int) -> dict:
 def pipe_to_ldm(pipe) -> dict:
     unet_cfg = pipe.unet.config
     up_attn = ["CrossAttn" in t for t in unet_cfg.up_block_types]
-    sd = {f"model.diffusion_model.{k}": v for k, v in
-          unet_to_ldm(pipe.unet.state_dict(), unet_cfg.layers_per_block, up_attn).items()}
-    sd |= {f"first_stage_model.{k}": v for k, v in
-           vae_to_ldm(pipe.vae.state_dict(), len(pipe.vae.config.down_block_types)).items()}
+    sd = {
+        f"model.diffusion_model.{k}": v
+        for k, v in unet_to_ldm(pipe.unet.state_dict(), unet_cfg.layers_per_block, up_attn).items()
+    }
+    sd |= {
+        f"first_stage_model.{k}": v
+        for k, v in vae_to_ldm(pipe.vae.state_dict(), len(pipe.vae.config.down_block_types)).items()
+    }
     # sd-v1-4.ckpt names the text encoder weights `cond_stage_model.transformer.text_model.*`.
-    sd |= {f"cond_stage_model.transformer.text_model.{k.removeprefix('text_model.')}": v
-           for k, v in pipe.text_encoder.state_dict().items()}
+    sd |= {
+        f"cond_stage_model.transformer.text_model.{k.removeprefix('text_model.')}": v
+        for k, v in pipe.text_encoder.state_dict().items()
+    }
     return {k: v.contiguous() for k, v in sd.items()}
 
 
@@ -143,8 +167,13 @@ def test_single_file_original_layout_round_trips(tiny, tmp_path, suffix):
     if suffix == ".safetensors":  # diffusers' own single-file reader agrees that the file is in the original layout
         from diffusers import StableDiffusionPipeline
 
-        theirs = StableDiffusionPipeline.from_single_file(str(path), config=str(tiny["dir"]), local_files_only=True,
-                                                          safety_checker=None, requires_safety_checker=False)
+        theirs = StableDiffusionPipeline.from_single_file(
+            str(path),
+            config=str(tiny["dir"]),
+            local_files_only=True,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
         assert_same_weights(theirs, pipe)
     # Same images as the diffusers-format model: the whole pipeline is wired the same way.
     kw = dict(num_inference_steps=2, height=32, width=32, output_type="np")
@@ -189,8 +218,15 @@ def test_shipped_sd_v1_configs_match_spec():
     assert unet["block_out_channels"] == [320, 640, 1280, 1280] and unet["cross_attention_dim"] == 768
     assert AutoencoderKL.load_config(SD_V1_CONFIG / "vae")["scaling_factor"] == 0.18215
     text = CLIPTextConfig.from_pretrained(SD_V1_CONFIG / "text_encoder", local_files_only=True)
-    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.intermediate_size,
-            text.max_position_embeddings, text.vocab_size, text.hidden_act) == (768, 12, 12, 3072, 77, 49408, "quick_gelu")
+    assert (
+        text.hidden_size,
+        text.num_hidden_layers,
+        text.num_attention_heads,
+        text.intermediate_size,
+        text.max_position_embeddings,
+        text.vocab_size,
+        text.hidden_act,
+    ) == (768, 12, 12, 3072, 77, 49408, "quick_gelu")
     sched = PNDMScheduler.from_config(PNDMScheduler.load_config(SD_V1_CONFIG / "scheduler"))
     assert sched.config.beta_schedule == "scaled_linear"
     assert torch.allclose(sched.betas[[0, -1]], torch.tensor([0.00085, 0.012]), atol=1e-7)
@@ -200,6 +236,7 @@ def test_shipped_sd_v1_configs_match_spec():
 
 
 # ---- embeddings --------------------------------------------------------------------------------------------
+
 
 def encode(pipe, prompt):
     ids = pipe.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
@@ -256,10 +293,22 @@ def test_embedding_errors(tiny, tmp_path):
 
 # ---- input.json ---------------------------------------------------------------------------------------------
 
-GOOD = {"0": {"src_image": "dog", "token_name": "<new1>", "prompt": ["A <new1> on a beach.", "A <new1> in snow."],
-              "prompt_4_clip_eval": ["A dog on a beach.", "A dog in snow."], "baseline": [[79, 34], [74, 35]]},
-        "1": {"src_image": "David Revoy", "token_name": "<new2>", "prompt": ["A lighthouse in the style of <new2>."],
-              "prompt_4_clip_eval": ["A lighthouse in the style of David Revoy."], "baseline": [[70, 30]]}}
+GOOD = {
+    "0": {
+        "src_image": "dog",
+        "token_name": "<new1>",
+        "prompt": ["A <new1> on a beach.", "A <new1> in snow."],
+        "prompt_4_clip_eval": ["A dog on a beach.", "A dog in snow."],
+        "baseline": [[79, 34], [74, 35]],
+    },
+    "1": {
+        "src_image": "David Revoy",
+        "token_name": "<new2>",
+        "prompt": ["A lighthouse in the style of <new2>."],
+        "prompt_4_clip_eval": ["A lighthouse in the style of David Revoy."],
+        "baseline": [[70, 30]],
+    },
+}
 
 
 def write_json(tmp_path, data):

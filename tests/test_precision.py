@@ -1,5 +1,6 @@
 """The precision policy: explicit choices pass through, "auto" on a CPU times the candidates, keeps a clear
 winner, caches it per machine and job, and leaves the caller's random streams alone."""
+
 import json
 import time
 

@@ -1,4 +1,5 @@
 """Our schedule and samplers against diffusers' schedulers on the same ε-function and noise."""
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -15,9 +16,14 @@ def eps_fn(x, t):
     return torch.tanh(x * w + (t.float() / 1000).reshape(-1, *[1] * (x.ndim - 1)))
 
 
-@pytest.mark.parametrize("kind,dkind,start,end", [
-    ("linear", "linear", 1e-4, 0.02), ("scaled_linear", "scaled_linear", 0.00085, 0.012),
-    ("cosine", "squaredcos_cap_v2", 1e-4, 0.02)])
+@pytest.mark.parametrize(
+    "kind,dkind,start,end",
+    [
+        ("linear", "linear", 1e-4, 0.02),
+        ("scaled_linear", "scaled_linear", 0.00085, 0.012),
+        ("cosine", "squaredcos_cap_v2", 1e-4, 0.02),
+    ],
+)
 def test_schedules_match_diffusers(kind, dkind, start, end):
     ours = NoiseSchedule.make(kind, 1000, start, end)
     theirs = DDPMScheduler(num_train_timesteps=1000, beta_schedule=dkind, beta_start=start, beta_end=end)
@@ -53,8 +59,11 @@ def _full_precision(scheduler):
     # t = 0 to cancellation; ours are formed in float64. Give the oracle our float64 ᾱ (the schedules
     # themselves are compared above) so that both do exact arithmetic and any difference is a logic error.
     scheduler.alphas_cumprod = NoiseSchedule.make().alphas_cumprod
-    scheduler.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64) if scheduler.config.get(
-        "set_alpha_to_one") else scheduler.alphas_cumprod[0]
+    scheduler.final_alpha_cumprod = (
+        torch.tensor(1.0, dtype=torch.float64)
+        if scheduler.config.get("set_alpha_to_one")
+        else scheduler.alphas_cumprod[0]
+    )
     return scheduler
 
 
@@ -75,9 +84,17 @@ def test_ddim_trajectory_matches_diffusers(eta, set_alpha_to_one):
     sched = NoiseSchedule.make()
     x_T = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     theirs, their_traj = _diffusers_ddim(x_T.clone(), eta, set_alpha_to_one, 50, seed=1)
-    ours = sample(eps_fn, x_T.clone(), sched, ddim_timesteps(1000, 50), method="ddim", eta=eta,
-                  final_alpha=1.0 if set_alpha_to_one else None, generator=torch.Generator().manual_seed(1),
-                  capture="all")
+    ours = sample(
+        eps_fn,
+        x_T.clone(),
+        sched,
+        ddim_timesteps(1000, 50),
+        method="ddim",
+        eta=eta,
+        final_alpha=1.0 if set_alpha_to_one else None,
+        generator=torch.Generator().manual_seed(1),
+        capture="all",
+    )
     for t, x in their_traj.items():
         assert (ours.trajectory[t] - x).abs().max() <= 1e-5, t
     assert (ours.images - theirs).abs().max() <= 1e-5
@@ -92,8 +109,15 @@ def test_ddpm_trajectory_matches_diffusers(steps):
     g = torch.Generator().manual_seed(7)
     x = x_T.clone()
     worst = 0.0
-    ours = sample(eps_fn, x_T.clone(), sched, theirs_sch.timesteps.tolist(), method="ddpm",
-                  generator=torch.Generator().manual_seed(7), capture="all")
+    ours = sample(
+        eps_fn,
+        x_T.clone(),
+        sched,
+        theirs_sch.timesteps.tolist(),
+        method="ddpm",
+        generator=torch.Generator().manual_seed(7),
+        capture="all",
+    )
     for t in theirs_sch.timesteps:
         worst = max(worst, (ours.trajectory[int(t)] - x).abs().max().item())
         x = theirs_sch.step(eps_fn(x, t.repeat(2)), t, x, generator=g).prev_sample

@@ -1,4 +1,5 @@
 """Textual inversion on a tiny random SD v1: learning, frozen rows, latent cache, files, resume, bad input, CLI."""
+
 import numpy as np
 import pytest
 import skimage.data
@@ -27,9 +28,19 @@ def setup(tmp_path_factory):
 
 
 def make(setup, tmp_path, concepts=None, **kw):
-    cfg = dict(concepts=concepts or [Concept(str(setup / "images"), "<new1>", "cat")], sd=str(setup / "sd"),
-               out=str(tmp_path / "out"), resolution=32, steps=2, grad_accum=1, batch_size=2, scale_lr=False,
-               checkpoint_every=0, save_every=0, device="cpu")
+    cfg = dict(
+        concepts=concepts or [Concept(str(setup / "images"), "<new1>", "cat")],
+        sd=str(setup / "sd"),
+        out=str(tmp_path / "out"),
+        resolution=32,
+        steps=2,
+        grad_accum=1,
+        batch_size=2,
+        scale_lr=False,
+        checkpoint_every=0,
+        save_every=0,
+        device="cpu",
+    )
     cfg.update(kw)
     return TextualInversion(TextualInversionConfig(**cfg))
 
@@ -73,7 +84,10 @@ def test_latent_cache_is_the_vae_posterior(setup, tmp_path):
 
 
 def test_two_concepts_multi_vector_files_load_in_diffusers(setup, tmp_path):
-    concepts = [Concept(str(setup / "images"), "<new1>", "dog"), Concept(str(setup / "images"), "<new2>", "art", "style")]
+    concepts = [
+        Concept(str(setup / "images"), "<new1>", "dog"),
+        Concept(str(setup / "images"), "<new2>", "art", "style"),
+    ]
     ti = make(setup, tmp_path, concepts=concepts, num_vectors=2, lr=0.05, gradient_checkpointing=True)
     assert ti.token_ids == [[49408, 49409], [49410, 49411]]
     assert (ti.prompt_ids[1] == 49411).any(dim=1).all()  # style captions carry both vectors of <new2>
@@ -87,10 +101,12 @@ def test_two_concepts_multi_vector_files_load_in_diffusers(setup, tmp_path):
     for name in ("new1", "new2"):
         pipe.load_textual_inversion(str(tmp_path / "out" / "embeds" / f"{name}.safetensors"))
     prompt = "a <new1> in a city in a style of <new2>"
-    ids = pipe.tokenizer(pipe.maybe_convert_prompt(prompt, pipe.tokenizer), padding="max_length", max_length=77,
-                         return_tensors="pt").input_ids
-    ours = ti.tokenizer(expand_prompt(prompt, ti.tokens), padding="max_length", max_length=77,
-                        return_tensors="pt").input_ids
+    ids = pipe.tokenizer(
+        pipe.maybe_convert_prompt(prompt, pipe.tokenizer), padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
+    ours = ti.tokenizer(
+        expand_prompt(prompt, ti.tokens), padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
     assert torch.equal(ids, ours)
     with torch.no_grad():
         torch.testing.assert_close(pipe.text_encoder(ids)[0], ti.text_encoder(ours)[0])
@@ -106,7 +122,10 @@ def test_resume_matches_uninterrupted_run(setup, tmp_path):
     resumed = make(setup, tmp_path / "part", steps=3, resume=True, **kw)
     resumed.train()
     assert resumed.step == 3 and len(resumed.losses) == 3
-    a, b = load_file(tmp_path / "full/out/learned_embeds.safetensors"), load_file(tmp_path / "part/out/learned_embeds.safetensors")
+    a, b = (
+        load_file(tmp_path / "full/out/learned_embeds.safetensors"),
+        load_file(tmp_path / "part/out/learned_embeds.safetensors"),
+    )
     torch.testing.assert_close(a["<new1>"], b["<new1>"], atol=1e-6, rtol=1e-5)
     # EMA is what gets saved, and it lags behind the raw rows.
     assert not torch.allclose(full.ema, full._rows())
@@ -139,16 +158,40 @@ def test_cli_train_two_steps(setup, tmp_path):
     from difflab.cli import app
 
     out = tmp_path / "cli"
-    result = CliRunner().invoke(app, [
-        "personalize", "train", "--concept", f"{setup / 'images'}:<new1>:dog", "--sd", str(setup / "sd"),
-        "--out", str(out), "--steps", "2", "--resolution", "32", "--grad-accum", "1", "--num-vectors", "2",
-        "--validate-every", "2", "--validation-steps", "2", "--device", "cpu"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "personalize",
+            "train",
+            "--concept",
+            f"{setup / 'images'}:<new1>:dog",
+            "--sd",
+            str(setup / "sd"),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--resolution",
+            "32",
+            "--grad-accum",
+            "1",
+            "--num-vectors",
+            "2",
+            "--validate-every",
+            "2",
+            "--validation-steps",
+            "2",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert load_file(out / "learned_embeds.safetensors")["<new1>"].shape == (2, 32)
     grid = np.asarray(Image.open(out / "validation" / "step000002.png"))
     assert grid.shape[0] > 32 and grid.std() > 0
-    bad = CliRunner().invoke(app, ["personalize", "train", "--concept", "nowhere:<x>:dog", "--sd", str(setup / "sd"),
-                                   "--out", str(out)])
+    bad = CliRunner().invoke(
+        app, ["personalize", "train", "--concept", "nowhere:<x>:dog", "--sd", str(setup / "sd"), "--out", str(out)]
+    )
     assert isinstance(bad.exception, DifflabError) and "image folder not found" in str(bad.exception)
 
 
@@ -161,7 +204,11 @@ def test_hw2_3_script_usage_and_missing_embeddings(tmp_path):
     usage = subprocess.run(["bash", str(script), "only-one-arg"], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage:" in usage.stderr
     env = {**os.environ, "DIFFLAB_EMBEDS": str(tmp_path / "none")}
-    run = subprocess.run(["bash", str(script), "input.json", str(tmp_path / "out"), "sd-v1-4.ckpt"], env=env,
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        ["bash", str(script), "input.json", str(tmp_path / "out"), "sd-v1-4.ckpt"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 1 and "no learned embeddings found" in run.stderr
     assert "personalize train --sd sd-v1-4.ckpt" in run.stderr and not (tmp_path / "out").exists()

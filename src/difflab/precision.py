@@ -10,6 +10,7 @@
   model, torch version, thread count and job, so later runs on the machine skip the timing and make the
   same choice whatever the load then.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,10 @@ from difflab.io import save_json
 from difflab.utils import DifflabError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-PRECISION_HELP = ("auto (CPU: the fastest of fp32/bf16 timed on this machine, cached; CUDA: bf16 where supported), "
-                  "fp32, bf16 or fp16 (CUDA only).")
+PRECISION_HELP = (
+    "auto (CPU: the fastest of fp32/bf16 timed on this machine, cached; CUDA: bf16 where supported), "
+    "fp32, bf16 or fp16 (CUDA only)."
+)
 # A lower precision or another memory format must beat plain fp32 by this much: results then do not flip
 # between runs on a machine whose two options are about as fast.
 MARGIN = 0.10
@@ -79,8 +82,13 @@ def check(precision: str, device: torch.device) -> None:
         raise DifflabError("fp16 autocast needs CUDA; use bf16 or fp32 on CPU")
 
 
-def resolve(precision: str, device: torch.device, job: str = "",
-            trial: Callable[[Precision], object] | None = None, rounds: int = 5) -> Precision:
+def resolve(
+    precision: str,
+    device: torch.device,
+    job: str = "",
+    trial: Callable[[Precision], object] | None = None,
+    rounds: int = 5,
+) -> Precision:
     """The precision to run `job` in. With "auto" on a CPU and a `trial` (one representative step run in the
     given precision), the candidates are timed interleaved (median of `rounds`) unless cached."""
     check(precision, device)
@@ -106,8 +114,9 @@ def resolve(precision: str, device: torch.device, job: str = "",
     return chosen
 
 
-def measure(trial: Callable[[Precision], object], candidates: tuple[Precision, ...], rounds: int = 5
-            ) -> dict[str, float]:
+def measure(
+    trial: Callable[[Precision], object], candidates: tuple[Precision, ...], rounds: int = 5
+) -> dict[str, float]:
     """Median milliseconds of `trial` per candidate, interleaved so that a load change hits all alike. The
     global RNG is restored afterwards, so measuring or not leaves the job's random draws unchanged."""
     times: dict[str, list[float]] = {c.label: [] for c in candidates}

@@ -6,6 +6,7 @@ Conventions follow diffusers so results can be compared number for number:
 - DDIM uses the unclipped ε for the direction term even when x̂_0 is clipped, and σ_t(η) of Song et al.
 - A step whose previous timestep is < 0 uses ᾱ_prev = `final_alpha` (1, or ᾱ_0 as in the HW2 spec).
 """
+
 from __future__ import annotations
 
 import math
@@ -49,12 +50,25 @@ def _alpha_bar(schedule: NoiseSchedule, t: int, final_alpha: float | None) -> fl
     return float(schedule.alphas_cumprod[0]) if final_alpha is None else float(final_alpha)
 
 
-def ddim_step(schedule: NoiseSchedule, eps: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int, eta: float = 0.0,
-              noise: torch.Tensor | None = None, clip_x0: bool = True, final_alpha: float | None = 1.0
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def _predict_x0(x_t: torch.Tensor, eps: torch.Tensor, ab_t: float) -> torch.Tensor:
+    """x̂_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t, the clean sample every step and the inversion start from."""
+    return (x_t - (1 - ab_t) ** 0.5 * eps) / ab_t**0.5
+
+
+def ddim_step(
+    schedule: NoiseSchedule,
+    eps: torch.Tensor,
+    x_t: torch.Tensor,
+    t: int,
+    t_prev: int,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+    clip_x0: bool = True,
+    final_alpha: float | None = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step x_t -> x_{t_prev}; returns (x_prev, x̂_0). `final_alpha=None` means ᾱ_0."""
     ab_t, ab_prev = _alpha_bar(schedule, t, 1.0), _alpha_bar(schedule, t_prev, final_alpha)
-    x0 = (x_t - (1 - ab_t) ** 0.5 * eps) / ab_t**0.5
+    x0 = _predict_x0(x_t, eps, ab_t)
     if clip_x0:
         x0 = x0.clamp(-1, 1)
     sigma = eta * ((1 - ab_prev) / (1 - ab_t)) ** 0.5 * (1 - ab_t / ab_prev) ** 0.5
@@ -66,12 +80,19 @@ def ddim_step(schedule: NoiseSchedule, eps: torch.Tensor, x_t: torch.Tensor, t: 
     return x_prev, x0
 
 
-def ddpm_step(schedule: NoiseSchedule, eps: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int,
-              noise: torch.Tensor | None = None, clip_x0: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def ddpm_step(
+    schedule: NoiseSchedule,
+    eps: torch.Tensor,
+    x_t: torch.Tensor,
+    t: int,
+    t_prev: int,
+    noise: torch.Tensor | None = None,
+    clip_x0: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One ancestral step from the posterior q(x_{t_prev} | x_t, x̂_0); t_prev may skip steps."""
     ab_t, ab_prev = _alpha_bar(schedule, t, 1.0), _alpha_bar(schedule, t_prev, 1.0)
     beta_t = 1 - ab_t / ab_prev
-    x0 = (x_t - (1 - ab_t) ** 0.5 * eps) / ab_t**0.5
+    x0 = _predict_x0(x_t, eps, ab_t)
     if clip_x0:
         x0 = x0.clamp(-1, 1)
     mean = (ab_prev**0.5 * beta_t / (1 - ab_t)) * x0 + ((1 - beta_t) ** 0.5 * (1 - ab_prev) / (1 - ab_t)) * x_t
@@ -87,14 +108,20 @@ def _half_log_snr(ab: float) -> float:
     return 0.5 * math.log(ab / (1 - ab))
 
 
-def dpmpp_2m_step(schedule: NoiseSchedule, eps: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int,
-                  previous: tuple[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def dpmpp_2m_step(
+    schedule: NoiseSchedule,
+    eps: torch.Tensor,
+    x_t: torch.Tensor,
+    t: int,
+    t_prev: int,
+    previous: tuple[int, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One DPM-Solver++(2M) step x_t -> x_{t_prev} (Lu et al., 2022; diffusers' DPMSolverMultistepScheduler with
     its defaults: data prediction, midpoint, first order at the first and at the last step, which goes to
     σ = 0). `previous` = (the timestep before t, the x̂_0 predicted there) enables the second-order
     correction; returns (x_prev, x̂_0)."""
     ab_t = _alpha_bar(schedule, t, 1.0)
-    x0 = (x_t - (1 - ab_t) ** 0.5 * eps) / ab_t**0.5
+    x0 = _predict_x0(x_t, eps, ab_t)
     ab_prev = _alpha_bar(schedule, t_prev, 1.0)
     if ab_prev >= 1.0:  # the final step to σ = 0 lands on x̂_0 itself
         return x0, x0
@@ -110,11 +137,12 @@ def dpmpp_2m_step(schedule: NoiseSchedule, eps: torch.Tensor, x_t: torch.Tensor,
     return x_prev, x0
 
 
-def ddim_invert_step(schedule: NoiseSchedule, eps: torch.Tensor, x_t: torch.Tensor, t: int, t_next: int
-                     ) -> torch.Tensor:
+def ddim_invert_step(
+    schedule: NoiseSchedule, eps: torch.Tensor, x_t: torch.Tensor, t: int, t_next: int
+) -> torch.Tensor:
     """Deterministic DDIM run backwards: x_t -> x_{t_next} with t_next > t (t = -1 is the clean image)."""
     ab_t, ab_next = _alpha_bar(schedule, t, 1.0), _alpha_bar(schedule, t_next, 1.0)
-    x0 = (x_t - (1 - ab_t) ** 0.5 * eps) / ab_t**0.5
+    x0 = _predict_x0(x_t, eps, ab_t)
     return ab_next**0.5 * x0 + (1 - ab_next) ** 0.5 * eps
 
 
@@ -135,11 +163,22 @@ class SampleResult:
 
 
 @torch.inference_mode()
-def sample(eps_fn: EpsFn, x_T: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int] | None = None, *,
-           method: str = "ddim", eta: float = 0.0, clip_x0: bool = True, final_alpha: float | None = 1.0,
-           generator: torch.Generator | None = None, step_noise: Sequence[torch.Tensor] | None = None,
-           capture: Iterable[int] | str | None = None, progress: bool = False,
-           on_step: Callable[[int, int, torch.Tensor], None] | None = None) -> SampleResult:
+def sample(
+    eps_fn: EpsFn,
+    x_T: torch.Tensor,
+    schedule: NoiseSchedule,
+    timesteps: Sequence[int] | None = None,
+    *,
+    method: str = "ddim",
+    eta: float = 0.0,
+    clip_x0: bool = True,
+    final_alpha: float | None = 1.0,
+    generator: torch.Generator | None = None,
+    step_noise: Sequence[torch.Tensor] | None = None,
+    capture: Iterable[int] | str | None = None,
+    progress: bool = False,
+    on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+) -> SampleResult:
     """Run a reverse process from x_T over descending `timesteps` (default: all T steps).
 
     method: "ddim" (η knob), "ddpm" (ancestral) or "dpm++2m" (DPM-Solver++(2M), deterministic, few steps;
@@ -162,7 +201,9 @@ def sample(eps_fn: EpsFn, x_T: torch.Tensor, schedule: NoiseSchedule, timesteps:
         eps = _eps(eps_fn, schedule, x, t)
         noise = None
         if stochastic and (method == "ddim" or t > 0):
-            noise = step_noise[i] if step_noise is not None else torch.randn(x.shape, generator=generator, dtype=x.dtype)
+            noise = (
+                step_noise[i] if step_noise is not None else torch.randn(x.shape, generator=generator, dtype=x.dtype)
+            )
             noise = noise.to(x.device, x.dtype)
         if method == "ddim":
             x, _ = ddim_step(schedule, eps, x, t, t_prev, eta, noise, clip_x0, final_alpha)
@@ -180,8 +221,9 @@ def sample(eps_fn: EpsFn, x_T: torch.Tensor, schedule: NoiseSchedule, timesteps:
 
 
 @torch.inference_mode()
-def ddim_invert(eps_fn: EpsFn, x0: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int],
-                progress: bool = False) -> torch.Tensor:
+def ddim_invert(
+    eps_fn: EpsFn, x0: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int], progress: bool = False
+) -> torch.Tensor:
     """Map a clean image to the x_T that deterministic DDIM over `timesteps` (descending) brings back to it."""
     ascending = sorted(int(t) for t in timesteps)
     x = x0

@@ -3,6 +3,7 @@
 Everything that needs ᾱ_t (training, every sampler, inversion) reads it from a `NoiseSchedule`.
 Schedules are computed in float64 and cast where used, so long products stay exact.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,9 @@ SCHEDULE_KINDS = ("linear", "scaled_linear", "cosine")
 PREDICTIONS = ("epsilon", "v_prediction")  # diffusers' `prediction_type` names
 
 
-def make_betas(kind: str = "linear", num_steps: int = 1000, beta_start: float = 1e-4,
-               beta_end: float = 2e-2) -> torch.Tensor:
+def make_betas(
+    kind: str = "linear", num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2
+) -> torch.Tensor:
     """β_1..β_T in float64. `scaled_linear` is Stable Diffusion's (linear in √β); `cosine` is
     Nichol & Dhariwal's ᾱ(t) = cos²((t/T + s)/(1 + s)·π/2) with β capped at 0.999."""
     if kind == "linear":
@@ -29,6 +31,7 @@ def make_betas(kind: str = "linear", num_steps: int = 1000, beta_start: float = 
     if kind == "scaled_linear":
         return torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
     if kind == "cosine":
+
         def alpha_bar(u: float) -> float:
             return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
 
@@ -55,8 +58,14 @@ class NoiseSchedule:
         object.__setattr__(self, "alphas_cumprod", torch.cumprod(1.0 - betas, dim=0))
 
     @classmethod
-    def make(cls, kind: str = "linear", num_steps: int = 1000, beta_start: float = 1e-4,
-             beta_end: float = 2e-2, prediction: str = "epsilon") -> "NoiseSchedule":
+    def make(
+        cls,
+        kind: str = "linear",
+        num_steps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 2e-2,
+        prediction: str = "epsilon",
+    ) -> "NoiseSchedule":
         return cls(make_betas(kind, num_steps, beta_start, beta_end), prediction)
 
     @property
@@ -75,10 +84,6 @@ class NoiseSchedule:
         ab = self.alpha_bar(t, x0)
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
-    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor) -> torch.Tensor:
-        ab = self.alpha_bar(t, x_t)
-        return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
-
     def velocity(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The v-prediction target of Salimans & Ho: v = √ᾱ_t ε − √(1−ᾱ_t) x_0."""
         ab = self.alpha_bar(t, x0)
@@ -92,17 +97,24 @@ class NoiseSchedule:
         ab = self.alpha_bar(t, x_t)
         return ab.sqrt() * output + (1 - ab).sqrt() * x_t
 
-    def sample_timesteps(self, batch: int, device: torch.device | str = "cpu",
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_timesteps(
+        self, batch: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         return torch.randint(0, self.num_steps, (batch,), generator=generator).to(device)
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         ab = self.alphas_cumprod[t.cpu().long()]
         return (ab / (1 - ab)).to(t.device)
 
-    def training_loss(self, eps_fn: EpsFn, x0: torch.Tensor, t: torch.Tensor | None = None,
-                      noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                      min_snr_gamma: float | None = None) -> torch.Tensor:
+    def training_loss(
+        self,
+        eps_fn: EpsFn,
+        x0: torch.Tensor,
+        t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        min_snr_gamma: float | None = None,
+    ) -> torch.Tensor:
         """The simple loss of Ho et al., ‖ε − ε_θ(√ᾱ x_0 + √(1−ᾱ) ε, t)‖², or for a v-prediction schedule
         its twin ‖v − v_θ‖² (`eps_fn` then returns v).
 

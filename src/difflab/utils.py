@@ -1,5 +1,6 @@
 """Small helpers shared by every part of difflab: the user-facing error, devices, seeds, image arrays.
 File reading and writing lives in `difflab.io`."""
+
 from __future__ import annotations
 
 import random

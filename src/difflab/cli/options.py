@@ -1,4 +1,5 @@
 """Options every area shares, written once: device, precision, and the replace-or-continue pair."""
+
 from __future__ import annotations
 
 from typing import Annotated, Optional
@@ -8,10 +9,16 @@ import typer
 from difflab.precision import PRECISION_HELP
 from difflab.utils import DifflabError
 
-Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available).")]
+Device = Annotated[
+    Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available).")
+]
 Precision = Annotated[str, typer.Option("--precision", help=PRECISION_HELP)]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the results of an earlier run in --out "
-                                                             "(without it the command refuses to).")]
+Overwrite = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite", help="Replace the results of an earlier run in --out (without it the command refuses to)."
+    ),
+]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed: the same seed gives the same result.")]
 
 

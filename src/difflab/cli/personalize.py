@@ -2,6 +2,7 @@
 
 Defaults come from the config dataclasses; each command parses its options, checks what it can before the slow
 model load, and calls the library."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,7 +17,9 @@ from difflab.personalize.grading import TOP_K
 from difflab.personalize.textual_inversion import TextualInversionConfig as TIConfig
 from difflab.utils import DifflabError
 
-app = typer.Typer(help="Textual inversion on Stable Diffusion v1.x: train, generate, compose, score.", no_args_is_help=True)
+app = typer.Typer(
+    help="Textual inversion on Stable Diffusion v1.x: train, generate, compose, score.", no_args_is_help=True
+)
 
 SD_HELP = "Stable Diffusion v1.x: a diffusers folder or a single-file .ckpt/.safetensors."
 EMBEDS_HELP = "Learned embedding file(s) adding the concept tokens; repeat for several."
@@ -26,26 +29,50 @@ SIZE_HELP = "Image {} in pixels, a multiple of 8 (default: the model's native si
 
 @app.command("train")
 def train_command(
-    concept: List[str] = typer.Option(..., "--concept", help="DIR:TOKEN:INIT[:object|style], e.g. "
-                                      "textual_inversion/0:<new1>:dog. Repeat for several tokens in one run."),
+    concept: List[str] = typer.Option(
+        ...,
+        "--concept",
+        help="DIR:TOKEN:INIT[:object|style], e.g. "
+        "textual_inversion/0:<new1>:dog. Repeat for several tokens in one run.",
+    ),
     sd: Path = typer.Option(..., "--sd", help=SD_HELP),
     out: Path = typer.Option(..., "--out", help="Output folder (embeddings, checkpoint, report)."),
-    num_vectors: int = typer.Option(TIConfig.num_vectors, min=1, max=75, help="Vectors per new token (K > 1 adds TOKEN_1..TOKEN_{K-1})."),
+    num_vectors: int = typer.Option(
+        TIConfig.num_vectors, min=1, max=75, help="Vectors per new token (K > 1 adds TOKEN_1..TOKEN_{K-1})."
+    ),
     steps: int = typer.Option(TIConfig.steps, min=1, help="Optimizer steps."),
-    resolution: int = typer.Option(TIConfig.resolution, min=8, max=4096, help="Training image size (square, a multiple of 8)."),
-    center_crop: bool = typer.Option(TIConfig.center_crop, "--center-crop/--no-center-crop",
-                                     help="Crop each image to its centre square before resizing (default: squash the whole image, as diffusers does)."),
+    resolution: int = typer.Option(
+        TIConfig.resolution, min=8, max=4096, help="Training image size (square, a multiple of 8)."
+    ),
+    center_crop: bool = typer.Option(
+        TIConfig.center_crop,
+        "--center-crop/--no-center-crop",
+        help="Crop each image to its centre square before resizing "
+        "(default: squash the whole image, as diffusers does).",
+    ),
     batch_size: int = typer.Option(TIConfig.batch_size, min=1, help="Images per micro-batch (per process)."),
     grad_accum: int = typer.Option(TIConfig.grad_accum, min=1, help="Micro-batches per optimizer step."),
     lr: float = typer.Option(TIConfig.lr, min=1e-8, max=1.0, help="Base learning rate."),
     scale_lr: bool = typer.Option(TIConfig.scale_lr, help="Multiply lr by grad_accum x batch_size x processes."),
-    ema_decay: float = typer.Option(TIConfig.ema_decay, min=0.0, max=0.99999, help="EMA decay of the learned rows (0: off, e.g. 0.99)."),
-    gradient_checkpointing: bool = typer.Option(TIConfig.gradient_checkpointing, "--gradient-checkpointing", help="Trade compute for memory."),
-    save_every: int = typer.Option(TIConfig.save_every, min=0, help="Embedding snapshot every N steps (0: only at the end)."),
-    checkpoint_every: int = typer.Option(TIConfig.checkpoint_every, min=0, help="Resumable checkpoint every N steps (0: only at the end)."),
-    validate_every: int = typer.Option(TIConfig.validate_every, min=0, help="Validation images every N steps (0: never)."),
+    ema_decay: float = typer.Option(
+        TIConfig.ema_decay, min=0.0, max=0.99999, help="EMA decay of the learned rows (0: off, e.g. 0.99)."
+    ),
+    gradient_checkpointing: bool = typer.Option(
+        TIConfig.gradient_checkpointing, "--gradient-checkpointing", help="Trade compute for memory."
+    ),
+    save_every: int = typer.Option(
+        TIConfig.save_every, min=0, help="Embedding snapshot every N steps (0: only at the end)."
+    ),
+    checkpoint_every: int = typer.Option(
+        TIConfig.checkpoint_every, min=0, help="Resumable checkpoint every N steps (0: only at the end)."
+    ),
+    validate_every: int = typer.Option(
+        TIConfig.validate_every, min=0, help="Validation images every N steps (0: never)."
+    ),
     validation_prompt: List[str] = typer.Option([], help="Validation prompt (repeatable); default one per concept."),
-    validation_steps: int = typer.Option(TIConfig.validation_steps, min=1, max=1000, help="Sampling steps for validation images."),
+    validation_steps: int = typer.Option(
+        TIConfig.validation_steps, min=1, max=1000, help="Sampling steps for validation images."
+    ),
     resume: bool = typer.Option(TIConfig.resume, "--resume", help="Continue the run in OUT from its checkpoint.pt."),
     overwrite: Overwrite = TIConfig.overwrite,
     seed: Seed = TIConfig.seed,
@@ -56,12 +83,30 @@ def train_command(
     from difflab.personalize.textual_inversion import Concept, train_textual_inversion
 
     cfg = TIConfig(
-        concepts=[Concept.parse(c) for c in concept], sd=str(sd), out=str(out), num_vectors=num_vectors, steps=steps,
-        resolution=resolution, center_crop=center_crop, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-        scale_lr=scale_lr, ema_decay=ema_decay, precision=precision, gradient_checkpointing=gradient_checkpointing,
-        save_every=save_every, checkpoint_every=checkpoint_every, validate_every=validate_every,
-        validation_prompts=list(validation_prompt), validation_steps=validation_steps, resume=resume,
-        overwrite=overwrite, seed=seed, device=device)
+        concepts=[Concept.parse(c) for c in concept],
+        sd=str(sd),
+        out=str(out),
+        num_vectors=num_vectors,
+        steps=steps,
+        resolution=resolution,
+        center_crop=center_crop,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        scale_lr=scale_lr,
+        ema_decay=ema_decay,
+        precision=precision,
+        gradient_checkpointing=gradient_checkpointing,
+        save_every=save_every,
+        checkpoint_every=checkpoint_every,
+        validate_every=validate_every,
+        validation_prompts=list(validation_prompt),
+        validation_steps=validation_steps,
+        resume=resume,
+        overwrite=overwrite,
+        seed=seed,
+        device=device,
+    )
     path = train_textual_inversion(cfg)
     typer.echo(f"embeddings: {path}")
 
@@ -75,26 +120,60 @@ def parse_only(only: str) -> tuple[str, int, int]:
 
 @app.command("generate")
 def generate_command(
-    prompts: Path = typer.Option(..., "--prompts", help="input.json with the concepts and their prompts (course schema)."),
+    prompts: Path = typer.Option(
+        ..., "--prompts", help="input.json with the concepts and their prompts (course schema)."
+    ),
     sd: Path = typer.Option(..., "--sd", help=SD_HELP),
     embeds: List[Path] = typer.Option([], "--embeds", help=EMBEDS_HELP),
-    out: Path = typer.Option(..., "--out", help="Output folder; images go to <out>/<key>/<idx>/source{key}_prompt{idx}_{n}.png."),
-    per_prompt: int = typer.Option(GenerateConfig.per_prompt, "--per-prompt", min=1, max=10_000, help="Images written per prompt."),
+    out: Path = typer.Option(
+        ..., "--out", help="Output folder; images go to <out>/<key>/<idx>/source{key}_prompt{idx}_{n}.png."
+    ),
+    per_prompt: int = typer.Option(
+        GenerateConfig.per_prompt, "--per-prompt", min=1, max=10_000, help="Images written per prompt."
+    ),
     scheduler: str = typer.Option(GenerateConfig.scheduler, "--scheduler", help=SCHEDULER_HELP),
     steps: int = typer.Option(GenerateConfig.steps, "--steps", min=1, max=1000, help="Denoising steps."),
-    guidance: float = typer.Option(GenerateConfig.guidance, "--guidance", min=0.0, max=100.0, help="Classifier-free guidance scale."),
-    seed: int = typer.Option(GenerateConfig.seed, "--seed", help="Base seed; each image's seed is derived from it and the image's key/idx/n."),
-    batch_size: int = typer.Option(GenerateConfig.batch_size, "--batch-size", min=1, max=1024, help="Images denoised together in one batch."),
-    height: Optional[int] = typer.Option(GenerateConfig.height, "--height", min=8, max=4096, help=SIZE_HELP.format("height")),
-    width: Optional[int] = typer.Option(GenerateConfig.width, "--width", min=8, max=4096, help=SIZE_HELP.format("width")),
-    keys: Optional[str] = typer.Option(None, "--keys", help="Comma-separated concept keys to generate (default: all), e.g. 0,1."),
-    negative_prompt: str = typer.Option(GenerateConfig.negative_prompt, "--negative-prompt", help="Negative prompt for classifier-free guidance."),
-    only: Optional[str] = typer.Option(None, "--only", help="Regenerate one image KEY/IDX/N (its file is rewritten in place)."),
-    resume: bool = typer.Option(False, "--resume", help="Keep the images already in --out and make only the missing ones."),
+    guidance: float = typer.Option(
+        GenerateConfig.guidance, "--guidance", min=0.0, max=100.0, help="Classifier-free guidance scale."
+    ),
+    seed: int = typer.Option(
+        GenerateConfig.seed, "--seed", help="Base seed; each image's seed is derived from it and the image's key/idx/n."
+    ),
+    batch_size: int = typer.Option(
+        GenerateConfig.batch_size, "--batch-size", min=1, max=1024, help="Images denoised together in one batch."
+    ),
+    height: Optional[int] = typer.Option(
+        GenerateConfig.height, "--height", min=8, max=4096, help=SIZE_HELP.format("height")
+    ),
+    width: Optional[int] = typer.Option(
+        GenerateConfig.width, "--width", min=8, max=4096, help=SIZE_HELP.format("width")
+    ),
+    keys: Optional[str] = typer.Option(
+        None, "--keys", help="Comma-separated concept keys to generate (default: all), e.g. 0,1."
+    ),
+    negative_prompt: str = typer.Option(
+        GenerateConfig.negative_prompt, "--negative-prompt", help="Negative prompt for classifier-free guidance."
+    ),
+    only: Optional[str] = typer.Option(
+        None, "--only", help="Regenerate one image KEY/IDX/N (its file is rewritten in place)."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Keep the images already in --out and make only the missing ones."
+    ),
     overwrite: Overwrite = False,
-    best_of: Optional[int] = typer.Option(None, "--best-of", min=1, max=10_000, help="Draw this many candidates per prompt and keep the best --per-prompt by CLIP score."),
-    clip: Optional[Path] = typer.Option(None, "--clip", help="CLIP model folder (transformers format) for --best-of scoring."),
-    refs: Optional[Path] = typer.Option(None, "--refs", help="Reference image root with one <key>/ folder per concept, for --best-of."),
+    best_of: Optional[int] = typer.Option(
+        None,
+        "--best-of",
+        min=1,
+        max=10_000,
+        help="Draw this many candidates per prompt and keep the best --per-prompt by CLIP score.",
+    ),
+    clip: Optional[Path] = typer.Option(
+        None, "--clip", help="CLIP model folder (transformers format) for --best-of scoring."
+    ),
+    refs: Optional[Path] = typer.Option(
+        None, "--refs", help="Reference image root with one <key>/ folder per concept, for --best-of."
+    ),
     precision: Precision = GenerateConfig.precision,
     device: Device = None,
 ) -> None:
@@ -104,9 +183,18 @@ def generate_command(
     from difflab.personalize.sd import load_pipeline
 
     spec = load_input_json(prompts)
-    cfg = GenerateConfig(per_prompt=per_prompt, scheduler=scheduler, steps=steps, guidance=guidance, seed=seed,
-                         batch_size=batch_size, height=height, width=width, negative_prompt=negative_prompt,
-                         precision=precision)
+    cfg = GenerateConfig(
+        per_prompt=per_prompt,
+        scheduler=scheduler,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        batch_size=batch_size,
+        height=height,
+        width=width,
+        negative_prompt=negative_prompt,
+        precision=precision,
+    )
     cfg.check()
     key_list = [k.strip() for k in keys.split(",") if k.strip()] if keys else None
     jobs = prompt_jobs(spec, key_list)  # unknown keys fail here, before the (slow) model load
@@ -125,8 +213,18 @@ def generate_command(
         from difflab.clip.score import ClipScorer
 
         scorer = ClipScorer.from_pretrained(clip, device)
-    generate(load_pipeline(sd, embeds, device, precision), spec, out, cfg, keys=key_list, resume=resume,
-             overwrite=overwrite, best_of=best_of, scorer=scorer, refs=refs)
+    generate(
+        load_pipeline(sd, embeds, device, precision),
+        spec,
+        out,
+        cfg,
+        keys=key_list,
+        resume=resume,
+        overwrite=overwrite,
+        best_of=best_of,
+        scorer=scorer,
+        refs=refs,
+    )
     typer.echo(f"wrote {out / 'report.html'}")
 
 
@@ -136,32 +234,90 @@ def parse_pairs(values: List[str], option: str) -> list[tuple[str, str]]:
     for value in values:
         words, sep, rest = value.partition("=")
         if not sep or not words.strip() or not rest.strip():
-            raise DifflabError(f"{option} {value!r}: expected WORDS=VALUE, e.g. \"<new1>=a photo of a <new1> dog\"")
+            raise DifflabError(f'{option} {value!r}: expected WORDS=VALUE, e.g. "<new1>=a photo of a <new1> dog"')
         pairs.append((words.strip(), rest.strip()))
     return pairs
 
 
 @app.command("compose")
 def compose_command(
-    prompt: str = typer.Option(..., "--prompt", help="The plain multi-concept prompt, e.g. \"a <new1> in a city in a style of <new2>\"."),
-    concepts: List[str] = typer.Option(..., "--concepts", help="WORDS=PROMPT, repeatable: words of --prompt locating a concept, and the prompt for its region."),
+    prompt: str = typer.Option(
+        ..., "--prompt", help='The plain multi-concept prompt, e.g. "a <new1> in a city in a style of <new2>".'
+    ),
+    concepts: List[str] = typer.Option(
+        ...,
+        "--concepts",
+        help="WORDS=PROMPT, repeatable: words of --prompt locating a concept, and the prompt for its region.",
+    ),
     sd: Path = typer.Option(..., "--sd", help=SD_HELP),
     embeds: List[Path] = typer.Option([], "--embeds", help=EMBEDS_HELP),
-    out: Path = typer.Option(..., "--out", help="Output folder for naive/composed images, mask figures and report.html."),
-    background: Optional[str] = typer.Option(None, "--background", help="Prompt for the area outside every concept region (default: --prompt)."),
+    out: Path = typer.Option(
+        ..., "--out", help="Output folder for naive/composed images, mask figures and report.html."
+    ),
+    background: Optional[str] = typer.Option(
+        None, "--background", help="Prompt for the area outside every concept region (default: --prompt)."
+    ),
     seed: int = typer.Option(ComposeConfig.seed, "--seed", help="Seed of the first image; image i uses seed + i."),
-    num_images: int = typer.Option(ComposeConfig.num_images, "--num-images", min=1, max=10_000, help="Images to compose (scores are averaged over them)."),
+    num_images: int = typer.Option(
+        ComposeConfig.num_images,
+        "--num-images",
+        min=1,
+        max=10_000,
+        help="Images to compose (scores are averaged over them).",
+    ),
     steps: int = typer.Option(ComposeConfig.steps, "--steps", min=1, max=1000, help="Denoising steps."),
-    guidance: float = typer.Option(ComposeConfig.guidance, "--guidance", min=0.0, max=100.0, help="Classifier-free guidance scale, applied per region prompt."),
+    guidance: float = typer.Option(
+        ComposeConfig.guidance,
+        "--guidance",
+        min=0.0,
+        max=100.0,
+        help="Classifier-free guidance scale, applied per region prompt.",
+    ),
     scheduler: str = typer.Option(ComposeConfig.scheduler, "--scheduler", help=SCHEDULER_HELP),
-    height: Optional[int] = typer.Option(ComposeConfig.height, "--height", min=64, max=4096, help="Image height in pixels, a multiple of 64 (default: the model's native size)."),
-    width: Optional[int] = typer.Option(ComposeConfig.width, "--width", min=64, max=4096, help="Image width in pixels, a multiple of 64 (default: the model's native size)."),
-    threshold: float = typer.Option(ComposeConfig.threshold, "--threshold", min=0.0, max=1.0, help="A concept owns pixels where its normalised attention wins and exceeds this."),
-    smooth: float = typer.Option(ComposeConfig.smooth, "--smooth", min=0.0, max=100.0, help="Gaussian sigma (attention-map pixels) applied to the maps; 0 disables."),
-    negative_prompt: str = typer.Option(ComposeConfig.negative_prompt, "--negative-prompt", help="Negative prompt shared by all region prompts."),
-    capture_fraction: float = typer.Option(ComposeConfig.capture_fraction, "--capture-fraction", min=0.01, max=1.0, help="Average the attention maps over this first fraction of the steps."),
-    clip: Optional[Path] = typer.Option(None, "--clip", help="CLIP model folder: adds naive vs composed image scores to the report."),
-    refs: List[str] = typer.Option([], "--refs", help="WORDS=DIR, repeatable: reference images of a concept for CLIP scoring."),
+    height: Optional[int] = typer.Option(
+        ComposeConfig.height,
+        "--height",
+        min=64,
+        max=4096,
+        help="Image height in pixels, a multiple of 64 (default: the model's native size).",
+    ),
+    width: Optional[int] = typer.Option(
+        ComposeConfig.width,
+        "--width",
+        min=64,
+        max=4096,
+        help="Image width in pixels, a multiple of 64 (default: the model's native size).",
+    ),
+    threshold: float = typer.Option(
+        ComposeConfig.threshold,
+        "--threshold",
+        min=0.0,
+        max=1.0,
+        help="A concept owns pixels where its normalised attention wins and exceeds this.",
+    ),
+    smooth: float = typer.Option(
+        ComposeConfig.smooth,
+        "--smooth",
+        min=0.0,
+        max=100.0,
+        help="Gaussian sigma (attention-map pixels) applied to the maps; 0 disables.",
+    ),
+    negative_prompt: str = typer.Option(
+        ComposeConfig.negative_prompt, "--negative-prompt", help="Negative prompt shared by all region prompts."
+    ),
+    capture_fraction: float = typer.Option(
+        ComposeConfig.capture_fraction,
+        "--capture-fraction",
+        min=0.01,
+        max=1.0,
+        help="Average the attention maps over this first fraction of the steps.",
+    ),
+    clip: Optional[Path] = typer.Option(
+        None, "--clip", help="CLIP model folder: adds naive vs composed image scores to the report."
+    ),
+    refs: List[str] = typer.Option(
+        [], "--refs", help="WORDS=DIR, repeatable: reference images of a concept for CLIP scoring."
+    ),
     overwrite: Overwrite = False,
     precision: Precision = ComposeConfig.precision,
     device: Device = None,
@@ -174,17 +330,37 @@ def compose_command(
     ref_pairs = parse_pairs(refs, "--refs")
     if bool(ref_pairs) != (clip is not None):
         raise DifflabError("--clip and --refs go together: a CLIP model folder and WORDS=DIR reference folders")
-    cfg = ComposeConfig(steps=steps, guidance=guidance, seed=seed, scheduler=scheduler, height=height, width=width,
-                        negative_prompt=negative_prompt, threshold=threshold, smooth=smooth,
-                        capture_fraction=capture_fraction, num_images=num_images, precision=precision)
+    cfg = ComposeConfig(
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        scheduler=scheduler,
+        height=height,
+        width=width,
+        negative_prompt=negative_prompt,
+        threshold=threshold,
+        smooth=smooth,
+        capture_fraction=capture_fraction,
+        num_images=num_images,
+        precision=precision,
+    )
     cfg.check()
     scorer = None
     if clip is not None:
         from difflab.clip.score import ClipScorer
 
         scorer = ClipScorer.from_pretrained(clip, device)
-    compose_images(load_pipeline(sd, embeds, device, precision), prompt, regions, cfg, out, background=background,
-                   scorer=scorer, refs=ref_pairs, overwrite=overwrite)
+    compose_images(
+        load_pipeline(sd, embeds, device, precision),
+        prompt,
+        regions,
+        cfg,
+        out,
+        background=background,
+        scorer=scorer,
+        refs=ref_pairs,
+        overwrite=overwrite,
+    )
     typer.echo(f"wrote {out / 'report.html'}")
 
 
@@ -193,9 +369,15 @@ def score_command(
     prompts: Path = typer.Option(..., "--prompts", help="input.json with prompt_4_clip_eval and baseline per concept."),
     refs: Path = typer.Option(..., "--refs", help="Folder of reference images: <refs>/<key>/*.jpg|png."),
     gen: Path = typer.Option(..., "--gen", help="Folder of generated images: <gen>/<key>/<prompt_idx>/*.png."),
-    clip: Path = typer.Option(..., "--clip", help="Local CLIP folder in transformers format (the course uses ViT-B/32)."),
-    out: Path = typer.Option(..., "--out", help="Output folder for image_scores.csv, prompt_scores.csv/.json, report.html."),
-    top_k: int = typer.Option(TOP_K, "--top-k", min=1, max=10_000, help="Images per prompt kept by image + 2.5 x text and averaged."),
+    clip: Path = typer.Option(
+        ..., "--clip", help="Local CLIP folder in transformers format (the course uses ViT-B/32)."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="Output folder for image_scores.csv, prompt_scores.csv/.json, report.html."
+    ),
+    top_k: int = typer.Option(
+        TOP_K, "--top-k", min=1, max=10_000, help="Images per prompt kept by image + 2.5 x text and averaged."
+    ),
     overwrite: Overwrite = False,
     device: Device = None,
 ):
@@ -210,9 +392,15 @@ def score_command(
     for col in ("concept", "prompt", "eval prompt", "image", "text", "baseline", "result"):
         table.add_column(col)
     for r in results:
-        table.add_row(r.key, str(r.prompt_idx), r.eval_prompt, f"{r.image_score:.2f}", f"{r.text_score:.2f}",
-                      f"{r.baseline_image:g} / {r.baseline_text:g}",
-                      "[green]PASS[/green]" if r.passed else "[red]FAIL[/red]")
+        table.add_row(
+            r.key,
+            str(r.prompt_idx),
+            r.eval_prompt,
+            f"{r.image_score:.2f}",
+            f"{r.text_score:.2f}",
+            f"{r.baseline_image:g} / {r.baseline_text:g}",
+            "[green]PASS[/green]" if r.passed else "[red]FAIL[/red]",
+        )
     Console().print(table)
     n_pass = sum(r.passed for r in results)
     typer.echo(f"{n_pass}/{len(results)} prompts pass; report: {Path(out) / 'report.html'}")

@@ -6,6 +6,7 @@ Two layouts:
 - class sub-folders (ImageFolder style): `<dir>/<class>/*.png`; the folder name is the class name, or a class id
   looked up in `id2label.json` when one is given.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,8 +44,9 @@ def load_id2label(path: str | os.PathLike) -> dict[str, str]:
     return {str(k): v for k, v in data.items()}
 
 
-def find_labeled_images(images_dir: str | os.PathLike, labels: str | os.PathLike | None = None,
-                        skip_bad: bool = False) -> LabeledImages:
+def find_labeled_images(
+    images_dir: str | os.PathLike, labels: str | os.PathLike | None = None, skip_bad: bool = False
+) -> LabeledImages:
     """Discover the images and their classes; files that cannot be labelled fail, or are skipped with `skip_bad`."""
     root = Path(images_dir)
     if not root.is_dir():

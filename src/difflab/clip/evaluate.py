@@ -1,4 +1,5 @@
 """The zero-shot evaluation job: classify a labelled image folder and write predictions, metrics and a report."""
+
 from __future__ import annotations
 
 import csv
@@ -55,9 +56,13 @@ class ZeroShotResult:
 def classify_files(classifier: ZeroShotClassifier, data: LabeledImages, cfg: ZeroShotConfig):
     """Run every image through the classifier in DataLoader batches; returns (kept indices, probs) and updates
     `data.skipped` for unreadable images (or fails on the first one without --skip-bad)."""
-    loader = DataLoader(ImageFiles(data.files, classifier.transform), batch_size=cfg.batch_size,
-                        num_workers=cfg.num_workers, collate_fn=collate_images,
-                        pin_memory=classifier.device.type == "cuda")
+    loader = DataLoader(
+        ImageFiles(data.files, classifier.transform),
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        collate_fn=collate_images,
+        pin_memory=classifier.device.type == "cuda",
+    )
     kept, probs = [], []
     for images, index, bad in tqdm(loader, desc="zero-shot", unit="batch"):
         for i, err in bad:
@@ -87,10 +92,22 @@ def run_zeroshot(cfg: ZeroShotConfig) -> ZeroShotResult:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     class_embeds, cache_hit = cached_class_embeddings(
-        clip.model, clip.tokenizer, data.class_names, templates, clip.device, folder_fingerprint(clip.path),
-        cfg.cache_dir or out / ".cache")
-    classifier = ZeroShotClassifier(clip.model, data.class_names, class_embeds, ClipTransform.from_processor(clip.processor),
-                                    clip.device, resolve(cfg.precision, clip.device))
+        clip.model,
+        clip.tokenizer,
+        data.class_names,
+        templates,
+        clip.device,
+        folder_fingerprint(clip.path),
+        cfg.cache_dir or out / ".cache",
+    )
+    classifier = ZeroShotClassifier(
+        clip.model,
+        data.class_names,
+        class_embeds,
+        ClipTransform.from_processor(clip.processor),
+        clip.device,
+        resolve(cfg.precision, clip.device),
+    )
     kept, probs = classify_files(classifier, data, cfg)
 
     names = data.class_names
@@ -105,9 +122,18 @@ def run_zeroshot(cfg: ZeroShotConfig) -> ZeroShotResult:
     report_text = classification_report(y_true, y_pred, digits=4, zero_division=0)
     report_dict = classification_report(y_true, y_pred, digits=4, zero_division=0, output_dict=True)
     atomic_write(out / "classification_report.txt", lambda tmp: Path(tmp).write_text(report_text))
-    save_json({"top1": top1, "top5": top5, "n_images": len(files), "n_classes": len(names),
-               "templates": templates, "skipped": [{"file": f, "reason": r} for f, r in data.skipped],
-               "report": report_dict}, out / "metrics.json")
+    save_json(
+        {
+            "top1": top1,
+            "top5": top5,
+            "n_images": len(files),
+            "n_classes": len(names),
+            "templates": templates,
+            "skipped": [{"file": f, "reason": r} for f, r in data.skipped],
+            "report": report_dict,
+        },
+        out / "metrics.json",
+    )
     _write_predictions(out / "predictions.csv", files, y_true, y_pred, topk, names)
 
     cm = confusion_matrix(targets.numpy(), preds.numpy(), labels=list(range(len(names))))
@@ -115,10 +141,19 @@ def run_zeroshot(cfg: ZeroShotConfig) -> ZeroShotResult:
     galleries = _galleries(files, targets, preds, names, cfg, out)
 
     html = HtmlReport("CLIP zero-shot classification")
-    html.heading("Summary").table(["quantity", "value"], [
-        ["model", str(cfg.model)], ["images", str(cfg.images)], ["images classified", len(files)],
-        ["classes", len(names)], ["templates", len(templates)], ["top-1 accuracy", top1], ["top-5 accuracy", top5],
-        ["images skipped", len(data.skipped)]])
+    html.heading("Summary").table(
+        ["quantity", "value"],
+        [
+            ["model", str(cfg.model)],
+            ["images", str(cfg.images)],
+            ["images classified", len(files)],
+            ["classes", len(names)],
+            ["templates", len(templates)],
+            ["top-1 accuracy", top1],
+            ["top-5 accuracy", top5],
+            ["images skipped", len(data.skipped)],
+        ],
+    )
     html.pre("\n".join(templates))
     if data.skipped:
         html.heading("Skipped files").table(["file", "reason"], data.skipped)
@@ -136,8 +171,9 @@ def _write_predictions(path: Path, files, y_true, y_pred, topk, names) -> None:
             w = csv.writer(f)
             w.writerow(["file", "true", "pred", "pred_prob", "top5", "top5_probs"])
             for file, t, p, idx, pr in zip(files, y_true, y_pred, topk.indices.tolist(), topk.values.tolist()):
-                w.writerow([file.name, t, p, f"{pr[0]:.6f}", ";".join(names[i] for i in idx),
-                            ";".join(f"{v:.6f}" for v in pr)])
+                w.writerow(
+                    [file.name, t, p, f"{pr[0]:.6f}", ";".join(names[i] for i in idx), ";".join(f"{v:.6f}" for v in pr)]
+                )
 
     atomic_write(path, write)
 

@@ -1,4 +1,5 @@
 """Figures for zero-shot results: a confusion matrix that stays legible at 50-100 classes, and captioned galleries."""
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,15 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str 
     ax.set_title("Confusion matrix (rows normalised to recall)")
     if n <= 30:
         for i, j in zip(*np.nonzero(cm)):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=font - 1,
-                    color="white" if norm[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                str(cm[i, j]),
+                ha="center",
+                va="center",
+                fontsize=font - 1,
+                color="white" if norm[i, j] > 0.5 else "black",
+            )
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
     return _save(fig, path)
 

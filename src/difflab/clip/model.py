@@ -3,6 +3,7 @@
 A CLIP folder is in transformers format: `config.json` (model_type "clip") + weights, optionally tokenizer
 files and `preprocessor_config.json`. Nothing is ever fetched from a hub.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,7 +20,12 @@ from difflab.clip.preprocess import ClipTransform
 from difflab.clip.tokenizer import MAX_LENGTH, load_clip_tokenizer
 from difflab.utils import DifflabError, pick_device
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 
@@ -57,7 +63,9 @@ def default_processor(image_size: int):
     """CLIP's standard preprocessing at the model's input size (the PIL processor: no torchvision needed)."""
     from transformers import CLIPImageProcessorPil
 
-    return CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
 
 
 def load_clip(path: str | os.PathLike, device: str | torch.device | None = None) -> Clip:
@@ -115,8 +123,9 @@ def encode_texts(model, tokenizer, texts: Sequence[str], device: torch.device, b
     """Strings -> (N,D) unit-length float32 text embeddings (padded per batch, truncated at 77 tokens)."""
     chunks = []
     for i in range(0, len(texts), batch_size):
-        tok = tokenizer(list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=MAX_LENGTH,
-                        return_tensors="pt").to(device)
+        tok = tokenizer(
+            list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt"
+        ).to(device)
         feats = model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
         chunks.append(F.normalize(_embedding(feats).float(), dim=-1))
     return torch.cat(chunks)

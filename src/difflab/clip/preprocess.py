@@ -4,6 +4,7 @@ The per-image half (resize the shortest side with PIL bicubic, center crop, keep
 workers; the per-batch half (scale to [0,1], subtract CLIP mean, divide by std) runs once on the whole batch on
 the model's device. Together they give the same pixels as transformers' CLIP image processor (tested).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,11 +35,14 @@ class ClipTransform:
         size, crop = processor.size, processor.crop_size if processor.do_center_crop else None
         return cls(
             shortest_edge=_size_field(size, "shortest_edge"),
-            height=_size_field(size, "height"), width=_size_field(size, "width"),
+            height=_size_field(size, "height"),
+            width=_size_field(size, "width"),
             crop_height=_size_field(crop, "height") if crop else None,
             crop_width=_size_field(crop, "width") if crop else None,
-            mean=tuple(processor.image_mean), std=tuple(processor.image_std),
-            resample=int(processor.resample), scale=float(processor.rescale_factor),
+            mean=tuple(processor.image_mean),
+            std=tuple(processor.image_std),
+            resample=int(processor.resample),
+            scale=float(processor.rescale_factor),
         )
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:

@@ -4,6 +4,7 @@ image score = 100 x mean cosine similarity of a generated image to the reference
 text score  = the model's own logit scale (`logit_scale.exp()`, 100 for the released CLIP models) x cosine
 similarity of a generated image to a text: `logits_per_image`, as transformers computes it.
 """
+
 from __future__ import annotations
 
 import os

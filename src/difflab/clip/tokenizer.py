@@ -4,6 +4,7 @@ The original CLIP vocabulary (`bpe_simple_vocab_16e6.txt.gz`) ships inside the `
 installed with `--no-deps` only for this file; `open_clip` itself is never imported (it needs torchvision).
 The conversion to `vocab.json` + `merges.txt` follows the original CLIP recipe, so ids equal OpenAI's.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -33,7 +34,9 @@ def clip_bpe_path() -> Path:
 
 def _bytes_to_unicode() -> list[str]:
     """The 256 printable stand-ins for bytes used by byte-level BPE, in CLIP's order."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = [], 0
     for b in range(256):
         if b in keep:

@@ -4,6 +4,7 @@ A class embedding is the mean of the L2-normalised embeddings of its prompts (on
 again -- with a single template this is just that prompt's embedding. Class embeddings can be cached on disk,
 keyed by the model folder, the templates and the class names.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,7 +51,7 @@ ENSEMBLE_TEMPLATES = (
 
 
 def load_templates(spec: str) -> list[str]:
-    """"ensemble" -> the built-in set; an existing file -> one template per non-empty line; else one template."""
+    """ "ensemble" -> the built-in set; an existing file -> one template per non-empty line; else one template."""
     if spec == "ensemble":
         return list(ENSEMBLE_TEMPLATES)
     path = Path(spec)
@@ -73,8 +74,9 @@ def readable_name(class_name: str) -> str:
 
 
 @torch.inference_mode()
-def class_embeddings(model, tokenizer, class_names: Sequence[str], templates: Sequence[str],
-                     device: torch.device) -> torch.Tensor:
+def class_embeddings(
+    model, tokenizer, class_names: Sequence[str], templates: Sequence[str], device: torch.device
+) -> torch.Tensor:
     """(C,D) unit-length embeddings, prompts of all classes encoded in large batches."""
     prompts = [t.format(readable_name(c)) for c in class_names for t in templates]
     with resolve("auto", device).autocast(device):
@@ -91,10 +93,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DIFFLAB_CACHE", Path.home() / ".cache" / "difflab")) / "clip_text"
 
 
-def cached_class_embeddings(model, tokenizer, class_names, templates, device, model_fingerprint: str,
-                            cache_dir: str | os.PathLike | None = None) -> tuple[torch.Tensor, bool]:
+def cached_class_embeddings(
+    model, tokenizer, class_names, templates, device, model_fingerprint: str, cache_dir: str | os.PathLike | None = None
+) -> tuple[torch.Tensor, bool]:
     """Class embeddings from `cache_dir` when present for this exact model/classes/templates; (embeds, was_cached)."""
-    path = Path(cache_dir or default_cache_dir()) / f"text-{cache_key(model_fingerprint, class_names, templates)}.safetensors"
+    path = (
+        Path(cache_dir or default_cache_dir())
+        / f"text-{cache_key(model_fingerprint, class_names, templates)}.safetensors"
+    )
     if path.is_file():
         try:
             return read_safetensors(path, "cache entry")["embeds"], True
@@ -119,8 +125,15 @@ class Prediction:
 class ZeroShotClassifier:
     """Reusable: text side computed once, `predict` on PIL images or preprocessed pixel tensors."""
 
-    def __init__(self, model, class_names: Sequence[str], class_embeds: torch.Tensor, transform: ClipTransform,
-                 device: torch.device, precision: Precision = Precision()):
+    def __init__(
+        self,
+        model,
+        class_names: Sequence[str],
+        class_embeds: torch.Tensor,
+        transform: ClipTransform,
+        device: torch.device,
+        precision: Precision = Precision(),
+    ):
         self.model, self.class_names, self.transform, self.device = model, list(class_names), transform, device
         self.class_embeds = class_embeds.to(device)
         self.logit_scale = model.logit_scale.detach().exp().float().to(device)
@@ -144,9 +157,15 @@ class ZeroShotClassifier:
         return Prediction(probs, top.indices, top.values)
 
 
-def zeroshot_classifier(model, class_names: Sequence[str], templates: Sequence[str] = (DEFAULT_TEMPLATE,),
-                        tokenizer=None, processor=None, device: str | torch.device | None = None,
-                        precision: Precision = Precision()) -> ZeroShotClassifier:
+def zeroshot_classifier(
+    model,
+    class_names: Sequence[str],
+    templates: Sequence[str] = (DEFAULT_TEMPLATE,),
+    tokenizer=None,
+    processor=None,
+    device: str | torch.device | None = None,
+    precision: Precision = Precision(),
+) -> ZeroShotClassifier:
     """Build a classifier from a CLIPModel (its text embeddings computed here, once)."""
     if not class_names:
         raise DifflabError("no class names given")

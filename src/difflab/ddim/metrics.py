@@ -1,4 +1,5 @@
 """The HW2 grading metric: per-image MSE over all 8-bit RGB values, averaged over images."""
+
 from __future__ import annotations
 
 import os
@@ -39,13 +40,17 @@ def mse_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike) -> MSERe
     pred, gt = _pngs(Path(pred_dir), "prediction"), _pngs(Path(gt_dir), "ground-truth")
     only_gt, only_pred = sorted(gt.keys() - pred.keys()), sorted(pred.keys() - gt.keys())
     if only_gt or only_pred:
-        parts = [f"missing in {pred_dir}: {', '.join(only_gt)}" if only_gt else "",
-                 f"missing in {gt_dir}: {', '.join(only_pred)}" if only_pred else ""]
+        parts = [
+            f"missing in {pred_dir}: {', '.join(only_gt)}" if only_gt else "",
+            f"missing in {gt_dir}: {', '.join(only_pred)}" if only_pred else "",
+        ]
         raise DifflabError("file names differ; " + "; ".join(p for p in parts if p))
     per_image = {}
     for name in sorted(gt):
         a, b = load_uint8(pred[name]), load_uint8(gt[name])
         if a.shape != b.shape:
-            raise DifflabError(f"{pred[name]}: size {a.shape[1]}x{a.shape[0]} differs from {gt[name]} ({b.shape[1]}x{b.shape[0]})")
+            raise DifflabError(
+                f"{pred[name]}: size {a.shape[1]}x{a.shape[0]} differs from {gt[name]} ({b.shape[1]}x{b.shape[0]})"
+            )
         per_image[name] = image_mse(a, b)
     return MSEResult(per_image)

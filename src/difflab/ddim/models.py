@@ -4,6 +4,7 @@
 - a diffusers `UNet2DModel` folder (`config.json` with `"_class_name": "UNet2DModel"`), loaded offline;
 - a difflab digits folder (`config.json` with `"model": "digits_unet"`), sampled for one domain/digit with CFG.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,6 +23,7 @@ from difflab.utils import DifflabError, pick_device
 @dataclass(frozen=True)
 class DigitsCondition:
     """What a conditional digits net is asked for: a domain, a digit and the CFG scale."""
+
     domain: int = 0
     digit: int = 0
     guidance: float = 1.0
@@ -31,6 +33,7 @@ class DigitsCondition:
 class EpsModel:
     """An ε-network ready for sampling. `eps_fn(n)` gives the ε-function for a batch of n samples (conditional
     nets need their condition batched to match)."""
+
     kind: str
     source: Path
     channels: int
@@ -48,8 +51,10 @@ class EpsModel:
         c, h, w = shape[-3:]
         m = self.size_multiple
         if c != self.channels or h % m or w % m:
-            raise DifflabError(f"{what}: shape {tuple(shape)} does not fit the {self.kind} "
-                               f"({self.channels} channels, height and width divisible by {m})")
+            raise DifflabError(
+                f"{what}: shape {tuple(shape)} does not fit the {self.kind} "
+                f"({self.channels} channels, height and width divisible by {m})"
+            )
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -58,9 +63,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return resolve(precision, device).dtype
 
 
-def _runner(net: Callable[..., torch.Tensor], device: torch.device, dtype: torch.dtype | None,
-            channels_last: bool) -> Callable[..., torch.Tensor]:
+def _runner(
+    net: Callable[..., torch.Tensor], device: torch.device, dtype: torch.dtype | None, channels_last: bool
+) -> Callable[..., torch.Tensor]:
     """Call `net` under autocast with channels-last inputs; always hand back float32."""
+
     def run(x: torch.Tensor, *args) -> torch.Tensor:
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -75,8 +82,13 @@ def _prepare(net: torch.nn.Module, device: torch.device, channels_last: bool) ->
     return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
-def load_eps_model(path: str | os.PathLike, device: str | torch.device | None = None, precision: str = "auto",
-                   channels_last: bool | None = None, condition: DigitsCondition | None = None) -> EpsModel:
+def load_eps_model(
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    precision: str = "auto",
+    channels_last: bool | None = None,
+    condition: DigitsCondition | None = None,
+) -> EpsModel:
     """Load a checkpoint as an `EpsModel`. `channels_last=None` uses it on CUDA only (on CPU it does not pay)."""
     path = Path(path)
     device = device if isinstance(device, torch.device) else pick_device(device)
@@ -88,14 +100,20 @@ def load_eps_model(path: str | os.PathLike, device: str | torch.device | None = 
         config = load_json(path / "config.json") if (path / "config.json").is_file() else {}
         if config.get("model") == "digits_unet":
             if condition is None:
-                raise DifflabError(f"{path}: a conditional digits checkpoint; say what to draw with --domain and --digit")
+                raise DifflabError(
+                    f"{path}: a conditional digits checkpoint; say what to draw with --domain and --digit"
+                )
             return _load_digits(path, device, dtype, channels_last, condition)
         if config.get("_class_name") == "UNet2DModel":
             return _load_diffusers(path, config, device, dtype, channels_last)
-        raise DifflabError(f"{path}: folder is neither a diffusers UNet2DModel (config.json with "
-                           f"_class_name UNet2DModel) nor a difflab digits checkpoint (config.json with model digits_unet)")
+        raise DifflabError(
+            f"{path}: folder is neither a diffusers UNet2DModel (config.json with "
+            f"_class_name UNet2DModel) nor a difflab digits checkpoint (config.json with model digits_unet)"
+        )
     if path.suffix not in (".pt", ".pth", ".bin", ".ckpt", ".safetensors"):
-        raise DifflabError(f"{path}: unknown checkpoint type; expected a state dict (.pt/.safetensors) or a model folder")
+        raise DifflabError(
+            f"{path}: unknown checkpoint type; expected a state dict (.pt/.safetensors) or a model folder"
+        )
     return _load_face_unet(path, device, dtype, channels_last)
 
 
@@ -130,8 +148,15 @@ def _load_diffusers(path: Path, config: dict, device: torch.device, dtype, chann
     run = _runner(lambda x, t: unet(x, t).sample, device, dtype, channels_last)
     size = unet.config.sample_size
     multiple = 2 ** (len(unet.config.block_out_channels) - 1)
-    return EpsModel("diffusers UNet2DModel", path, unet.config.in_channels, multiple,
-                    size if isinstance(size, int) else None, device, lambda n: run)
+    return EpsModel(
+        "diffusers UNet2DModel",
+        path,
+        unet.config.in_channels,
+        multiple,
+        size if isinstance(size, int) else None,
+        device,
+        lambda n: run,
+    )
 
 
 def _load_digits(path: Path, device: torch.device, dtype, channels_last: bool, cond: DigitsCondition) -> EpsModel:
@@ -139,11 +164,12 @@ def _load_digits(path: Path, device: torch.device, dtype, channels_last: bool, c
     from difflab.digits.sample import guided_digits_eps
 
     net, schedule, _ = load_digits_model(path)
-    null_cond = net.null_cond
-    num_domains, num_digits = null_cond
+    num_domains, num_digits = net.config.num_domains, net.config.num_digits
     if not (0 <= cond.domain < num_domains and 0 <= cond.digit < num_digits):
-        raise DifflabError(f"{path}: domain {cond.domain} / digit {cond.digit} out of range "
-                           f"({num_domains} domains, {num_digits} digits)")
+        raise DifflabError(
+            f"{path}: domain {cond.domain} / digit {cond.digit} out of range "
+            f"({num_domains} domains, {num_digits} digits)"
+        )
     config = net.config
     net = _prepare(net, device, channels_last)
     run = _runner(net, device, dtype, channels_last)
@@ -151,7 +177,7 @@ def _load_digits(path: Path, device: torch.device, dtype, channels_last: bool, c
     def make(n: int) -> EpsFn:
         # The digits sampler's rule, so `ddim sample --guidance g` is `digits sample --guidance-digit g`.
         c = torch.tensor([[cond.domain, cond.digit]], device=device).repeat(n, 1)
-        return guided_digits_eps(run, c, cond.guidance, 1.0, null_cond)
+        return guided_digits_eps(run, c, cond.guidance, 1.0, net.null_cond)
 
     multiple = config.patch * 2 ** (len(config.channels) - 1)
     return EpsModel("digits UNet", path, config.in_channels, multiple, config.image_size, device, make, schedule)

@@ -1,5 +1,6 @@
 """Files of the DDIM exercise: noise tensors (`00.pt` ...), checkpoints, and images written the HW2 way
 (min-max normalised per image, then 8-bit)."""
+
 from __future__ import annotations
 
 import os
@@ -47,7 +48,9 @@ def load_noises(files: list[Path], channels: int | None = None) -> torch.Tensor:
     noises = [load_noise(f, channels) for f in files]
     for f, n in zip(files, noises):
         if n.shape != noises[0].shape:
-            raise DifflabError(f"{f}: noise shape {tuple(n.shape)} differs from {files[0].name}'s {tuple(noises[0].shape)}")
+            raise DifflabError(
+                f"{f}: noise shape {tuple(n.shape)} differs from {files[0].name}'s {tuple(noises[0].shape)}"
+            )
     return torch.cat(noises)
 
 

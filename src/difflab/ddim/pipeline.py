@@ -4,6 +4,7 @@ inversion and a low-precision check. The math lives in `difflab.samplers`; this 
 Convention (spec §2): linear β 1e-4..2e-2 over 1000 steps, 50 steps 981, 961, ..., 1, ᾱ_prev = ᾱ_0 at the last
 step, x̂_0 clipped to [-1, 1] -- the same as diffusers' DDIMScheduler(set_alpha_to_one=False, steps_offset=1).
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,9 @@ def spec_schedule() -> NoiseSchedule:
     return NoiseSchedule.make("linear", 1000, 1e-4, 2e-2)
 
 
-def draw_noises(model: EpsModel, names: Sequence[str], seed: int, out_dir: str | os.PathLike | None = None,
-                size: int | None = None) -> torch.Tensor:
+def draw_noises(
+    model: EpsModel, names: Sequence[str], seed: int, out_dir: str | os.PathLike | None = None, size: int | None = None
+) -> torch.Tensor:
     """Seeded standard-normal noises, one per name, shaped for `model` (its own image size, else `size` or
     the face UNet's 256); saved as `<out_dir>/<name>.pt` so a run can be repeated with `--noise-dir`."""
     size = size or model.sample_size or FACE_SIZE
@@ -53,9 +55,16 @@ def draw_noises(model: EpsModel, names: Sequence[str], seed: int, out_dir: str |
     return noises
 
 
-def ddim_sample(model: EpsModel, noises: torch.Tensor, config: DDIMConfig = DDIMConfig(), *, eta: float | None = None,
-                generator: torch.Generator | None = None, progress: bool = True,
-                on_step: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+def ddim_sample(
+    model: EpsModel,
+    noises: torch.Tensor,
+    config: DDIMConfig = DDIMConfig(),
+    *,
+    eta: float | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
     """Denoise (N, C, H, W) noises in batches; returns float32 images on the CPU (about [-1, 1]).
     Fresh noise for η > 0 comes from `generator` (default: seeded from `config.seed`). `on_step(i, t, x)` sees
     each batch's x after step i (at timestep t)."""
@@ -72,15 +81,30 @@ def ddim_sample(model: EpsModel, noises: torch.Tensor, config: DDIMConfig = DDIM
     chunks = noises.split(config.batch_size)
     out = []
     for chunk in tqdm(chunks, desc=f"DDIM η={eta:g}", unit="batch", disable=not progress or len(chunks) == 1):
-        result = sample(model.eps_fn(len(chunk)), chunk.to(model.device), schedule, timesteps, method="ddim", eta=eta,
-                        clip_x0=config.clip_x0, final_alpha=None, generator=generator, progress=progress,
-                        on_step=on_step)
+        result = sample(
+            model.eps_fn(len(chunk)),
+            chunk.to(model.device),
+            schedule,
+            timesteps,
+            method="ddim",
+            eta=eta,
+            clip_x0=config.clip_x0,
+            final_alpha=None,
+            generator=generator,
+            progress=progress,
+            on_step=on_step,
+        )
         out.append(result.images.float().cpu())
     return torch.cat(out)
 
 
-def sample_noise_folder(model: EpsModel, noise_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                        config: DDIMConfig = DDIMConfig(), progress: bool = True) -> list[Path]:
+def sample_noise_folder(
+    model: EpsModel,
+    noise_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: DDIMConfig = DDIMConfig(),
+    progress: bool = True,
+) -> list[Path]:
     """`<noise_dir>/NN.pt` -> `<out_dir>/NN.png` (min-max normalised per image), all noises batched."""
     files = list_noise_files(noise_dir)
     noises = load_noises(files, model.channels)
@@ -89,8 +113,15 @@ def sample_noise_folder(model: EpsModel, noise_dir: str | os.PathLike, out_dir: 
     return write_pngs(images, [f.stem for f in files], out_dir)
 
 
-def sample_seeded(model: EpsModel, count: int, noise_seed: int, out_dir: str | os.PathLike,
-                  config: DDIMConfig = DDIMConfig(), size: int | None = None, progress: bool = True) -> list[Path]:
+def sample_seeded(
+    model: EpsModel,
+    count: int,
+    noise_seed: int,
+    out_dir: str | os.PathLike,
+    config: DDIMConfig = DDIMConfig(),
+    size: int | None = None,
+    progress: bool = True,
+) -> list[Path]:
     """Like `sample_noise_folder` without a noise folder: `count` noises drawn from `noise_seed`, kept in
     `<out_dir>/noise/NN.pt` for reuse, images in `<out_dir>/NN.png`."""
     names = [f"{i:02d}" for i in range(count)]
@@ -98,8 +129,13 @@ def sample_seeded(model: EpsModel, count: int, noise_seed: int, out_dir: str | o
     return write_pngs(ddim_sample(model, noises, config, progress=progress), names, out_dir)
 
 
-def eta_grid(model: EpsModel, noises: torch.Tensor, etas: Sequence[float], config: DDIMConfig = DDIMConfig(),
-             progress: bool = True) -> torch.Tensor:
+def eta_grid(
+    model: EpsModel,
+    noises: torch.Tensor,
+    etas: Sequence[float],
+    config: DDIMConfig = DDIMConfig(),
+    progress: bool = True,
+) -> torch.Tensor:
     """Images for every (noise, η) pair, shaped (len(noises), len(etas), C, H, W); one seeded generator
     for the whole grid, so a seed gives the same figure."""
     generator = torch.Generator().manual_seed(config.seed)
@@ -126,9 +162,15 @@ def slerp(x0: torch.Tensor, x1: torch.Tensor, alpha: float) -> torch.Tensor:
 INTERPOLATIONS = {"lerp": lerp, "slerp": slerp}
 
 
-def interpolate(model: EpsModel, x0: torch.Tensor, x1: torch.Tensor, methods: Sequence[str],
-                alphas: Sequence[float], config: DDIMConfig = DDIMConfig(), progress: bool = True
-                ) -> dict[str, torch.Tensor]:
+def interpolate(
+    model: EpsModel,
+    x0: torch.Tensor,
+    x1: torch.Tensor,
+    methods: Sequence[str],
+    alphas: Sequence[float],
+    config: DDIMConfig = DDIMConfig(),
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
     """DDIM images of the interpolated noises, one (len(alphas), C, H, W) strip per method, all in one batch run."""
     for m in methods:
         if m not in INTERPOLATIONS:
@@ -148,8 +190,13 @@ class InversionResult:
     """The same, with the reconstruction written the way `ddim sample` writes it (per-image min-max)."""
 
 
-def invert_image(model: EpsModel, image: str | os.PathLike, out: str | os.PathLike | None = None,
-                 config: DDIMConfig = DDIMConfig(), progress: bool = True) -> InversionResult:
+def invert_image(
+    model: EpsModel,
+    image: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    config: DDIMConfig = DDIMConfig(),
+    progress: bool = True,
+) -> InversionResult:
     """Deterministic DDIM inversion: image -> x_T, then sample x_T back and measure how close it came."""
     x0 = load_image_tensor(image)
     model.check_input(tuple(x0.shape), str(image))
@@ -165,8 +212,9 @@ def invert_image(model: EpsModel, image: str | os.PathLike, out: str | os.PathLi
     return InversionResult(noise, back, mse, mse_minmax)
 
 
-def precision_mse(reference: EpsModel, low: EpsModel, noises: torch.Tensor, config: DDIMConfig = DDIMConfig(),
-                  progress: bool = True) -> list[float]:
+def precision_mse(
+    reference: EpsModel, low: EpsModel, noises: torch.Tensor, config: DDIMConfig = DDIMConfig(), progress: bool = True
+) -> list[float]:
     """Per-image MSE (0-255, as graded) between η = 0 images of a float32 model and the same model under
     autocast; the low-precision path is acceptable when every value stays below 1."""
     a = minmax_uint8(ddim_sample(reference, noises, config, eta=0.0, progress=progress)).astype(np.float64)

@@ -4,6 +4,7 @@ One small CNN per domain (three conv stages with BatchNorm, inputs normalised wi
 std 0.5 as the course judge does), trained with AdamW, a one-cycle schedule and optional light augmentation.
 Saved as `<dir>/<domain>.safetensors` + `<dir>/<domain>.json`.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,9 +63,13 @@ class DigitClassifier(nn.Module):
         self.config = config
         c = config.width
         self.features = nn.Sequential(
-            _conv_bn(3, c), nn.MaxPool2d(2),  # 14x14
-            _conv_bn(c, 2 * c), nn.MaxPool2d(2),  # 7x7
-            _conv_bn(2 * c, 4 * c), _conv_bn(4 * c, 4 * c), nn.MaxPool2d(2),  # 3x3
+            _conv_bn(3, c),
+            nn.MaxPool2d(2),  # 14x14
+            _conv_bn(c, 2 * c),
+            nn.MaxPool2d(2),  # 7x7
+            _conv_bn(2 * c, 4 * c),
+            _conv_bn(4 * c, 4 * c),
+            nn.MaxPool2d(2),  # 3x3
         )
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(36 * c, config.num_classes))
 
@@ -81,7 +86,9 @@ class DigitClassifier(nn.Module):
         """Digit predicted for every uint8 (N,28,28,3) image, as an int64 array."""
         self.eval()
         images = torch.as_tensor(images)
-        out = [self(self.preprocess(images[i : i + batch_size])).argmax(1).cpu() for i in range(0, len(images), batch_size)]
+        out = [
+            self(self.preprocess(images[i : i + batch_size])).argmax(1).cpu() for i in range(0, len(images), batch_size)
+        ]
         return torch.cat(out).numpy().astype(np.int64) if out else np.zeros(0, dtype=np.int64)
 
     @torch.inference_mode()
@@ -89,8 +96,10 @@ class DigitClassifier(nn.Module):
         """Penultimate-layer features (what the linear head sees) of uint8 (N,28,28,3) images, float64 (N, D)."""
         self.eval()
         images = torch.as_tensor(images)
-        out = [self.features(self.preprocess(images[i : i + batch_size])).flatten(1).cpu()
-               for i in range(0, len(images), batch_size)]
+        out = [
+            self.features(self.preprocess(images[i : i + batch_size])).flatten(1).cpu()
+            for i in range(0, len(images), batch_size)
+        ]
         return torch.cat(out).double().numpy()
 
 
@@ -114,10 +123,16 @@ def accuracy(model: DigitClassifier, images: np.ndarray, labels: np.ndarray) -> 
     return float((model.predict(images) == labels).mean())
 
 
-def train_classifier(train_images: np.ndarray, train_labels: np.ndarray, domain: str,
-                     train_config: ClassifierTrainConfig | None = None, width: int = ClassifierConfig.width,
-                     device: str | torch.device | None = None, seed: int = 0,
-                     precision: Precision | None = None) -> DigitClassifier:
+def train_classifier(
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    domain: str,
+    train_config: ClassifierTrainConfig | None = None,
+    width: int = ClassifierConfig.width,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    precision: Precision | None = None,
+) -> DigitClassifier:
     """Train one classifier on uint8 (N,28,28,3) images and int labels; returns it in eval mode.
     `precision` defaults to resolving `train_config.precision` here."""
     tc = train_config or ClassifierTrainConfig()
@@ -130,8 +145,9 @@ def train_classifier(train_images: np.ndarray, train_labels: np.ndarray, domain:
     labels = torch.as_tensor(train_labels, dtype=torch.long).to(device)
     steps_per_epoch = max(1, math.ceil(len(images) / tc.batch_size))
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tc.lr, total_steps=tc.epochs * steps_per_epoch,
-                                                pct_start=0.2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=tc.lr, total_steps=tc.epochs * steps_per_epoch, pct_start=0.2
+    )
     model.train()
     bar = tqdm(total=tc.epochs * steps_per_epoch, desc=f"classifier {domain}", unit="step", leave=False)
     for _ in range(tc.epochs):
@@ -216,10 +232,17 @@ def _heldout(data_root: Path, domain: str, val_fraction: float, seed: int):
     return images[train], labels[train], images[val], labels[val], f"{n_val} images held out of train.csv"
 
 
-def train_classifiers(data_root: str | os.PathLike, out_dir: str | os.PathLike, epochs: int = ClassifierTrainConfig.epochs,
-                      device: str | None = None, seed: int = 0, width: int = ClassifierConfig.width,
-                      domains: tuple[str, ...] = DOMAINS, precision: str = ClassifierTrainConfig.precision,
-                      augment: bool = ClassifierTrainConfig.augment) -> dict[str, float]:
+def train_classifiers(
+    data_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    epochs: int = ClassifierTrainConfig.epochs,
+    device: str | None = None,
+    seed: int = 0,
+    width: int = ClassifierConfig.width,
+    domains: tuple[str, ...] = DOMAINS,
+    precision: str = ClassifierTrainConfig.precision,
+    augment: bool = ClassifierTrainConfig.augment,
+) -> dict[str, float]:
     """Train and save one classifier per domain; returns the held-out accuracy of each."""
     from difflab.report import HtmlReport
 
@@ -235,13 +258,25 @@ def train_classifiers(data_root: str | os.PathLike, out_dir: str | os.PathLike, 
         model = train_classifier(images, labels, domain, tc, width, dev, seed, chosen)
         seconds = time.perf_counter() - start
         acc = accuracy(model, val_images, val_labels)
-        save_classifier(model, classifier_path(out_dir, domain),
-                        {"held_out_accuracy": acc, "held_out": heldout, "n_train": int(len(labels)),
-                         "n_held_out": int(len(val_labels)), "train_seconds": round(seconds, 1),
-                         "data_root": str(data_root), "train": asdict(tc), "seed": seed,
-                         "precision": chosen.describe()})
-        print(f"{domain}: held-out acc = {acc:.4f} ({len(val_labels)} images, {heldout}); "
-              f"trained on {len(labels)} images in {seconds:.1f} s")
+        save_classifier(
+            model,
+            classifier_path(out_dir, domain),
+            {
+                "held_out_accuracy": acc,
+                "held_out": heldout,
+                "n_train": int(len(labels)),
+                "n_held_out": int(len(val_labels)),
+                "train_seconds": round(seconds, 1),
+                "data_root": str(data_root),
+                "train": asdict(tc),
+                "seed": seed,
+                "precision": chosen.describe(),
+            },
+        )
+        print(
+            f"{domain}: held-out acc = {acc:.4f} ({len(val_labels)} images, {heldout}); "
+            f"trained on {len(labels)} images in {seconds:.1f} s"
+        )
         results[domain] = acc
         rows.append([domain, len(labels), len(val_labels), f"{acc:.4f}", f"{seconds:.1f}"])
     report = HtmlReport("Digit classifiers")

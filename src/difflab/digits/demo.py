@@ -1,4 +1,5 @@
 """The end-to-end digits job: data -> diffusion training -> classifiers -> samples -> evaluation -> report."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ from difflab.digits.classifier import ClassifierTrainConfig, train_classifiers
 from difflab.digits.data import DOMAINS, make_dataset
 from difflab.digits.evaluate import add_quality_section, evaluate_folder, format_quality, format_summary
 from difflab.digits.model import load_digits_model
-from difflab.digits.sample import SampleConfig, digit_grid, reverse_process_strip, write_course_layout
+from difflab.digits.sample import PER_DIGIT, SampleConfig, digit_grid, reverse_process_strip, write_course_layout
 from difflab.digits.train import TrainConfig, train
 from difflab.io import atomic_write, load_json, save_png
 from difflab.precision import cpu_name
@@ -32,7 +33,7 @@ class DemoConfig:
     train_minutes: float | None = None  # an explicit wall-clock budget instead (the report then says so)
     classifier_epochs: int = ClassifierTrainConfig.epochs
     sample: SampleConfig = field(default_factory=SampleConfig)
-    per_digit: int = 50
+    per_digit: int = PER_DIGIT
     seed: int = 0
     precision: str = TrainConfig.precision
     device: str | None = None
@@ -40,8 +41,15 @@ class DemoConfig:
     @classmethod
     def quick(cls, out_dir: str) -> "DemoConfig":
         """A two-minute smoke run: small data, a few hundred steps, few sampling steps. Accuracy is not the point."""
-        return cls(out_dir=out_dir, n_per_domain=1000, n_test_per_domain=200, train_steps=150,
-                   classifier_epochs=2, sample=SampleConfig(steps=10), per_digit=5)
+        return cls(
+            out_dir=out_dir,
+            n_per_domain=1000,
+            n_test_per_domain=200,
+            train_steps=150,
+            classifier_epochs=2,
+            sample=SampleConfig(steps=10),
+            per_digit=5,
+        )
 
 
 class Stages:
@@ -103,12 +111,27 @@ def run_demo(cfg: DemoConfig, overwrite: bool = False) -> Path:
     stages = Stages()
     data_root, ckpt, judges = out / "data", out / "model", out / "classifiers"
     stages.run("make data", make_dataset, data_root, cfg.n_per_domain, cfg.n_test_per_domain, cfg.seed)
-    train_cfg = TrainConfig(data_root=str(data_root), out_dir=str(ckpt), steps=cfg.train_steps,
-                            max_minutes=cfg.train_minutes, seed=cfg.seed, device=cfg.device, precision=cfg.precision,
-                            save_every=max(100, cfg.train_steps // 4))
+    train_cfg = TrainConfig(
+        data_root=str(data_root),
+        out_dir=str(ckpt),
+        steps=cfg.train_steps,
+        max_minutes=cfg.train_minutes,
+        seed=cfg.seed,
+        device=cfg.device,
+        precision=cfg.precision,
+        save_every=max(100, cfg.train_steps // 4),
+    )
     stages.run("train diffusion", train, train_cfg)
-    accs = stages.run("train classifiers", train_classifiers, data_root, judges, epochs=cfg.classifier_epochs,
-                      device=cfg.device, seed=cfg.seed, precision=cfg.precision)
+    accs = stages.run(
+        "train classifiers",
+        train_classifiers,
+        data_root,
+        judges,
+        epochs=cfg.classifier_epochs,
+        device=cfg.device,
+        seed=cfg.seed,
+        precision=cfg.precision,
+    )
     device = pick_device(cfg.device)
     net, schedule, model_config = load_digits_model(ckpt, device)
     samples, figures = out / "samples", out / "figures"
@@ -134,37 +157,52 @@ def run_demo(cfg: DemoConfig, overwrite: bool = False) -> Path:
 
 
 def describe_run(report: HtmlReport, cfg: DemoConfig, model_config: dict, judge_meta: dict) -> None:
-    work = (f"a wall-clock budget of {cfg.train_minutes} min (--train-minutes): the step count followed this "
-            f"machine's speed, so another machine trains another model" if cfg.train_minutes is not None
-            else "fixed work (same seed, same model on this machine whatever its load)")
-    report.text(f"Machine: {cpu_name()}, {torch.get_num_threads()} threads. Diffusion training: "
-                f"{model_config['steps']} steps, {work}; precision {model_config.get('precision', '?')}. "
-                f"Judges: precision {judge_meta.get('precision', '?')}.")
-    report.text(f"Net {json.dumps(model_config['net'])}; schedule {json.dumps(model_config['schedule'])}. "
-                f"Sampler: {json.dumps(asdict(cfg.sample))}.")
+    work = (
+        f"a wall-clock budget of {cfg.train_minutes} min (--train-minutes): the step count followed this "
+        f"machine's speed, so another machine trains another model"
+        if cfg.train_minutes is not None
+        else "fixed work (same seed, same model on this machine whatever its load)"
+    )
+    report.text(
+        f"Machine: {cpu_name()}, {torch.get_num_threads()} threads. Diffusion training: "
+        f"{model_config['steps']} steps, {work}; precision {model_config.get('precision', '?')}. "
+        f"Judges: precision {judge_meta.get('precision', '?')}."
+    )
+    report.text(
+        f"Net {json.dumps(model_config['net'])}; schedule {json.dumps(model_config['schedule'])}. "
+        f"Sampler: {json.dumps(asdict(cfg.sample))}."
+    )
 
 
 def add_accuracy(report: HtmlReport, result: dict, accs: dict, eval_dir: Path) -> None:
     report.heading("Accuracy of the per-domain classifiers on generated digits")
     report.pre(format_summary(result))
-    report.table(["domain", "classifier held-out accuracy", "accuracy on generated digits"],
-                 [[d, accs[d], result["domains"][d]["accuracy"]] for d in DOMAINS])
-    report.table(["digit"] + list(DOMAINS),
-                 [[k] + [result["domains"][d]["per_digit"][str(k)] for d in DOMAINS] for k in range(10)])
+    report.table(
+        ["domain", "classifier held-out accuracy", "accuracy on generated digits"],
+        [[d, accs[d], result["domains"][d]["accuracy"]] for d in DOMAINS],
+    )
+    report.table(
+        ["digit"] + list(DOMAINS),
+        [[k] + [result["domains"][d]["per_digit"][str(k)] for d in DOMAINS] for k in range(10)],
+    )
     for d in DOMAINS:
         report.image(eval_dir / f"confusion_{d}.png", f"confusion matrix, {d}", width=360)
 
 
-def add_samples(report: HtmlReport, net, schedule, per_domain: dict, sample_cfg: SampleConfig, device,
-                per_digit: int, figures: Path) -> None:
+def add_samples(
+    report: HtmlReport, net, schedule, per_domain: dict, sample_cfg: SampleConfig, device, per_digit: int, figures: Path
+) -> None:
     report.heading("Samples: rows are digits 0-9, columns different noises")
     for domain, images in per_domain.items():
         grid = save_png(digit_grid(images, per_digit, columns=min(10, per_digit)), figures / f"grid_{domain}.png")
         report.image(grid, domain, width=360)
     strip, strip_ts = reverse_process_strip(net, schedule, sample_cfg, device, per_digit=per_digit)
     report.heading("Reverse process of the first 0 of each domain")
-    report.image(save_png(strip, figures / "reverse_process.png"), "t = " + ", ".join(map(str, strip_ts))
-                 + " (rows: " + ", ".join(DOMAINS) + ")", width=480)
+    report.image(
+        save_png(strip, figures / "reverse_process.png"),
+        "t = " + ", ".join(map(str, strip_ts)) + " (rows: " + ", ".join(DOMAINS) + ")",
+        width=480,
+    )
 
 
 def quick_or_full(out_dir: str, quick: bool, **overrides) -> DemoConfig:

@@ -1,5 +1,6 @@
 """Grade generated digits the way the course does: label = first character of the file name,
 images resized to 28x28, one classifier per domain, score = mean of the two domain accuracies."""
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 def labelled_files(domain_dir: Path) -> tuple[list[Path], np.ndarray]:
     """Image files of one output folder (sorted) and the digit each file name starts with."""
     if not domain_dir.is_dir():
-        raise DifflabError(f"{domain_dir}: folder not found (expected generated images <folder>/{domain_dir.name}/*.png)")
+        raise DifflabError(
+            f"{domain_dir}: folder not found (expected generated images <folder>/{domain_dir.name}/*.png)"
+        )
     files = sorted(p for p in domain_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DifflabError(f"{domain_dir}: no .png images")
@@ -43,8 +46,9 @@ def save_confusion_png(matrix: np.ndarray, title: str, path: Path) -> Path:
     ax.imshow(matrix, cmap="Blues")
     for (i, j), v in np.ndenumerate(matrix):
         if v:
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
-                    color="white" if v > matrix.max() / 2 else "black")
+            ax.text(
+                j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > matrix.max() / 2 else "black"
+            )
     ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true", title=title)
     fig.tight_layout()
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
@@ -66,9 +70,13 @@ def quality_data_root(classifier_dir: str | os.PathLike, data_root: str | os.Pat
     return None
 
 
-def evaluate_folder(folder: str | os.PathLike, classifier_dir: str | os.PathLike,
-                    out_dir: str | os.PathLike | None = None, device: str | None = None,
-                    data_root: str | os.PathLike | None = None) -> dict:
+def evaluate_folder(
+    folder: str | os.PathLike,
+    classifier_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    device: str | None = None,
+    data_root: str | os.PathLike | None = None,
+) -> dict:
     """Classify <folder>/mnistm/*.png and <folder>/svhn/*.png, print the three course lines and write
     per-digit accuracy, confusion matrices, quality measures against the real data (see `quality`),
     metrics.json and report.html to out_dir (default <folder>/eval)."""
@@ -77,8 +85,12 @@ def evaluate_folder(folder: str | os.PathLike, classifier_dir: str | os.PathLike
     folder = Path(folder)
     out_dir = Path(out_dir) if out_dir is not None else folder / "eval"
     real_root = quality_data_root(classifier_dir, data_root)
-    result: dict = {"folder": str(folder), "classifier_dir": str(classifier_dir), "domains": {},
-                    "quality_data_root": str(real_root) if real_root else None}
+    result: dict = {
+        "folder": str(folder),
+        "classifier_dir": str(classifier_dir),
+        "domains": {},
+        "quality_data_root": str(real_root) if real_root else None,
+    }
     for domain in DOMAINS:
         files, labels = labelled_files(folder / domain)
         model = load_classifier(classifier_path(classifier_dir, domain), device)
@@ -87,9 +99,14 @@ def evaluate_folder(folder: str | os.PathLike, classifier_dir: str | os.PathLike
         matrix = confusion(labels, preds)
         per_digit = {str(d): (float(matrix[d, d] / matrix[d].sum()) if matrix[d].sum() else None) for d in range(10)}
         result["domains"][domain] = {
-            "accuracy": float((preds == labels).mean()), "correct": int((preds == labels).sum()), "total": len(labels),
-            "per_digit": per_digit, "confusion": matrix.tolist(),
-            "wrong": [{"file": f.name, "label": int(y), "pred": int(p)} for f, y, p in zip(files, labels, preds) if y != p],
+            "accuracy": float((preds == labels).mean()),
+            "correct": int((preds == labels).sum()),
+            "total": len(labels),
+            "per_digit": per_digit,
+            "confusion": matrix.tolist(),
+            "wrong": [
+                {"file": f.name, "label": int(y), "pred": int(p)} for f, y, p in zip(files, labels, preds) if y != p
+            ],
         }
         if real_root is not None:
             result["domains"][domain]["quality"] = _quality(model, images, labels, files, real_root, domain, out_dir)
@@ -97,25 +114,34 @@ def evaluate_folder(folder: str | os.PathLike, classifier_dir: str | os.PathLike
 
     report = HtmlReport(f"Digit accuracy: {folder}")
     report.pre(format_summary(result))
-    report.table(["domain"] + [str(d) for d in range(10)],
-                 [[DOMAIN_NAMES[dom]] + ["-" if a is None else f"{a:.3f}" for a in r["per_digit"].values()]
-                  for dom, r in result["domains"].items()])
+    report.table(
+        ["domain"] + [str(d) for d in range(10)],
+        [
+            [DOMAIN_NAMES[dom]] + ["-" if a is None else f"{a:.3f}" for a in r["per_digit"].values()]
+            for dom, r in result["domains"].items()
+        ],
+    )
     for domain, r in result["domains"].items():
-        png = save_confusion_png(np.array(r["confusion"]), f"{DOMAIN_NAMES[domain]} confusion", out_dir / f"confusion_{domain}.png")
+        png = save_confusion_png(
+            np.array(r["confusion"]), f"{DOMAIN_NAMES[domain]} confusion", out_dir / f"confusion_{domain}.png"
+        )
         report.image(png, caption=f"{DOMAIN_NAMES[domain]}: rows true digit, columns predicted")
     add_quality_section(report, result, out_dir)
     save_json(result, out_dir / "metrics.json")
     report.save(out_dir / "report.html")
     print(format_summary(result))
     for domain, r in result["domains"].items():
-        print(f"{DOMAIN_NAMES[domain]} per digit: " + " ".join(
-            f"{d}:{'-' if a is None else f'{a:.2f}'}" for d, a in r["per_digit"].items()))
+        print(
+            f"{DOMAIN_NAMES[domain]} per digit: "
+            + " ".join(f"{d}:{'-' if a is None else f'{a:.2f}'}" for d, a in r["per_digit"].items())
+        )
     print(format_quality(result))
     return result
 
 
-def _quality(judge, images: np.ndarray, labels: np.ndarray, files: list[Path], real_root: Path, domain: str,
-             out_dir: Path) -> dict:
+def _quality(
+    judge, images: np.ndarray, labels: np.ndarray, files: list[Path], real_root: Path, domain: str, out_dir: Path
+) -> dict:
     train, _ = load_split(real_root, domain, "train")
     heldout, heldout_labels = load_split(real_root, domain, "val")
     quality = domain_quality(judge, images, labels, train, heldout, heldout_labels)
@@ -134,38 +160,66 @@ def format_quality(result: dict) -> str:
         q = r.get("quality")
         if q is None:
             continue
-        lines.append(f"{DOMAIN_NAMES[domain]}: Fréchet distance (judge features) = {q['frechet_generated_vs_heldout']:.2f} "
-                     f"(train vs held-out floor {q['frechet_train_vs_heldout']:.2f}); memorisation = "
-                     f"{100 * q['memorisation_rate']:.1f} % (real held-out: 5 %); diversity = {q['diversity_ratio']:.2f} x real")
+        lines.append(
+            f"{DOMAIN_NAMES[domain]}: Fréchet distance (judge features) = {q['frechet_generated_vs_heldout']:.2f} "
+            f"(train vs held-out floor {q['frechet_train_vs_heldout']:.2f}); memorisation = "
+            f"{100 * q['memorisation_rate']:.1f} % (real held-out: 5 %); diversity = {q['diversity_ratio']:.2f} x real"
+        )
     if not lines:
-        return ("quality measures skipped: the judges' dataset (with its held-out split) is not here; "
-                "pass --data-root to compare with real images")
+        return (
+            "quality measures skipped: the judges' dataset (with its held-out split) is not here; "
+            "pass --data-root to compare with real images"
+        )
     return "\n".join(lines)
 
 
 def add_quality_section(report, result: dict, out_dir: Path) -> None:
     report.heading("Quality beyond accuracy")
-    rows = [[DOMAIN_NAMES[d], f"{q['frechet_generated_vs_heldout']:.2f}", f"{q['frechet_train_vs_heldout']:.2f}",
-             f"{100 * q['memorisation_rate']:.1f} %", f"{q['diversity_ratio']:.2f}"]
-            for d, r in result["domains"].items() if (q := r.get("quality"))]
+    rows = [
+        [
+            DOMAIN_NAMES[d],
+            f"{q['frechet_generated_vs_heldout']:.2f}",
+            f"{q['frechet_train_vs_heldout']:.2f}",
+            f"{100 * q['memorisation_rate']:.1f} %",
+            f"{q['diversity_ratio']:.2f}",
+        ]
+        for d, r in result["domains"].items()
+        if (q := r.get("quality"))
+    ]
     if not rows:
         report.text(format_quality(result))
         return
-    report.text("Fréchet distance between the judge's penultimate features of generated and real held-out images; "
-                "the floor is the same distance for an equally large sample of real training images. "
-                "Memorisation: generated images whose nearest training image (pixel L2) is closer than the 5th "
-                "percentile of held-out-to-training distances (5 % for real unseen images). Diversity: mean "
-                "pairwise feature distance within each digit, generated over real held-out (1 = as diverse).")
-    report.table(["domain", "Fréchet (generated vs held-out)", "Fréchet floor (train vs held-out)",
-                  "memorisation rate", "diversity ratio"], rows)
+    report.text(
+        "Fréchet distance between the judge's penultimate features of generated and real held-out images; "
+        "the floor is the same distance for an equally large sample of real training images. "
+        "Memorisation: generated images whose nearest training image (pixel L2) is closer than the 5th "
+        "percentile of held-out-to-training distances (5 % for real unseen images). Diversity: mean "
+        "pairwise feature distance within each digit, generated over real held-out (1 = as diverse)."
+    )
+    report.table(
+        [
+            "domain",
+            "Fréchet (generated vs held-out)",
+            "Fréchet floor (train vs held-out)",
+            "memorisation rate",
+            "diversity ratio",
+        ],
+        rows,
+    )
     for d in result["domains"]:
         if (out_dir / f"closest_{d}.png").is_file():
-            report.image(out_dir / f"closest_{d}.png", f"{DOMAIN_NAMES[d]}: the generated images closest to a "
-                         "training image (top) and that training image (bottom)", width=480)
+            report.image(
+                out_dir / f"closest_{d}.png",
+                f"{DOMAIN_NAMES[d]}: the generated images closest to a "
+                "training image (top) and that training image (bottom)",
+                width=480,
+            )
 
 
 def format_summary(result: dict) -> str:
     """The three lines the course prints."""
-    lines = [f"{DOMAIN_NAMES[dom]} acc = {r['accuracy']:.4f} (correct/total = {r['correct']}/{r['total']})"
-             for dom, r in result["domains"].items()]
+    lines = [
+        f"{DOMAIN_NAMES[dom]} acc = {r['accuracy']:.4f} (correct/total = {r['correct']}/{r['total']})"
+        for dom, r in result["domains"].items()
+    ]
     return "\n".join(lines + [f"acc = {result['accuracy']:.4f}"])

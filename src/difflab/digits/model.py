@@ -1,5 +1,6 @@
 """Saving and loading the conditional digits model: a folder with `config.json` + `model.safetensors`
 (EMA weights, what sampling uses) and, while training, `train_state.pt` (everything needed to resume)."""
+
 from __future__ import annotations
 
 import os
@@ -34,17 +35,22 @@ class ScheduleConfig:
         return NoiseSchedule.make(self.kind, self.num_steps, self.beta_start, self.beta_end, self.prediction)
 
 
-def save_model(out_dir: str | os.PathLike, net: DigitsUNet, schedule: ScheduleConfig, extra: dict | None = None) -> Path:
+def save_model(
+    out_dir: str | os.PathLike, net: DigitsUNet, schedule: ScheduleConfig, extra: dict | None = None
+) -> Path:
     out = Path(out_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
-    save_json({"model": MODEL_TYPE, "net": net.config.to_dict(), "schedule": asdict(schedule), **(extra or {})},
-              out / CONFIG_FILE)
+    save_json(
+        {"model": MODEL_TYPE, "net": net.config.to_dict(), "schedule": asdict(schedule), **(extra or {})},
+        out / CONFIG_FILE,
+    )
     return out
 
 
-def load_digits_model(path: str | os.PathLike, device: torch.device | str = "cpu"
-                      ) -> tuple[DigitsUNet, NoiseSchedule, dict]:
+def load_digits_model(
+    path: str | os.PathLike, device: torch.device | str = "cpu"
+) -> tuple[DigitsUNet, NoiseSchedule, dict]:
     """(net in eval mode, noise schedule, the whole config dict) from a checkpoint folder."""
     path = Path(path)
     if path.is_file():

@@ -8,6 +8,7 @@ generated digits of each domain are also compared with real held-out ones.
   than the 5th percentile of held-out-to-training nearest distances, i.e. 5 % for real unseen images.
 - Diversity per digit: mean pairwise feature distance of generated images over that of held-out images.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -48,8 +49,16 @@ def mean_pairwise_distance(features: np.ndarray) -> float:
     return float(d.sum() / (len(features) * (len(features) - 1)))
 
 
-def domain_quality(judge, generated: np.ndarray, gen_labels: np.ndarray, train: np.ndarray,
-                   heldout: np.ndarray, heldout_labels: np.ndarray, seed: int = 0, gallery: int = 8) -> dict:
+def domain_quality(
+    judge,
+    generated: np.ndarray,
+    gen_labels: np.ndarray,
+    train: np.ndarray,
+    heldout: np.ndarray,
+    heldout_labels: np.ndarray,
+    seed: int = 0,
+    gallery: int = 8,
+) -> dict:
     """All three measures for one domain; `judge` is the domain's `DigitClassifier` (its `embed`)."""
     rng = np.random.default_rng(seed)
     train_sample = train[rng.choice(len(train), size=min(len(generated), len(train)), replace=False)]
@@ -61,15 +70,21 @@ def domain_quality(judge, generated: np.ndarray, gen_labels: np.ndarray, train: 
     diversity = {}
     for digit in range(10):
         g, h = gen_feats[gen_labels == digit], held_feats[heldout_labels == digit]
-        diversity[str(digit)] = mean_pairwise_distance(g) / mean_pairwise_distance(h) if len(g) > 1 and len(h) > 1 else None
+        diversity[str(digit)] = (
+            mean_pairwise_distance(g) / mean_pairwise_distance(h) if len(g) > 1 and len(h) > 1 else None
+        )
     ratios = [r for r in diversity.values() if r is not None]
     return {
         "frechet_generated_vs_heldout": frechet_distance(gen_feats, held_feats),
         "frechet_train_vs_heldout": frechet_distance(judge.embed(train_sample), held_feats),
-        "n_generated": int(len(generated)), "n_heldout": int(len(heldout)), "n_train": int(len(train)),
+        "n_generated": int(len(generated)),
+        "n_heldout": int(len(heldout)),
+        "n_train": int(len(train)),
         "memorisation_rate": float((gen_nn < threshold).mean()),
         "memorisation_threshold": threshold,
         "diversity_ratio": float(np.mean(ratios)) if ratios else None,
         "diversity_ratio_per_digit": diversity,
-        "closest_pairs": [{"generated": int(i), "train": int(gen_idx[i]), "distance": float(gen_nn[i])} for i in closest],
+        "closest_pairs": [
+            {"generated": int(i), "train": int(gen_idx[i]), "distance": float(gen_nn[i])} for i in closest
+        ],
     }

@@ -1,4 +1,5 @@
 """Sampling the conditional digits model: the course output layout, 10x10 grids and reverse-process strips."""
+
 from __future__ import annotations
 
 import os
@@ -17,15 +18,17 @@ from difflab.samplers import METHODS, ddim_timesteps, guided, sample
 from difflab.schedule import NoiseSchedule
 from difflab.utils import DifflabError, image_grid, to_uint8
 
+PER_DIGIT = 50  # the course layout: {digit}_{NNN}.png, NNN = 001..050, per domain
+
 
 @dataclass
 class SampleConfig:
-    method: str = "ddim"          # "ddim", "dpm++2m" or "ddpm" (ancestral over all T steps)
+    method: str = "ddim"  # "ddim", "dpm++2m" or "ddpm" (ancestral over all T steps)
     # DDIM-25 with fresh noise (η = 1) and digit guidance 6: on the 5,000-step model, mean accuracy 0.991
     # against 0.980 at η = 0 (1,000 digits; DDIM-50, DPM-Solver++-20 and guidance 4-7 were not better).
-    steps: int = 25               # DDIM / DPM-Solver++ steps; ignored by ddpm
+    steps: int = 25  # DDIM / DPM-Solver++ steps; ignored by ddpm
     eta: float = 1.0
-    guidance_digit: float = 6.0   # 1 = no guidance
+    guidance_digit: float = 6.0  # 1 = no guidance
     guidance_domain: float = 1.0
     batch_size: int = 500
     seed: int = 0
@@ -42,8 +45,9 @@ class SampleConfig:
         return ddim_timesteps(schedule.num_steps, self.steps, "trailing" if self.method == "dpm++2m" else "leading")
 
 
-def guided_digits_eps(net, cond: torch.Tensor, guidance_digit: float, guidance_domain: float,
-                      null_cond: tuple[int, int] | None = None):
+def guided_digits_eps(
+    net, cond: torch.Tensor, guidance_digit: float, guidance_domain: float, null_cond: tuple[int, int] | None = None
+):
     """ε = ε(∅,∅) + g_dom·(ε(dom,∅) − ε(∅,∅)) + g_dig·(ε(dom,dig) − ε(dom,∅)), in one batched forward.
 
     With g_dom = 1 the (∅,∅) branch drops out; with g_dom = g_dig the (dom,∅) branch does. `null_cond`
@@ -67,8 +71,13 @@ def sampling_precision(net: DigitsUNet, cond: torch.Tensor, cfg: SampleConfig, d
     def trial(p: Precision) -> None:
         model = copies.setdefault(p.label, p.prepare(copy.deepcopy(net)))
         with torch.inference_mode(), p.autocast(device):
-            guided_digits_eps(lambda xx, tt, cc: model(p.input(xx), tt, cc), cond, cfg.guidance_digit,
-                              cfg.guidance_domain, net.null_cond)(x, t)
+            guided_digits_eps(
+                lambda xx, tt, cc: model(p.input(xx), tt, cc),
+                cond,
+                cfg.guidance_digit,
+                cfg.guidance_domain,
+                net.null_cond,
+            )(x, t)
 
     weights = (cfg.guidance_digit, cfg.guidance_domain - cfg.guidance_digit, 1 - cfg.guidance_domain)
     branches = sum(w != 0 for w in weights)
@@ -99,9 +108,16 @@ def initial_noise(net: DigitsUNet, n: int, generator: torch.Generator) -> torch.
 
 
 @torch.inference_mode()
-def generate(net: DigitsUNet, schedule: NoiseSchedule, cond: torch.Tensor, cfg: SampleConfig,
-             device: torch.device, capture: list[int] | None = None, progress: bool = True,
-             rows: list[int] | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+def generate(
+    net: DigitsUNet,
+    schedule: NoiseSchedule,
+    cond: torch.Tensor,
+    cfg: SampleConfig,
+    device: torch.device,
+    capture: list[int] | None = None,
+    progress: bool = True,
+    rows: list[int] | None = None,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Images in [-1, 1] (on CPU) for every row of `cond`, and the captured x_t per timestep.
 
     All initial noise is drawn at once from `cfg.seed`, and so is each step's fresh noise (η > 0, DDPM), so an
@@ -120,21 +136,35 @@ def generate(net: DigitsUNet, schedule: NoiseSchedule, cond: torch.Tensor, cfg: 
     batches = range(0, len(cond), cfg.batch_size)
     for start in tqdm(batches, desc=f"sampling {cfg.method}", disable=not progress or len(batches) == 1):
         c = cond[start : start + cfg.batch_size].to(device)
-        eps_fn = guided_digits_eps(lambda x, t, cc: model(precision.input(x), t, cc), c, cfg.guidance_digit,
-                                   cfg.guidance_domain, net.null_cond)
+        eps_fn = guided_digits_eps(
+            lambda x, t, cc: model(precision.input(x), t, cc), c, cfg.guidance_digit, cfg.guidance_domain, net.null_cond
+        )
         with precision.autocast(device):
-            res = sample(eps_fn, x_T[start : start + cfg.batch_size].to(device), schedule, timesteps,
-                         method=cfg.method, eta=cfg.eta, capture=capture,
-                         step_noise=StepNoise(cfg.seed, n_total, rows[start : start + cfg.batch_size], x_T.shape[1:]),
-                         progress=progress and len(batches) == 1)
+            res = sample(
+                eps_fn,
+                x_T[start : start + cfg.batch_size].to(device),
+                schedule,
+                timesteps,
+                method=cfg.method,
+                eta=cfg.eta,
+                capture=capture,
+                step_noise=StepNoise(cfg.seed, n_total, rows[start : start + cfg.batch_size], x_T.shape[1:]),
+                progress=progress and len(batches) == 1,
+            )
         outs.append(res.images.float().clamp(-1, 1).cpu())
         for t, x in res.trajectory.items():
             traj.setdefault(t, []).append(x)
     return torch.cat(outs), {t: torch.cat(xs) for t, xs in traj.items()}
 
 
-def write_course_layout(net: DigitsUNet, schedule: NoiseSchedule, out_dir: str | os.PathLike, cfg: SampleConfig,
-                        device: torch.device, per_digit: int = 50) -> dict[str, np.ndarray]:
+def write_course_layout(
+    net: DigitsUNet,
+    schedule: NoiseSchedule,
+    out_dir: str | os.PathLike,
+    cfg: SampleConfig,
+    device: torch.device,
+    per_digit: int = PER_DIGIT,
+) -> dict[str, np.ndarray]:
     """`<out>/mnistm/{d}_{NNN}.png` and `<out>/svhn/...`, NNN = 001..per_digit. Returns the uint8 images
     per domain, ordered digit-major (all 0s, then all 1s, ...)."""
     out = Path(out_dir)
@@ -156,8 +186,15 @@ def digit_grid(per_domain_images: np.ndarray, per_digit: int, columns: int = 10)
     return image_grid(np.concatenate(rows), 10, columns)
 
 
-def reverse_process_strip(net: DigitsUNet, schedule: NoiseSchedule, cfg: SampleConfig, device: torch.device,
-                          digit: int = 0, snapshots: int = 6, per_digit: int = 50) -> tuple[np.ndarray, list[int]]:
+def reverse_process_strip(
+    net: DigitsUNet,
+    schedule: NoiseSchedule,
+    cfg: SampleConfig,
+    device: torch.device,
+    digit: int = 0,
+    snapshots: int = 6,
+    per_digit: int = PER_DIGIT,
+) -> tuple[np.ndarray, list[int]]:
     """One row per domain: x_t of the first `digit` image of the course layout at `snapshots` timesteps, T to 0."""
     timesteps = cfg.timesteps(schedule)
     picks = [timesteps[round(i * (len(timesteps) - 1) / (snapshots - 2))] for i in range(snapshots - 1)]

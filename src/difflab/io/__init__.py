@@ -1,5 +1,6 @@
 """Every file difflab reads or writes goes through here: one safe reader per kind (checkpoints, JSON, text,
 images, tables) that turns any failure into `<path>: <what is wrong>`, and atomic writers."""
+
 from difflab.io.checkpoints import (
     check_state_dict,
     read_safetensors,
@@ -21,6 +22,21 @@ from difflab.io.files import (
     write_csv,
 )
 
-__all__ = ["IMAGE_SUFFIXES", "atomic_write", "check_state_dict", "image_files", "load_json", "load_rgb",
-           "read_safetensors", "read_state_dict", "read_tensors", "read_text", "read_torch", "refuse_to_replace", "save_json", "save_png",
-           "state_dict_mismatch", "write_csv"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "atomic_write",
+    "check_state_dict",
+    "image_files",
+    "load_json",
+    "load_rgb",
+    "read_safetensors",
+    "read_state_dict",
+    "read_tensors",
+    "read_text",
+    "read_torch",
+    "refuse_to_replace",
+    "save_json",
+    "save_png",
+    "state_dict_mismatch",
+    "write_csv",
+]

@@ -4,6 +4,7 @@
 only rebuilds tensors and plain containers. Any failure (missing, truncated, not a torch file, a pickled
 object) becomes one `DifflabError` naming the file; the advice torch prints to load unsafely is never shown.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,18 +34,28 @@ def _why_unreadable(e: BaseException) -> str:
     if culprit or "Unsupported class" in text:
         found = f" ({culprit.group(1)})" if culprit else ""
         return f"it holds a pickled Python object{found}; difflab reads only tensors and plain containers"
-    if isinstance(e, EOFError) or "central directory" in text or "zip archive" in text or (
-            isinstance(e, OSError) and e.errno == 22):
+    if (
+        isinstance(e, EOFError)
+        or "central directory" in text
+        or "zip archive" in text
+        or (isinstance(e, OSError) and e.errno == 22)
+    ):
         return "the file is empty, truncated or corrupt"
-    if ("Unsupported operand" in text or isinstance(e, (KeyError, UnicodeDecodeError)) or "load key" in text
-            or "magic number" in text or "unpack requires" in text):
+    if (
+        "Unsupported operand" in text
+        or isinstance(e, (KeyError, UnicodeDecodeError))
+        or "load key" in text
+        or "magic number" in text
+        or "unpack requires" in text
+    ):
         return "not a PyTorch file"
     first = text.strip().splitlines()[0] if text.strip() else e.__class__.__name__
     return first[:160].replace("weights_only", "the safe loader")
 
 
-def read_torch(path: str | os.PathLike, what: str = "checkpoint", allowed: Iterable = (),
-               skip_unknown_objects: bool = False):
+def read_torch(
+    path: str | os.PathLike, what: str = "checkpoint", allowed: Iterable = (), skip_unknown_objects: bool = False
+):
     """`torch.load(weights_only=True)` on CPU. `allowed` lists extra classes the file may hold (e.g.
     `torch.nn.ParameterDict`); with `skip_unknown_objects`, any other pickled class becomes an `Inert`."""
     path = Path(path)
@@ -86,10 +97,15 @@ def read_tensors(path: str | os.PathLike, what: str = "checkpoint", **torch_opti
 def read_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, torch.Tensor]:
     """A non-empty mapping of names to tensors, from either format."""
     state = read_tensors(path, what)
-    if not isinstance(state, dict) or not state or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise DifflabError(f"{path}: expected a state dict (names -> tensors), got a {type(state).__name__}"
-                           + (" with other contents" if isinstance(state, dict) else ""))
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    ):
+        raise DifflabError(
+            f"{path}: expected a state dict (names -> tensors), got a {type(state).__name__}"
+            + (" with other contents" if isinstance(state, dict) else "")
+        )
     return state
 
 
@@ -98,15 +114,21 @@ def state_dict_mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor]) 
     ours = model.state_dict()
     missing = [k for k in ours if k not in state]
     unexpected = [k for k in state if k not in ours]
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in ours.items()
-             if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in ours.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
 
     def listing(kind: str, items: list[str]) -> str:
         shown = ", ".join(items[:6]) + (f", ... (+{len(items) - 6} more)" if len(items) > 6 else "")
         return f"{len(items)} {kind}: {shown}"
 
-    return [listing(kind, items) for kind, items in
-            (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if items]
+    return [
+        listing(kind, items)
+        for kind, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
+        if items
+    ]
 
 
 def check_state_dict(model: torch.nn.Module, state: dict, source: str | os.PathLike) -> None:

@@ -1,5 +1,6 @@
 """Plain files: atomic writers (a crash never leaves a half-written file under the real name) and safe readers
 for JSON, text, CSV tables and images."""
+
 from __future__ import annotations
 
 import csv
@@ -46,8 +47,10 @@ def refuse_to_replace(out: str | os.PathLike, names: Sequence[str], overwrite: b
     found = [name for name in names if (Path(out) / name).exists()]
     if found and not overwrite:
         ways = "pass --resume to continue, " if resume else ""
-        raise DifflabError(f"{out}: holds earlier results ({', '.join(found[:3])}); choose another --out, {ways}"
-                           "or pass --overwrite to replace them")
+        raise DifflabError(
+            f"{out}: holds earlier results ({', '.join(found[:3])}); choose another --out, {ways}"
+            "or pass --overwrite to replace them"
+        )
 
 
 def save_json(obj: Any, path: str | os.PathLike) -> Path:

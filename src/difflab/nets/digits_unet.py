@@ -4,6 +4,7 @@ Sized for CPUs: three resolutions (28, 14, 7), FiLM conditioning in every residu
 layer at 7x7. Each condition factor has its own learned "null" entry, so classifier-free guidance can be
 applied to the domain and the digit separately.
 """
+
 from __future__ import annotations
 
 import math
@@ -113,11 +114,14 @@ class DigitsUNet(nn.Module):
                 self.up.append(ResBlock(c + skips.pop(), c_out, e, cfg.dropout))
                 c = c_out
             if level > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)))
+                self.up.append(
+                    nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1))
+                )
         self.out = nn.Sequential(_norm(c), nn.SiLU(), nn.Conv2d(c, cfg.in_channels * cfg.patch**2, 3, padding=1))
 
     @property
     def null_cond(self) -> tuple[int, int]:
+        """The ids of "no domain" and "no digit": one past the last real id of each factor."""
         return self.config.num_domains, self.config.num_digits
 
     def embed(self, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ Layout (channel plan 1,1,2,2,4,4 of 128; two ResBlocks per level; attention at t
 256x256 input). Blocks are registered as `down1..down18`, `mid1, mid2`, `up1..up23`, numbered in the order the
 forward pass runs them, because that is how the checkpoint names them.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,7 +44,9 @@ class TimeEmbedding(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.dim = dim
-        self.register_buffer("inv_freq", torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000) / dim)))
+        self.register_buffer(
+            "inv_freq", torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000) / dim))
+        )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         angles = t.reshape(-1, 1).float() * self.inv_freq.float()
@@ -88,8 +91,9 @@ class SelfAttention(nn.Module):
 
 
 class ResBlockWithAttention(nn.Module):
-    def __init__(self, in_channel: int, out_channel: int, time_dim: int, attention: bool, n_head: int = 1,
-                 dropout: float = 0.0):
+    def __init__(
+        self, in_channel: int, out_channel: int, time_dim: int, attention: bool, n_head: int = 1, dropout: float = 0.0
+    ):
         super().__init__()
         self.resblocks = ResBlock(in_channel, out_channel, time_dim, dropout)
         self.attention = SelfAttention(out_channel, n_head) if attention else None
@@ -195,17 +199,26 @@ def face_unet_from_state_dict(state_dict: dict[str, torch.Tensor]) -> FaceUNet:
 # The architecture is the one diffusers ships for the original DDPM checkpoints, so a renamed state dict
 # runs in diffusers too: an independent implementation to test against, and a way to export.
 
+
 def diffusers_unet_config(config: FaceUNetConfig) -> dict:
     levels = range(len(config.channel_multiplier))
     attn = config.attention_levels
     return dict(
-        in_channels=config.in_channel, out_channels=config.in_channel,
+        in_channels=config.in_channel,
+        out_channels=config.in_channel,
         block_out_channels=tuple(config.channel * m for m in config.channel_multiplier),
         down_block_types=tuple("AttnDownBlock2D" if i in attn else "DownBlock2D" for i in levels),
         up_block_types=tuple("AttnUpBlock2D" if i in attn else "UpBlock2D" for i in reversed(levels)),
-        layers_per_block=config.n_res_blocks, attention_head_dim=config.channel * max(config.channel_multiplier)
-        // config.n_head, norm_num_groups=32, norm_eps=1e-5, act_fn="silu", freq_shift=0,
-        flip_sin_to_cos=False, downsample_padding=1, dropout=config.dropout)
+        layers_per_block=config.n_res_blocks,
+        attention_head_dim=config.channel * max(config.channel_multiplier) // config.n_head,
+        norm_num_groups=32,
+        norm_eps=1e-5,
+        act_fn="silu",
+        freq_shift=0,
+        flip_sin_to_cos=False,
+        downsample_padding=1,
+        dropout=config.dropout,
+    )
 
 
 def to_diffusers_state_dict(model: FaceUNet) -> dict[str, torch.Tensor]:
@@ -216,7 +229,7 @@ def to_diffusers_state_dict(model: FaceUNet) -> dict[str, torch.Tensor]:
         for name, tensor in module.state_dict().items():
             for ours, theirs in renames.items():
                 if name.startswith(ours):
-                    name = theirs + name[len(ours):]
+                    name = theirs + name[len(ours) :]
                     break
             out[f"{prefix}.{name}"] = tensor
 
@@ -227,7 +240,10 @@ def to_diffusers_state_dict(model: FaceUNet) -> dict[str, torch.Tensor]:
             put(prefix_attn, att.norm, {"": "group_norm."})
             for name, w, b in zip(("to_q", "to_k", "to_v"), att.qkv.weight.chunk(3), att.qkv.bias.chunk(3)):
                 out[f"{prefix_attn}.{name}.weight"], out[f"{prefix_attn}.{name}.bias"] = w.flatten(1), b
-            out[f"{prefix_attn}.to_out.0.weight"], out[f"{prefix_attn}.to_out.0.bias"] = att.out.weight.flatten(1), att.out.bias
+            out[f"{prefix_attn}.to_out.0.weight"], out[f"{prefix_attn}.to_out.0.bias"] = (
+                att.out.weight.flatten(1),
+                att.out.bias,
+            )
 
     put("time_embedding", model.time, {"1.": "linear_1.", "3.": "linear_2."})
     out.pop("time_embedding.0.inv_freq")
@@ -262,5 +278,11 @@ def to_diffusers(model: FaceUNet):
 
 
 __all__ = [
-    "FaceUNet", "FaceUNetConfig", "face_unet_from_state_dict", "config_from_state_dict",
-    "diffusers_unet_config", "to_diffusers_state_dict", "to_diffusers"]
+    "FaceUNet",
+    "FaceUNetConfig",
+    "face_unet_from_state_dict",
+    "config_from_state_dict",
+    "diffusers_unet_config",
+    "to_diffusers_state_dict",
+    "to_diffusers",
+]

@@ -8,6 +8,7 @@ Here the image is made in two passes from the same initial latent:
      with the background prompt; the classifier-free-guided noise predictions are blended by the masks.
      All prompts (plus one shared unconditional) go through the UNet in one batch.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,9 @@ from difflab.personalize.generate import (
 )
 from difflab.utils import DifflabError, image_grid
 
-REGION_COLOURS = np.array([[128, 128, 128], [230, 60, 60], [60, 120, 230], [60, 190, 90], [230, 180, 40],
-                           [170, 80, 200]], dtype=np.float32)
+REGION_COLOURS = np.array(
+    [[128, 128, 128], [230, 60, 60], [60, 120, 230], [60, 190, 90], [230, 180, 40], [170, 80, 200]], dtype=np.float32
+)
 
 
 @dataclass
@@ -61,8 +63,10 @@ class ComposeConfig:
         if self.steps < 1 or self.num_images < 1:
             raise DifflabError(f"steps = {self.steps}, num_images = {self.num_images}: must be at least 1")
         if not 0 < self.capture_fraction <= 1 or not 0 <= self.threshold < 1:
-            raise DifflabError(f"capture fraction must be in (0, 1] and threshold in [0, 1), got "
-                               f"{self.capture_fraction} and {self.threshold}")
+            raise DifflabError(
+                f"capture fraction must be in (0, 1] and threshold in [0, 1), got "
+                f"{self.capture_fraction} and {self.threshold}"
+            )
         check_size(self.height, self.width)
 
 
@@ -145,8 +149,9 @@ def capture_cross_attention(unet, store: AttentionStore):
     """Record every cross-attention layer (`attn2`) of the UNet into `store` while inside the block."""
     original = unet.attn_processors
     recording = StoringCrossAttnProcessor(store)
-    unet.set_attn_processor({name: recording if name.endswith("attn2.processor") else proc
-                             for name, proc in original.items()})
+    unet.set_attn_processor(
+        {name: recording if name.endswith("attn2.processor") else proc for name, proc in original.items()}
+    )
     try:
         yield store
     finally:
@@ -158,8 +163,9 @@ def token_indices(pipe, prompt: str, words: str) -> list[int]:
 
     Multi-vector learned tokens are widened first, exactly as the pipeline's prompt encoding does."""
     tokenizer = pipe.tokenizer
-    ids = tokenizer(pipe.maybe_convert_prompt(prompt, tokenizer), truncation=True,
-                    max_length=tokenizer.model_max_length).input_ids
+    ids = tokenizer(
+        pipe.maybe_convert_prompt(prompt, tokenizer), truncation=True, max_length=tokenizer.model_max_length
+    ).input_ids
     sub = tokenizer(pipe.maybe_convert_prompt(words, tokenizer), add_special_tokens=False).input_ids
     if not sub:
         raise DifflabError(f"concept words {words!r} are empty after tokenization")
@@ -180,8 +186,9 @@ def _gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(out, k.view(1, 1, -1, 1))[:, 0]
 
 
-def concept_maps(attention: torch.Tensor, token_groups: Sequence[Sequence[int]], latent_hw: tuple[int, int],
-                 smooth: float) -> torch.Tensor:
+def concept_maps(
+    attention: torch.Tensor, token_groups: Sequence[Sequence[int]], latent_hw: tuple[int, int], smooth: float
+) -> torch.Tensor:
     """(h,w,tokens) attention of one image -> (concepts, H, W) maps in [0,1] at latent size."""
     maps = torch.stack([attention[..., list(g)].mean(-1) for g in token_groups])
     if smooth > 0:
@@ -201,8 +208,9 @@ def region_masks(maps: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def denoise_regions(pipe, latents: torch.Tensor, prompts: Sequence[str], masks: torch.Tensor,
-                    cfg: ComposeConfig) -> Image.Image:
+def denoise_regions(
+    pipe, latents: torch.Tensor, prompts: Sequence[str], masks: torch.Tensor, cfg: ComposeConfig
+) -> Image.Image:
     """Denoise one latent (1,C,H,W) where region r follows prompts[r]; the guided noise predictions are blended
     by `masks` (R,H,W). All prompts and one shared unconditional embedding go through the UNet in one batch."""
     conds, unconds = zip(*(encode_prompt(pipe, p, cfg.negative_prompt) for p in prompts))
@@ -221,8 +229,14 @@ def denoise_regions(pipe, latents: torch.Tensor, prompts: Sequence[str], masks: 
 
 
 @torch.inference_mode()
-def compose(pipe, prompt: str, concepts: Sequence[Region], cfg: ComposeConfig, background: str | None = None,
-            seed: int | None = None) -> Composition:
+def compose(
+    pipe,
+    prompt: str,
+    concepts: Sequence[Region],
+    cfg: ComposeConfig,
+    background: str | None = None,
+    seed: int | None = None,
+) -> Composition:
     """Naive image of `prompt`, concept regions from its cross-attention, and the region-wise composed image."""
     if not concepts:
         raise DifflabError("compose needs at least one concept (--concepts WORDS=PROMPT)")
@@ -245,9 +259,17 @@ def compose(pipe, prompt: str, concepts: Sequence[Region], cfg: ComposeConfig, b
         return kwargs
 
     with capture_cross_attention(pipe.unet, store):
-        naive = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=latents, height=height, width=width,
-                     num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, output_type="pil",
-                     callback_on_step_end=stop_capturing).images[0]
+        naive = pipe(
+            prompt_embeds=cond,
+            negative_prompt_embeds=uncond,
+            latents=latents,
+            height=height,
+            width=width,
+            num_inference_steps=cfg.steps,
+            guidance_scale=cfg.guidance,
+            output_type="pil",
+            callback_on_step_end=stop_capturing,
+        ).images[0]
     latent_hw = tuple(latents.shape[-2:])
     attention = store.maps(*latent_hw, cfg.map_factor)[-1]  # the conditional half of the guidance batch
     maps = concept_maps(attention, groups, latent_hw, cfg.smooth)
@@ -273,9 +295,17 @@ def masks_figure(result: Composition) -> np.ndarray:
     return image_grid(panels, 1, len(panels))
 
 
-def compose_images(pipe, prompt: str, concepts: Sequence[Region], cfg: ComposeConfig, out: str | os.PathLike,
-                   background: str | None = None, scorer=None, refs: Sequence[tuple[str, str | os.PathLike]] = (),
-                   overwrite: bool = False) -> Path:
+def compose_images(
+    pipe,
+    prompt: str,
+    concepts: Sequence[Region],
+    cfg: ComposeConfig,
+    out: str | os.PathLike,
+    background: str | None = None,
+    scorer=None,
+    refs: Sequence[tuple[str, str | os.PathLike]] = (),
+    overwrite: bool = False,
+) -> Path:
     """Compose `cfg.num_images` images (seeds seed, seed+1, ...); write PNGs, figures, scores and `report.html`."""
     from tqdm.auto import tqdm
 
@@ -286,9 +316,12 @@ def compose_images(pipe, prompt: str, concepts: Sequence[Region], cfg: ComposeCo
     refuse_to_replace(out, ["report.html", "naive_0.png", "composed_0.png"], overwrite)
     ref_embeds = {words: scorer.image_embeds(reference_images(folder)) for words, folder in refs} if scorer else {}
     report = HtmlReport("Multi-concept composition: naive prompt vs region-wise denoising")
-    report.pre(f"prompt: {prompt}\n" + "\n".join(f"region {c.words}: {c.prompt}" for c in concepts)
-               + f"\nbackground: {background or prompt}\nsteps={cfg.steps} guidance={cfg.guidance} "
-               f"scheduler={cfg.scheduler} threshold={cfg.threshold} smooth={cfg.smooth}")
+    report.pre(
+        f"prompt: {prompt}\n"
+        + "\n".join(f"region {c.words}: {c.prompt}" for c in concepts)
+        + f"\nbackground: {background or prompt}\nsteps={cfg.steps} guidance={cfg.guidance} "
+        f"scheduler={cfg.scheduler} threshold={cfg.threshold} smooth={cfg.smooth}"
+    )
     naive_all, composed_all = [], []
     for i in tqdm(range(cfg.num_images), desc="compose", unit="img"):
         result = compose(pipe, prompt, concepts, cfg, background=background, seed=cfg.seed + i)

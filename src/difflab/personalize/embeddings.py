@@ -7,6 +7,7 @@ exactly as diffusers does, and a prompt mentioning `token` is widened to all K t
 Read formats: that one (several tokens per file allowed), a bare tensor, `{token: tensor}` .bin/.pt files, and the
 original textual-inversion / A1111 `.pt` (`string_to_param` + `string_to_token`, optional `name`).
 """
+
 from __future__ import annotations
 
 import os
@@ -42,7 +43,9 @@ def read_embeddings(path: str | os.PathLike, token: str | None = None) -> dict[s
     elif isinstance(data, dict) and "string_to_param" in data:
         params = data["string_to_param"]
         if len(params) != 1:
-            raise DifflabError(f"{path}: textual-inversion file holds {len(params)} placeholders; only one is supported")
+            raise DifflabError(
+                f"{path}: textual-inversion file holds {len(params)} placeholders; only one is supported"
+            )
         placeholder, tensor = next(iter(params.items()))
         # The original repo keys by its placeholder string ("*"); A1111 files also store a readable name.
         name = data.get("name") if isinstance(data.get("name"), str) else None
@@ -54,15 +57,19 @@ def read_embeddings(path: str | os.PathLike, token: str | None = None) -> dict[s
                 raise DifflabError(f"{path}: holds {len(found)} tokens, cannot rename them all to {token!r}")
             found = {token: next(iter(found.values()))}
     else:
-        raise DifflabError(f"{path}: unknown embedding format (expected {{token: tensor}}, a tensor, "
-                           "or a textual-inversion file with string_to_param)")
+        raise DifflabError(
+            f"{path}: unknown embedding format (expected {{token: tensor}}, a tensor, "
+            "or a textual-inversion file with string_to_param)"
+        )
     out = {}
     for name, t in found.items():
         t = t.detach().float()
         if t.dim() == 1:
             t = t[None]
         if t.dim() != 2 or t.shape[0] < 1:
-            raise DifflabError(f"{path}: embedding for {name!r} has shape {tuple(t.shape)}, expected (dim,) or (n, dim)")
+            raise DifflabError(
+                f"{path}: embedding for {name!r} has shape {tuple(t.shape)}, expected (dim,) or (n, dim)"
+            )
         out[name] = t
     return out
 
@@ -111,9 +118,9 @@ def load_embeddings(pipe, paths, tokens: list[str | None] | None = None) -> list
 
 
 def save_embeddings(path: str | os.PathLike, embeddings: dict[str, torch.Tensor]) -> Path:
-    """Write `{token: (num_vectors, dim)}` as safetensors (diffusers' `learned_embeds.safetensors` layout), atomically."""
+    """Write `{token: (num_vectors, dim)}` as safetensors (diffusers' `learned_embeds.safetensors` layout),
+    atomically."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().float().cpu().contiguous().reshape(-1, v.shape[-1]) for k, v in embeddings.items()}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp))
-

@@ -6,6 +6,7 @@ alone and equals the one made inside a batch. Text embeddings are computed once 
 With `best_of`, more candidates are drawn per prompt and the best ones by the CLIP grading rule
 (image + 2.5 x text score) are kept, renumbered 0..per_prompt-1.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -100,8 +101,9 @@ def encode_prompt(pipe, prompt: str, negative_prompt: str = "") -> tuple[torch.T
 
 
 @torch.inference_mode()
-def sample(pipe, embeds: tuple[torch.Tensor, torch.Tensor], seeds: Sequence[int], cfg: GenerateConfig,
-           progress=None) -> list[Image.Image]:
+def sample(
+    pipe, embeds: tuple[torch.Tensor, torch.Tensor], seeds: Sequence[int], cfg: GenerateConfig, progress=None
+) -> list[Image.Image]:
     """Images for one prompt, one per seed, in batches of `cfg.batch_size`."""
     height, width = image_size(pipe, cfg)
     cond, uncond = embeds
@@ -110,9 +112,14 @@ def sample(pipe, embeds: tuple[torch.Tensor, torch.Tensor], seeds: Sequence[int]
         chunk = seeds[start : start + cfg.batch_size]
         b = len(chunk)
         out = pipe(
-            prompt_embeds=cond.expand(b, -1, -1), negative_prompt_embeds=uncond.expand(b, -1, -1),
-            latents=initial_latents(pipe, chunk, height, width), height=height, width=width,
-            num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, output_type="pil",
+            prompt_embeds=cond.expand(b, -1, -1),
+            negative_prompt_embeds=uncond.expand(b, -1, -1),
+            latents=initial_latents(pipe, chunk, height, width),
+            height=height,
+            width=width,
+            num_inference_steps=cfg.steps,
+            guidance_scale=cfg.guidance,
+            output_type="pil",
         )
         images.extend(out.images)
         if progress is not None:
@@ -126,8 +133,9 @@ def check_learned_tokens(pipe, prompts: Sequence[str]) -> None:
     for prompt in prompts:
         for token in re.findall(r"<[^<>\s]+>", prompt):
             if token not in vocab:
-                raise DifflabError(f"prompt {prompt!r} uses {token} but no loaded embedding defines it "
-                                   "(pass its file with --embeds)")
+                raise DifflabError(
+                    f"prompt {prompt!r} uses {token} but no loaded embedding defines it (pass its file with --embeds)"
+                )
 
 
 def prompt_jobs(spec: dict, keys: Sequence[str] | None = None) -> list[PromptJob]:
@@ -169,9 +177,18 @@ def thumbnails(images: Sequence[Image.Image]) -> np.ndarray:
     return np.stack([np.asarray(im.convert("RGB").resize((THUMB, THUMB), Image.BICUBIC)) for im in images])
 
 
-def generate(pipe, spec: dict, out: str | os.PathLike, cfg: GenerateConfig, keys: Sequence[str] | None = None,
-             resume: bool = False, best_of: int | None = None, scorer=None,
-             refs: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+def generate(
+    pipe,
+    spec: dict,
+    out: str | os.PathLike,
+    cfg: GenerateConfig,
+    keys: Sequence[str] | None = None,
+    resume: bool = False,
+    best_of: int | None = None,
+    scorer=None,
+    refs: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write the course layout under `out` plus `report.html` (and `best_of_scores.csv` with `best_of`).
 
     Images already in `out` are kept with `resume` (their seeds do not depend on the others), replaced with
@@ -206,15 +223,19 @@ def generate(pipe, spec: dict, out: str | os.PathLike, cfg: GenerateConfig, keys
     image_size(pipe, cfg)  # fail on a bad size before any work
 
     report = HtmlReport("Personalized generation")
-    report.pre(f"scheduler={cfg.scheduler} steps={cfg.steps} guidance={cfg.guidance} seed={cfg.seed} "
-               f"per_prompt={cfg.per_prompt}" + (f" best_of={best_of}" if best_of else ""))
+    report.pre(
+        f"scheduler={cfg.scheduler} steps={cfg.steps} guidance={cfg.guidance} seed={cfg.seed} "
+        f"per_prompt={cfg.per_prompt}" + (f" best_of={best_of}" if best_of else "")
+    )
     score_rows, summary = [], []
     n_candidates = best_of or cfg.per_prompt
     progress = tqdm(total=len(jobs) * n_candidates, desc="images", unit="img")
     for job in jobs:
         embeds = encode_prompt(pipe, job.prompt, cfg.negative_prompt)
         skip_existing = resume and not best_of
-        todo = [n for n in range(n_candidates) if not (skip_existing and image_path(out, job.key, job.idx, n).is_file())]
+        todo = [
+            n for n in range(n_candidates) if not (skip_existing and image_path(out, job.key, job.idx, n).is_file())
+        ]
         progress.update(n_candidates - len(todo))
         images = sample(pipe, embeds, [image_seed(cfg.seed, job.key, job.idx, n) for n in todo], cfg, progress)
         if best_of:
@@ -224,22 +245,36 @@ def generate(pipe, spec: dict, out: str | os.PathLike, cfg: GenerateConfig, keys
             keep = [int(i) for i in select_best(img_s, txt_s, cfg.per_prompt)]
             rank = {c: n for n, c in enumerate(keep)}
             for c in range(n_candidates):
-                score_rows.append([job.key, job.idx, c, image_seed(cfg.seed, job.key, job.idx, c), f"{img_s[c]:.4f}",
-                                   f"{txt_s[c]:.4f}", f"{img_s[c] + TEXT_WEIGHT * txt_s[c]:.4f}", rank.get(c, "")])
+                score_rows.append(
+                    [
+                        job.key,
+                        job.idx,
+                        c,
+                        image_seed(cfg.seed, job.key, job.idx, c),
+                        f"{img_s[c]:.4f}",
+                        f"{txt_s[c]:.4f}",
+                        f"{img_s[c] + TEXT_WEIGHT * txt_s[c]:.4f}",
+                        rank.get(c, ""),
+                    ]
+                )
             summary.append([f"{job.key}/{job.idx}", job.prompt, float(img_s[keep].mean()), float(txt_s[keep].mean())])
             images, todo = [images[c] for c in keep], list(range(cfg.per_prompt))
         for n, im in zip(todo, images):
             save_png(np.asarray(im.convert("RGB")), image_path(out, job.key, job.idx, n))
         made = dict(zip(todo, images))  # images kept from an earlier run are read back for the report only
-        shown = [made[n] if n in made else load_rgb(image_path(out, job.key, job.idx, n)) for n in range(cfg.per_prompt)]
+        shown = [
+            made[n] if n in made else load_rgb(image_path(out, job.key, job.idx, n)) for n in range(cfg.per_prompt)
+        ]
         cols = min(5, len(shown))
         report.heading(f"{job.key}/{job.idx}: {job.prompt}")
         report.image(image_grid(thumbnails(shown), -(-len(shown) // cols), cols), caption=f"{len(shown)} images")
     progress.close()
     if best_of:
-        write_csv(out / "best_of_scores.csv",
-                  ["key", "prompt_idx", "candidate", "seed", "image_score", "text_score", "combined", "kept_as"],
-                  score_rows)
+        write_csv(
+            out / "best_of_scores.csv",
+            ["key", "prompt_idx", "candidate", "seed", "image_score", "text_score", "combined", "kept_as"],
+            score_rows,
+        )
         report.heading("CLIP scores of the kept images (mean)")
         report.table(["prompt", "text", "image score", "text score"], summary)
     report.save(out / "report.html")

@@ -4,6 +4,7 @@ Per prompt: CLIP image score (to the concept's reference images) and text score 
 every generated image; the 5 images with the highest image + 2.5 x text are kept and their scores averaged;
 PASS when both averages reach the prompt's baseline.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,9 +34,17 @@ class PromptResult:
     selected: list[str]  # file paths, best first
 
 
-def run_score(prompts_json: str | os.PathLike, refs_dir: str | os.PathLike, gen_dir: str | os.PathLike,
-              clip_path: str | os.PathLike, out_dir: str | os.PathLike, device: str | None = None,
-              top_k: int = TOP_K, scorer: ClipScorer | None = None, overwrite: bool = False) -> list[PromptResult]:
+def run_score(
+    prompts_json: str | os.PathLike,
+    refs_dir: str | os.PathLike,
+    gen_dir: str | os.PathLike,
+    clip_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    device: str | None = None,
+    top_k: int = TOP_K,
+    scorer: ClipScorer | None = None,
+    overwrite: bool = False,
+) -> list[PromptResult]:
     """Score `<gen>/<key>/<idx>/*` against `<refs>/<key>/*`; writes image_scores.csv, prompt_scores.csv/.json and
     report.html into `out_dir`. `scorer` reuses an already loaded model (then `clip_path` is not read)."""
     spec = load_input_json(prompts_json)
@@ -43,8 +52,11 @@ def run_score(prompts_json: str | os.PathLike, refs_dir: str | os.PathLike, gen_
     refuse_to_replace(out, ["prompt_scores.json", "image_scores.csv", "report.html"], overwrite)
     # Check every folder before the (slow) model load, so a typo fails at once.
     refs = {key: image_files(refs_dir / key, "reference image") for key in spec}
-    gens = {(key, i): image_files(gen_dir / key / str(i), "generated image")
-            for key, entry in spec.items() for i in range(len(entry["prompt_4_clip_eval"]))}
+    gens = {
+        (key, i): image_files(gen_dir / key / str(i), "generated image")
+        for key, entry in spec.items()
+        for i in range(len(entry["prompt_4_clip_eval"]))
+    }
     scorer = scorer or ClipScorer.from_pretrained(clip_path, device)
 
     results, image_rows = [], []
@@ -57,33 +69,97 @@ def run_score(prompts_json: str | os.PathLike, refs_dir: str | os.PathLike, gen_
         best = select_best(image, text, top_k)
         base_img, base_txt = (float(v) for v in entry["baseline"][i])
         img_mean, txt_mean = image[best].mean().item(), text[best].mean().item()
-        results.append(PromptResult(key, i, entry["prompt_4_clip_eval"][i], len(files), img_mean, txt_mean,
-                                    base_img, base_txt, img_mean >= base_img and txt_mean >= base_txt,
-                                    [str(files[j]) for j in best.tolist()]))
+        results.append(
+            PromptResult(
+                key,
+                i,
+                entry["prompt_4_clip_eval"][i],
+                len(files),
+                img_mean,
+                txt_mean,
+                base_img,
+                base_txt,
+                img_mean >= base_img and txt_mean >= base_txt,
+                [str(files[j]) for j in best.tolist()],
+            )
+        )
         chosen = set(best.tolist())
-        image_rows += [[key, i, files[j].name, f"{image[j]:.4f}", f"{text[j]:.4f}",
-                        f"{image[j] + TEXT_WEIGHT * text[j]:.4f}", j in chosen] for j in range(len(files))]
+        image_rows += [
+            [
+                key,
+                i,
+                files[j].name,
+                f"{image[j]:.4f}",
+                f"{text[j]:.4f}",
+                f"{image[j] + TEXT_WEIGHT * text[j]:.4f}",
+                j in chosen,
+            ]
+            for j in range(len(files))
+        ]
 
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "image_scores.csv", ["key", "prompt_idx", "file", "image_score", "text_score",
-                                          "combined", "selected"], image_rows)
-    write_csv(out / "prompt_scores.csv", ["key", "prompt_idx", "eval_prompt", "n_images", "image_score",
-                                           "text_score", "baseline_image", "baseline_text", "result"],
-               [[r.key, r.prompt_idx, r.eval_prompt, r.n_images, f"{r.image_score:.4f}", f"{r.text_score:.4f}",
-                 r.baseline_image, r.baseline_text, "PASS" if r.passed else "FAIL"] for r in results])
-    save_json({"top_k": top_k, "text_weight": TEXT_WEIGHT, "prompts": [asdict(r) for r in results]},
-              out / "prompt_scores.json")
+    write_csv(
+        out / "image_scores.csv",
+        ["key", "prompt_idx", "file", "image_score", "text_score", "combined", "selected"],
+        image_rows,
+    )
+    write_csv(
+        out / "prompt_scores.csv",
+        [
+            "key",
+            "prompt_idx",
+            "eval_prompt",
+            "n_images",
+            "image_score",
+            "text_score",
+            "baseline_image",
+            "baseline_text",
+            "result",
+        ],
+        [
+            [
+                r.key,
+                r.prompt_idx,
+                r.eval_prompt,
+                r.n_images,
+                f"{r.image_score:.4f}",
+                f"{r.text_score:.4f}",
+                r.baseline_image,
+                r.baseline_text,
+                "PASS" if r.passed else "FAIL",
+            ]
+            for r in results
+        ],
+    )
+    save_json(
+        {"top_k": top_k, "text_weight": TEXT_WEIGHT, "prompts": [asdict(r) for r in results]},
+        out / "prompt_scores.json",
+    )
     _write_report(results, out / "report.html", top_k)
     return results
 
 
 def _write_report(results: list[PromptResult], path: Path, top_k: int) -> None:
     html = HtmlReport("CLIP grading of generated images")
-    html.text(f"Per prompt, the {top_k} images with the highest image + {TEXT_WEIGHT} x text score are averaged; "
-              "PASS when both averages reach the baseline.")
-    html.table(["concept", "prompt", "eval prompt", "image", "text", "baseline", "result"],
-               [[r.key, r.prompt_idx, r.eval_prompt, r.image_score, r.text_score,
-                 f"{r.baseline_image:g} / {r.baseline_text:g}", "PASS" if r.passed else "FAIL"] for r in results])
+    html.text(
+        f"Per prompt, the {top_k} images with the highest image + {TEXT_WEIGHT} x text score are averaged; "
+        "PASS when both averages reach the baseline."
+    )
+    html.table(
+        ["concept", "prompt", "eval prompt", "image", "text", "baseline", "result"],
+        [
+            [
+                r.key,
+                r.prompt_idx,
+                r.eval_prompt,
+                r.image_score,
+                r.text_score,
+                f"{r.baseline_image:g} / {r.baseline_text:g}",
+                "PASS" if r.passed else "FAIL",
+            ]
+            for r in results
+        ],
+    )
     for r in results:
         html.heading(f"{r.key}/{r.prompt_idx}: {r.eval_prompt} — {'PASS' if r.passed else 'FAIL'}")
         for f in r.selected:

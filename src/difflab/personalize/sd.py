@@ -6,6 +6,7 @@ Two inputs are accepted:
   names with diffusers' own conversion functions and placed into models built from the configs shipped in
   `configs/sd-v1/` (the tokenizer files there are the real CLIP BPE vocabulary).
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,11 +28,19 @@ SD_V1_CONFIG = Path(__file__).resolve().parent / "configs" / "sd-v1"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
 # Prefixes of the three models inside an original (CompVis / LDM) checkpoint.
-LDM_PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model.transformer."}
+LDM_PREFIX = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text_encoder": "cond_stage_model.transformer.",
+}
 
 
-def load_sd(path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-            config_dir: str | os.PathLike | None = None):
+def load_sd(
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    config_dir: str | os.PathLike | None = None,
+):
     """A `StableDiffusionPipeline` (no safety checker) from a diffusers folder or an original single-file checkpoint.
 
     `config_dir` (a diffusers-layout folder of configs + tokenizer) describes the architecture of a single-file
@@ -42,15 +51,21 @@ def load_sd(path: str | os.PathLike, device: str | torch.device | None = None, d
         pipe = _load_folder(path, dtype)
     elif path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-            raise DifflabError(f"{path}: expected a diffusers folder or a checkpoint file ({', '.join(SINGLE_FILE_SUFFIXES)})")
+            raise DifflabError(
+                f"{path}: expected a diffusers folder or a checkpoint file ({', '.join(SINGLE_FILE_SUFFIXES)})"
+            )
         pipe = _load_single_file(path, Path(config_dir) if config_dir else SD_V1_CONFIG, dtype)
     else:
         raise DifflabError(f"{path}: Stable Diffusion model not found (give a diffusers folder or sd-v1-4.ckpt)")
     return pipe.to(pick_device(None if device is None else str(device)))
 
 
-def load_pipeline(path: str | os.PathLike, embeds: Sequence[str | os.PathLike] = (), device: str | None = None,
-                  precision: str = "auto"):
+def load_pipeline(
+    path: str | os.PathLike,
+    embeds: Sequence[str | os.PathLike] = (),
+    device: str | None = None,
+    precision: str = "auto",
+):
     """The pipeline that generation and composition run: weights in the dtype of the precision policy (`auto`:
     bf16 on a CUDA GPU that supports it, else fp32), with the learned embeddings in `embeds` added."""
     from difflab.personalize.embeddings import load_embeddings
@@ -76,8 +91,13 @@ def _load_folder(path: Path, dtype: torch.dtype | None):
     _check_folder(path)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            str(path), local_files_only=True, dtype=dtype, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
+            str(path),
+            local_files_only=True,
+            dtype=dtype,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     except (OSError, ValueError, EnvironmentError) as e:
         raise DifflabError(f"{path}: could not load the diffusers pipeline ({str(e).splitlines()[0]})") from None
     _check_pipeline(pipe, str(path))
@@ -108,8 +128,9 @@ def _split_ldm(sd: dict[str, torch.Tensor], path: Path) -> None:
     if not all(found.values()):
         missing = [f"{LDM_PREFIX[n]}* ({n})" for n, ok in found.items() if not ok]
         sample = ", ".join(list(sd)[:3]) or "none"
-        raise DifflabError(f"{path}: not a Stable Diffusion v1 checkpoint: no {' / '.join(missing)} weights "
-                           f"(first keys: {sample})")
+        raise DifflabError(
+            f"{path}: not a Stable Diffusion v1 checkpoint: no {' / '.join(missing)} weights (first keys: {sample})"
+        )
 
 
 def _check_signature(sd: dict[str, torch.Tensor], config_dir: Path, path: Path) -> None:
@@ -135,8 +156,10 @@ def _check_signature(sd: dict[str, torch.Tensor], config_dir: Path, path: Path) 
         if key not in sd:
             raise DifflabError(f"{path}: not a Stable Diffusion v1 checkpoint: weight {key} is missing")
         if tuple(sd[key].shape) != shape:
-            raise DifflabError(f"{path}: not a Stable Diffusion v1 checkpoint: {key} has shape {tuple(sd[key].shape)}, "
-                               f"expected {shape} (configs in {config_dir})")
+            raise DifflabError(
+                f"{path}: not a Stable Diffusion v1 checkpoint: {key} has shape {tuple(sd[key].shape)}, "
+                f"expected {shape} (configs in {config_dir})"
+            )
 
 
 def _fit(model, weights: dict[str, torch.Tensor], component: str, path: Path) -> None:
@@ -147,17 +170,23 @@ def _fit(model, weights: dict[str, torch.Tensor], component: str, path: Path) ->
     expected_keys = {k for k in expected if not k.endswith("position_ids")}
     missing = sorted(expected_keys - weights.keys())
     unexpected = sorted(weights.keys() - expected_keys)
-    wrong = [(k, tuple(weights[k].shape), tuple(expected[k].shape)) for k in sorted(expected_keys & weights.keys())
-             if weights[k].shape != expected[k].shape]
+    wrong = [
+        (k, tuple(weights[k].shape), tuple(expected[k].shape))
+        for k in sorted(expected_keys & weights.keys())
+        if weights[k].shape != expected[k].shape
+    ]
     if wrong:
         k, got, want = wrong[0]
-        raise DifflabError(f"{path}: not a Stable Diffusion v1 checkpoint: {component} weight {k} has shape {got}, "
-                           f"expected {want} ({len(wrong)} mismatched tensors)")
+        raise DifflabError(
+            f"{path}: not a Stable Diffusion v1 checkpoint: {component} weight {k} has shape {got}, "
+            f"expected {want} ({len(wrong)} mismatched tensors)"
+        )
     if missing:
         raise DifflabError(f"{path}: {component} weights incomplete: {len(missing)} missing, e.g. {missing[0]}")
     if unexpected:
-        raise DifflabError(f"{path}: {component} has {len(unexpected)} weights that an SD v1 model does not, "
-                           f"e.g. {unexpected[0]}")
+        raise DifflabError(
+            f"{path}: {component} has {len(unexpected)} weights that an SD v1 model does not, e.g. {unexpected[0]}"
+        )
     model.load_state_dict(weights, strict=False)
 
 
@@ -203,8 +232,14 @@ def _load_single_file(path: Path, config_dir: Path, dtype: torch.dtype | None):
     scheduler_cfg = PNDMScheduler.load_config(config_dir / "scheduler")
     scheduler_cls = getattr(diffusers, scheduler_cfg.get("_class_name", "PNDMScheduler"))
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=_load_tokenizer(config_dir / "tokenizer"), unet=unet,
-        scheduler=scheduler_cls.from_config(scheduler_cfg), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_load_tokenizer(config_dir / "tokenizer"),
+        unet=unet,
+        scheduler=scheduler_cls.from_config(scheduler_cfg),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     _check_pipeline(pipe, str(path))
     return pipe.to(dtype=dtype) if dtype is not None else pipe

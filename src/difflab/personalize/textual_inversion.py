@@ -5,6 +5,7 @@ copied back, so they stay bit-identical. The VAE runs once: each reference image
 at start-up and every step samples latents from the cached mean/std (what `vae.encode(x).latent_dist.sample()`
 would do each step, without the encoder).
 """
+
 from __future__ import annotations
 
 import os
@@ -29,6 +30,7 @@ from difflab.utils import DifflabError, image_grid, pick_device, to_uint8
 @dataclass
 class Concept:
     """A folder of reference images, the new token that will stand for them and a one-token initialiser word."""
+
     images: str
     token: str
     init: str
@@ -111,9 +113,19 @@ def single_token_id(tokenizer, word: str) -> int:
 def check_config(cfg: TextualInversionConfig) -> None:
     if not cfg.concepts:
         raise DifflabError("give at least one concept (DIR:TOKEN:INIT)")
-    small = [f"{name} = {getattr(cfg, name)}" for name in ("num_vectors", "steps", "batch_size", "grad_accum",
-                                                            "vae_batch", "validation_images", "validation_steps")
-             if getattr(cfg, name) < 1]
+    small = [
+        f"{name} = {getattr(cfg, name)}"
+        for name in (
+            "num_vectors",
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "vae_batch",
+            "validation_images",
+            "validation_steps",
+        )
+        if getattr(cfg, name) < 1
+    ]
     if small:
         raise DifflabError(f"{', '.join(small)}: must be at least 1")
     if cfg.resolution < 8 or cfg.resolution % 8:
@@ -132,8 +144,10 @@ def prepare_out_dir(cfg: TextualInversionConfig) -> None:
     out = Path(cfg.out)
     found = [name for name in RUN_FILES + RUN_FOLDERS if (out / name).exists()]
     if found and not (cfg.resume or cfg.overwrite):
-        raise DifflabError(f"{out}: holds an earlier textual-inversion run ({', '.join(found[:3])}); pass --resume to "
-                           "continue it or --overwrite to delete it and start over")
+        raise DifflabError(
+            f"{out}: holds an earlier textual-inversion run ({', '.join(found[:3])}); pass --resume to "
+            "continue it or --overwrite to delete it and start over"
+        )
     if cfg.overwrite:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
@@ -182,14 +196,18 @@ class TextualInversion:
 
         # New tokens start from their initialiser's embedding (every vector of a multi-vector token alike).
         weight = self.text_encoder.get_input_embeddings().weight
-        init = {c.token: weight[single_token_id(self.tokenizer, c.init)].detach().clone().repeat(cfg.num_vectors, 1)
-                for c in cfg.concepts}
+        init = {
+            c.token: weight[single_token_id(self.tokenizer, c.init)].detach().clone().repeat(cfg.num_vectors, 1)
+            for c in cfg.concepts
+        }
         self.token_ids = add_tokens(self.tokenizer, self.text_encoder, init)
         self.new_ids = torch.tensor(sum(self.token_ids, []))
         self.tokens = {c.token: cfg.num_vectors for c in cfg.concepts}
 
         # Frozen parts in the compute dtype; the trainable embedding matrix stays fp32.
-        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            self.accelerator.mixed_precision, torch.float32
+        )
         for frozen in (pipe.unet, pipe.vae):
             frozen.to(self.device).requires_grad_(False)
             if weight_dtype != torch.float32:
@@ -208,14 +226,17 @@ class TextualInversion:
         self.frozen_mask[self.new_ids] = False
 
         self.latent_mean, self.latent_std = self._cache_latents(images)
-        self.prompt_ids = [self._tokenize([expand_prompt(t.format(c.token), self.tokens) for t in TEMPLATES[c.kind]])
-                           for c in cfg.concepts]
+        self.prompt_ids = [
+            self._tokenize([expand_prompt(t.format(c.token), self.tokens) for t in TEMPLATES[c.kind]])
+            for c in cfg.concepts
+        ]
 
         procs = self.accelerator.num_processes
         lr = cfg.lr * cfg.grad_accum * cfg.batch_size * procs if cfg.scale_lr else cfg.lr
         self.lr = lr
-        self.adam = torch.optim.AdamW([self.text_encoder.get_input_embeddings().weight], lr=lr,
-                                      weight_decay=cfg.weight_decay)
+        self.adam = torch.optim.AdamW(
+            [self.text_encoder.get_input_embeddings().weight], lr=lr, weight_decay=cfg.weight_decay
+        )
         self.text_encoder, self.optimizer = self.accelerator.prepare(self.text_encoder, self.adam)
         self.ema = self._rows().clone() if cfg.ema_decay > 0 else None
         self.gen = torch.Generator().manual_seed(cfg.seed + self.accelerator.process_index)
@@ -224,8 +245,13 @@ class TextualInversion:
 
     # ---- data -------------------------------------------------------------------------------------------
     def _tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids
+        return self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
 
     @torch.inference_mode()
     def _cache_latents(self, images: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -234,8 +260,10 @@ class TextualInversion:
         for x in images:
             both = torch.cat([x, x.flip(-1)])
             # In chunks: ~60 images at 512 px in one VAE batch would not fit in memory.
-            dists = [vae.encode(both[i:i + self.cfg.vae_batch].to(self.device, vae.dtype)).latent_dist
-                     for i in range(0, len(both), self.cfg.vae_batch)]
+            dists = [
+                vae.encode(both[i : i + self.cfg.vae_batch].to(self.device, vae.dtype)).latent_dist
+                for i in range(0, len(both), self.cfg.vae_batch)
+            ]
             mean = torch.cat([d.mean.float().cpu() for d in dists])
             std = torch.cat([d.std.float().cpu() for d in dists])
             n = len(x)
@@ -303,7 +331,7 @@ class TextualInversion:
     def learned_embeddings(self) -> dict[str, torch.Tensor]:
         """`{token: (num_vectors, dim)}`, EMA rows when EMA is on."""
         rows = self.ema if self.ema is not None else self._rows()
-        return {t: rows[k * n:(k + 1) * n].cpu().clone() for k, (t, n) in enumerate(self.tokens.items())}
+        return {t: rows[k * n : (k + 1) * n].cpu().clone() for k, (t, n) in enumerate(self.tokens.items())}
 
     # ---- files ------------------------------------------------------------------------------------------
     def save_embeddings(self, name: str = "learned_embeds.safetensors") -> Path:
@@ -321,13 +349,22 @@ class TextualInversion:
         """Step, rows, EMA, data RNG and the Adam moments of the new rows only (the rest never matter)."""
         ids = self.new_ids.to(self.device)
         adam = self.adam.state.get(self.adam.param_groups[0]["params"][0], {})
-        state = {"step": self.step, "tokens": list(self.tokens), "num_vectors": self.cfg.num_vectors,
-                 "rows": self._rows().cpu(), "generator": self.gen.get_state(), "losses": torch.tensor(self.losses)}
+        state = {
+            "step": self.step,
+            "tokens": list(self.tokens),
+            "num_vectors": self.cfg.num_vectors,
+            "rows": self._rows().cpu(),
+            "generator": self.gen.get_state(),
+            "losses": torch.tensor(self.losses),
+        }
         if self.ema is not None:
             state["ema"] = self.ema.cpu()
         if adam:
-            state["adam"] = {"step": adam["step"].cpu(), "exp_avg": adam["exp_avg"][ids].cpu(),
-                             "exp_avg_sq": adam["exp_avg_sq"][ids].cpu()}
+            state["adam"] = {
+                "step": adam["step"].cpu(),
+                "exp_avg": adam["exp_avg"][ids].cpu(),
+                "exp_avg_sq": adam["exp_avg_sq"][ids].cpu(),
+            }
         return atomic_write(self.checkpoint_path(), lambda tmp: torch.save(state, tmp))
 
     def load_checkpoint(self) -> None:
@@ -337,8 +374,10 @@ class TextualInversion:
         if missing:
             raise DifflabError(f"{path}: not a difflab textual-inversion checkpoint (missing {', '.join(missing)})")
         if state["tokens"] != list(self.tokens) or state["num_vectors"] != self.cfg.num_vectors:
-            raise DifflabError(f"{path}: checkpoint is for tokens {state['tokens']} x {state['num_vectors']} vectors, "
-                               f"not {list(self.tokens)} x {self.cfg.num_vectors}")
+            raise DifflabError(
+                f"{path}: checkpoint is for tokens {state['tokens']} x {state['num_vectors']} vectors, "
+                f"not {list(self.tokens)} x {self.cfg.num_vectors}"
+            )
         ids = self.new_ids.to(self.device)
         weight = self._embedding()
         with torch.no_grad():
@@ -346,7 +385,10 @@ class TextualInversion:
         if "adam" in state:
             p = self.adam.param_groups[0]["params"][0]
             exp_avg, exp_avg_sq = torch.zeros_like(p), torch.zeros_like(p)
-            exp_avg[ids], exp_avg_sq[ids] = state["adam"]["exp_avg"].to(p.device), state["adam"]["exp_avg_sq"].to(p.device)
+            exp_avg[ids], exp_avg_sq[ids] = (
+                state["adam"]["exp_avg"].to(p.device),
+                state["adam"]["exp_avg_sq"].to(p.device),
+            )
             self.adam.state[p] = {"step": state["adam"]["step"], "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
         if self.ema is not None:
             self.ema = state.get("ema", state["rows"]).to(self.device)
@@ -357,16 +399,21 @@ class TextualInversion:
     def validate(self) -> Path:
         """A grid of images per validation prompt, sampled with the current embeddings (fixed seed)."""
         cfg = self.cfg
-        prompts = cfg.validation_prompts or [
-            (TEMPLATES[c.kind][0]).format(c.token) for c in cfg.concepts]
+        prompts = cfg.validation_prompts or [(TEMPLATES[c.kind][0]).format(c.token) for c in cfg.concepts]
         self.pipe.set_progress_bar_config(disable=True)
         rows = []
         for prompt in prompts:
             g = torch.Generator(self.device).manual_seed(cfg.seed)
             with self.accelerator.autocast():
-                images = self.pipe(prompt, num_images_per_prompt=cfg.validation_images, generator=g,
-                                   num_inference_steps=cfg.validation_steps, height=cfg.resolution,
-                                   width=cfg.resolution, output_type="pt").images
+                images = self.pipe(
+                    prompt,
+                    num_images_per_prompt=cfg.validation_images,
+                    generator=g,
+                    num_inference_steps=cfg.validation_steps,
+                    height=cfg.resolution,
+                    width=cfg.resolution,
+                    output_type="pt",
+                ).images
             rows.append(to_uint8(images, (0.0, 1.0)))
         grid = image_grid(np.concatenate(rows), rows=len(prompts), cols=cfg.validation_images)
         return save_png(grid, self.out / "validation" / f"step{self.step:06d}.png")
@@ -393,8 +440,10 @@ class TextualInversion:
         plt.close(fig)
         report = HtmlReport("Textual inversion")
         report.table(["setting", "value"], [[k, str(v)] for k, v in asdict(self.cfg).items()])
-        report.text(f"Learned tokens: {', '.join(self.tokens)} ({self.cfg.num_vectors} vector(s) each); "
-                    f"{self.step} optimizer steps, effective lr {self.lr:g}.")
+        report.text(
+            f"Learned tokens: {', '.join(self.tokens)} ({self.cfg.num_vectors} vector(s) each); "
+            f"{self.step} optimizer steps, effective lr {self.lr:g}."
+        )
         report.image(str(self.out / "loss.png"), caption="training loss")
         for path in sorted((self.out / "validation").glob("*.png")):
             report.image(str(path), caption=f"validation, {path.stem}")
@@ -416,7 +465,7 @@ class TextualInversion:
             if self.step == before:
                 continue
             bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(self.losses[-cfg.grad_accum * 10:]):.4f}")
+            bar.set_postfix(loss=f"{np.mean(self.losses[-cfg.grad_accum * 10 :]):.4f}")
             if acc.is_main_process:
                 last = self.step == cfg.steps
                 if cfg.save_every and self.step % cfg.save_every == 0 and not last:
@@ -430,8 +479,15 @@ class TextualInversion:
         path = self.out / "learned_embeds.safetensors"
         if acc.is_main_process:
             path = self.save_embeddings()
-            save_json({"tokens": self.tokens, "steps": self.step, "seconds": round(time.perf_counter() - t0, 1),
-                       "losses": self.losses}, self.out / "train_log.json")
+            save_json(
+                {
+                    "tokens": self.tokens,
+                    "steps": self.step,
+                    "seconds": round(time.perf_counter() - t0, 1),
+                    "losses": self.losses,
+                },
+                self.out / "train_log.json",
+            )
             self.write_report()
         return path
 

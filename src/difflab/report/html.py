@@ -1,4 +1,5 @@
 """Self-contained HTML reports: images are embedded as base64, so one file can be mailed or opened anywhere."""
+
 from __future__ import annotations
 
 import base64
