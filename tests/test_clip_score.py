@@ -176,18 +176,15 @@ def test_score_input_errors(tmp_path, clip_dir):
 
 
 def test_score_command(tmp_path, clip_dir):
-    import typer
     from typer.testing import CliRunner
 
-    from difflab.personalize.score import score_command
+    from difflab.cli import app
 
     make_grading_layout(tmp_path, n_gen=6)
-    app = typer.Typer()
-    app.command("score")(score_command)
-    app.command("noop")(lambda: None)  # two commands, so "score" is addressed by name as in the real CLI
     res = CliRunner().invoke(
         app,
         [
+            "personalize",
             "score",
             "--prompts",
             str(tmp_path / "input.json"),

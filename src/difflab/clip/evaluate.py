@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,13 +12,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from difflab.clip.data import ImageFiles, LabeledImages, collate_images, find_labeled_images
-from difflab.clip.figures import plot_confusion_matrix, plot_gallery
+from difflab.clip.figures import plot_gallery
 from difflab.clip.model import folder_fingerprint, load_clip
 from difflab.clip.preprocess import ClipTransform
 from difflab.clip.zeroshot import DEFAULT_TEMPLATE, ZeroShotClassifier, cached_class_embeddings, load_templates
-from difflab.io import atomic_write, load_rgb, save_json
+from difflab.io import atomic_write, load_rgb, save_json, write_csv
 from difflab.precision import resolve
 from difflab.report import HtmlReport
+from difflab.report.plots import plot_confusion_matrix
 from difflab.utils import DifflabError
 
 ARROW = "\u21d2"  # ⇒
@@ -166,16 +166,11 @@ def run_zeroshot(cfg: ZeroShotConfig) -> ZeroShotResult:
 
 
 def _write_predictions(path: Path, files, y_true, y_pred, topk, names) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["file", "true", "pred", "pred_prob", "top5", "top5_probs"])
-            for file, t, p, idx, pr in zip(files, y_true, y_pred, topk.indices.tolist(), topk.values.tolist()):
-                w.writerow(
-                    [file.name, t, p, f"{pr[0]:.6f}", ";".join(names[i] for i in idx), ";".join(f"{v:.6f}" for v in pr)]
-                )
-
-    atomic_write(path, write)
+    rows = [
+        [file.name, t, p, f"{pr[0]:.6f}", ";".join(names[i] for i in idx), ";".join(f"{v:.6f}" for v in pr)]
+        for file, t, p, idx, pr in zip(files, y_true, y_pred, topk.indices.tolist(), topk.values.tolist())
+    ]
+    write_csv(path, ["file", "true", "pred", "pred_prob", "top5", "top5_probs"], rows)
 
 
 def _galleries(files, targets, preds, names, cfg: ZeroShotConfig, out: Path) -> dict:

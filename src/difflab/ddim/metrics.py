@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from difflab.ddim.noise import load_uint8
+from difflab.io import image_files
 from difflab.utils import DifflabError
 
 
@@ -24,9 +25,9 @@ class MSEResult:
 def _pngs(folder: Path, side: str) -> dict[str, Path]:
     if not folder.is_dir():
         raise DifflabError(f"{folder}: {side} folder not found")
-    files = {p.name: p for p in sorted(folder.glob("*.png"))}
+    files = {p.name: p for p in image_files(folder, None)}
     if not files:
-        raise DifflabError(f"{folder}: no .png images in the {side} folder")
+        raise DifflabError(f"{folder}: no images in the {side} folder")
     return files
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from difflab.digits import synth
-from difflab.io import atomic_write, load_rgb, save_json, save_png
+from difflab.io import atomic_write, load_rgb, save_json, save_png, write_csv
 from difflab.utils import DifflabError, image_grid
 
 DOMAINS = ("mnistm", "svhn")
@@ -95,13 +95,7 @@ def write_split(
             )
         )
 
-    def write_csv(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(CSV_HEADER)
-            w.writerows(zip(names, labels.tolist()))
-
-    return atomic_write(domain_dir / csv_name, write_csv)
+    return write_csv(domain_dir / csv_name, CSV_HEADER, list(zip(names, labels.tolist())))
 
 
 def make_dataset(

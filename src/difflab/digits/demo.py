@@ -15,10 +15,11 @@ from difflab.digits.data import DOMAINS, make_dataset
 from difflab.digits.evaluate import add_quality_section, evaluate_folder, format_quality, format_summary
 from difflab.digits.model import load_digits_model
 from difflab.digits.sample import PER_DIGIT, SampleConfig, digit_grid, reverse_process_strip, write_course_layout
-from difflab.digits.train import TrainConfig, train
-from difflab.io import atomic_write, load_json, save_png
+from difflab.digits.train import TrainConfig, read_losses, train
+from difflab.io import load_json, save_png
 from difflab.precision import cpu_name
 from difflab.report import HtmlReport
+from difflab.report.plots import plot_loss_curve
 from difflab.utils import DifflabError, pick_device
 
 
@@ -64,19 +65,6 @@ class Stages:
         self.seconds[name] = round(time.perf_counter() - start, 1)
         print(f"[{name}] {self.seconds[name]:.1f} s", flush=True)
         return result
-
-
-def plot_losses(losses_json: Path, out_png: Path) -> Path:
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-
-    data = load_json(losses_json)
-    fig = Figure(figsize=(6, 3.2), dpi=120)
-    ax = fig.add_subplot()
-    ax.plot(data["steps"], data["loss"])
-    ax.set(xlabel="step", ylabel="training loss", yscale="log")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def prepare_out_dir(out: Path, overwrite: bool) -> None:
@@ -141,12 +129,15 @@ def run_demo(cfg: DemoConfig, overwrite: bool = False) -> Path:
     report = HtmlReport("difflab — conditional digits (DDPM + classifier-free guidance)")
     describe_run(report, cfg, model_config, load_json(judges / f"{DOMAINS[0]}.json"))
     add_accuracy(report, result, accs, out / "eval")
-    add_quality_section(report, result, out / "eval")
+    add_quality_section(report, result)
     add_samples(report, net, schedule, per_domain, sample_cfg, device, cfg.per_digit, figures)
     report.heading("DDIM on the digits model")
     stages.run("ddim figures", ddim_figures, ckpt, figures, cfg, report)
     report.heading("Training loss")
-    report.image(plot_losses(ckpt / "losses.json", figures / "loss.png"), "per-step loss, averaged over 20 steps")
+    steps, losses = read_losses(ckpt)
+    report.image(
+        plot_loss_curve(steps, losses, figures / "loss.png", log=True), "per-step loss, averaged over 20 steps"
+    )
     report.heading("Timings (seconds, wall clock)")
     report.table(["stage", "seconds"], list(stages.seconds.items()))
     path = report.save(out / "report.html")
@@ -186,7 +177,7 @@ def add_accuracy(report: HtmlReport, result: dict, accs: dict, eval_dir: Path) -
         [[k] + [result["domains"][d]["per_digit"][str(k)] for d in DOMAINS] for k in range(10)],
     )
     for d in DOMAINS:
-        report.image(eval_dir / f"confusion_{d}.png", f"confusion matrix, {d}", width=360)
+        report.image(result["domains"][d]["confusion_png"], f"confusion matrix, {d}", width=360)
 
 
 def add_samples(

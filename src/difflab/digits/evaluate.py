@@ -11,11 +11,11 @@ import numpy as np
 from difflab.digits.classifier import classifier_path, load_classifier
 from difflab.digits.data import DOMAINS, load_split, read_images, split_csv
 from difflab.digits.quality import domain_quality
-from difflab.io import atomic_write, load_json, save_json, save_png
+from difflab.io import image_files, load_json, save_json, save_png
+from difflab.report.plots import plot_confusion_matrix
 from difflab.utils import DifflabError, image_grid
 
 DOMAIN_NAMES = {"mnistm": "MNIST-M", "svhn": "SVHN"}
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def labelled_files(domain_dir: Path) -> tuple[list[Path], np.ndarray]:
@@ -24,9 +24,7 @@ def labelled_files(domain_dir: Path) -> tuple[list[Path], np.ndarray]:
         raise DifflabError(
             f"{domain_dir}: folder not found (expected generated images <folder>/{domain_dir.name}/*.png)"
         )
-    files = sorted(p for p in domain_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise DifflabError(f"{domain_dir}: no .png images")
+    files = image_files(domain_dir, "generated image")
     for p in files:
         if not p.name[0].isdigit() or not p.name[0].isascii():
             raise DifflabError(f"{p}: file name must start with the digit label (e.g. 3_001.png)")
@@ -36,22 +34,6 @@ def labelled_files(domain_dir: Path) -> tuple[list[Path], np.ndarray]:
 def confusion(labels: np.ndarray, preds: np.ndarray) -> np.ndarray:
     """10x10 counts, rows = true digit, columns = predicted digit."""
     return np.bincount(labels * 10 + preds, minlength=100).reshape(10, 10)
-
-
-def save_confusion_png(matrix: np.ndarray, title: str, path: Path) -> Path:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4.6, 4.2), dpi=100)
-    ax = fig.add_subplot()
-    ax.imshow(matrix, cmap="Blues")
-    for (i, j), v in np.ndenumerate(matrix):
-        if v:
-            ax.text(
-                j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > matrix.max() / 2 else "black"
-            )
-    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true", title=title)
-    fig.tight_layout()
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def quality_data_root(classifier_dir: str | os.PathLike, data_root: str | os.PathLike | None) -> Path | None:
@@ -80,7 +62,6 @@ def evaluate_folder(
     """Classify <folder>/mnistm/*.png and <folder>/svhn/*.png, print the three course lines and write
     per-digit accuracy, confusion matrices, quality measures against the real data (see `quality`),
     metrics.json and report.html to out_dir (default <folder>/eval)."""
-    from difflab.report import HtmlReport
 
     folder = Path(folder)
     out_dir = Path(out_dir) if out_dir is not None else folder / "eval"
@@ -92,43 +73,10 @@ def evaluate_folder(
         "quality_data_root": str(real_root) if real_root else None,
     }
     for domain in DOMAINS:
-        files, labels = labelled_files(folder / domain)
-        model = load_classifier(classifier_path(classifier_dir, domain), device)
-        images = read_images(files, resize=True)
-        preds = model.predict(images)
-        matrix = confusion(labels, preds)
-        per_digit = {str(d): (float(matrix[d, d] / matrix[d].sum()) if matrix[d].sum() else None) for d in range(10)}
-        result["domains"][domain] = {
-            "accuracy": float((preds == labels).mean()),
-            "correct": int((preds == labels).sum()),
-            "total": len(labels),
-            "per_digit": per_digit,
-            "confusion": matrix.tolist(),
-            "wrong": [
-                {"file": f.name, "label": int(y), "pred": int(p)} for f, y, p in zip(files, labels, preds) if y != p
-            ],
-        }
-        if real_root is not None:
-            result["domains"][domain]["quality"] = _quality(model, images, labels, files, real_root, domain, out_dir)
+        result["domains"][domain] = judge_domain(folder / domain, classifier_dir, domain, device, real_root, out_dir)
     result["accuracy"] = float(np.mean([r["accuracy"] for r in result["domains"].values()]))
 
-    report = HtmlReport(f"Digit accuracy: {folder}")
-    report.pre(format_summary(result))
-    report.table(
-        ["domain"] + [str(d) for d in range(10)],
-        [
-            [DOMAIN_NAMES[dom]] + ["-" if a is None else f"{a:.3f}" for a in r["per_digit"].values()]
-            for dom, r in result["domains"].items()
-        ],
-    )
-    for domain, r in result["domains"].items():
-        png = save_confusion_png(
-            np.array(r["confusion"]), f"{DOMAIN_NAMES[domain]} confusion", out_dir / f"confusion_{domain}.png"
-        )
-        report.image(png, caption=f"{DOMAIN_NAMES[domain]}: rows true digit, columns predicted")
-    add_quality_section(report, result, out_dir)
-    save_json(result, out_dir / "metrics.json")
-    report.save(out_dir / "report.html")
+    write_eval_report(result, out_dir)
     print(format_summary(result))
     for domain, r in result["domains"].items():
         print(
@@ -139,6 +87,52 @@ def evaluate_folder(
     return result
 
 
+def judge_domain(domain_dir: Path, classifier_dir, domain: str, device, real_root: Path | None, out_dir: Path) -> dict:
+    """Accuracy, per-digit accuracy, confusion matrix (and its PNG) and the quality measures of one domain."""
+    files, labels = labelled_files(domain_dir)
+    model = load_classifier(classifier_path(classifier_dir, domain), device)
+    images = read_images(files, resize=True)
+    preds = model.predict(images)
+    matrix = confusion(labels, preds)
+    png = plot_confusion_matrix(
+        matrix,
+        [str(d) for d in range(10)],
+        out_dir / f"confusion_{domain}.png",
+        title=f"{DOMAIN_NAMES[domain]} confusion",
+    )
+    result = {
+        "accuracy": float((preds == labels).mean()),
+        "correct": int((preds == labels).sum()),
+        "total": len(labels),
+        "per_digit": {str(d): (float(matrix[d, d] / matrix[d].sum()) if matrix[d].sum() else None) for d in range(10)},
+        "confusion": matrix.tolist(),
+        "confusion_png": str(png),
+        "wrong": [{"file": f.name, "label": int(y), "pred": int(p)} for f, y, p in zip(files, labels, preds) if y != p],
+    }
+    if real_root is not None:
+        result["quality"] = _quality(model, images, labels, files, real_root, domain, out_dir)
+    return result
+
+
+def write_eval_report(result: dict, out_dir: Path) -> Path:
+    from difflab.report import HtmlReport
+
+    report = HtmlReport(f"Digit accuracy: {result['folder']}")
+    report.pre(format_summary(result))
+    report.table(
+        ["domain"] + [str(d) for d in range(10)],
+        [
+            [DOMAIN_NAMES[dom]] + ["-" if a is None else f"{a:.3f}" for a in r["per_digit"].values()]
+            for dom, r in result["domains"].items()
+        ],
+    )
+    for domain, r in result["domains"].items():
+        report.image(r["confusion_png"], caption=f"{DOMAIN_NAMES[domain]}: rows true digit, columns predicted")
+    add_quality_section(report, result)
+    save_json(result, out_dir / "metrics.json")
+    return report.save(out_dir / "report.html")
+
+
 def _quality(
     judge, images: np.ndarray, labels: np.ndarray, files: list[Path], real_root: Path, domain: str, out_dir: Path
 ) -> dict:
@@ -147,7 +141,7 @@ def _quality(
     quality = domain_quality(judge, images, labels, train, heldout, heldout_labels)
     pairs = quality["closest_pairs"]
     tiles = np.concatenate([images[[p["generated"] for p in pairs]], train[[p["train"] for p in pairs]]])
-    save_png(image_grid(tiles, 2, len(pairs)), out_dir / f"closest_{domain}.png")
+    quality["closest_png"] = str(save_png(image_grid(tiles, 2, len(pairs)), out_dir / f"closest_{domain}.png"))
     for p in pairs:
         p["generated_file"] = files[p["generated"]].name
     return quality
@@ -173,7 +167,7 @@ def format_quality(result: dict) -> str:
     return "\n".join(lines)
 
 
-def add_quality_section(report, result: dict, out_dir: Path) -> None:
+def add_quality_section(report, result: dict) -> None:
     report.heading("Quality beyond accuracy")
     rows = [
         [
@@ -206,10 +200,10 @@ def add_quality_section(report, result: dict, out_dir: Path) -> None:
         ],
         rows,
     )
-    for d in result["domains"]:
-        if (out_dir / f"closest_{d}.png").is_file():
+    for d, r in result["domains"].items():
+        if "quality" in r:
             report.image(
-                out_dir / f"closest_{d}.png",
+                r["quality"]["closest_png"],
                 f"{DOMAIN_NAMES[d]}: the generated images closest to a "
                 "training image (top) and that training image (bottom)",
                 width=480,

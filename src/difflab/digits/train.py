@@ -6,10 +6,12 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,12 +19,14 @@ from tqdm.auto import tqdm
 
 from difflab.digits.data import DOMAINS, load_split
 from difflab.digits.model import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE, ScheduleConfig, save_model
-from difflab.io import atomic_write, check_state_dict, read_torch, save_json
+from difflab.io import atomic_write, check_state_dict, load_json, read_torch, save_json
 from difflab.nets.digits_unet import DigitsUNet, DigitsUNetConfig
 from difflab.precision import Precision, resolve
+from difflab.schedule import NoiseSchedule
 from difflab.utils import DifflabError
 
 WARMUP_STEPS, TIMING_STEPS, REFIT_EVERY = 5, 20, 100
+LOSSES_FILE = "losses.json"
 
 PRESETS = {
     # For the CPU demo: 1.5 M parameters on 2x2 pixel patches (14x14 and 7x7). A training step at batch 32
@@ -48,6 +52,7 @@ class TrainConfig:
     lr: float = 4e-3
     warmup_steps: int = 100
     weight_decay: float = 0.0
+    adam_beta2: float = 0.999
     ema_decay: float = 0.999
     p_drop_domain: float = 0.1
     p_drop_digit: float = 0.15
@@ -71,6 +76,14 @@ class TrainConfig:
         if self.preset not in PRESETS:
             raise DifflabError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         return PRESETS[self.preset]
+
+
+def read_losses(ckpt: str | os.PathLike) -> tuple[list[int], list[float]]:
+    """The logged training loss of a checkpoint folder: (steps, mean loss over each log window)."""
+    data = load_json(Path(ckpt) / LOSSES_FILE, "loss log")
+    if not isinstance(data, dict) or not isinstance(data.get("steps"), list) or not isinstance(data.get("loss"), list):
+        raise DifflabError(f"{Path(ckpt) / LOSSES_FILE}: not a difflab loss log (lists 'steps' and 'loss')")
+    return data["steps"], data["loss"]
 
 
 def load_training_set(data_root: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,114 +119,145 @@ def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None
     torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1.0 - decay)
 
 
+@dataclass
+class Run:
+    """What a training run holds between steps."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    net: torch.nn.Module  # wrapped by accelerate
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    schedule: NoiseSchedule
+    precision: Precision
+    images: torch.Tensor  # uint8 (N, 3, 28, 28), on the device
+    conds: torch.Tensor  # (N, 2) [domain, digit], on the CPU where the condition dropout is drawn
+    g: torch.Generator
+    identity: dict
+    step: int = 0
+    losses: list = field(default_factory=list)  # (step, mean loss of the log window)
+    running: list = field(default_factory=list)  # the losses of the log window in progress
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
 def train(cfg: TrainConfig, on_sample=None) -> Path:
     """Train and write the checkpoint folder `cfg.out_dir`; returns it. `on_sample(step, ema_net)` is called
     every `sample_every` steps on the main process (the CLI uses it for progress grids)."""
+    run = start_run(cfg)
+    main = run.accelerator.is_main_process
+    budget, total, saved_at = TimeBudget(cfg.max_minutes, run.step, cfg.steps, run.accelerator), cfg.steps, -1
+    bar = tqdm(total=cfg.steps, initial=run.step, desc="train digits", disable=not main, dynamic_ncols=True)
+    run.net.train()
+    while run.step < total:
+        run.running.append(train_step(run, total))
+        run.step += 1
+        bar.update(1)
+        total = bar.total = budget.fit(run.step, total, bar.write)
+        if run.step % cfg.log_every == 0 or run.step == total:
+            bar.set_postfix(loss=f"{close_log_window(run):.4f}", lr=f"{lr_at(run.step, cfg, total):.1e}")
+            if budget.spent(run.step):
+                bar.write(f"time budget of {cfg.max_minutes} min reached at step {run.step}; saving")
+                break
+        if run.step % cfg.save_every == 0:
+            saved_at = save_state(run)
+        if cfg.sample_every and run.step % cfg.sample_every == 0 and main and on_sample:
+            on_sample(run.step, run.ema)
+    bar.close()
+    if saved_at != run.step:
+        save_state(run)
+    run.accelerator.wait_for_everyone()
+    return Path(cfg.out_dir)
+
+
+def start_run(cfg: TrainConfig) -> Run:
+    """Data, net, EMA, optimiser and batch generator, resumed from the folder's state when asked, in the
+    precision chosen for this machine."""
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=cfg.device == "cpu")
-    device = accelerator.device
-    out = Path(cfg.out_dir)
     images, conds = load_training_set(cfg.data_root)
-    net_config = cfg.net_config()
     try:
         schedule = cfg.schedule.build()
     except ValueError as e:
         raise DifflabError(f"schedule: {e}") from None
-
     torch.manual_seed(cfg.seed)
-    net = DigitsUNet(net_config)
+    net = DigitsUNet(cfg.net_config())
     ema = copy.deepcopy(net).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     # Every process draws its own batches; seeds differ by rank so the batches do too.
     g = torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index)
-    step, losses, running = 0, [], []
-
-    state_path = out / STATE_FILE
-    identity = run_identity(cfg)
+    run = Run(cfg, accelerator, net, ema, opt, schedule, Precision(), images, conds, g, run_identity(cfg))
     if accelerator.is_main_process:
-        prepare_out_dir(cfg, out)
+        prepare_out_dir(cfg, Path(cfg.out_dir))
     accelerator.wait_for_everyone()
     if cfg.resume:
-        step, losses, running = resume_from(
-            read_state(state_path, identity), net, ema, opt, g, accelerator.process_index, state_path
+        path = Path(cfg.out_dir) / STATE_FILE
+        run.step, run.losses, run.running = resume_from(
+            read_state(path, run.identity), net, ema, opt, g, accelerator.process_index, path
         )
-
-    precision = choose_precision(cfg, net, schedule, device, accelerator)
+    run.precision = choose_precision(cfg, net, schedule, accelerator.device, accelerator)
     if accelerator.is_main_process:
-        print(f"precision: {precision.describe()}", flush=True)
-    net = precision.prepare(net)
-    net, opt = accelerator.prepare(net, opt)
-    ema.to(device)
-    images, conds = images.to(device), conds.to(device)
+        print(f"precision: {run.precision.describe()}", flush=True)
+    run.net, run.opt = accelerator.prepare(run.precision.prepare(net), opt)
+    run.ema.to(accelerator.device)
+    run.images = images.to(accelerator.device)
+    return run
 
-    saved_at = -1
 
-    def save_state() -> None:
-        nonlocal saved_at
-        saved_at = step
-        rng = accelerator.gather(torch.stack([g.get_state()]).to(device)).cpu()
-        if not accelerator.is_main_process:
-            return
-        state = {
-            "net": accelerator.unwrap_model(net).state_dict(),
-            "ema": ema.state_dict(),
-            "opt": opt.state_dict(),
-            "step": step,
-            "rng": list(rng),
-            "losses": losses,
-            "running": running,
-            "net_config": net_config.to_dict(),
-            "run": identity,
-        }
-        atomic_write(state_path, lambda tmp: torch.save(state, tmp))
-        save_model(
-            out, ema, cfg.schedule, extra={"steps": step, "train": _jsonable(cfg), "precision": precision.describe()}
+def train_step(run: Run, total_steps: int) -> float:
+    """One optimiser step on a fresh batch (conditions dropped per factor); returns its loss."""
+    cfg, g, device = run.cfg, run.g, run.device
+    idx = torch.randint(0, len(run.images), (cfg.batch_size,), generator=g)
+    x0 = run.precision.input(run.images[idx.to(device)].float() / 127.5 - 1.0)
+    cond = drop_conditions(run.conds[idx], run.accelerator.unwrap_model(run.net), cfg, g).to(device)
+    t = run.schedule.sample_timesteps(cfg.batch_size, device, g)
+    noise = torch.randn(x0.shape, generator=g).to(device)
+    for group in run.opt.param_groups:
+        group["lr"] = lr_at(run.step, cfg, total_steps)
+    with run.precision.autocast(device):
+        loss = run.schedule.training_loss(
+            lambda x, tt: run.net(x, tt, cond), x0, t, noise, min_snr_gamma=cfg.min_snr_gamma
         )
-        save_json({"steps": [s for s, _ in losses], "loss": [v for _, v in losses]}, out / "losses.json")
+    run.opt.zero_grad(set_to_none=True)
+    run.accelerator.backward(loss)
+    run.accelerator.clip_grad_norm_(run.net.parameters(), 1.0)
+    run.opt.step()
+    ema_update(run.ema, run.accelerator.unwrap_model(run.net), min(cfg.ema_decay, (1 + run.step) / (10 + run.step)))
+    return loss.item()
 
-    budget = TimeBudget(cfg.max_minutes, step, cfg.steps, accelerator)
-    total_steps = cfg.steps
-    bar = tqdm(
-        total=cfg.steps, initial=step, desc="train digits", disable=not accelerator.is_main_process, dynamic_ncols=True
-    )
-    net.train()
-    while step < total_steps:
-        idx = torch.randint(0, len(images), (cfg.batch_size,), generator=g).to(device)
-        x0 = precision.input(images[idx].float() / 127.5 - 1.0)
-        cond = drop_conditions(conds[idx].cpu(), accelerator.unwrap_model(net), cfg, g).to(device)
-        t = schedule.sample_timesteps(cfg.batch_size, device, g)
-        noise = torch.randn(x0.shape, generator=g).to(device)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg, total_steps)
-        with precision.autocast(device):
-            loss = schedule.training_loss(lambda x, tt: net(x, tt, cond), x0, t, noise, min_snr_gamma=cfg.min_snr_gamma)
-        opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        ema_update(ema, accelerator.unwrap_model(net), min(cfg.ema_decay, (1 + step) / (10 + step)))
-        step += 1
-        running.append(loss.item())
-        bar.update(1)
-        total_steps = bar.total = budget.fit(step, total_steps, bar.write)
-        if step % cfg.log_every == 0 or step == total_steps:
-            mean = float(accelerator.reduce(torch.tensor(np.mean(running), device=device), "mean"))
-            losses.append((step, mean))
-            running = []
-            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr_at(step, cfg, total_steps):.1e}")
-            if budget.spent(step):
-                bar.write(f"time budget of {cfg.max_minutes} min reached at step {step}; saving")
-                break
-        if step % cfg.save_every == 0:
-            save_state()
-        if cfg.sample_every and step % cfg.sample_every == 0 and accelerator.is_main_process and on_sample:
-            on_sample(step, ema)
-    bar.close()
-    if saved_at != step:
-        save_state()
-    accelerator.wait_for_everyone()
-    return out
+
+def close_log_window(run: Run) -> float:
+    """Log the mean loss of the window (over all processes) and start a new one; returns the mean."""
+    mean = float(run.accelerator.reduce(torch.tensor(np.mean(run.running), device=run.device), "mean"))
+    run.losses.append((run.step, mean))
+    run.running = []
+    return mean
+
+
+def save_state(run: Run) -> int:
+    """Atomically write the training state, the EMA model and the loss log; returns the step saved."""
+    rng = run.accelerator.gather(torch.stack([run.g.get_state()]).to(run.device)).cpu()
+    if run.accelerator.is_main_process:
+        cfg, out = run.cfg, Path(run.cfg.out_dir)
+        state = {
+            "net": run.accelerator.unwrap_model(run.net).state_dict(),
+            "ema": run.ema.state_dict(),
+            "opt": run.opt.state_dict(),
+            "step": run.step,
+            "rng": list(rng),
+            "losses": run.losses,
+            "running": run.running,
+            "net_config": cfg.net_config().to_dict(),
+            "run": run.identity,
+        }
+        atomic_write(out / STATE_FILE, lambda tmp: torch.save(state, tmp))
+        extra = {"steps": run.step, "train": _jsonable(cfg), "precision": run.precision.describe()}
+        save_model(out, run.ema, cfg.schedule, extra=extra)
+        save_json({"steps": [s for s, _ in run.losses], "loss": [v for _, v in run.losses]}, out / LOSSES_FILE)
+    return run.step
 
 
 class TimeBudget:
@@ -292,7 +336,7 @@ def prepare_out_dir(cfg: TrainConfig, out: Path) -> None:
             "or --overwrite to delete it and start over"
         )
     if found:
-        for name in (STATE_FILE, WEIGHTS_FILE, CONFIG_FILE, "losses.json"):
+        for name in (STATE_FILE, WEIGHTS_FILE, CONFIG_FILE, LOSSES_FILE):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "progress", ignore_errors=True)
 

@@ -202,21 +202,8 @@ def generate(
     out = Path(out)
     cfg.check()
     jobs = prompt_jobs(spec, keys)
-    done = [image_path(out, j.key, j.idx, n).relative_to(out) for j in jobs for n in range(cfg.per_prompt)]
-    can_resume = not best_of  # best-of-N ranks all candidates together: it cannot keep some of them
-    if not (resume and can_resume):
-        refuse_to_replace(out, [str(p) for p in done], overwrite, resume=can_resume)
-    if best_of is not None:
-        from difflab.personalize.grading import TEXT_WEIGHT, select_best
-
-        if best_of < cfg.per_prompt:
-            raise DifflabError(f"--best-of {best_of} must be at least --per-prompt {cfg.per_prompt}")
-        if scorer is None or refs is None:
-            raise DifflabError("--best-of needs --clip (a CLIP model folder) and --refs (the reference image root)")
-        missing = [f"{j.key}/{j.idx}" for j in jobs if not j.eval_prompt]
-        if missing:
-            raise DifflabError(f"--best-of needs prompt_4_clip_eval for every prompt; missing for {', '.join(missing)}")
-        ref_embeds = {k: scorer.image_embeds(reference_images(Path(refs) / k)) for k in {j.key for j in jobs}}
+    check_output(out, jobs, cfg, resume, overwrite, best_of)
+    picker = BestOf(best_of, cfg, scorer, refs, jobs) if best_of is not None else None
     check_learned_tokens(pipe, [j.prompt for j in jobs])
     set_scheduler(pipe, cfg.scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -227,55 +214,78 @@ def generate(
         f"scheduler={cfg.scheduler} steps={cfg.steps} guidance={cfg.guidance} seed={cfg.seed} "
         f"per_prompt={cfg.per_prompt}" + (f" best_of={best_of}" if best_of else "")
     )
-    score_rows, summary = [], []
     n_candidates = best_of or cfg.per_prompt
     progress = tqdm(total=len(jobs) * n_candidates, desc="images", unit="img")
     for job in jobs:
-        embeds = encode_prompt(pipe, job.prompt, cfg.negative_prompt)
-        skip_existing = resume and not best_of
-        todo = [
-            n for n in range(n_candidates) if not (skip_existing and image_path(out, job.key, job.idx, n).is_file())
-        ]
+        skip = resume and picker is None
+        todo = [n for n in range(n_candidates) if not (skip and image_path(out, job.key, job.idx, n).is_file())]
         progress.update(n_candidates - len(todo))
-        images = sample(pipe, embeds, [image_seed(cfg.seed, job.key, job.idx, n) for n in todo], cfg, progress)
-        if best_of:
-            gen = scorer.image_embeds(images)
-            img_s = scorer.image_score(gen, ref_embeds[job.key])
-            txt_s = scorer.text_score(gen, scorer.text_embeds([job.eval_prompt]))
-            keep = [int(i) for i in select_best(img_s, txt_s, cfg.per_prompt)]
-            rank = {c: n for n, c in enumerate(keep)}
-            for c in range(n_candidates):
-                score_rows.append(
-                    [
-                        job.key,
-                        job.idx,
-                        c,
-                        image_seed(cfg.seed, job.key, job.idx, c),
-                        f"{img_s[c]:.4f}",
-                        f"{txt_s[c]:.4f}",
-                        f"{img_s[c] + TEXT_WEIGHT * txt_s[c]:.4f}",
-                        rank.get(c, ""),
-                    ]
-                )
-            summary.append([f"{job.key}/{job.idx}", job.prompt, float(img_s[keep].mean()), float(txt_s[keep].mean())])
-            images, todo = [images[c] for c in keep], list(range(cfg.per_prompt))
+        seeds = [image_seed(cfg.seed, job.key, job.idx, n) for n in todo]
+        images = sample(pipe, encode_prompt(pipe, job.prompt, cfg.negative_prompt), seeds, cfg, progress)
+        if picker is not None:
+            images, todo = picker.keep(job, images), list(range(cfg.per_prompt))
         for n, im in zip(todo, images):
             save_png(np.asarray(im.convert("RGB")), image_path(out, job.key, job.idx, n))
-        made = dict(zip(todo, images))  # images kept from an earlier run are read back for the report only
-        shown = [
-            made[n] if n in made else load_rgb(image_path(out, job.key, job.idx, n)) for n in range(cfg.per_prompt)
-        ]
-        cols = min(5, len(shown))
-        report.heading(f"{job.key}/{job.idx}: {job.prompt}")
-        report.image(image_grid(thumbnails(shown), -(-len(shown) // cols), cols), caption=f"{len(shown)} images")
+        add_prompt_grid(report, out, job, dict(zip(todo, images)), cfg.per_prompt)
     progress.close()
-    if best_of:
-        write_csv(
-            out / "best_of_scores.csv",
-            ["key", "prompt_idx", "candidate", "seed", "image_score", "text_score", "combined", "kept_as"],
-            score_rows,
-        )
-        report.heading("CLIP scores of the kept images (mean)")
-        report.table(["prompt", "text", "image score", "text score"], summary)
+    if picker is not None:
+        picker.write(out / "best_of_scores.csv", report)
     report.save(out / "report.html")
     return out
+
+
+def check_output(
+    out: Path, jobs: list[PromptJob], cfg: GenerateConfig, resume: bool, overwrite: bool, best_of: int | None
+) -> None:
+    """Earlier images in `out` are kept only with `resume`, replaced only with `overwrite`."""
+    done = [image_path(out, j.key, j.idx, n).relative_to(out) for j in jobs for n in range(cfg.per_prompt)]
+    can_resume = not best_of  # best-of-N ranks all candidates together: it cannot keep some of them
+    if not (resume and can_resume):
+        refuse_to_replace(out, [str(p) for p in done], overwrite, resume=can_resume)
+
+
+def add_prompt_grid(report, out: Path, job: PromptJob, made: dict, per_prompt: int) -> None:
+    """A thumbnail grid of a prompt's images; those kept from an earlier run are read back for it."""
+    shown = [made[n] if n in made else load_rgb(image_path(out, job.key, job.idx, n)) for n in range(per_prompt)]
+    cols = min(5, len(shown))
+    report.heading(f"{job.key}/{job.idx}: {job.prompt}")
+    report.image(image_grid(thumbnails(shown), -(-len(shown) // cols), cols), caption=f"{len(shown)} images")
+
+
+class BestOf:
+    """Best-of-N: per prompt, the candidates the course's grading rule ranks highest, and every score."""
+
+    def __init__(self, n: int, cfg: GenerateConfig, scorer, refs, jobs: list[PromptJob]):
+        if n < cfg.per_prompt:
+            raise DifflabError(f"--best-of {n} must be at least --per-prompt {cfg.per_prompt}")
+        if scorer is None or refs is None:
+            raise DifflabError("--best-of needs --clip (a CLIP model folder) and --refs (the reference image root)")
+        missing = [f"{j.key}/{j.idx}" for j in jobs if not j.eval_prompt]
+        if missing:
+            raise DifflabError(f"--best-of needs prompt_4_clip_eval for every prompt; missing for {', '.join(missing)}")
+        self.cfg, self.scorer, self.rows, self.summary = cfg, scorer, [], []
+        self.refs = {k: scorer.image_embeds(reference_images(Path(refs) / k)) for k in {j.key for j in jobs}}
+
+    def keep(self, job: PromptJob, candidates: list) -> list:
+        """The kept images, best first; records the scores of all candidates."""
+        from difflab.personalize.grading import TEXT_WEIGHT, select_best
+
+        gen = self.scorer.image_embeds(candidates)
+        img_s = self.scorer.image_score(gen, self.refs[job.key])
+        txt_s = self.scorer.text_score(gen, self.scorer.text_embeds([job.eval_prompt]))
+        keep = [int(i) for i in select_best(img_s, txt_s, self.cfg.per_prompt)]
+        rank = {c: n for n, c in enumerate(keep)}
+        for c in range(len(candidates)):
+            seed = image_seed(self.cfg.seed, job.key, job.idx, c)
+            combined = img_s[c] + TEXT_WEIGHT * txt_s[c]
+            self.rows.append(
+                [job.key, job.idx, c, seed, f"{img_s[c]:.4f}", f"{txt_s[c]:.4f}", f"{combined:.4f}", rank.get(c, "")]
+            )
+        self.summary.append([f"{job.key}/{job.idx}", job.prompt, float(img_s[keep].mean()), float(txt_s[keep].mean())])
+        return [candidates[c] for c in keep]
+
+    def write(self, csv_path: Path, report) -> None:
+        header = ["key", "prompt_idx", "candidate", "seed", "image_score", "text_score", "combined", "kept_as"]
+        write_csv(csv_path, header, self.rows)
+        report.heading("CLIP scores of the kept images (mean)")
+        report.table(["prompt", "text", "image score", "text score"], self.summary)

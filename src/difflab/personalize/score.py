@@ -11,6 +11,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from difflab.clip.score import ClipScorer
@@ -62,81 +63,45 @@ def run_score(
     results, image_rows = [], []
     ref_embeds = {key: scorer.image_embeds([load_rgb(p) for p in files]) for key, files in refs.items()}
     for (key, i), files in tqdm(gens.items(), desc="scoring prompts", unit="prompt"):
-        entry = spec[key]
-        gen = scorer.image_embeds([load_rgb(p) for p in files])
-        image = scorer.image_score(gen, ref_embeds[key])
-        text = scorer.text_score(gen, scorer.text_embeds([entry["prompt_4_clip_eval"][i]]))
-        best = select_best(image, text, top_k)
-        base_img, base_txt = (float(v) for v in entry["baseline"][i])
-        img_mean, txt_mean = image[best].mean().item(), text[best].mean().item()
-        results.append(
-            PromptResult(
-                key,
-                i,
-                entry["prompt_4_clip_eval"][i],
-                len(files),
-                img_mean,
-                txt_mean,
-                base_img,
-                base_txt,
-                img_mean >= base_img and txt_mean >= base_txt,
-                [str(files[j]) for j in best.tolist()],
-            )
-        )
-        chosen = set(best.tolist())
-        image_rows += [
-            [
-                key,
-                i,
-                files[j].name,
-                f"{image[j]:.4f}",
-                f"{text[j]:.4f}",
-                f"{image[j] + TEXT_WEIGHT * text[j]:.4f}",
-                j in chosen,
-            ]
-            for j in range(len(files))
-        ]
-
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(
-        out / "image_scores.csv",
-        ["key", "prompt_idx", "file", "image_score", "text_score", "combined", "selected"],
-        image_rows,
-    )
-    write_csv(
-        out / "prompt_scores.csv",
-        [
-            "key",
-            "prompt_idx",
-            "eval_prompt",
-            "n_images",
-            "image_score",
-            "text_score",
-            "baseline_image",
-            "baseline_text",
-            "result",
-        ],
-        [
-            [
-                r.key,
-                r.prompt_idx,
-                r.eval_prompt,
-                r.n_images,
-                f"{r.image_score:.4f}",
-                f"{r.text_score:.4f}",
-                r.baseline_image,
-                r.baseline_text,
-                "PASS" if r.passed else "FAIL",
-            ]
-            for r in results
-        ],
-    )
-    save_json(
-        {"top_k": top_k, "text_weight": TEXT_WEIGHT, "prompts": [asdict(r) for r in results]},
-        out / "prompt_scores.json",
-    )
-    _write_report(results, out / "report.html", top_k)
+        result, rows = score_prompt(scorer, spec[key], key, i, files, ref_embeds[key], top_k)
+        results.append(result)
+        image_rows += rows
+    write_score_files(out, results, image_rows, top_k)
     return results
+
+
+IMAGE_HEADER = ["key", "prompt_idx", "file", "image_score", "text_score", "combined", "selected"]
+PROMPT_HEADER = ["key", "prompt_idx", "eval_prompt", "n_images", "image_score", "text_score", "baseline_image",
+                 "baseline_text", "result"]  # fmt: skip
+
+
+def score_prompt(scorer, entry: dict, key: str, i: int, files: list[Path], refs: torch.Tensor, top_k: int):
+    """The grading of one prompt's images: (PromptResult, one CSV row per image)."""
+    gen = scorer.image_embeds([load_rgb(p) for p in files])
+    image = scorer.image_score(gen, refs)
+    text = scorer.text_score(gen, scorer.text_embeds([entry["prompt_4_clip_eval"][i]]))
+    best = select_best(image, text, top_k)
+    base_img, base_txt = (float(v) for v in entry["baseline"][i])
+    img_mean, txt_mean = image[best].mean().item(), text[best].mean().item()
+    passed = img_mean >= base_img and txt_mean >= base_txt
+    selected = [str(files[j]) for j in best.tolist()]
+    result = PromptResult(key, i, entry["prompt_4_clip_eval"][i], len(files), img_mean, txt_mean, base_img,
+                          base_txt, passed, selected)  # fmt: skip
+    chosen = set(best.tolist())
+    rows = [[key, i, f.name, f"{image[j]:.4f}", f"{text[j]:.4f}", f"{image[j] + TEXT_WEIGHT * text[j]:.4f}",
+             j in chosen] for j, f in enumerate(files)]  # fmt: skip
+    return result, rows
+
+
+def write_score_files(out: Path, results: list[PromptResult], image_rows: list, top_k: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "image_scores.csv", IMAGE_HEADER, image_rows)
+    prompt_rows = [[r.key, r.prompt_idx, r.eval_prompt, r.n_images, f"{r.image_score:.4f}", f"{r.text_score:.4f}",
+                    r.baseline_image, r.baseline_text, "PASS" if r.passed else "FAIL"] for r in results]  # fmt: skip
+    write_csv(out / "prompt_scores.csv", PROMPT_HEADER, prompt_rows)
+    summary = {"top_k": top_k, "text_weight": TEXT_WEIGHT, "prompts": [asdict(r) for r in results]}
+    save_json(summary, out / "prompt_scores.json")
+    _write_report(results, out / "report.html", top_k)
 
 
 def _write_report(results: list[PromptResult], path: Path, top_k: int) -> None:

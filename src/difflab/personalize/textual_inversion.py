@@ -194,37 +194,8 @@ class TextualInversion:
         self.pipe, self.tokenizer, self.text_encoder = pipe, pipe.tokenizer, pipe.text_encoder
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
-        # New tokens start from their initialiser's embedding (every vector of a multi-vector token alike).
-        weight = self.text_encoder.get_input_embeddings().weight
-        init = {
-            c.token: weight[single_token_id(self.tokenizer, c.init)].detach().clone().repeat(cfg.num_vectors, 1)
-            for c in cfg.concepts
-        }
-        self.token_ids = add_tokens(self.tokenizer, self.text_encoder, init)
-        self.new_ids = torch.tensor(sum(self.token_ids, []))
-        self.tokens = {c.token: cfg.num_vectors for c in cfg.concepts}
-
-        # Frozen parts in the compute dtype; the trainable embedding matrix stays fp32.
-        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-            self.accelerator.mixed_precision, torch.float32
-        )
-        for frozen in (pipe.unet, pipe.vae):
-            frozen.to(self.device).requires_grad_(False)
-            if weight_dtype != torch.float32:
-                frozen.to(dtype=weight_dtype)
-        self.text_encoder.to(self.device, torch.float32).requires_grad_(False)  # learned rows train in fp32
-        self.text_encoder.get_input_embeddings().weight.requires_grad_(True)
-        if cfg.gradient_checkpointing:
-            pipe.unet.enable_gradient_checkpointing()
-            # transformers 5 renamed gradient_checkpointing_enable; keep working with 4.x too.
-            enable = getattr(self.text_encoder, "activation_checkpointing_enable", None)
-            (enable or self.text_encoder.gradient_checkpointing_enable)()
-            pipe.unet.train()
-        self.text_encoder.train()
-        self.frozen_rows = self.text_encoder.get_input_embeddings().weight.detach().clone()
-        self.frozen_mask = torch.ones(len(self.frozen_rows), dtype=torch.bool, device=self.device)
-        self.frozen_mask[self.new_ids] = False
-
+        self._add_tokens()
+        self._freeze_all_but_the_embedding()
         self.latent_mean, self.latent_std = self._cache_latents(images)
         self.prompt_ids = [
             self._tokenize([expand_prompt(t.format(c.token), self.tokens) for t in TEMPLATES[c.kind]])
@@ -242,6 +213,42 @@ class TextualInversion:
         self.gen = torch.Generator().manual_seed(cfg.seed + self.accelerator.process_index)
         self.step = 0
         self.losses: list[float] = []
+
+    def _add_tokens(self) -> None:
+        """New tokens start from their initialiser's embedding (every vector of a multi-vector token alike)."""
+        cfg = self.cfg
+        weight = self.text_encoder.get_input_embeddings().weight
+        init = {
+            c.token: weight[single_token_id(self.tokenizer, c.init)].detach().clone().repeat(cfg.num_vectors, 1)
+            for c in cfg.concepts
+        }
+        self.token_ids = add_tokens(self.tokenizer, self.text_encoder, init)
+        self.new_ids = torch.tensor(sum(self.token_ids, []))
+        self.tokens = {c.token: cfg.num_vectors for c in cfg.concepts}
+
+    def _freeze_all_but_the_embedding(self) -> None:
+        """Frozen UNet and VAE in the compute dtype; the embedding matrix trains in fp32, and a copy of its rows
+        lets every step restore all but the new ones."""
+        pipe = self.pipe
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            self.accelerator.mixed_precision, torch.float32
+        )
+        for frozen in (pipe.unet, pipe.vae):
+            frozen.to(self.device).requires_grad_(False)
+            if weight_dtype != torch.float32:
+                frozen.to(dtype=weight_dtype)
+        self.text_encoder.to(self.device, torch.float32).requires_grad_(False)
+        self.text_encoder.get_input_embeddings().weight.requires_grad_(True)
+        if self.cfg.gradient_checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+            # transformers 5 renamed gradient_checkpointing_enable; keep working with 4.x too.
+            enable = getattr(self.text_encoder, "activation_checkpointing_enable", None)
+            (enable or self.text_encoder.gradient_checkpointing_enable)()
+            pipe.unet.train()
+        self.text_encoder.train()
+        self.frozen_rows = self.text_encoder.get_input_embeddings().weight.detach().clone()
+        self.frozen_mask = torch.ones(len(self.frozen_rows), dtype=torch.bool, device=self.device)
+        self.frozen_mask[self.new_ids] = False
 
     # ---- data -------------------------------------------------------------------------------------------
     def _tokenize(self, prompts: list[str]) -> torch.Tensor:
@@ -419,32 +426,18 @@ class TextualInversion:
         return save_png(grid, self.out / "validation" / f"step{self.step:06d}.png")
 
     def write_report(self) -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         from difflab.report import HtmlReport
+        from difflab.report.plots import plot_loss_curve
 
-        fig, ax = plt.subplots(figsize=(6, 3))
-        losses = np.asarray(self.losses)
-        ax.plot(losses, lw=0.5, alpha=0.4, label="micro-batch")
-        if len(losses) >= 10:
-            k = max(len(losses) // 50, 5)
-            ax.plot(np.arange(k - 1, len(losses)), np.convolve(losses, np.ones(k) / k, "valid"), label=f"mean of {k}")
-        ax.set_xlabel("micro-batch")
-        ax.set_ylabel("MSE loss")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(self.out / "loss.png", dpi=120)
-        plt.close(fig)
+        smooth = max(len(self.losses) // 50, 5) if len(self.losses) >= 10 else 0
+        loss_png = plot_loss_curve(range(len(self.losses)), self.losses, self.out / "loss.png", "micro-batch", smooth)
         report = HtmlReport("Textual inversion")
         report.table(["setting", "value"], [[k, str(v)] for k, v in asdict(self.cfg).items()])
         report.text(
             f"Learned tokens: {', '.join(self.tokens)} ({self.cfg.num_vectors} vector(s) each); "
             f"{self.step} optimizer steps, effective lr {self.lr:g}."
         )
-        report.image(str(self.out / "loss.png"), caption="training loss")
+        report.image(str(loss_png), caption="training loss (MSE)")
         for path in sorted((self.out / "validation").glob("*.png")):
             report.image(str(path), caption=f"validation, {path.stem}")
         return report.save(self.out / "report.html")
