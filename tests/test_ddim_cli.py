@@ -378,3 +378,18 @@ def test_seeded_noises_instead_of_a_noise_folder(files, tmp_path):
         run("interpolate", "--a", files / "noise" / "00.pt", "--ckpt", files / "UNet.pt", "--out", tmp_path / "x")
     )
     assert "does not fit" in error_of(run("sample", "--size", 30, "--ckpt", files / "UNet.pt", "--out", tmp_path / "y"))
+
+
+def test_commands_refuse_to_replace_earlier_results(files, tmp_path):
+    common = ["--ckpt", files / "UNet.pt", "--out", tmp_path / "out", "--steps", 1, "--device", "cpu"]
+    assert run("sample", "--noise-dir", files / "noise", *common).exit_code == 0
+    before = (tmp_path / "out" / "00.png").read_bytes()
+    r = run("sample", "--noise-dir", files / "noise", *common, "--eta", 1)
+    assert r.exit_code == 1 and "holds earlier results (00.png, 01.png)" in error_of(r) and "--overwrite" in error_of(r)
+    assert (tmp_path / "out" / "00.png").read_bytes() == before
+    assert run("sample", "--noise-dir", files / "noise", *common, "--eta", 1, "--overwrite").exit_code == 0
+    assert (tmp_path / "out" / "00.png").read_bytes() != before
+    grid = ["eta-grid", "--noise-dir", files / "noise", "--noises", "00", "--etas", "0", *common]
+    grid[grid.index("--out") + 1] = tmp_path / "grid"
+    assert run(*grid).exit_code == 0
+    assert "holds earlier results (eta_grid.png" in error_of(run(*grid))

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from difflab.cli.options import Overwrite
 from difflab.precision import PRECISION_HELP
 
 app = typer.Typer(help="CLIP zero-shot classification and image/text scoring.", no_args_is_help=True)
@@ -45,6 +46,7 @@ def zeroshot(
     ),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed for picking the gallery examples."),
+    overwrite: Overwrite = False,
 ):
     """Classify images with CLIP against text prompts of every class; write a report a person can read."""
     from difflab.clip.evaluate import ZeroShotConfig, run_zeroshot
@@ -62,6 +64,7 @@ def zeroshot(
         gallery_size=gallery,
         skip_bad=skip_bad,
         precision=precision,
+        overwrite=overwrite,
         seed=seed,
     )
     result = run_zeroshot(cfg)

@@ -7,8 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from difflab.cli.options import Device, Precision, parse_floats
+from difflab.cli.options import Device, Overwrite, Precision, parse_floats
 from difflab.ddim.pipeline import DDIMConfig
+from difflab.io import image_files, refuse_to_replace
 from difflab.utils import DifflabError
 
 app = typer.Typer(
@@ -99,12 +100,14 @@ def sample_cmd(
     domain: Domain = None,
     digit: Digit = None,
     guidance: Guidance = 1.0,
+    overwrite: Overwrite = False,
 ):
     """Denoise every noise file (or seeded noises) with DDIM and write one PNG per noise (same stem), min-max
     normalised per image."""
     from difflab.ddim.models import load_eps_model
     from difflab.ddim.pipeline import sample_noise_folder, sample_seeded
 
+    refuse_to_replace(out, [p.name for p in image_files(out, None)], overwrite)
     model = load_eps_model(ckpt, device, precision, condition=_digits_condition(domain, digit, guidance))
     config = DDIMConfig(steps=steps, eta=eta, batch_size=batch_size, seed=seed)
     if noise_dir is None:
@@ -131,6 +134,7 @@ def eta_grid_cmd(
     domain: Domain = None,
     digit: Digit = None,
     guidance: Guidance = 1.0,
+    overwrite: Overwrite = False,
 ):
     """Figure: the same noises sampled with several η values (rows = noises, columns = η)."""
     from difflab.ddim.figures import eta_grid_figure
@@ -141,6 +145,7 @@ def eta_grid_cmd(
 
     names = [n.strip() for n in noises.split(",") if n.strip()]
     eta_values = parse_floats(etas, "--etas")
+    refuse_to_replace(out, ["eta_grid.png", "eta_grid.html"], overwrite)
     model = load_eps_model(ckpt, device, precision, condition=_digits_condition(domain, digit, guidance))
     if noise_dir is None:
         x = draw_noises(model, names, noise_seed, out / "noise", size)
@@ -174,6 +179,7 @@ def interpolate_cmd(
     domain: Domain = None,
     digit: Digit = None,
     guidance: Guidance = 1.0,
+    overwrite: Overwrite = False,
 ):
     """Figure: η = 0 images of noises interpolated between two files, by lerp and/or slerp."""
     from difflab.ddim.figures import interpolation_figure
@@ -188,6 +194,7 @@ def interpolate_cmd(
         raise DifflabError("--a and --b go together (or leave both out to draw two noises from --noise-seed)")
     methods = ["lerp", "slerp"] if method == "both" else [method]
     alpha_values = parse_floats(alphas, "--alphas")
+    refuse_to_replace(out, ["interpolation.html", "interp_lerp.png", "interp_slerp.png"], overwrite)
     model = load_eps_model(ckpt, device, precision, condition=_digits_condition(domain, digit, guidance))
     if a is None:
         x0, x1 = draw_noises(model, ["00", "01"], noise_seed, out / "noise", size).split(1)
@@ -232,11 +239,13 @@ def invert_cmd(
     steps: Steps = DDIMConfig.steps,
     device: Device = None,
     precision: Precision = "auto",
+    overwrite: Overwrite = False,
 ):
     """DDIM inversion: find the x_T that η = 0 DDIM turns back into the image; reports the reconstruction MSE."""
     from difflab.ddim.models import load_eps_model
     from difflab.ddim.pipeline import invert_image
 
+    refuse_to_replace(out.parent, [out.name], overwrite)
     model = load_eps_model(ckpt, device, precision)
     result = invert_image(model, image, out, DDIMConfig(steps=steps))
     typer.echo(

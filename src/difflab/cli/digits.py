@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from difflab.cli.options import Device, Overwrite
 from difflab.digits.classifier import ClassifierConfig, ClassifierTrainConfig, train_classifiers
 from difflab.digits.data import make_dataset
 from difflab.digits.evaluate import evaluate_folder
@@ -30,8 +31,6 @@ from difflab.utils import image_grid, pick_device, to_uint8
 app = typer.Typer(
     help="Conditional digits (domain x digit) with DDPM/DDIM and classifier-free guidance.", no_args_is_help=True
 )
-
-DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: CUDA when available)."
 
 
 @app.command("train")
@@ -117,7 +116,7 @@ def train_command(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation, batches, timesteps and noise."),
     precision: str = typer.Option(TrainConfig.precision, "--precision", help=PRECISION_HELP),
-    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    device: Device = None,
 ):
     """Train the conditional DDPM. Several GPUs or nodes:
     `accelerate launch --multi_gpu -m difflab.cli digits train ...`
@@ -189,7 +188,8 @@ def sample_command(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial noise (and of DDPM/η>0 step noise)."),
     precision: str = typer.Option(SampleConfig.precision, "--precision", help=PRECISION_HELP),
-    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    overwrite: Overwrite = False,
+    device: Device = None,
 ):
     """Generate the course layout (50 per digit per domain), 10x10 grids and the reverse process of the first 0."""
 
@@ -205,7 +205,7 @@ def sample_command(
         seed=seed,
         precision=precision,
     )
-    per_domain = write_course_layout(net, schedule, out, cfg, dev, per_digit)
+    per_domain = write_course_layout(net, schedule, out, cfg, dev, per_digit, overwrite)
     if figures:
         for domain, images in per_domain.items():
             save_png(digit_grid(images, per_digit, columns=min(10, per_digit)), out / "figures" / f"grid_{domain}.png")
@@ -242,7 +242,7 @@ def demo_command(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Delete an earlier run in --out first (without it the demo refuses to replace one)."
     ),
-    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    device: Device = None,
 ):
     """The whole digits job on the embedded dataset: make-data, train, train-classifier, sample, evaluate,
     DDIM figures, report."""
@@ -311,10 +311,11 @@ def evaluate_command(
     device: Optional[str] = typer.Option(
         None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)."
     ),
+    overwrite: Overwrite = False,
 ):
     """Score generated digits with the per-domain classifiers: MNIST-M acc, SVHN acc and their mean; then
     Fréchet distance, memorisation rate and diversity against the real data."""
-    evaluate_folder(folder, classifiers, out, device, data_root)
+    evaluate_folder(folder, classifiers, out, device, data_root, overwrite)
 
 
 @app.command("train-classifier")

@@ -16,7 +16,7 @@ from difflab.clip.figures import plot_gallery
 from difflab.clip.model import folder_fingerprint, load_clip
 from difflab.clip.preprocess import ClipTransform
 from difflab.clip.zeroshot import DEFAULT_TEMPLATE, ZeroShotClassifier, cached_class_embeddings, load_templates
-from difflab.io import atomic_write, load_rgb, save_json, write_csv
+from difflab.io import atomic_write, load_rgb, refuse_to_replace, save_json, write_csv
 from difflab.precision import resolve
 from difflab.report import HtmlReport
 from difflab.report.plots import plot_confusion_matrix
@@ -41,6 +41,7 @@ class ZeroShotConfig:
     precision: str = "auto"  # difflab.precision; fp32 on a CPU, where CLIP inference is not timed
     seed: int = 0
     top_k: int = 5
+    overwrite: bool = False  # replace the results of an earlier run in `out`
 
 
 @dataclass
@@ -88,6 +89,7 @@ def run_zeroshot(cfg: ZeroShotConfig) -> ZeroShotResult:
 
     data = find_labeled_images(cfg.images, cfg.labels, cfg.skip_bad)
     templates = load_templates(cfg.templates)
+    refuse_to_replace(cfg.out, ["predictions.csv", "metrics.json", "report.html"], cfg.overwrite)
     clip = load_clip(cfg.model, cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import numpy as np
 from difflab.digits.classifier import classifier_path, load_classifier
 from difflab.digits.data import DOMAINS, load_split, read_images, split_csv
 from difflab.digits.quality import domain_quality
-from difflab.io import image_files, load_json, save_json, save_png
+from difflab.io import image_files, load_json, refuse_to_replace, save_json, save_png
 from difflab.report.plots import plot_confusion_matrix
 from difflab.utils import DifflabError, image_grid
 
@@ -58,13 +58,16 @@ def evaluate_folder(
     out_dir: str | os.PathLike | None = None,
     device: str | None = None,
     data_root: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Classify <folder>/mnistm/*.png and <folder>/svhn/*.png, print the three course lines and write
     per-digit accuracy, confusion matrices, quality measures against the real data (see `quality`),
-    metrics.json and report.html to out_dir (default <folder>/eval)."""
+    metrics.json and report.html to out_dir (default <folder>/eval); an earlier evaluation there is replaced
+    only with `overwrite`."""
 
     folder = Path(folder)
     out_dir = Path(out_dir) if out_dir is not None else folder / "eval"
+    refuse_to_replace(out_dir, ["metrics.json", "report.html"], overwrite)
     real_root = quality_data_root(classifier_dir, data_root)
     result: dict = {
         "folder": str(folder),

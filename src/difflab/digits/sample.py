@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from difflab.digits.data import DOMAINS
-from difflab.io import save_png
+from difflab.io import refuse_to_replace, save_png
 from difflab.nets.digits_unet import DigitsUNet
 from difflab.precision import Precision, resolve
 from difflab.samplers import METHODS, ddim_timesteps, guided, sample
@@ -164,10 +164,13 @@ def write_course_layout(
     cfg: SampleConfig,
     device: torch.device,
     per_digit: int = PER_DIGIT,
+    overwrite: bool = False,
 ) -> dict[str, np.ndarray]:
     """`<out>/mnistm/{d}_{NNN}.png` and `<out>/svhn/...`, NNN = 001..per_digit. Returns the uint8 images
-    per domain, ordered digit-major (all 0s, then all 1s, ...)."""
+    per domain, ordered digit-major (all 0s, then all 1s, ...). Earlier samples there are replaced only with
+    `overwrite`."""
     out = Path(out_dir)
+    refuse_to_replace(out, list(DOMAINS), overwrite)
     digits = torch.arange(10).repeat_interleave(per_digit)
     cond = torch.cat([make_conds(torch.full_like(digits, d), digits) for d in range(len(DOMAINS))])
     images = to_uint8(generate(net, schedule, cond, cfg, device)[0])
