@@ -44,4 +44,5 @@ args=()
 for f in "${files[@]}"; do
     args+=(--embeds "$f")
 done
-exec "$difflab" personalize generate --prompts "$1" --sd "$3" "${args[@]}" --out "$2" --per-prompt 25
+# The course contract: the script writes into the folder it is given, whatever is there.
+exec "$difflab" personalize generate --prompts "$1" --sd "$3" "${args[@]}" --out "$2" --per-prompt 25 --overwrite
