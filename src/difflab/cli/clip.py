@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from difflab.cli.options import Overwrite
-from difflab.precision import PRECISION_HELP
+from difflab.cli.options import Device, Overwrite, Precision
+from difflab.clip.evaluate import ZeroShotConfig
 
 app = typer.Typer(help="CLIP zero-shot classification and image/text scoring.", no_args_is_help=True)
 
@@ -24,7 +24,7 @@ def zeroshot(
         None, "--labels", help="id2label.json (class id -> class name); required for the flat layout."
     ),
     template: str = typer.Option(
-        "A photo of {}.", "--template", help="Prompt template with one {} for the class name."
+        ZeroShotConfig.templates, "--template", help="Prompt template with one {} for the class name."
     ),
     templates: Optional[str] = typer.Option(
         None,
@@ -32,24 +32,32 @@ def zeroshot(
         help="'ensemble' for the built-in 18 templates, or a text file with one template per line "
         "(overrides --template).",
     ),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
-    num_workers: int = typer.Option(2, "--num-workers", min=0, help="DataLoader worker processes decoding images."),
-    device: Optional[str] = typer.Option(
-        None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)."
+    batch_size: int = typer.Option(
+        ZeroShotConfig.batch_size, "--batch-size", min=1, max=4096, help="Images per forward pass."
     ),
+    num_workers: int = typer.Option(
+        ZeroShotConfig.num_workers, "--num-workers", min=0, max=64, help="DataLoader worker processes decoding images."
+    ),
+    device: Device = None,
     cache_dir: Optional[Path] = typer.Option(
         None, "--cache-dir", help="Where class text embeddings are cached (default: <out>/.cache)."
     ),
-    gallery: int = typer.Option(5, "--gallery", min=0, help="Number of successful and of failed cases to show."),
+    gallery: int = typer.Option(
+        ZeroShotConfig.gallery_size,
+        "--gallery",
+        min=0,
+        max=1000,
+        help="Number of successful and of failed cases to show.",
+    ),
     skip_bad: bool = typer.Option(
         False, "--skip-bad", help="Skip unlabelled or unreadable images (listed in the report) instead of failing."
     ),
-    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
-    seed: int = typer.Option(0, "--seed", help="Seed for picking the gallery examples."),
+    precision: Precision = ZeroShotConfig.precision,
+    seed: int = typer.Option(ZeroShotConfig.seed, "--seed", help="Seed for picking the gallery examples."),
     overwrite: Overwrite = False,
 ):
     """Classify images with CLIP against text prompts of every class; write a report a person can read."""
-    from difflab.clip.evaluate import ZeroShotConfig, run_zeroshot
+    from difflab.clip.evaluate import run_zeroshot
 
     cfg = ZeroShotConfig(
         images=images,

