@@ -325,9 +325,7 @@ def evaluate_command(
         help="Real data (digits/<domain>/train.csv + val.csv) for the "
         "quality measures (default: the data the classifiers were trained on).",
     ),
-    device: Optional[str] = typer.Option(
-        None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)."
-    ),
+    device: Device = None,
     overwrite: Overwrite = False,
 ):
     """Score generated digits with the per-domain classifiers: MNIST-M acc, SVHN acc and their mean; then
@@ -347,9 +345,7 @@ def train_classifier_command(
     width: int = typer.Option(
         ClassifierConfig.width, "--width", min=4, help="Channels of the first conv stage (then x2, x4)."
     ),
-    device: Optional[str] = typer.Option(
-        None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)."
-    ),
+    device: Device = None,
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation, batches and augmentation."),
     precision: Precision = ClassifierTrainConfig.precision,
     augment: bool = typer.Option(
