@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-quick test bench clean
+.PHONY: demo demo-quick demo-personalize test bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 demo-quick: $(STAMP)
 	$(BIN)/difflab digits demo --out runs/demo-quick --quick
+
+# Builds the miniature SD + CLIP stack (reused when present), then runs the CLIP and personalization jobs on it.
+demo-personalize: $(STAMP)
+	$(BIN)/difflab personalize demo --out runs/personalize-demo
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

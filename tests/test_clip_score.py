@@ -2,12 +2,15 @@
 
 import csv
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from _clip_tiny import random_images, save_tiny_clip
+from _report_html import assert_images_fit_page, read_report
 from difflab.utils import DifflabError
 
 
@@ -149,13 +152,38 @@ def test_run_score_job(tmp_path, scorer, clip_dir):
     prompts = list(csv.DictReader(open(tmp_path / "out" / "prompt_scores.csv")))
     assert [p["result"] for p in prompts] == ["PASS", "FAIL", "FAIL"]
     assert len(json.loads((tmp_path / "out" / "prompt_scores.json").read_text())["prompts"]) == 3
-    assert (tmp_path / "out" / "report.html").is_file()
+    check_score_report(tmp_path / "out" / "report.html", tmp_path / "refs", results)
+
+
+def check_score_report(path, refs_dir, results):
+    """Each prompt's section shows its own concept's reference images, captioned as such, right before its
+    selected images, best first."""
+    report = read_report(path)
+    assert_images_fit_page(report)
+    for r in results:
+        section = report.section(f"{r.key}/{r.prompt_idx}: ")
+        refs = sorted((refs_dir / r.key).glob("*.jpg"))
+        shown_refs, shown_picks = section.figures[: len(refs)], section.figures[len(refs) :]
+        assert [f.caption for f in shown_refs] == [f"reference: {f.name}" for f in refs]
+        for figure, ref in zip(shown_refs, refs):
+            np.testing.assert_array_equal(figure.pixels(), np.asarray(_thumbnail(ref)))
+        assert [f.caption for f in shown_picks] == [
+            f"selected #{k}: {Path(f).name}" for k, f in enumerate(r.selected, 1)
+        ]
+        for figure, pick in zip(shown_picks, r.selected):
+            np.testing.assert_array_equal(figure.pixels(), np.asarray(_thumbnail(pick)))
 
 
 def _open(path):
     from difflab.io import load_rgb
 
     return load_rgb(path)
+
+
+def _thumbnail(path):
+    im = _open(path)
+    im.thumbnail((192, 192))
+    return im
 
 
 def test_score_input_errors(tmp_path, clip_dir):

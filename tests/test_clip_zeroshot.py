@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from _clip_tiny import random_images, save_tiny_clip
+from _report_html import assert_images_fit_page, read_report
 from difflab.utils import DifflabError
 
 CLASSES = {"0": "willow_tree", "1": "apple", "2": "sea", "3": "pickup_truck", "4": "bee", "5": "cloud"}
@@ -157,6 +158,12 @@ def test_report_matches_sklearn_and_cache(tmp_path, clip_dir):
     assert metrics["top1"] == pytest.approx(np.mean([t == p for t, p in zip(y_true, y_pred)]))
     assert metrics["top5"] == pytest.approx(np.mean([r["true"] in r["top5"].split(";") for r in rows]))
     assert all(r["top5"].split(";")[0] == r["pred"] for r in rows)
+    report = read_report(out / "report.html")
+    assert_images_fit_page(report)
+    for heading in ("Successful cases", "Failed cases", "Confusion matrix"):
+        (figure,) = report.section(heading).figures
+        # Figures are smoothed, not pixelated, when the page scales them: their text stays readable.
+        assert "px" not in figure.classes.split()
 
     # Same model, classes and templates: cached text features; new templates: recomputed.
     assert run_zeroshot(zs_config(images, labels, clip_dir, tmp_path / "out2", cache_dir=cache)).text_cache_hit
@@ -168,6 +175,24 @@ def test_report_matches_sklearn_and_cache(tmp_path, clip_dir):
     # Cached features give the same predictions as fresh ones.
     again = list(csv.DictReader(open(tmp_path / "out2" / "predictions.csv")))
     assert [r["pred"] for r in again] == y_pred
+
+
+def test_gallery_wraps_to_fit_the_report(tmp_path):
+    """Ten images make two rows of five no wider than the report's 1100 px text column, so the browser shows the
+    figure unscaled; long captions are wrapped within their cell."""
+    from PIL import Image
+
+    from difflab.clip.figures import MAX_COLS, plot_gallery
+
+    caption = "aquarium_fish \N{RIGHTWARDS ARROW} sweet_pepper"
+    row = Image.open(plot_gallery(random_images(5), [caption] * 5, tmp_path / "row.png", title="t")).size
+    rows = Image.open(plot_gallery(random_images(10), [caption] * 10, tmp_path / "rows.png", title="t")).size
+    few = Image.open(plot_gallery(random_images(2), [caption] * 2, tmp_path / "few.png")).size
+    assert MAX_COLS == 5
+    assert 800 <= row[0] <= 1080 and 800 <= rows[0] <= 1080
+    assert rows[1] > 1.7 * row[1]  # a second row, not a wider figure
+    assert few[0] < row[0] / 2
+    assert Image.open(plot_gallery([], [], tmp_path / "none.png")).size[0] < 400
 
 
 def test_cached_features_invalidated_when_weights_change(tmp_path, clip):

@@ -119,7 +119,7 @@ def test_eta_grid_and_interpolation_figures(files, tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert Image.open(tmp_path / "eta_grid.png").size == (2 * 34 + 2, 2 * 34 + 2)
-    assert "<img" in (tmp_path / "eta_grid.html").read_text()
+    assert 'class="px"' in (tmp_path / "eta_grid.html").read_text()  # a pixel grid: kept sharp when scaled
     r = run(
         "interpolate",
         "--a",
@@ -138,7 +138,8 @@ def test_eta_grid_and_interpolation_figures(files, tmp_path):
     assert r.exit_code == 0, r.output
     for method in ("lerp", "slerp"):
         assert Image.open(tmp_path / f"interp_{method}.png").size == (3 * 34 + 2, 36)
-    assert (tmp_path / "interpolation.html").read_text().count("<img") == 2
+    assert (tmp_path / "interpolation.html").read_text().count('<img src="data:image/png;base64,') == 2
+    assert (tmp_path / "interpolation.html").read_text().count('class="px"') == 2
 
 
 def test_invert_writes_a_noise_that_sample_accepts(files, tmp_path):

@@ -219,8 +219,14 @@ def test_generation_refuses_to_replace_images(setup, tmp_path):
 
 
 def test_compose_needs_sides_that_halve_exactly():
+    from difflab.personalize.compose import check_size, size_multiple
+
+    with pytest.raises(DifflabError, match="height 100: compose needs image sides that are multiples of 8"):
+        ComposeConfig(height=100, width=512).check()
     with pytest.raises(DifflabError, match="height 600: compose needs image sides that are multiples of 64"):
-        ComposeConfig(height=600, width=512).check()
+        check_size(600, 512, 64)
+    pipe = tiny_sd(seed=0)  # VAE 2x, two UNet levels
+    assert size_multiple(pipe) == 4
 
 
 def test_latent_ddim_never_clips_samples():

@@ -4,6 +4,7 @@ File reading and writing lives in `difflab.io`."""
 from __future__ import annotations
 
 import random
+import time
 
 import numpy as np
 import torch
@@ -51,3 +52,17 @@ def image_grid(images: np.ndarray, rows: int, cols: int, pad: int = 2, fill: int
         y, x = pad + r * (h + pad), pad + k * (w + pad)
         grid[y : y + h, x : x + w] = images[i]
     return grid
+
+
+class Stages:
+    """Runs the demo's stages one after the other and keeps their wall times for the report."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, fn, *args, **kwargs):
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.seconds[name] = round(time.perf_counter() - start, 1)
+        print(f"[{name}] {self.seconds[name]:.1f} s", flush=True)
+        return result

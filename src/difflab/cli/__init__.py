@@ -12,6 +12,7 @@ import typer
 from difflab.cli.clip import app as clip_app
 from difflab.cli.ddim import app as ddim_app
 from difflab.cli.digits import app as digits_app
+from difflab.cli.minisd import app as minisd_app
 from difflab.cli.personalize import app as personalize_app
 from difflab.utils import DifflabError
 
@@ -25,6 +26,7 @@ app.add_typer(digits_app, name="digits")
 app.add_typer(ddim_app, name="ddim")
 app.add_typer(clip_app, name="clip")
 app.add_typer(personalize_app, name="personalize")
+app.add_typer(minisd_app, name="minisd")
 
 
 def main() -> None:

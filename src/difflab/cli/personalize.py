@@ -12,6 +12,7 @@ import typer
 
 from difflab.cli.options import Device, Overwrite, Precision, Seed
 from difflab.personalize.compose import ComposeConfig
+from difflab.personalize.demo import PersonalizeDemoConfig as DemoConfig
 from difflab.personalize.generate import SCHEDULERS, GenerateConfig
 from difflab.personalize.grading import TOP_K
 from difflab.personalize.textual_inversion import TextualInversionConfig as TIConfig
@@ -404,3 +405,32 @@ def score_command(
     Console().print(table)
     n_pass = sum(r.passed for r in results)
     typer.echo(f"{n_pass}/{len(results)} prompts pass; report: {Path(out) / 'report.html'}")
+
+
+@app.command("demo")
+def demo_command(
+    out: Path = typer.Option(Path("runs/personalize-demo"), "--out", help="Output folder (report.html, metrics.json)."),
+    stack: Optional[Path] = typer.Option(
+        None, "--stack", help="A mini-SD build (difflab minisd build); default <out>/minisd, built when missing."
+    ),
+    ti_steps: int = typer.Option(DemoConfig.ti_steps, "--ti-steps", min=1, help="Textual-inversion steps."),
+    seed: Seed = DemoConfig.seed,
+    device: Device = None,
+    precision: Precision = DemoConfig.precision,
+    overwrite: Overwrite = False,
+):
+    """CLIP zero-shot, textual inversion, generation, best-of-N scoring and composition on the miniature SD + CLIP
+    stack, each effect measured by the digits judges; one HTML report."""
+    from difflab.personalize.demo import run_demo
+
+    cfg = DemoConfig(
+        out=str(out),
+        stack=str(stack) if stack else None,
+        ti_steps=ti_steps,
+        seed=seed,
+        device=device,
+        precision=precision,
+        overwrite=overwrite,
+    )
+    run_demo(cfg)
+    typer.echo(f"report: {out / 'report.html'}")

@@ -24,7 +24,7 @@ def eta_grid_figure(
         f"Rows: noises {', '.join(noise_names)}. Columns: η = {', '.join(f'{e:g}' for e in etas)}. "
         "η = 0 is deterministic; larger η adds fresh noise at every step and drifts from the η = 0 image."
     )
-    report.image(path, caption="rows = noise, columns = η")
+    report.image(path, caption="rows = noise, columns = η", pixelated=True)
     return path
 
 
@@ -40,6 +40,6 @@ def interpolation_figure(
     paths = []
     for method, images in strips.items():
         path = save_png(image_grid(minmax_uint8(images), 1, len(images)), Path(out_dir) / f"interp_{method}.png")
-        report.image(path, caption=method)
+        report.image(path, caption=method, pixelated=True)
         paths.append(path)
     return paths

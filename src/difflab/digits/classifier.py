@@ -132,14 +132,15 @@ def train_classifier(
     device: str | torch.device | None = None,
     seed: int = 0,
     precision: Precision | None = None,
+    num_classes: int = ClassifierConfig.num_classes,
 ) -> DigitClassifier:
-    """Train one classifier on uint8 (N,28,28,3) images and int labels; returns it in eval mode.
-    `precision` defaults to resolving `train_config.precision` here."""
+    """Train one classifier on uint8 (N,28,28,3) images and int labels (0 .. num_classes-1: digits, or domains for
+    a style judge); returns it in eval mode. `precision` defaults to resolving `train_config.precision` here."""
     tc = train_config or ClassifierTrainConfig()
     device = pick_device(device) if not isinstance(device, torch.device) else device
     precision = precision or classifier_precision(tc, width, device)
     gen = seed_everything(seed)
-    model = precision.prepare(DigitClassifier(ClassifierConfig(domain=domain, width=width)).to(device))
+    model = precision.prepare(DigitClassifier(ClassifierConfig(domain, width, num_classes)).to(device))
     # The whole uint8 set is small (10,000 images: 23 MB): keep it on the device, index batches there.
     images = torch.as_tensor(train_images).to(device)
     labels = torch.as_tensor(train_labels, dtype=torch.long).to(device)

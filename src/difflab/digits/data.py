@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from difflab.digits import synth
-from difflab.io import atomic_write, load_rgb, save_json, save_png, write_csv
+from difflab.io import atomic_write, load_rgb, save_json, save_png, save_pngs, write_csv
 from difflab.utils import DifflabError, image_grid
 
 DOMAINS = ("mnistm", "svhn")
@@ -72,29 +71,13 @@ def generate_split(
     return images, labels
 
 
-def _write_png(item: tuple[Path, np.ndarray]) -> None:
-    path, array = item
-    Image.fromarray(array).save(path, format="PNG")
-
-
 def write_split(
     domain_dir: Path, csv_name: str, names: list[str], images: np.ndarray, labels: np.ndarray, workers: int = 2
 ) -> Path:
     """Write images into <domain_dir>/data/ and then, atomically, the label CSV listing them."""
     data_dir = domain_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    items = [(data_dir / name, img) for name, img in zip(names, images)]
-    with ThreadPoolExecutor(max(1, workers)) as pool:  # PNG encoding and file writes release the GIL
-        list(
-            tqdm(
-                pool.map(_write_png, items),
-                total=len(items),
-                desc=f"{domain_dir.name}/{csv_name}",
-                unit="img",
-                leave=False,
-            )
-        )
-
+    save_pngs([(data_dir / name, img) for name, img in zip(names, images)], workers, f"{domain_dir.name}/{csv_name}")
     return write_csv(domain_dir / csv_name, CSV_HEADER, list(zip(names, labels.tolist())))
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from difflab.io import load_json, save_png
 from difflab.precision import cpu_name
 from difflab.report import HtmlReport
 from difflab.report.plots import plot_loss_curve
-from difflab.utils import DifflabError, pick_device
+from difflab.utils import DifflabError, Stages, pick_device
 
 
 @dataclass
@@ -51,20 +50,6 @@ class DemoConfig:
             sample=SampleConfig(steps=10),
             per_digit=5,
         )
-
-
-class Stages:
-    """Runs the demo's stages one after the other and keeps their wall times for the report."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def run(self, name: str, fn, *args, **kwargs):
-        start = time.perf_counter()
-        result = fn(*args, **kwargs)
-        self.seconds[name] = round(time.perf_counter() - start, 1)
-        print(f"[{name}] {self.seconds[name]:.1f} s", flush=True)
-        return result
 
 
 def prepare_out_dir(out: Path, overwrite: bool) -> None:

@@ -19,6 +19,7 @@ from difflab.io.files import (
     refuse_to_replace,
     save_json,
     save_png,
+    save_pngs,
     write_csv,
 )
 
@@ -37,6 +38,7 @@ __all__ = [
     "refuse_to_replace",
     "save_json",
     "save_png",
+    "save_pngs",
     "state_dict_mismatch",
     "write_csv",
 ]

@@ -77,6 +77,20 @@ def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
+def save_pngs(items: Sequence[tuple[Path, np.ndarray]], workers: int = 2, desc: str | None = None) -> None:
+    """Write many (path, (H,W,C) uint8 array) pairs as PNG in threads (encoding and writing release the GIL).
+    Not atomic one by one: callers write the index that lists the files (a CSV, a JSONL) last, atomically."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    def write(item: tuple[Path, np.ndarray]) -> None:
+        Image.fromarray(item[1]).save(item[0], format="PNG")
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        list(tqdm(pool.map(write, items), total=len(items), desc=desc, unit="img", leave=False, disable=desc is None))
+
+
 def read_text(path: str | os.PathLike, what: str = "text") -> str:
     """A UTF-8 text file; missing, a folder, unreadable or binary is a one-line error naming it."""
     path = Path(path)

@@ -67,15 +67,20 @@ class ComposeConfig:
                 f"capture fraction must be in (0, 1] and threshold in [0, 1), got "
                 f"{self.capture_fraction} and {self.threshold}"
             )
-        check_size(self.height, self.width)
+        check_size(self.height, self.width, 8)  # a multiple of 8 for any SD; the model's own multiple in compose()
 
 
-def check_size(height: int | None, width: int | None) -> None:
-    """The attention maps are reshaped to the UNet's level sizes, which halve exactly only for multiples of 64
-    (a 600-px image has latent levels 75, 38, 19: rounded up, not down)."""
-    bad = [f"{name} {v}" for name, v in (("height", height), ("width", width)) if v is not None and v % 64]
+def size_multiple(pipe) -> int:
+    """Image sides whose UNet levels halve exactly: VAE factor x 2^(levels - 1) (64 for SD v1, 8 for the mini SD)."""
+    return pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+
+
+def check_size(height: int | None, width: int | None, multiple: int) -> None:
+    """The attention maps are reshaped to the UNet's level sizes, which halve exactly only for multiples of
+    `multiple` (in SD v1 a 600-px image has latent levels 75, 38, 19: rounded up, not down)."""
+    bad = [f"{name} {v}" for name, v in (("height", height), ("width", width)) if v is not None and v % multiple]
     if bad:
-        raise DifflabError(f"{', '.join(bad)}: compose needs image sides that are multiples of 64")
+        raise DifflabError(f"{', '.join(bad)}: compose needs image sides that are multiples of {multiple}")
 
 
 @dataclass
@@ -247,7 +252,7 @@ def compose(
     set_scheduler(pipe, cfg.scheduler)
     pipe.set_progress_bar_config(disable=True)
     height, width = image_size(pipe, cfg)
-    check_size(height, width)
+    check_size(height, width, size_multiple(pipe))
     latents = initial_latents(pipe, [cfg.seed if seed is None else seed], height, width)
     cond, uncond = encode_prompt(pipe, prompt, cfg.negative_prompt)
 

@@ -66,7 +66,7 @@ def run_score(
         result, rows = score_prompt(scorer, spec[key], key, i, files, ref_embeds[key], top_k)
         results.append(result)
         image_rows += rows
-    write_score_files(out, results, image_rows, top_k)
+    write_score_files(out, results, image_rows, top_k, refs)
     return results
 
 
@@ -93,7 +93,11 @@ def score_prompt(scorer, entry: dict, key: str, i: int, files: list[Path], refs:
     return result, rows
 
 
-def write_score_files(out: Path, results: list[PromptResult], image_rows: list, top_k: int) -> None:
+def write_score_files(
+    out: Path, results: list[PromptResult], image_rows: list, top_k: int, refs: dict[str, list[Path]]
+) -> None:
+    """The CSVs, the JSON summary and report.html; `refs` (concept key -> reference files) is shown in the report
+    only."""
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "image_scores.csv", IMAGE_HEADER, image_rows)
     prompt_rows = [[r.key, r.prompt_idx, r.eval_prompt, r.n_images, f"{r.image_score:.4f}", f"{r.text_score:.4f}",
@@ -101,14 +105,15 @@ def write_score_files(out: Path, results: list[PromptResult], image_rows: list, 
     write_csv(out / "prompt_scores.csv", PROMPT_HEADER, prompt_rows)
     summary = {"top_k": top_k, "text_weight": TEXT_WEIGHT, "prompts": [asdict(r) for r in results]}
     save_json(summary, out / "prompt_scores.json")
-    _write_report(results, out / "report.html", top_k)
+    _write_report(results, refs, out / "report.html", top_k)
 
 
-def _write_report(results: list[PromptResult], path: Path, top_k: int) -> None:
+def _write_report(results: list[PromptResult], refs: dict[str, list[Path]], path: Path, top_k: int) -> None:
     html = HtmlReport("CLIP grading of generated images")
     html.text(
         f"Per prompt, the {top_k} images with the highest image + {TEXT_WEIGHT} x text score are averaged; "
-        "PASS when both averages reach the baseline."
+        "PASS when both averages reach the baseline. Each prompt shows the reference images its image score "
+        "compares to, then the selected images."
     )
     html.table(
         ["concept", "prompt", "eval prompt", "image", "text", "baseline", "result"],
@@ -125,10 +130,20 @@ def _write_report(results: list[PromptResult], path: Path, top_k: int) -> None:
             for r in results
         ],
     )
+    # Read each concept's references once, though several prompts show them.
+    ref_thumbs = {key: [_thumbnail(f) for f in refs[key]] for key in dict.fromkeys(r.key for r in results)}
     for r in results:
         html.heading(f"{r.key}/{r.prompt_idx}: {r.eval_prompt} — {'PASS' if r.passed else 'FAIL'}")
-        for f in r.selected:
-            im = load_rgb(f)
-            im.thumbnail((192, 192))
-            html.image(im, caption=Path(f).name)
+        html.text(f"Reference images of concept {r.key}:")
+        for f, im in zip(refs[r.key], ref_thumbs[r.key]):
+            html.image(im, caption=f"reference: {Path(f).name}")
+        html.text(f"Selected images ({len(r.selected)} of {r.n_images}), best first:")
+        for rank, f in enumerate(r.selected, 1):
+            html.image(_thumbnail(f), caption=f"selected #{rank}: {Path(f).name}")
     html.save(path)
+
+
+def _thumbnail(path: str | os.PathLike):
+    im = load_rgb(path)
+    im.thumbnail((192, 192))
+    return im

@@ -14,6 +14,9 @@ from PIL import Image
 
 from difflab.io import atomic_write
 
+# Images never overflow the text column: wider ones are scaled down to it (border included), keeping their aspect
+# ratio. Nearest-neighbour scaling (class px) only for pixel grids: browsers use it when scaling down as well, which
+# would alias the text of a shrunk matplotlib figure.
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
 padding:0 1em;color:#222;line-height:1.45}
@@ -22,7 +25,7 @@ table{border-collapse:collapse;margin:.8em 0}td,th{border:1px solid #ccc;padding
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 figure{display:inline-block;margin:.4em;vertical-align:top;text-align:center}
 figcaption{font-size:.85em;color:#444;max-width:320px}
-img{image-rendering:pixelated;border:1px solid #ddd}
+img{max-width:100%;height:auto;box-sizing:border-box;border:1px solid #ddd}img.px{image-rendering:pixelated}
 pre{background:#f7f7f7;padding:.7em;overflow-x:auto;font-size:.85em}
 .pass{color:#0a7d2c;font-weight:bold}.fail{color:#b00020;font-weight:bold}
 """
@@ -67,10 +70,16 @@ class HtmlReport:
         self.parts.append(f"<table><tr>{head}</tr>{body}</table>")
         return self
 
-    def image(self, image, caption: str = "", width: int | None = None) -> "HtmlReport":
+    def image(self, image, caption: str = "", width: int | None = None, pixelated: bool | None = None) -> "HtmlReport":
+        """`pixelated` keeps pixels sharp when the browser scales the image; by default only for an explicit
+        `width` (small images blown up), since figures and photos look better smoothed."""
+        if pixelated is None:
+            pixelated = bool(width)
         w = f' width="{width}"' if width else ""
+        px = ' class="px"' if pixelated else ""
         cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
-        self.parts.append(f'<figure><img src="{_png_data_uri(image)}"{w} alt="{html.escape(caption)}">{cap}</figure>')
+        uri = _png_data_uri(image)
+        self.parts.append(f'<figure><img src="{uri}"{w}{px} alt="{html.escape(caption)}">{cap}</figure>')
         return self
 
     def render(self) -> str:

@@ -1,0 +1,57 @@
+"""`difflab minisd`: build the miniature Stable Diffusion + CLIP stack from the embedded digits."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from difflab.cli.options import Device, Overwrite, Precision, Seed
+from difflab.minisd.build import BuildConfig
+from difflab.utils import DifflabError
+
+app = typer.Typer(help="A miniature Stable Diffusion v1 + CLIP, trained here on the CPU.", no_args_is_help=True)
+DEFAULTS = BuildConfig(out="")
+
+
+@app.command("build")
+def build_command(
+    out: Annotated[str, typer.Option("--out", help="Folder for the stack (sd/, clip/, judges/, data/).")],
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Keep the finished stages in --out and build only what is missing.")
+    ] = False,
+    clip_steps: Annotated[int, typer.Option(help="CLIP training steps.")] = DEFAULTS.train.clip.steps,
+    vae_steps: Annotated[int, typer.Option(help="VAE training steps.")] = DEFAULTS.train.vae.steps,
+    unet_steps: Annotated[int, typer.Option(help="UNet training steps.")] = DEFAULTS.train.unet.steps,
+    per_domain: Annotated[int, typer.Option(help="Captioned single digits per style.")] = DEFAULTS.n_per_domain,
+    pairs: Annotated[int, typer.Option(help="Captioned two-digit canvases.")] = DEFAULTS.n_pairs,
+    seed: Seed = DEFAULTS.seed,
+    device: Device = None,
+    precision: Precision = DEFAULTS.precision,
+    overwrite: Overwrite = False,
+) -> None:
+    """Train CLIP, the VAE, the UNet and the judges in fixed work; write standard diffusers/transformers folders."""
+    from difflab.minisd.build import build
+
+    for name, value, low in (
+        ("--clip-steps", clip_steps, 1),
+        ("--vae-steps", vae_steps, 1),
+        ("--unet-steps", unet_steps, 1),
+        ("--per-domain", per_domain, 10),
+        ("--pairs", pairs, 0),
+    ):
+        if value < low:
+            raise DifflabError(f"{name} = {value}: must be at least {low}")
+    cfg = BuildConfig(
+        out=out,
+        n_per_domain=per_domain,
+        n_pairs=pairs,
+        seed=seed,
+        device=device,
+        precision=precision,
+        resume=resume,
+        overwrite=overwrite,
+    )
+    cfg.train.clip.steps, cfg.train.vae.steps, cfg.train.unet.steps = clip_steps, vae_steps, unet_steps
+    path = build(cfg)
+    typer.echo(f"mini-SD stack: {path} (pipeline {path / 'sd'}, CLIP {path / 'clip'})")

@@ -1,0 +1,268 @@
+"""Build the miniature SD v1 stack in one folder, stage by stage:
+
+<out>/data/train/   captioned digits (imagefolder + metadata.jsonl)
+<out>/clip/         transformers CLIPModel + tokenizer + image processor (`load_clip`, zero-shot pipeline)
+<out>/vae/          the trained AutoencoderKL (an intermediate; the pipeline holds a copy)
+<out>/sd/           diffusers StableDiffusionPipeline folder (`load_sd`, `from_pretrained`)
+<out>/judges/       digit judges per domain + a domain judge (difflab digit classifiers)
+<out>/build.json    settings, timings, losses and the precision of each stage
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difflab.io import load_json, save_json
+from difflab.minisd import data as mdata
+from difflab.minisd.models import MiniSDConfig
+from difflab.minisd.train import StageConfig, TrainSettings
+from difflab.precision import Precision, resolve
+from difflab.utils import DifflabError, pick_device
+
+STAGES = ("data", "clip", "vae", "sd", "judges")
+BUILD_LOG = "build.json"
+
+
+def default_settings() -> TrainSettings:
+    return TrainSettings(
+        clip=StageConfig(steps=1500, batch_size=128, lr=1e-3, warmup=100),
+        vae=StageConfig(steps=800, batch_size=64, lr=2e-3),
+        unet=StageConfig(steps=1200, batch_size=64, lr=2e-3, warmup=100),
+    )
+
+
+@dataclass
+class BuildConfig:
+    out: str
+    model: MiniSDConfig = field(default_factory=MiniSDConfig)
+    train: TrainSettings = field(default_factory=default_settings)
+    n_per_domain: int = 8000  # single digits of each style
+    n_pairs: int = 8000  # two-digit canvases
+    judge_epochs: int = 4
+    judge_images: int = 5000  # per style
+    seed: int = 0
+    device: str | None = None
+    precision: str = "auto"
+    resume: bool = False
+    overwrite: bool = False
+
+
+def stage_dir(out: Path, stage: str) -> Path:
+    return out / ("data/train" if stage == "data" else stage)
+
+
+def done(out: Path, stage: str) -> bool:
+    return stage_dir(out, stage).is_dir()
+
+
+def write_dir(final: Path, write) -> Path:
+    """`write(tmp_dir)` into a hidden sibling folder, then rename it onto `final`: a cut-off stage leaves only a
+    hidden folder, which the next run deletes."""
+    tmp = final.parent / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def prepare_out(cfg: BuildConfig) -> Path:
+    out = Path(cfg.out)
+    if cfg.resume and cfg.overwrite:
+        raise DifflabError("--resume continues the build in --out, --overwrite deletes it: choose one")
+    found = [s for s in STAGES if done(out, s)] + ([BUILD_LOG] if (out / BUILD_LOG).exists() else [])
+    if found and not (cfg.resume or cfg.overwrite):
+        raise DifflabError(
+            f"{out}: holds an earlier mini-SD build ({', '.join(found[:3])}); pass --resume to finish or reuse it, "
+            "or --overwrite to build it again"
+        )
+    if cfg.overwrite:
+        for s in STAGES:
+            shutil.rmtree(stage_dir(out, s), ignore_errors=True)
+        (out / BUILD_LOG).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def stage_precision(cfg: BuildConfig, device, job: str, trial_step) -> Precision:
+    """The build's precision for one stage: `trial_step(precision)` runs one training step on a throw-away model."""
+    return resolve(cfg.precision, device, f"mini-SD {job}", trial_step)
+
+
+def build(cfg: BuildConfig) -> Path:
+    """Build every missing stage into `cfg.out` and return it."""
+    out = prepare_out(cfg)
+    device = pick_device(cfg.device)
+    log = load_json(out / BUILD_LOG) if cfg.resume and (out / BUILD_LOG).is_file() else {}
+    log.setdefault("config", asdict(cfg))
+    log.setdefault("stages", {})
+    for stage in STAGES:
+        if done(out, stage):
+            continue
+        start = time.perf_counter()
+        info = STAGE_FUNCS[stage](cfg, out, device) or {}
+        info["seconds"] = round(time.perf_counter() - start, 1)
+        log["stages"][stage] = info
+        print(f"mini-SD {stage}: {info['seconds']:.0f} s" + (f" ({info['summary']})" if "summary" in info else ""))
+        save_json(log, out / BUILD_LOG)
+    return out
+
+
+# ---- stages ---------------------------------------------------------------------------------------------------
+def build_data(cfg: BuildConfig, out: Path, device) -> dict:
+    singles = mdata.single_digits(cfg.n_per_domain, cfg.seed)
+    pairs = mdata.digit_pairs(singles, cfg.n_pairs, cfg.seed)
+
+    def write(tmp: Path) -> None:
+        rows = mdata.write_imagefolder(singles, tmp) + mdata.write_imagefolder(pairs, tmp, prefix="pair_")
+        mdata.write_metadata(rows, tmp)
+
+    write_dir(stage_dir(out, "data"), write)
+    return {"summary": f"{len(singles.texts)} digits, {len(pairs.texts)} pairs"}
+
+
+def training_sets(out: Path) -> tuple[mdata.CaptionedDigits, mdata.CaptionedDigits | None]:
+    groups = mdata.load_imagefolder(stage_dir(out, "data"))
+    size = MiniSDConfig.image_size
+    if (size, size) not in groups:
+        raise DifflabError(f"{stage_dir(out, 'data')}: no {size}x{size} captioned images")
+    return groups[(size, size)], groups.get((size, 2 * size))
+
+
+def build_clip_stage(cfg: BuildConfig, out: Path, device) -> dict:
+    from difflab.clip.model import default_processor
+    from difflab.clip.tokenizer import load_clip_tokenizer
+    from difflab.minisd.models import build_clip
+    from difflab.minisd.train import clip_loss, train_clip
+
+    singles, _ = training_sets(out)
+    tokenizer = load_clip_tokenizer()
+    ids = tokenizer(["a photo of the number 7"] * 8, return_tensors="pt", padding=True).to(device)
+    px = torch.zeros(8, 3, cfg.model.image_size, cfg.model.image_size, device=device)
+
+    def trial(p: Precision) -> None:
+        model = build_clip(cfg.model).to(device)
+        with p.autocast(device):
+            logits = model(input_ids=ids.input_ids, attention_mask=ids.attention_mask, pixel_values=px)
+            clip_loss(logits.logits_per_image, torch.eye(8, dtype=torch.bool, device=device)).backward()
+
+    precision = stage_precision(cfg, device, f"CLIP batch {cfg.train.clip.batch_size}", trial)
+    model, losses = train_clip(singles, tokenizer, cfg.model, cfg.train.clip, precision, device, cfg.seed)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        default_processor(cfg.model.image_size).save_pretrained(tmp)
+
+    write_dir(out / "clip", write)
+    return {"precision": precision.describe(), "losses": losses[:: max(1, len(losses) // 200)]}
+
+
+def build_vae_stage(cfg: BuildConfig, out: Path, device) -> dict:
+    from difflab.minisd.train import train_vae
+
+    singles, _ = training_sets(out)
+    precision = resolve(cfg.precision, device)  # tiny convs: measured as part of the UNet's choice is enough
+    model, losses = train_vae(singles, cfg.model, cfg.train, precision, device, cfg.seed)
+    write_dir(out / "vae", model.save_pretrained)
+    return {"precision": precision.describe(), "losses": losses[:: max(1, len(losses) // 200)]}
+
+
+def build_sd_stage(cfg: BuildConfig, out: Path, device) -> dict:
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+
+    from difflab.minisd.models import sd_scheduler_config
+    from difflab.minisd.train import LatentSet, encode_captions, encode_latents, train_unet
+
+    singles, pairs = training_sets(out)
+    clip = CLIPModel.from_pretrained(out / "clip", local_files_only=True)
+    tokenizer = CLIPTokenizer.from_pretrained(out / "clip", local_files_only=True, model_max_length=77)
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    text_encoder.load_state_dict(clip.text_model.state_dict())
+    text_encoder.to(device).eval()
+    vae = AutoencoderKL.from_pretrained(out / "vae", local_files_only=True).to(device).eval()
+
+    groups = [g for g in (singles, pairs) if g is not None]
+    texts = sorted({t for g in groups for t in g.texts} | {""})
+    row = {t: i for i, t in enumerate(texts)}
+    captions = encode_captions(text_encoder, tokenizer, texts, device)
+    sets = []
+    for g in groups:
+        mean, std = encode_latents(vae, g.images, device)
+        sets.append(LatentSet(mean, std, torch.tensor([row[t] for t in g.texts])))
+    # As SD's 0.18215: latents scaled to unit variance, so the noise schedule means the same as in SD.
+    scaling = float(1 / sets[0].mean.std())
+    vae.register_to_config(scaling_factor=scaling)
+
+    precision = resolve(cfg.precision, device)
+    unet, losses = train_unet(sets, captions, row[""], scaling, cfg.model, cfg.train, precision, device, cfg.seed)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler.from_config(sd_scheduler_config()),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    write_dir(out / "sd", lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
+    return {
+        "precision": precision.describe(),
+        "vae_scaling_factor": scaling,
+        "unique_captions": len(texts),
+        "losses": losses[:: max(1, len(losses) // 200)],
+    }
+
+
+def build_judges_stage(cfg: BuildConfig, out: Path, device) -> dict:
+    from difflab.digits.classifier import (
+        ClassifierTrainConfig,
+        accuracy,
+        classifier_path,
+        save_classifier,
+        train_classifier,
+    )
+    from difflab.digits.data import DOMAINS, generate_split
+
+    tc = ClassifierTrainConfig(epochs=cfg.judge_epochs, precision=cfg.precision)
+    n = min(cfg.judge_images, cfg.n_per_domain)
+    data = {d: generate_split(d, n, cfg.seed) for d in DOMAINS}
+    held = {d: generate_split(d, 1000, cfg.seed, "val") for d in DOMAINS}
+    both = np.concatenate([data[d][0] for d in DOMAINS])
+    which = np.repeat(np.arange(len(DOMAINS)), n)
+    held_both = np.concatenate([held[d][0] for d in DOMAINS])
+    held_which = np.repeat(np.arange(len(DOMAINS)), 1000)
+
+    def write(tmp: Path) -> None:
+        for d in DOMAINS:
+            model = train_classifier(*data[d], d, tc, device=device, seed=cfg.seed)
+            save_classifier(model, classifier_path(tmp, d), {"held_out_accuracy": accuracy(model, *held[d])})
+        model = train_classifier(both, which, "domain", tc, device=device, seed=cfg.seed, num_classes=len(DOMAINS))
+        save_classifier(
+            model,
+            tmp / "domain.safetensors",
+            {"held_out_accuracy": accuracy(model, held_both, held_which), "classes": list(DOMAINS)},
+        )
+
+    write_dir(out / "judges", write)
+    accs = {p.stem: load_json(p)["held_out_accuracy"] for p in sorted((out / "judges").glob("*.json"))}
+    return {"held_out_accuracy": accs, "summary": ", ".join(f"{k} {v:.3f}" for k, v in accs.items())}
+
+
+STAGE_FUNCS = {
+    "data": build_data,
+    "clip": build_clip_stage,
+    "vae": build_vae_stage,
+    "sd": build_sd_stage,
+    "judges": build_judges_stage,
+}

@@ -1,0 +1,223 @@
+"""Training the miniature SD v1 stack from scratch, in fixed work and seeded: CLIP contrastively on image-caption
+pairs, the VAE on pixels, then the UNet on VAE latents conditioned on the frozen CLIP text encoder.
+
+Each stage's model is written as a standard folder (transformers / diffusers `save_pretrained`) into a hidden
+temporary folder and renamed into place when complete, so an interrupted build leaves no half-written model:
+`build(..., resume=True)` skips the stages whose folder exists and redoes the one that was cut off (the same
+seeded work, hence the same weights on the same machine).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from difflab.clip.tokenizer import MAX_LENGTH
+from difflab.minisd.data import CaptionedDigits
+from difflab.minisd.models import MiniSDConfig, build_clip, build_unet, build_vae, sd_scheduler_config
+from difflab.precision import Precision
+
+# CLIP's image normalisation (the default of transformers' CLIP image processors).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class StageConfig:
+    steps: int
+    batch_size: int
+    lr: float
+    warmup: int = 50
+
+
+@dataclass
+class TrainSettings:
+    clip: StageConfig
+    vae: StageConfig
+    unet: StageConfig
+    kl_weight: float = 1e-6  # on the KL summed over a latent, against a per-pixel MSE (1e-5 washes colours out)
+    caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
+    pair_every: int = 3  # every n-th UNet step trains on two-digit canvases
+    snr_gamma: float = 5.0  # min-SNR loss weighting (Hang et al., 2023)
+    ema_decay: float = 0.995  # the UNet saved is this EMA of the trained weights
+
+
+def lr_factor(step: int, stage: StageConfig) -> float:
+    """Linear warm-up, then cosine decay to 10 %."""
+    if step < stage.warmup:
+        return (step + 1) / stage.warmup
+    progress = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def optimize(
+    model, params, stage: StageConfig, loss_fn, precision: Precision, device, desc: str, after_step=None
+) -> list[float]:
+    """`stage.steps` AdamW steps of `loss_fn(step)` (then `after_step()`, e.g. an EMA update); returns the losses."""
+    opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, stage))
+    model.train()
+    losses = []
+    bar = tqdm(range(stage.steps), desc=desc, unit="step", leave=False)
+    for step in bar:
+        with precision.autocast(device):
+            loss = loss_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if after_step is not None:
+            after_step()
+        losses.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    model.eval()
+    return losses
+
+
+def pixels(images: np.ndarray | torch.Tensor, device) -> torch.Tensor:
+    """uint8 (B,H,W,3) -> float (B,3,H,W) in [-1, 1], the VAE's input range."""
+    return torch.as_tensor(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def clip_pixels(images: torch.Tensor, device) -> torch.Tensor:
+    x = torch.as_tensor(images).to(device).permute(0, 3, 1, 2).float() / 255
+    mean, std = torch.tensor(CLIP_MEAN, device=device), torch.tensor(CLIP_STD, device=device)
+    return (x - mean[:, None, None]) / std[:, None, None]
+
+
+# ---- CLIP ---------------------------------------------------------------------------------------------------
+def clip_loss(logits_per_image: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """Symmetric contrastive loss where every caption of the same digit is a positive: a batch of 128 holds ~13
+    images of each digit, and the one-positive loss would push those true matches apart."""
+    targets = same.float() / same.sum(1, keepdim=True)
+    return 0.5 * (
+        torch.sum(-targets * F.log_softmax(logits_per_image.float(), 1), 1).mean()
+        + torch.sum(-targets.T * F.log_softmax(logits_per_image.float().T, 1), 1).mean()
+    )
+
+
+def train_clip(data: CaptionedDigits, tokenizer, cfg: MiniSDConfig, stage: StageConfig, precision, device, seed):
+    model = build_clip(cfg).to(device)
+    tok = tokenizer(data.texts, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+    labels = torch.tensor([d[0] for d in data.digits])
+    g = torch.Generator().manual_seed(seed)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        idx = torch.randint(len(labels), (stage.batch_size,), generator=g)
+        out = model(
+            input_ids=tok.input_ids[idx].to(device),
+            attention_mask=tok.attention_mask[idx].to(device),
+            pixel_values=clip_pixels(data.images[idx.numpy()], device),
+        )
+        return clip_loss(out.logits_per_image, (labels[idx, None] == labels[None, idx]).to(device))
+
+    torch.manual_seed(seed)
+    losses = optimize(model, list(model.parameters()), stage, loss_fn, precision, device, "CLIP")
+    return model, losses
+
+
+# ---- VAE ----------------------------------------------------------------------------------------------------
+def train_vae(data: CaptionedDigits, cfg: MiniSDConfig, settings: TrainSettings, precision, device, seed):
+    torch.manual_seed(seed)
+    model = build_vae(cfg).to(device)
+    stage, g = settings.vae, torch.Generator().manual_seed(seed)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        idx = torch.randint(len(data.images), (stage.batch_size,), generator=g)
+        x = pixels(data.images[idx.numpy()], device)
+        posterior = model.encode(x).latent_dist
+        recon = model.decode(posterior.sample()).sample.float()
+        return F.mse_loss(recon, x) + settings.kl_weight * posterior.kl().mean()
+
+    losses = optimize(model, list(model.parameters()), stage, loss_fn, precision, device, "VAE")
+    return model, losses
+
+
+@torch.inference_mode()
+def encode_latents(vae, images: np.ndarray, device, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image, on the CPU."""
+    means, stds = [], []
+    for i in range(0, len(images), batch_size):
+        dist = vae.encode(pixels(images[i : i + batch_size], device)).latent_dist
+        means.append(dist.mean.float().cpu())
+        stds.append(dist.std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+# ---- UNet ---------------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def encode_captions(text_encoder, tokenizer, texts: list[str], device, batch_size: int = 256) -> torch.Tensor:
+    """Last hidden states (N, 77, D) of the texts, padded to 77 tokens exactly as the SD pipeline pads prompts."""
+    out = []
+    for i in range(0, len(texts), batch_size):
+        ids = tokenizer(
+            texts[i : i + batch_size], padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+        ).input_ids
+        out.append(text_encoder(ids.to(device))[0].float().cpu())
+    return torch.cat(out)
+
+
+@dataclass
+class LatentSet:
+    """Cached VAE posteriors of one image size and, per image, the row of its caption's hidden states."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    caption: torch.Tensor  # (N,) index into the caption table
+
+
+def train_unet(
+    sets: list[LatentSet],
+    captions: torch.Tensor,
+    empty: int,
+    scaling: float,
+    cfg: MiniSDConfig,
+    settings: TrainSettings,
+    precision,
+    device,
+    seed,
+):
+    """v-prediction (as SD 2) with min-SNR weighting on cached latents, and an EMA of the weights; set 0 every step
+    but every `pair_every`-th, which trains on set 1 (two-digit canvases, half the batch: twice the pixels)."""
+    import copy
+
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(seed)
+    model = build_unet(cfg).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    scheduler = DDPMScheduler.from_config(sd_scheduler_config())
+    alphas = scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    weight = torch.clamp(snr, max=settings.snr_gamma) / (snr + 1)  # min-SNR for a v target
+    stage, g = settings.unet, torch.Generator().manual_seed(seed)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        pairs = len(sets) > 1 and settings.pair_every and step % settings.pair_every == settings.pair_every - 1
+        s = sets[1] if pairs else sets[0]
+        b = stage.batch_size // 2 if pairs else stage.batch_size
+        idx = torch.randint(len(s.mean), (b,), generator=g)
+        latents = (s.mean[idx] + s.std[idx] * torch.randn(s.mean[idx].shape, generator=g)) * scaling
+        cap = torch.where(torch.rand(b, generator=g) < settings.caption_dropout, empty, s.caption[idx])
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(len(alphas), (b,), generator=g)
+        noisy = scheduler.add_noise(latents, noise, t)
+        target = scheduler.get_velocity(latents, noise, t)
+        pred = model(noisy.to(device), t.to(device), captions[cap].to(device)).sample.float()
+        per_image = F.mse_loss(pred, target.to(device), reduction="none").mean((1, 2, 3))
+        return (weight[t].to(device) * per_image).mean()
+
+    @torch.no_grad()
+    def ema_update() -> None:
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1 - settings.ema_decay)
+
+    losses = optimize(model, list(model.parameters()), stage, loss_fn, precision, device, "UNet", ema_update)
+    return ema.eval(), losses

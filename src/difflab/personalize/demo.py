@@ -1,0 +1,331 @@
+"""`difflab personalize demo`: the CLIP and personalization jobs end to end on the miniature SD + CLIP stack, with
+what each mechanism does measured by the digits judges (which digit, which style).
+
+1. CLIP zero-shot on held-out digits in the course's flat layout, one template against the ensemble;
+2. textual inversion of <new1> from 5 SVHN-style and <new2> from 5 MNIST-M-style images (captions never name
+   a style, so the model has no word for either);
+3. generation in the course layout from an `input.json` that uses the tokens, and the same prompts without
+   them (the base rate); CLIP scoring with best-of-N (the kept images against all candidates);
+4. composition against the naive prompt on two-concept, two-digit prompts.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from difflab.digits.data import DOMAINS
+from difflab.io import load_rgb, save_json, save_png
+from difflab.minisd import data as mdata
+from difflab.minisd.judges import Judges, both_halves_right, rates
+from difflab.utils import DifflabError, Stages
+
+# Concept key (as in input.json) -> (token, the style of its reference images).
+CONCEPTS = (("<new1>", "svhn"), ("<new2>", "mnistm"))
+STYLE_PROMPT = "the number {d} in the style of {token}"
+BASE_PROMPT = "the number {d}"
+PAIRS = ((3, 5), (1, 7), (0, 8), (2, 6), (4, 9), (5, 2), (7, 0), (9, 3), (6, 1), (8, 4))
+
+
+@dataclass
+class PersonalizeDemoConfig:
+    out: str
+    stack: str | None = None  # a mini-SD build; None: <out>/minisd, built when missing
+    n_heldout: int = 50  # zero-shot images per digit and style
+    refs_per_concept: int = 5
+    ti_steps: int = 300
+    ti_batch: int = 16
+    ti_lr: float = 5e-3
+    ti_init: str = "photo"
+    per_prompt: int = 25  # the course layout
+    top_k: int = 5  # best-of-N keeps the course's 5 best of per_prompt
+    steps: int = 25
+    guidance: float = 7.5
+    compose_seeds: int = 4  # per two-digit prompt
+    seed: int = 0
+    device: str | None = None
+    precision: str = "auto"
+    overwrite: bool = False
+
+
+def binomial_se(p: float, n: int) -> float:
+    return math.sqrt(max(p * (1 - p), 1e-12) / max(n, 1))
+
+
+def write_zeroshot_set(out: Path, n_per_digit: int, seed: int) -> Path:
+    """Held-out digits of both styles as `<class>_<idx>.png` + `id2label.json` (the course's CLIP layout)."""
+    held = mdata.single_digits(5 * n_per_digit, seed, split="val")  # balanced: n_per_digit per digit and style
+    counts: dict[int, int] = {}
+    for image, digits in zip(held.images, held.digits):
+        d = digits[0]
+        save_png(image, out / f"{d}_{counts.setdefault(d, 0):04d}.png")
+        counts[d] += 1
+    save_json({str(d): w for d, w in enumerate(mdata.NUMBER_WORDS)}, out / "id2label.json")
+    return out
+
+
+def style_index(key: str) -> int:
+    return DOMAINS.index(CONCEPTS[int(key)][1])
+
+
+def write_references(out: Path, n: int, seed: int) -> list[Path]:
+    """`n` held-out images of one style per concept folder `<key>/` (digits 0, 2, 4, ... for the first concept,
+    1, 3, 5, ... for the second)."""
+    held = mdata.single_digits(50, seed + 1, split="val")
+    folders = []
+    for k, (_, domain) in enumerate(CONCEPTS):
+        folder = out / str(k)
+        wanted = [(k + 2 * i) % 10 for i in range(n)]
+        for i, d in enumerate(wanted):
+            idx = next(j for j, (dg, dm) in enumerate(zip(held.digits, held.domains)) if dg == (d,) and dm == (domain,))
+            save_png(held.images[idx], folder / f"{i:02d}.png")
+        folders.append(folder)
+    return folders
+
+
+def input_spec() -> dict:
+    """The course's `input.json`: one key per concept, a prompt per digit, the eval prompt without the token."""
+    spec = {}
+    for k, (token, domain) in enumerate(CONCEPTS):
+        spec[str(k)] = {
+            "src_image": f"{domain}-style digits",
+            "token_name": token,
+            "prompt": [STYLE_PROMPT.format(d=d, token=token) for d in range(10)],
+            "prompt_4_clip_eval": [BASE_PROMPT.format(d=d) for d in range(10)],
+            # The course's thresholds are for CLIP ViT-B/32; the mini CLIP has no published baseline.
+            "baseline": [[0, 0]] * 10,
+        }
+    return spec
+
+
+def base_spec() -> dict:
+    return {"base": {"prompt": [BASE_PROMPT.format(d=d) for d in range(10)]}}
+
+
+def read_prompt_images(folder: Path, n: int) -> np.ndarray:
+    return np.stack([np.asarray(load_rgb(folder / name)) for name in sorted(p.name for p in folder.glob("*.png"))[:n]])
+
+
+def judge_generation(judges: Judges, gen: Path, spec: dict, per_prompt: int) -> dict:
+    """Per key: digit accuracy and style rate over all its prompts' images (wanted style: the key's concept)."""
+    out = {}
+    for key, entry in spec.items():
+        images, digits = [], []
+        for idx in range(len(entry["prompt"])):
+            images.append(read_prompt_images(gen / key / str(idx), per_prompt))
+            digits += [idx] * per_prompt
+        out[key] = rates(judges(np.concatenate(images)), np.array(digits), style_index(key) if key.isdigit() else None)
+    return out
+
+
+def judge_best_of(judges: Judges, results, spec: dict) -> dict:
+    """Judged digit accuracy and style rate of the images best-of-N kept, per concept key."""
+    out = {}
+    for key in spec:
+        kept = [(r.prompt_idx, f) for r in results if r.key == key for f in r.selected]
+        images = np.stack([np.asarray(load_rgb(f)) for _, f in kept])
+        out[key] = rates(judges(images), np.array([i for i, _ in kept]), style_index(key))
+    return out
+
+
+def open_stack(cfg: PersonalizeDemoConfig, out: Path) -> Path:
+    """`--stack` must be a finished build; without it, <out>/minisd is built, or finished, or reused."""
+    from difflab.minisd.build import STAGES, BuildConfig, build, done
+
+    if cfg.stack is None:
+        stack = out / "minisd"
+        return build(
+            BuildConfig(out=str(stack), seed=cfg.seed, device=cfg.device, precision=cfg.precision, resume=True)
+        )
+    stack = Path(cfg.stack)
+    missing = [s for s in STAGES if not done(stack, s)]
+    if missing:
+        raise DifflabError(
+            f"{stack}: not a complete mini-SD build (missing {', '.join(missing)}); finish it with "
+            f"`difflab minisd build --out {stack} --resume`"
+        )
+    return stack
+
+
+def run_demo(cfg: PersonalizeDemoConfig) -> dict:
+    out = Path(cfg.out)
+    prepare_out(out, cfg.overwrite)
+    stages = Stages()
+    stack = stages.run("mini stack", open_stack, cfg, out)
+    judges = Judges(stack / "judges", "cpu")
+    metrics: dict = {"config": asdict(cfg), "judges_held_out": judges.held_out}
+    metrics["zeroshot"] = stages.run("CLIP zero-shot", zeroshot, cfg, stack, out / "zeroshot")
+    refs = write_references(out / "references", cfg.refs_per_concept, cfg.seed)
+    embeds = stages.run("textual inversion", textual_inversion, cfg, stack, refs, out / "ti")
+    pipe = load_demo_pipeline(cfg, stack, embeds)
+    spec = input_spec()
+    save_json(spec, out / "input.json")
+    metrics["generation"] = stages.run("generation", generation, cfg, pipe, spec, judges, out)
+    metrics["best_of"] = stages.run("CLIP score, best-of-N", best_of, cfg, spec, judges, stack, out)
+    metrics["compose"] = stages.run("composition", composition, cfg, pipe, judges, out / "compose")
+    metrics["seconds"] = stages.seconds
+    save_json(metrics, out / "metrics.json")
+    from difflab.personalize.demo_report import print_summary, write_report
+
+    write_report(metrics, out)
+    print_summary(metrics)
+    return metrics
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """Refuse an earlier demo's folder unless `overwrite` (the mini stack inside it is kept and reused)."""
+    found = [p.name for p in out.iterdir() if p.name != "minisd"] if out.is_dir() else []
+    if found and not overwrite:
+        raise DifflabError(
+            f"{out}: holds an earlier personalization demo ({', '.join(sorted(found)[:3])}); "
+            "pass --overwrite to replace it (a mini stack in minisd/ is kept)"
+        )
+    for name in found:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def zeroshot(cfg: PersonalizeDemoConfig, stack: Path, out: Path) -> dict:
+    from difflab.clip.evaluate import ZeroShotConfig, run_zeroshot
+
+    images = write_zeroshot_set(out / "val", cfg.n_heldout, cfg.seed)
+    results = {}
+    for name, templates in (("one template", "A photo of {}."), ("ensemble", "ensemble")):
+        r = run_zeroshot(
+            ZeroShotConfig(
+                images=images,
+                labels=images / "id2label.json",
+                model=stack / "clip",
+                out=out / name.replace(" ", "_"),
+                templates=templates,
+                device=cfg.device,
+                precision=cfg.precision,
+            )
+        )
+        results[name] = {"top1": r.top1, "top5": r.top5, "n": r.n_images}
+    results["ensemble_gain_top1"] = results["ensemble"]["top1"] - results["one template"]["top1"]
+    return results
+
+
+def textual_inversion(cfg: PersonalizeDemoConfig, stack: Path, refs: list[Path], out: Path) -> Path:
+    from difflab.personalize.textual_inversion import Concept, TextualInversionConfig, train_textual_inversion
+
+    concepts = [Concept(str(folder), token, cfg.ti_init, "style") for folder, (token, _) in zip(refs, CONCEPTS)]
+    ti = TextualInversionConfig(
+        concepts=concepts,
+        sd=str(stack / "sd"),
+        out=str(out),
+        resolution=32,
+        steps=cfg.ti_steps,
+        batch_size=cfg.ti_batch,
+        grad_accum=1,
+        lr=cfg.ti_lr,
+        scale_lr=False,
+        save_every=0,
+        checkpoint_every=0,
+        precision=cfg.precision,
+        seed=cfg.seed,
+        device=cfg.device,
+    )
+    return train_textual_inversion(ti)
+
+
+def load_demo_pipeline(cfg: PersonalizeDemoConfig, stack: Path, embeds: Path):
+    from difflab.personalize.sd import load_pipeline
+
+    return load_pipeline(stack / "sd", [embeds], cfg.device, cfg.precision)
+
+
+def generate_config(cfg: PersonalizeDemoConfig):
+    from difflab.personalize.generate import GenerateConfig
+
+    return GenerateConfig(
+        per_prompt=cfg.per_prompt,
+        steps=cfg.steps,
+        guidance=cfg.guidance,
+        seed=cfg.seed,
+        batch_size=cfg.per_prompt,
+        precision=cfg.precision,
+    )
+
+
+def generation(cfg: PersonalizeDemoConfig, pipe, spec: dict, judges: Judges, out: Path) -> dict:
+    from difflab.personalize.generate import generate
+
+    gcfg = generate_config(cfg)
+    generate(pipe, spec, out / "generated", gcfg)
+    generate(pipe, base_spec(), out / "base", gcfg)
+    styled = judge_generation(judges, out / "generated", spec, cfg.per_prompt)
+    base_images = [read_prompt_images(out / "base" / "base" / str(d), cfg.per_prompt) for d in range(10)]
+    base = judges(np.concatenate(base_images))
+    result = {"base_digit_accuracy": float((base.digit == np.repeat(np.arange(10), cfg.per_prompt)).mean())}
+    for k, (token, domain) in enumerate(CONCEPTS):
+        # The base rate: the share of plain "the number {d}" images the domain judge calls this style.
+        base_rate = float((base.domain == DOMAINS.index(domain)).mean())
+        result[token] = {"style": domain, **styled[str(k)], "base_style_rate": base_rate}
+    return result
+
+
+def best_of(cfg: PersonalizeDemoConfig, spec: dict, judges: Judges, stack: Path, out: Path) -> dict:
+    from difflab.personalize.score import run_score
+
+    results = run_score(
+        out / "input.json",
+        out / "references",
+        out / "generated",
+        stack / "clip",
+        out / "score",
+        device=cfg.device,
+        top_k=cfg.top_k,
+    )
+    kept = judge_best_of(judges, results, spec)
+    everything = judge_generation(judges, out / "generated", spec, cfg.per_prompt)
+    rows = {}
+    for k, (token, _) in enumerate(CONCEPTS):
+        a, b = everything[str(k)], kept[str(k)]
+        rows[token] = {
+            "all": a,
+            "kept": b,
+            "digit_gain": b["digit_accuracy"] - a["digit_accuracy"],
+            "style_gain": b["style_rate"] - a["style_rate"],
+        }
+    return rows
+
+
+def composition(cfg: PersonalizeDemoConfig, pipe, judges: Judges, out: Path) -> dict:
+    """Both halves right (digit and style), composed against naive, on the same initial noise."""
+    from difflab.personalize.compose import ComposeConfig, Region, compose
+
+    (left_token, left_style), (right_token, right_style) = CONCEPTS
+    ccfg = ComposeConfig(
+        steps=cfg.steps, guidance=cfg.guidance, height=32, width=64, map_factor=2, precision=cfg.precision
+    )
+    naive, composed, wanted = [], [], []
+    for a, b in PAIRS:
+        left = f"the number {a} in the style of {left_token}"
+        right = f"the number {b} in the style of {right_token}"
+        prompt = f"{left} next to {right}"
+        regions = [Region(left.removeprefix("the number "), left), Region(right.removeprefix("the number "), right)]
+        for s in range(cfg.compose_seeds):
+            r = compose(pipe, prompt, regions, ccfg, seed=cfg.seed + s)
+            naive.append(np.asarray(r.naive.convert("RGB")))
+            composed.append(np.asarray(r.composed.convert("RGB")))
+            wanted.append((a, b))
+    naive, composed = np.stack(naive), np.stack(composed)
+    save_png(np.concatenate(list(naive[:20:2])), out / "naive.png")
+    save_png(np.concatenate(list(composed[:20:2])), out / "composed.png")
+    want = np.array(wanted)
+    styles = (DOMAINS.index(left_style), DOMAINS.index(right_style))
+    result = {"n": len(want), "prompts": len(PAIRS)}
+    both_right = {}
+    for name, images in (("naive", naive), ("composed", composed)):
+        both_right[name] = both_halves_right(judges, images, want, styles)
+        result[name] = float(both_right[name].mean())
+    diff = both_right["composed"].astype(float) - both_right["naive"].astype(float)
+    result["gain"] = float(diff.mean())
+    result["gain_se"] = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    return result

@@ -1,0 +1,212 @@
+"""The miniature SD + CLIP stack: captions, standard formats that diffusers and transformers load unchanged,
+training loops that learn, safe building (refuse, resume, no half-written folders)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from difflab.minisd import data as mdata
+from difflab.minisd.build import BuildConfig, build, default_settings
+from difflab.minisd.models import MiniSDConfig
+from difflab.minisd.train import StageConfig, TrainSettings, clip_loss, train_clip, train_vae
+from difflab.precision import Precision
+from difflab.utils import DifflabError
+
+TINY = MiniSDConfig(
+    text_width=32,
+    text_layers=1,
+    vision_width=32,
+    vision_layers=1,
+    projection_dim=32,
+    vae_channels=(8, 16, 16),
+    unet_channels=(16, 32),
+    attention_head_dim=8,
+)
+
+
+def tiny_settings(steps: int = 2) -> TrainSettings:
+    return TrainSettings(
+        clip=StageConfig(steps, 16, 1e-3, warmup=1),
+        vae=StageConfig(steps, 8, 1e-3, warmup=1),
+        unet=StageConfig(steps, 8, 1e-3, warmup=1),
+    )
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    out = tmp_path_factory.mktemp("minisd") / "stack"
+    cfg = BuildConfig(
+        out=str(out),
+        model=TINY,
+        train=tiny_settings(),
+        n_per_domain=20,
+        n_pairs=6,
+        judge_epochs=1,
+        precision="fp32",
+        device="cpu",
+    )
+    return build(cfg), cfg
+
+
+def test_captions_name_the_digit_never_the_style():
+    rng = np.random.default_rng(0)
+    for d in range(10):
+        for _ in range(20):
+            text = mdata.caption((d,), rng)
+            assert mdata.NUMBER_WORDS[d] in text.split() or str(d) in text.split()
+            assert not {"mnist", "mnistm", "svhn", "style", "house"} & set(text.lower().split())
+    assert mdata.caption((8,), np.random.default_rng(3)).count(" a 8") == 0
+    pair = mdata.caption((3, 5), np.random.default_rng(1))
+    assert ("3" in pair or "three" in pair) and ("5" in pair or "five" in pair)
+
+
+def test_pairs_keep_each_half(tmp_path):
+    singles = mdata.single_digits(10, 0)
+    pairs = mdata.digit_pairs(singles, 4, 0)
+    assert pairs.images.shape == (4, 32, 64, 3)
+    for image, digits, domains in zip(pairs.images, pairs.digits, pairs.domains):
+        left = [i for i, d in enumerate(singles.digits) if np.array_equal(singles.images[i], image[:, :32])][0]
+        assert singles.digits[left] == digits[:1] and singles.domains[left] == domains[:1]
+
+
+def test_metadata_round_trip_and_bad_lines(tmp_path):
+    singles = mdata.single_digits(10, 0)
+    rows = mdata.write_imagefolder(singles, tmp_path)
+    mdata.write_metadata(rows, tmp_path)
+    groups = mdata.load_imagefolder(tmp_path)
+    assert list(groups) == [(32, 32)] and groups[(32, 32)].texts == singles.texts
+    np.testing.assert_array_equal(groups[(32, 32)].images, singles.images)
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "00000.png", "text": "a 1"}\n{"file_name": 3}\n')
+    with pytest.raises(DifflabError, match=r"metadata.jsonl: line 2 needs a string 'file_name'"):
+        mdata.read_metadata(tmp_path)
+    (tmp_path / "metadata.jsonl").write_text("{not json\n")
+    with pytest.raises(DifflabError, match="line 1 is not valid JSON"):
+        mdata.read_metadata(tmp_path)
+
+
+def test_clip_loss_treats_same_digit_as_positive():
+    same = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.bool)
+    good = torch.tensor([[5.0, 5.0, -5.0], [5.0, 5.0, -5.0], [-5.0, -5.0, 5.0]])
+    one_positive = torch.eye(3) * 10 - 5
+    assert clip_loss(good, same) < clip_loss(one_positive, same)
+
+
+def test_training_loops_lower_their_losses():
+    from difflab.clip.tokenizer import load_clip_tokenizer
+
+    singles = mdata.single_digits(30, 0)
+    stage = StageConfig(40, 16, 2e-3, warmup=5)
+    _, losses = train_clip(singles, load_clip_tokenizer(), TINY, stage, Precision(), torch.device("cpu"), 0)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    settings = TrainSettings(clip=stage, vae=StageConfig(40, 16, 3e-3, warmup=5), unet=stage)
+    _, losses = train_vae(singles, TINY, settings, Precision(), torch.device("cpu"), 0)
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+
+
+def test_stack_loads_in_difflab_diffusers_and_transformers(stack):
+    from diffusers import StableDiffusionPipeline
+    from transformers import pipeline
+
+    from difflab.clip.model import load_clip
+    from difflab.personalize.sd import load_sd
+
+    out, cfg = stack
+    pipe = StableDiffusionPipeline.from_pretrained(out / "sd", local_files_only=True, safety_checker=None)
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size == TINY.text_width
+    image = pipe("the number 7", num_inference_steps=2, height=32, width=32, output_type="np").images
+    assert image.shape == (1, 32, 32, 3)
+    ours = load_sd(out / "sd", device="cpu")
+    assert ours.vae.config.scaling_factor == pipe.vae.config.scaling_factor != 0.18215
+    clip = load_clip(out / "clip", device="cpu")
+    assert clip.model.config.vision_config.image_size == 32
+    classify = pipeline("zero-shot-image-classification", model=str(out / "clip"), device="cpu")
+    from PIL import Image
+
+    scores = classify(Image.fromarray(mdata.single_digits(10, 0).images[0]), candidate_labels=["one", "two"])
+    assert {s["label"] for s in scores} == {"one", "two"}
+    log = json.loads((out / "build.json").read_text())
+    assert set(log["stages"]) == {"data", "clip", "vae", "sd", "judges"}
+    assert set(json.loads((out / "judges" / "domain.json").read_text())["classes"]) == {"mnistm", "svhn"}
+
+
+def test_build_refuses_an_earlier_build_and_resume_keeps_it(stack, tmp_path):
+    out, cfg = stack
+    with pytest.raises(DifflabError, match="holds an earlier mini-SD build.*--resume"):
+        build(BuildConfig(out=str(out), model=TINY, train=tiny_settings()))
+    before = (out / "sd" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    build(BuildConfig(out=str(out), model=TINY, train=tiny_settings(), resume=True))
+    assert (out / "sd" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_default_settings_are_fixed_work():
+    s = default_settings()
+    assert all(stage.steps > 0 for stage in (s.clip, s.vae, s.unet))
+
+
+class FakeJudge:
+    """Reads the answer off the image: digit = red value of the top-left pixel, domain = green value."""
+
+    def __call__(self, images):
+        from difflab.minisd.judges import Verdict
+
+        return Verdict(images[:, 0, 0, 0].astype(np.int64), images[:, 0, 0, 1].astype(np.int64))
+
+
+def test_rates_and_halves_on_hand_made_cases():
+    from difflab.minisd.judges import Verdict, both_halves_right, halves, rates, to_judge_size
+
+    v = Verdict(np.array([1, 2, 3, 4]), np.array([0, 1, 1, 1]))
+    r = rates(v, np.array([1, 2, 0, 4]), domain=1)
+    assert r == {"n": 4, "digit_accuracy": 0.75, "style_rate": 0.75, "both": 0.5}
+    assert "style_rate" not in rates(v, np.array([1, 2, 3, 4]), None)
+    canvases = np.zeros((3, 32, 64, 3), dtype=np.uint8)
+    canvases[:, 0, 0] = [[3, 1, 0], [3, 1, 0], [3, 0, 0]]  # left: digit 3; style 1, 1, 0
+    canvases[:, 0, 32] = [[5, 0, 0], [6, 0, 0], [5, 0, 0]]  # right: digit 5, 6, 5; style 0
+    left, right = halves(canvases)
+    assert left.shape == right.shape == (3, 32, 32, 3)
+    ok = both_halves_right(FakeJudge(), canvases, np.array([[3, 5]] * 3), (1, 0))
+    assert ok.tolist() == [True, False, False]
+    assert to_judge_size(left).shape == (3, 28, 28, 3)
+
+
+def test_an_interrupted_stage_leaves_no_folder_and_resume_finishes(stack, tmp_path, monkeypatch):
+    import shutil
+
+    from difflab.minisd import build as mbuild
+
+    out = tmp_path / "stack"
+    shutil.copytree(stack[0], out)
+    shutil.rmtree(out / "vae")
+    shutil.rmtree(out / "sd")
+
+    def cut_off(cfg, out, device):
+        def write(tmp):
+            (tmp / "config.json").write_text("{")  # half written
+            raise KeyboardInterrupt
+
+        mbuild.write_dir(out / "vae", write)
+
+    real = mbuild.STAGE_FUNCS["vae"]
+    monkeypatch.setitem(mbuild.STAGE_FUNCS, "vae", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        build(BuildConfig(out=str(out), model=TINY, train=tiny_settings(), resume=True, device="cpu"))
+    assert not (out / "vae").exists() and not (out / "sd").exists()
+    monkeypatch.setitem(mbuild.STAGE_FUNCS, "vae", real)
+    build(BuildConfig(out=str(out), model=TINY, train=tiny_settings(), resume=True, device="cpu", precision="fp32"))
+    assert (out / "vae" / "config.json").is_file() and (out / "sd" / "model_index.json").is_file()
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_demo_refuses_an_incomplete_stack(stack, tmp_path):
+    import shutil
+
+    from difflab.personalize.demo import PersonalizeDemoConfig, open_stack
+
+    out = tmp_path / "stack"
+    shutil.copytree(stack[0], out)
+    shutil.rmtree(out / "judges")
+    with pytest.raises(DifflabError, match=r"not a complete mini-SD build \(missing judges\).*--resume"):
+        open_stack(PersonalizeDemoConfig(out=str(tmp_path / "demo"), stack=str(out)), tmp_path / "demo")
