@@ -210,3 +210,25 @@ def test_demo_refuses_an_incomplete_stack(stack, tmp_path):
     shutil.rmtree(out / "judges")
     with pytest.raises(DifflabError, match=r"not a complete mini-SD build \(missing judges\).*--resume"):
         open_stack(PersonalizeDemoConfig(out=str(tmp_path / "demo"), stack=str(out)), tmp_path / "demo")
+
+
+def test_stage_precision_is_measured_on_a_cpu(tmp_path, monkeypatch):
+    from difflab.minisd.build import measured_precision
+    from difflab.minisd.models import build_vae
+
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path))
+    x = torch.zeros(2, 3, 32, 32)
+    cfg = BuildConfig(out=str(tmp_path), model=TINY, precision="auto")
+    chosen = measured_precision(
+        cfg, torch.device("cpu"), "VAE test", lambda: build_vae(TINY), lambda m, p: m(p.input(x)).sample
+    )
+    assert chosen.how == "measured" and set(chosen.timings_ms) == {
+        "fp32",
+        "bf16",
+        "fp32+channels_last",
+        "bf16+channels_last",
+    }
+    again = measured_precision(
+        cfg, torch.device("cpu"), "VAE test", lambda: build_vae(TINY), lambda m, p: m(p.input(x)).sample
+    )
+    assert again.how == "cached" and again.label == chosen.label

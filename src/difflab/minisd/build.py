@@ -21,7 +21,7 @@ import torch
 
 from difflab.io import load_json, save_json
 from difflab.minisd import data as mdata
-from difflab.minisd.models import MiniSDConfig
+from difflab.minisd.models import MiniSDConfig, build_clip, build_unet, build_vae, sd_scheduler_config
 from difflab.minisd.train import StageConfig, TrainSettings
 from difflab.precision import Precision, resolve
 from difflab.utils import DifflabError, pick_device
@@ -92,9 +92,18 @@ def prepare_out(cfg: BuildConfig) -> Path:
     return out
 
 
-def stage_precision(cfg: BuildConfig, device, job: str, trial_step) -> Precision:
-    """The build's precision for one stage: `trial_step(precision)` runs one training step on a throw-away model."""
-    return resolve(cfg.precision, device, f"mini-SD {job}", trial_step)
+def measured_precision(cfg: BuildConfig, device, job: str, make_model, loss) -> Precision:
+    """The precision policy for one stage: on a CPU with "auto", one training step of each candidate is timed on
+    a throw-away model (`loss(model, precision)` runs the forward pass)."""
+    models: dict = {}
+
+    def trial(p: Precision) -> None:
+        model = models.setdefault(p.label, p.prepare(make_model().to(device)))
+        with p.autocast(device):
+            loss(model, p).float().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    return resolve(cfg.precision, device, f"mini-SD {job}", trial)
 
 
 def build(cfg: BuildConfig) -> Path:
@@ -140,7 +149,6 @@ def training_sets(out: Path) -> tuple[mdata.CaptionedDigits, mdata.CaptionedDigi
 def build_clip_stage(cfg: BuildConfig, out: Path, device) -> dict:
     from difflab.clip.model import default_processor
     from difflab.clip.tokenizer import load_clip_tokenizer
-    from difflab.minisd.models import build_clip
     from difflab.minisd.train import clip_loss, train_clip
 
     singles, _ = training_sets(out)
@@ -154,7 +162,7 @@ def build_clip_stage(cfg: BuildConfig, out: Path, device) -> dict:
             logits = model(input_ids=ids.input_ids, attention_mask=ids.attention_mask, pixel_values=px)
             clip_loss(logits.logits_per_image, torch.eye(8, dtype=torch.bool, device=device)).backward()
 
-    precision = stage_precision(cfg, device, f"CLIP batch {cfg.train.clip.batch_size}", trial)
+    precision = resolve(cfg.precision, device, f"mini-SD CLIP batch {cfg.train.clip.batch_size}", trial)
     model, losses = train_clip(singles, tokenizer, cfg.model, cfg.train.clip, precision, device, cfg.seed)
 
     def write(tmp: Path) -> None:
@@ -170,7 +178,10 @@ def build_vae_stage(cfg: BuildConfig, out: Path, device) -> dict:
     from difflab.minisd.train import train_vae
 
     singles, _ = training_sets(out)
-    precision = resolve(cfg.precision, device)  # tiny convs: measured as part of the UNet's choice is enough
+    x = torch.zeros(cfg.train.vae.batch_size, 3, cfg.model.image_size, cfg.model.image_size, device=device)
+    precision = measured_precision(
+        cfg, device, f"VAE batch {len(x)}", lambda: build_vae(cfg.model), lambda m, p: m(p.input(x)).sample
+    )
     model, losses = train_vae(singles, cfg.model, cfg.train, precision, device, cfg.seed)
     write_dir(out / "vae", model.save_pretrained)
     return {"precision": precision.describe(), "losses": losses[:: max(1, len(losses) // 200)]}
@@ -180,7 +191,6 @@ def build_sd_stage(cfg: BuildConfig, out: Path, device) -> dict:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
-    from difflab.minisd.models import sd_scheduler_config
     from difflab.minisd.train import LatentSet, encode_captions, encode_latents, train_unet
 
     singles, pairs = training_sets(out)
@@ -203,7 +213,16 @@ def build_sd_stage(cfg: BuildConfig, out: Path, device) -> dict:
     scaling = float(1 / sets[0].mean.std())
     vae.register_to_config(scaling_factor=scaling)
 
-    precision = resolve(cfg.precision, device)
+    b, size = cfg.train.unet.batch_size, cfg.model.latent_size
+    z, t = torch.zeros(b, cfg.model.latent_channels, size, size, device=device), torch.zeros(b, dtype=torch.long)
+    c = captions[:1].expand(b, -1, -1).to(device)
+    precision = measured_precision(
+        cfg,
+        device,
+        f"UNet batch {b}",
+        lambda: build_unet(cfg.model),
+        lambda m, p: m(p.input(z), t.to(device), c).sample,
+    )
     unet, losses = train_unet(sets, captions, row[""], scaling, cfg.model, cfg.train, precision, device, cfg.seed)
     pipe = StableDiffusionPipeline(
         vae=vae,

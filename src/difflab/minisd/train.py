@@ -126,13 +126,13 @@ def train_clip(data: CaptionedDigits, tokenizer, cfg: MiniSDConfig, stage: Stage
 # ---- VAE ----------------------------------------------------------------------------------------------------
 def train_vae(data: CaptionedDigits, cfg: MiniSDConfig, settings: TrainSettings, precision, device, seed):
     torch.manual_seed(seed)
-    model = build_vae(cfg).to(device)
+    model = precision.prepare(build_vae(cfg).to(device))
     stage, g = settings.vae, torch.Generator().manual_seed(seed)
 
     def loss_fn(step: int) -> torch.Tensor:
         idx = torch.randint(len(data.images), (stage.batch_size,), generator=g)
         x = pixels(data.images[idx.numpy()], device)
-        posterior = model.encode(x).latent_dist
+        posterior = model.encode(precision.input(x)).latent_dist
         recon = model.decode(posterior.sample()).sample.float()
         return F.mse_loss(recon, x) + settings.kl_weight * posterior.kl().mean()
 
@@ -191,7 +191,7 @@ def train_unet(
     from diffusers import DDPMScheduler
 
     torch.manual_seed(seed)
-    model = build_unet(cfg).to(device)
+    model = precision.prepare(build_unet(cfg).to(device))
     ema = copy.deepcopy(model).requires_grad_(False)
     scheduler = DDPMScheduler.from_config(sd_scheduler_config())
     alphas = scheduler.alphas_cumprod
@@ -210,7 +210,7 @@ def train_unet(
         t = torch.randint(len(alphas), (b,), generator=g)
         noisy = scheduler.add_noise(latents, noise, t)
         target = scheduler.get_velocity(latents, noise, t)
-        pred = model(noisy.to(device), t.to(device), captions[cap].to(device)).sample.float()
+        pred = model(precision.input(noisy.to(device)), t.to(device), captions[cap].to(device)).sample.float()
         per_image = F.mse_loss(pred, target.to(device), reduction="none").mean((1, 2, 3))
         return (weight[t].to(device) * per_image).mean()
 

@@ -1,0 +1,65 @@
+"""The personalization demo as a benchmark: build the miniature SD + CLIP stack (fixed work), run jobs 3 and 4 on
+it, and tabulate the time of every stage and every measured effect against its goal.
+
+    python benchmarks/personalize_demo.py                       # build + demo under runs/bench-personalize
+    python benchmarks/personalize_demo.py --unet-steps 3000     # the same with a longer-trained UNet
+    python benchmarks/personalize_demo.py --from-run STACK DEMO # tabulate an earlier build and demo only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+from pathlib import Path
+
+from _common import write_results
+from difflab.personalize.demo_report import effect_rows
+
+
+def run(out: Path, unet_steps: int | None) -> tuple[Path, Path]:
+    from difflab.minisd.build import BuildConfig, build
+    from difflab.personalize.demo import PersonalizeDemoConfig, run_demo
+
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = BuildConfig(out=str(out / "minisd"))
+    if unet_steps:
+        cfg.train.unet.steps = unet_steps
+    build(cfg)
+    run_demo(PersonalizeDemoConfig(out=str(out / "demo"), stack=str(out / "minisd")))
+    return out / "minisd", out / "demo"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-personalize"))
+    parser.add_argument("--unet-steps", type=int, default=None)
+    parser.add_argument("--from-run", nargs=2, type=Path, metavar=("STACK", "DEMO"))
+    parser.add_argument("--name", default="personalize_demo")
+    args = parser.parse_args()
+    stack, demo = args.from_run or run(args.out, args.unet_steps)
+    build_log = json.loads((stack / "build.json").read_text())
+    metrics = json.loads((demo / "metrics.json").read_text())
+    stages = {f"build: {k}": v["seconds"] for k, v in build_log["stages"].items()}
+    stages.update({f"demo: {k}": v for k, v in metrics["seconds"].items() if k != "mini stack"})
+    rows = [[k, f"{v:.0f} s", "", ""] for k, v in stages.items()]
+    rows += effect_rows(metrics)
+    unet = build_log["config"]["train"]["unet"]
+    build_s = sum(v["seconds"] for v in build_log["stages"].values())
+    demo_s = sum(v for k, v in metrics["seconds"].items() if k != "mini stack")
+    notes = f"UNet {unet['steps']} steps of batch {unet['batch_size']}; build {build_s:.0f} s, "
+    notes += f"personalization {demo_s:.0f} s."
+    # Tokens in backticks: a bare <new1> is an HTML tag to a markdown renderer.
+    rows = [[re.sub(r"(<[^<>\s]+>)", r"`\1`", str(v)) for v in row] for row in rows]
+    write_results(
+        args.name,
+        ["stage or effect", "measured", "goal", "met / gain"],
+        rows,
+        notes,
+        {"build": build_log["stages"], "metrics": metrics},
+    )
+
+
+if __name__ == "__main__":
+    main()
