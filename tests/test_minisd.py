@@ -232,3 +232,19 @@ def test_stage_precision_is_measured_on_a_cpu(tmp_path, monkeypatch):
         cfg, torch.device("cpu"), "VAE test", lambda: build_vae(TINY), lambda m, p: m(p.input(x)).sample
     )
     assert again.how == "cached" and again.label == chosen.label
+
+
+def test_unet_loop_lowers_its_loss():
+    from difflab.minisd.train import LatentSet, train_unet
+
+    g = torch.Generator().manual_seed(0)
+    patterns = torch.randn(4, 4, 8, 8, generator=g)
+    which = torch.arange(64) % 4
+    singles = LatentSet(patterns[which], torch.full((64, 4, 8, 8), 0.05), which)
+    captions = torch.randn(5, 77, TINY.text_width, generator=g)  # one per pattern + the empty caption
+    settings = TrainSettings(
+        clip=StageConfig(1, 1, 1e-3), vae=StageConfig(1, 1, 1e-3), unet=StageConfig(60, 16, 3e-3, warmup=5)
+    )
+    ema, losses = train_unet([singles], captions, 4, 1.0, TINY, settings, Precision(), torch.device("cpu"), 0)
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
+    assert not ema.training
