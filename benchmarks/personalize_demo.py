@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--unet-steps", type=int, default=None)
     parser.add_argument("--from-run", nargs=2, type=Path, metavar=("STACK", "DEMO"))
     parser.add_argument("--name", default="personalize_demo")
+    parser.add_argument("--note", default="", help="Appended to the table's notes (e.g. how the run was made).")
     args = parser.parse_args()
     stack, demo = args.from_run or run(args.out, args.unet_steps)
     build_log = json.loads((stack / "build.json").read_text())
@@ -45,11 +46,11 @@ def main() -> None:
     stages.update({f"demo: {k}": v for k, v in metrics["seconds"].items() if k != "mini stack"})
     rows = [[k, f"{v:.0f} s", "", ""] for k, v in stages.items()]
     rows += effect_rows(metrics)
-    unet = build_log["config"]["train"]["unet"]
+    unet = build_log["stages"]["sd"].get("config", build_log["config"])["train"]["unet"]
     build_s = sum(v["seconds"] for v in build_log["stages"].values())
     demo_s = sum(v for k, v in metrics["seconds"].items() if k != "mini stack")
     notes = f"UNet {unet['steps']} steps of batch {unet['batch_size']}; build {build_s:.0f} s, "
-    notes += f"personalization {demo_s:.0f} s."
+    notes += f"personalization {demo_s:.0f} s. {args.note}".rstrip()
     # Tokens in backticks: a bare <new1> is an HTML tag to a markdown renderer.
     rows = [[re.sub(r"(<[^<>\s]+>)", r"`\1`", str(v)) for v in row] for row in rows]
     write_results(

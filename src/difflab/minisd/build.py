@@ -119,6 +119,7 @@ def build(cfg: BuildConfig) -> Path:
         start = time.perf_counter()
         info = STAGE_FUNCS[stage](cfg, out, device) or {}
         info["seconds"] = round(time.perf_counter() - start, 1)
+        info["config"] = asdict(cfg)  # a resumed build may finish with other settings than it started with
         log["stages"][stage] = info
         print(f"mini-SD {stage}: {info['seconds']:.0f} s" + (f" ({info['summary']})" if "summary" in info else ""))
         save_json(log, out / BUILD_LOG)
