@@ -248,3 +248,39 @@ def test_unet_loop_lowers_its_loss():
     ema, losses = train_unet([singles], captions, 4, 1.0, TINY, settings, Precision(), torch.device("cpu"), 0)
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
     assert not ema.training
+
+
+def test_personalize_demo_runs_end_to_end_on_a_tiny_stack(stack, tmp_path, capsys):
+    from difflab.personalize.demo import PersonalizeDemoConfig, run_demo
+
+    cfg = PersonalizeDemoConfig(
+        out=str(tmp_path / "demo"),
+        stack=str(stack[0]),
+        n_heldout=2,
+        ti_steps=2,
+        ti_batch=2,
+        per_prompt=2,
+        top_k=1,
+        steps=2,
+        compose_seeds=1,
+        device="cpu",
+        precision="fp32",
+    )
+    metrics = run_demo(cfg)
+    out = tmp_path / "demo"
+    for path in (
+        "report.html",
+        "metrics.json",
+        "input.json",
+        "ti/learned_embeds.safetensors",
+        "generated/0/9/source0_prompt9_1.png",
+        "score/prompt_scores.json",
+        "zeroshot/ensemble/report.html",
+    ):
+        assert (out / path).is_file(), path
+    assert set(metrics["generation"]) == {"base_digit_accuracy", "<new1>", "<new2>"}
+    assert metrics["compose"]["n"] == 10 and 0 <= metrics["compose"]["composed"] <= 1
+    assert metrics["zeroshot"]["one template"]["n"] == 20
+    assert "CLIP zero-shot top-1, ensemble" in capsys.readouterr().out
+    with pytest.raises(DifflabError, match="holds an earlier personalization demo"):
+        run_demo(cfg)

@@ -22,6 +22,7 @@ from difflab.digits.data import DOMAINS
 from difflab.io import load_rgb, save_json, save_png
 from difflab.minisd import data as mdata
 from difflab.minisd.judges import Judges, both_halves_right, rates
+from difflab.personalize.sd import load_pipeline
 from difflab.utils import DifflabError, Stages
 
 # Concept key (as in input.json) -> (token, the style of its reference images).
@@ -35,7 +36,7 @@ PAIRS = ((3, 5), (1, 7), (0, 8), (2, 6), (4, 9), (5, 2), (7, 0), (9, 3), (6, 1),
 class PersonalizeDemoConfig:
     out: str
     stack: str | None = None  # a mini-SD build; None: <out>/minisd, built when missing
-    n_heldout: int = 50  # zero-shot images per digit and style
+    n_heldout: int = 50  # zero-shot images per digit, half of each style (the course: 50 per class)
     refs_per_concept: int = 5
     ti_steps: int = 300
     ti_batch: int = 16
@@ -58,7 +59,7 @@ def binomial_se(p: float, n: int) -> float:
 
 def write_zeroshot_set(out: Path, n_per_digit: int, seed: int) -> Path:
     """Held-out digits of both styles as `<class>_<idx>.png` + `id2label.json` (the course's CLIP layout)."""
-    held = mdata.single_digits(5 * n_per_digit, seed, split="val")  # balanced: n_per_digit per digit and style
+    held = mdata.single_digits(5 * n_per_digit, seed, split="val")  # n_per_digit / 2 per digit and style
     counts: dict[int, int] = {}
     for image, digits in zip(held.images, held.digits):
         d = digits[0]
@@ -118,7 +119,7 @@ def judge_generation(judges: Judges, gen: Path, spec: dict, per_prompt: int) -> 
         for idx in range(len(entry["prompt"])):
             images.append(read_prompt_images(gen / key / str(idx), per_prompt))
             digits += [idx] * per_prompt
-        out[key] = rates(judges(np.concatenate(images)), np.array(digits), style_index(key) if key.isdigit() else None)
+        out[key] = rates(judges(np.concatenate(images)), np.array(digits), style_index(key))
     return out
 
 
@@ -161,11 +162,13 @@ def run_demo(cfg: PersonalizeDemoConfig) -> dict:
     metrics["zeroshot"] = stages.run("CLIP zero-shot", zeroshot, cfg, stack, out / "zeroshot")
     refs = write_references(out / "references", cfg.refs_per_concept, cfg.seed)
     embeds = stages.run("textual inversion", textual_inversion, cfg, stack, refs, out / "ti")
-    pipe = load_demo_pipeline(cfg, stack, embeds)
+    pipe = load_pipeline(stack / "sd", [embeds], cfg.device, cfg.precision)
     spec = input_spec()
     save_json(spec, out / "input.json")
     metrics["generation"] = stages.run("generation", generation, cfg, pipe, spec, judges, out)
-    metrics["best_of"] = stages.run("CLIP score, best-of-N", best_of, cfg, spec, judges, stack, out)
+    metrics["best_of"] = stages.run(
+        "CLIP score, best-of-N", best_of, cfg, spec, judges, stack, out, metrics["generation"]
+    )
     metrics["compose"] = stages.run("composition", composition, cfg, pipe, judges, out / "compose")
     metrics["seconds"] = stages.seconds
     save_json(metrics, out / "metrics.json")
@@ -234,12 +237,6 @@ def textual_inversion(cfg: PersonalizeDemoConfig, stack: Path, refs: list[Path],
     return train_textual_inversion(ti)
 
 
-def load_demo_pipeline(cfg: PersonalizeDemoConfig, stack: Path, embeds: Path):
-    from difflab.personalize.sd import load_pipeline
-
-    return load_pipeline(stack / "sd", [embeds], cfg.device, cfg.precision)
-
-
 def generate_config(cfg: PersonalizeDemoConfig):
     from difflab.personalize.generate import GenerateConfig
 
@@ -270,7 +267,8 @@ def generation(cfg: PersonalizeDemoConfig, pipe, spec: dict, judges: Judges, out
     return result
 
 
-def best_of(cfg: PersonalizeDemoConfig, spec: dict, judges: Judges, stack: Path, out: Path) -> dict:
+def best_of(cfg: PersonalizeDemoConfig, spec: dict, judges: Judges, stack: Path, out: Path, generated: dict) -> dict:
+    """The images best-of-N keeps against all candidates (`generated`: the judged rates of `generation`)."""
     from difflab.personalize.score import run_score
 
     results = run_score(
@@ -283,10 +281,9 @@ def best_of(cfg: PersonalizeDemoConfig, spec: dict, judges: Judges, stack: Path,
         top_k=cfg.top_k,
     )
     kept = judge_best_of(judges, results, spec)
-    everything = judge_generation(judges, out / "generated", spec, cfg.per_prompt)
     rows = {}
     for k, (token, _) in enumerate(CONCEPTS):
-        a, b = everything[str(k)], kept[str(k)]
+        a, b = generated[token], kept[str(k)]
         rows[token] = {
             "all": a,
             "kept": b,
