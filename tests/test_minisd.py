@@ -284,3 +284,13 @@ def test_personalize_demo_runs_end_to_end_on_a_tiny_stack(stack, tmp_path, capsy
     assert "CLIP zero-shot top-1, ensemble" in capsys.readouterr().out
     with pytest.raises(DifflabError, match="holds an earlier personalization demo"):
         run_demo(cfg)
+
+
+def test_edge_loss_sees_lost_texture():
+    from difflab.minisd.train import edge_loss
+
+    x = torch.zeros(1, 3, 8, 8)
+    x[..., ::2, :] = 1.0  # stripes
+    flat = torch.full_like(x, 0.5)  # what an MSE-optimal blur of them looks like
+    assert edge_loss(x, x) == 0
+    assert torch.nn.functional.mse_loss(flat, x) == 0.25 and edge_loss(flat, x) == 1.0

@@ -40,6 +40,7 @@ class TrainSettings:
     clip: StageConfig
     vae: StageConfig
     unet: StageConfig
+    edge_weight: float = 0.0  # L1 on image gradients, on top of the MSE: MSE alone blurs photo texture away
     kl_weight: float = 1e-6  # on the KL summed over a latent, against a per-pixel MSE (1e-5 washes colours out)
     caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
     pair_every: int = 3  # every n-th UNet step trains on two-digit canvases
@@ -124,6 +125,13 @@ def train_clip(data: CaptionedDigits, tokenizer, cfg: MiniSDConfig, stage: Stage
 
 
 # ---- VAE ----------------------------------------------------------------------------------------------------
+def edge_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference of horizontal and vertical pixel differences (texture and stroke edges)."""
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+    return F.l1_loss(dx(recon), dx(x)) + F.l1_loss(dy(recon), dy(x))
+
+
 def train_vae(data: CaptionedDigits, cfg: MiniSDConfig, settings: TrainSettings, precision, device, seed):
     torch.manual_seed(seed)
     model = precision.prepare(build_vae(cfg).to(device))
@@ -134,7 +142,10 @@ def train_vae(data: CaptionedDigits, cfg: MiniSDConfig, settings: TrainSettings,
         x = pixels(data.images[idx.numpy()], device)
         posterior = model.encode(precision.input(x)).latent_dist
         recon = model.decode(posterior.sample()).sample.float()
-        return F.mse_loss(recon, x) + settings.kl_weight * posterior.kl().mean()
+        loss = F.mse_loss(recon, x) + settings.kl_weight * posterior.kl().mean()
+        if settings.edge_weight:
+            loss = loss + settings.edge_weight * edge_loss(recon, x)
+        return loss
 
     losses = optimize(model, list(model.parameters()), stage, loss_fn, precision, device, "VAE")
     return model, losses
