@@ -294,3 +294,19 @@ def test_edge_loss_sees_lost_texture():
     flat = torch.full_like(x, 0.5)  # what an MSE-optimal blur of them looks like
     assert edge_loss(x, x) == 0
     assert torch.nn.functional.mse_loss(flat, x) == 0.25 and edge_loss(flat, x) == 1.0
+
+
+def test_build_cli_range_checks_before_writing(tmp_path):
+    from typer.testing import CliRunner
+
+    from difflab.cli import app
+
+    runner = CliRunner()
+    for option, value, message in (
+        ("--unet-steps", "0", "--unet-steps = 0: must be at least 1"),
+        ("--per-domain", "3", "--per-domain = 3: must be at least 10"),
+        ("--vae-edge-weight", "-1", "--vae-edge-weight = -1.0: must be in [0, 100]"),
+    ):
+        result = runner.invoke(app, ["minisd", "build", "--out", str(tmp_path / "s"), option, value])
+        assert result.exit_code != 0 and message in str(result.exception), option
+    assert not (tmp_path / "s").exists()

@@ -23,6 +23,9 @@ def build_command(
     clip_steps: Annotated[int, typer.Option(help="CLIP training steps.")] = DEFAULTS.train.clip.steps,
     vae_steps: Annotated[int, typer.Option(help="VAE training steps.")] = DEFAULTS.train.vae.steps,
     unet_steps: Annotated[int, typer.Option(help="UNet training steps.")] = DEFAULTS.train.unet.steps,
+    vae_edge_weight: Annotated[
+        float, typer.Option(help="Weight of the VAE's L1 loss on image gradients (keeps photo texture; 0: off).")
+    ] = DEFAULTS.train.edge_weight,
     per_domain: Annotated[int, typer.Option(help="Captioned single digits per style.")] = DEFAULTS.n_per_domain,
     pairs: Annotated[int, typer.Option(help="Captioned two-digit canvases.")] = DEFAULTS.n_pairs,
     seed: Seed = DEFAULTS.seed,
@@ -42,6 +45,8 @@ def build_command(
     ):
         if value < low:
             raise DifflabError(f"{name} = {value}: must be at least {low}")
+    if not 0 <= vae_edge_weight <= 100:
+        raise DifflabError(f"--vae-edge-weight = {vae_edge_weight}: must be in [0, 100]")
     cfg = BuildConfig(
         out=out,
         n_per_domain=per_domain,
@@ -53,5 +58,6 @@ def build_command(
         overwrite=overwrite,
     )
     cfg.train.clip.steps, cfg.train.vae.steps, cfg.train.unet.steps = clip_steps, vae_steps, unet_steps
+    cfg.train.edge_weight = vae_edge_weight
     path = build(cfg)
     typer.echo(f"mini-SD stack: {path} (pipeline {path / 'sd'}, CLIP {path / 'clip'})")
