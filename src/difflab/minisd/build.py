@@ -139,9 +139,9 @@ def build_data(cfg: BuildConfig, out: Path, device) -> dict:
     return {"summary": f"{len(singles.texts)} digits, {len(pairs.texts)} pairs"}
 
 
-def training_sets(out: Path) -> tuple[mdata.CaptionedDigits, mdata.CaptionedDigits | None]:
+def training_sets(cfg: BuildConfig, out: Path) -> tuple[mdata.CaptionedDigits, mdata.CaptionedDigits | None]:
     groups = mdata.load_imagefolder(stage_dir(out, "data"))
-    size = MiniSDConfig.image_size
+    size = cfg.model.image_size
     if (size, size) not in groups:
         raise DifflabError(f"{stage_dir(out, 'data')}: no {size}x{size} captioned images")
     return groups[(size, size)], groups.get((size, 2 * size))
@@ -152,18 +152,18 @@ def build_clip_stage(cfg: BuildConfig, out: Path, device) -> dict:
     from difflab.clip.tokenizer import load_clip_tokenizer
     from difflab.minisd.train import clip_loss, train_clip
 
-    singles, _ = training_sets(out)
+    singles, _ = training_sets(cfg, out)
     tokenizer = load_clip_tokenizer()
-    ids = tokenizer(["a photo of the number 7"] * 8, return_tensors="pt", padding=True).to(device)
-    px = torch.zeros(8, 3, cfg.model.image_size, cfg.model.image_size, device=device)
+    b = cfg.train.clip.batch_size
+    ids = tokenizer(["a photo of the number 7"] * b, return_tensors="pt", padding=True).to(device)
+    px = torch.zeros(b, 3, cfg.model.image_size, cfg.model.image_size, device=device)
+    same = torch.eye(b, dtype=torch.bool, device=device)
 
-    def trial(p: Precision) -> None:
-        model = build_clip(cfg.model).to(device)
-        with p.autocast(device):
-            logits = model(input_ids=ids.input_ids, attention_mask=ids.attention_mask, pixel_values=px)
-            clip_loss(logits.logits_per_image, torch.eye(8, dtype=torch.bool, device=device)).backward()
+    def clip_step(model, p: Precision) -> torch.Tensor:
+        out = model(input_ids=ids.input_ids, attention_mask=ids.attention_mask, pixel_values=px)
+        return clip_loss(out.logits_per_image, same)
 
-    precision = resolve(cfg.precision, device, f"mini-SD CLIP batch {cfg.train.clip.batch_size}", trial)
+    precision = measured_precision(cfg, device, f"CLIP batch {b}", lambda: build_clip(cfg.model), clip_step)
     model, losses = train_clip(singles, tokenizer, cfg.model, cfg.train.clip, precision, device, cfg.seed)
 
     def write(tmp: Path) -> None:
@@ -178,7 +178,7 @@ def build_clip_stage(cfg: BuildConfig, out: Path, device) -> dict:
 def build_vae_stage(cfg: BuildConfig, out: Path, device) -> dict:
     from difflab.minisd.train import train_vae
 
-    singles, _ = training_sets(out)
+    singles, _ = training_sets(cfg, out)
     x = torch.zeros(cfg.train.vae.batch_size, 3, cfg.model.image_size, cfg.model.image_size, device=device)
     precision = measured_precision(
         cfg, device, f"VAE batch {len(x)}", lambda: build_vae(cfg.model), lambda m, p: m(p.input(x)).sample
@@ -194,7 +194,7 @@ def build_sd_stage(cfg: BuildConfig, out: Path, device) -> dict:
 
     from difflab.minisd.train import LatentSet, encode_captions, encode_latents, train_unet
 
-    singles, pairs = training_sets(out)
+    singles, pairs = training_sets(cfg, out)
     clip = CLIPModel.from_pretrained(out / "clip", local_files_only=True)
     tokenizer = CLIPTokenizer.from_pretrained(out / "clip", local_files_only=True, model_max_length=77)
     text_encoder = CLIPTextModel(clip.config.text_config)
