@@ -25,6 +25,7 @@ def fake_trial(ms: dict[str, float], calls: list[str]):
 @pytest.fixture(autouse=True)
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(P, "native_bf16", lambda: True)  # a CPU with bf16 instructions, unless a test says not
     return tmp_path / "precision.json"
 
 
@@ -60,6 +61,27 @@ def test_auto_keeps_a_clear_winner_and_caches_it(cache):
 def test_auto_needs_a_clear_margin_to_leave_fp32():
     ms = {"fp32": 10, "bf16": 9.5, "fp32+channels_last": 10, "bf16+channels_last": 10}
     assert P.resolve("auto", CPU, "close call", fake_trial(ms, []), rounds=3).label == "fp32"
+
+
+def test_a_cpu_without_bf16_instructions_times_fp32_only(monkeypatch):
+    monkeypatch.setattr(P, "native_bf16", lambda: False)
+    calls: list[str] = []
+    ms = {"fp32": 12, "fp32+channels_last": 4}
+    chosen = P.resolve("auto", CPU, "no bf16", fake_trial(ms, calls), rounds=1)
+    assert chosen.label == "fp32+channels_last" and set(calls) == set(ms)
+    assert "bf16" not in chosen.timings_ms
+
+
+def test_a_candidate_far_slower_than_fp32_is_not_timed_again():
+    calls: list[str] = []
+    ms = {"fp32": 5, "bf16": 60, "fp32+channels_last": 5, "bf16+channels_last": 5}
+    chosen = P.resolve("auto", CPU, "slow bf16", fake_trial(ms, calls), rounds=2)
+    assert calls.count("bf16") == 1 and calls.count("fp32") == 3
+    assert chosen.label == "fp32" and chosen.timings_ms["bf16"] >= 60
+
+
+def test_the_machine_name_carries_its_instruction_set():
+    assert f"({torch.backends.cpu.get_cpu_capability()}" in P.cpu_name()
 
 
 def test_a_broken_cache_is_ignored(cache):

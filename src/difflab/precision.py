@@ -7,8 +7,10 @@
   than fp32 on an AMD EPYC with avx512_bf16, and 1.4x slower on an Intel Xeon with avx512_bf16 but no AMX.
   So `resolve` times a few steps of each candidate (fp32 / bf16, contiguous / channels-last) on the machine
   at hand and keeps the fastest, if it beats plain fp32 by a clear margin. The answer is cached per CPU
-  model, torch version, thread count and job, so later runs on the machine skip the timing and make the
-  same choice whatever the load then.
+  model and instruction set, torch version, thread count and job, so later runs on the machine skip the
+  timing and make the same choice whatever the load then. A CPU without bf16 instructions (an AMD EPYC
+  with AVX2 only, say) emulates bf16 autocast, 14x slower than fp32 for digits training there: bf16 is not
+  timed at all on such a CPU, and any candidate whose first call is far slower than fp32's is dropped.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ PRECISION_HELP = (
 # A lower precision or another memory format must beat plain fp32 by this much: results then do not flip
 # between runs on a machine whose two options are about as fast.
 MARGIN = 0.10
+# A candidate whose warm-up call takes this many times fp32's cannot win; timing it further only costs minutes.
+PRUNE = 4.0
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -75,6 +79,17 @@ class Precision:
 CANDIDATES = (Precision("fp32"), Precision("bf16"), Precision("fp32", True), Precision("bf16", True))
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes in bf16 (avx512_bf16 or AMX); elsewhere autocast emulates it, slowly."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    found = [getattr(torch.cpu, name, None) for name in checks]
+    return any(f() for f in found if f is not None) or all(f is None for f in found)
+
+
+def cpu_candidates() -> tuple[Precision, ...]:
+    return CANDIDATES if native_bf16() else tuple(c for c in CANDIDATES if c.dtype is None)
+
+
 def check(precision: str, device: torch.device) -> None:
     if precision not in PRECISIONS:
         raise DifflabError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -103,8 +118,8 @@ def resolve(
     hit = cache.get(key)
     if isinstance(hit, dict) and hit.get("name") in _DTYPES and isinstance(hit.get("channels_last"), bool):
         return Precision(hit["name"], hit["channels_last"], "cached", hit.get("timings_ms") or {})
-    timings = measure(trial, CANDIDATES, rounds)
-    best = min(CANDIDATES, key=lambda c: timings[c.label])
+    timings = measure(trial, cpu_candidates(), rounds)
+    best = min(cpu_candidates(), key=lambda c: timings[c.label])
     if timings[best.label] > (1 - MARGIN) * timings[CANDIDATES[0].label]:
         best = CANDIDATES[0]
     chosen = Precision(best.name, best.channels_last, "measured", {k: round(v, 2) for k, v in timings.items()})
@@ -118,25 +133,39 @@ def measure(
     trial: Callable[[Precision], object], candidates: tuple[Precision, ...], rounds: int = 5
 ) -> dict[str, float]:
     """Median milliseconds of `trial` per candidate, interleaved so that a load change hits all alike. The
-    global RNG is restored afterwards, so measuring or not leaves the job's random draws unchanged."""
+    global RNG is restored afterwards, so measuring or not leaves the job's random draws unchanged. A
+    candidate whose warm-up call takes PRUNE times the first candidate's is reported by that call alone."""
     times: dict[str, list[float]] = {c.label: [] for c in candidates}
     with torch.random.fork_rng(devices=[]):
         for c in candidates:  # warm-up: first calls pick kernels and allocate
-            trial(c)
+            times[c.label].append(_timed(trial, c))
+        first = times[candidates[0].label][0]
+        kept = [c for c in candidates if times[c.label][0] <= PRUNE * first]
+        for c in kept:
+            times[c.label].clear()
         for _ in range(rounds):
-            for c in candidates:
-                start = time.perf_counter()
-                trial(c)
-                times[c.label].append(1000 * (time.perf_counter() - start))
+            for c in kept:
+                times[c.label].append(_timed(trial, c))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _timed(trial: Callable[[Precision], object], c: Precision) -> float:
+    start = time.perf_counter()
+    trial(c)
+    return 1000 * (time.perf_counter() - start)
+
+
 def cpu_name() -> str:
+    """The CPU model with its widest vector instructions, e.g. "AMD EPYC (AVX2)": machines sold under one
+    model name differ in what makes bf16 pay."""
+    name = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+                name = line.split(":", 1)[1].strip()
+                break
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"{name} ({isa}{', bf16' if native_bf16() else ''})"
 
 
 def cache_path() -> Path:
