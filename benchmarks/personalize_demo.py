@@ -3,6 +3,7 @@ it, and tabulate the time of every stage and every measured effect against its g
 
     python benchmarks/personalize_demo.py                       # build + demo under runs/bench-personalize
     python benchmarks/personalize_demo.py --unet-steps 3000     # the same with a longer-trained UNet
+    python benchmarks/personalize_demo.py --vae-edge-weight 3   # the VAE with its edge term
     python benchmarks/personalize_demo.py --from-run STACK DEMO # tabulate an earlier build and demo only
 """
 
@@ -18,7 +19,7 @@ from _common import write_results
 from difflab.personalize.demo_report import effect_rows
 
 
-def run(out: Path, unet_steps: int | None) -> tuple[Path, Path]:
+def run(out: Path, unet_steps: int | None, vae_edge_weight: float | None) -> tuple[Path, Path]:
     from difflab.minisd.build import BuildConfig, build
     from difflab.personalize.demo import PersonalizeDemoConfig, run_demo
 
@@ -26,6 +27,8 @@ def run(out: Path, unet_steps: int | None) -> tuple[Path, Path]:
     cfg = BuildConfig(out=str(out / "minisd"))
     if unet_steps:
         cfg.train.unet.steps = unet_steps
+    if vae_edge_weight is not None:
+        cfg.train.edge_weight = vae_edge_weight
     build(cfg)
     run_demo(PersonalizeDemoConfig(out=str(out / "demo"), stack=str(out / "minisd")))
     return out / "minisd", out / "demo"
@@ -35,11 +38,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-personalize"))
     parser.add_argument("--unet-steps", type=int, default=None)
+    parser.add_argument("--vae-edge-weight", type=float, default=None)
     parser.add_argument("--from-run", nargs=2, type=Path, metavar=("STACK", "DEMO"))
     parser.add_argument("--name", default="personalize_demo")
     parser.add_argument("--note", default="", help="Appended to the table's notes (e.g. how the run was made).")
     args = parser.parse_args()
-    stack, demo = args.from_run or run(args.out, args.unet_steps)
+    stack, demo = args.from_run or run(args.out, args.unet_steps, args.vae_edge_weight)
     build_log = json.loads((stack / "build.json").read_text())
     metrics = json.loads((demo / "metrics.json").read_text())
     stages = {f"build: {k}": v["seconds"] for k, v in build_log["stages"].items()}
@@ -49,7 +53,8 @@ def main() -> None:
     unet = build_log["stages"]["sd"].get("config", build_log["config"])["train"]["unet"]
     build_s = sum(v["seconds"] for v in build_log["stages"].values())
     demo_s = sum(v for k, v in metrics["seconds"].items() if k != "mini stack")
-    notes = f"UNet {unet['steps']} steps of batch {unet['batch_size']}; build {build_s:.0f} s, "
+    edge = build_log["config"]["train"].get("edge_weight", 0.0)
+    notes = f"UNet {unet['steps']} steps of batch {unet['batch_size']}; VAE edge weight {edge}; build {build_s:.0f} s, "
     notes += f"personalization {demo_s:.0f} s. {args.note}".rstrip()
     # Tokens in backticks: a bare <new1> is an HTML tag to a markdown renderer.
     rows = [[re.sub(r"(<[^<>\s]+>)", r"`\1`", str(v)) for v in row] for row in rows]

@@ -62,6 +62,33 @@ def test_captions_name_the_digit_never_the_style():
     assert ("3" in pair or "three" in pair) and ("5" in pair or "five" in pair)
 
 
+def test_appearance_words_are_true_of_the_image():
+    flat = np.zeros((28, 28, 3), np.uint8)
+    flat[:] = (40, 60, 200)  # a plain blue background
+    flat[6:22, 8:20] = (250, 250, 250)  # a sharp white "0"
+    flat[9:19, 11:17] = (40, 60, 200)
+    seen = mdata.looks(flat)
+    assert (seen.digit_colour, seen.background_colour, seen.texture) == ("white", "blue", "plain")
+    assert "blurry" not in seen.adjectives
+    noisy = flat.copy()
+    noisy[:6] = np.random.default_rng(0).integers(0, 255, (6, 28, 3))  # a busy photo along the border
+    assert mdata.looks(noisy).texture == "textured"
+    soft = np.full((28, 28, 3), 20, np.uint8)
+    soft[8:20, 10:18] = 60  # a dim, low-contrast digit
+    assert {"blurry", "dark"} <= set(mdata.looks(soft).adjectives)
+    assert [mdata.colour_name(np.array(c)) for c in ((220, 30, 30), (30, 200, 40), (10, 10, 10), (128, 128, 130))] == [
+        "red",
+        "green",
+        "black",
+        "grey",
+    ]
+    rng = np.random.default_rng(0)
+    texts = [mdata.caption((7,), rng, seen) for _ in range(40)]
+    described = [t for t in texts if t.endswith(", white on a plain blue background")]
+    assert 5 < len(described) < 35  # about half the captions
+    assert not any("blurry" in t or "dark" in t for t in texts)  # adjectives only where true
+
+
 def test_pairs_keep_each_half(tmp_path):
     singles = mdata.single_digits(10, 0)
     pairs = mdata.digit_pairs(singles, 4, 0)
