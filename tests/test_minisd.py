@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from difflab.io import read_metadata, write_metadata
 from difflab.minisd import data as mdata
 from difflab.minisd.build import BuildConfig, build, default_settings
 from difflab.minisd.models import MiniSDConfig
@@ -101,16 +102,16 @@ def test_pairs_keep_each_half(tmp_path):
 def test_metadata_round_trip_and_bad_lines(tmp_path):
     singles = mdata.single_digits(10, 0)
     rows = mdata.write_imagefolder(singles, tmp_path)
-    mdata.write_metadata(rows, tmp_path)
+    write_metadata(rows, tmp_path)
     groups = mdata.load_imagefolder(tmp_path)
     assert list(groups) == [(32, 32)] and groups[(32, 32)].texts == singles.texts
     np.testing.assert_array_equal(groups[(32, 32)].images, singles.images)
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "00000.png", "text": "a 1"}\n{"file_name": 3}\n')
     with pytest.raises(DifflabError, match=r"metadata.jsonl: line 2 needs a string 'file_name'"):
-        mdata.read_metadata(tmp_path)
+        read_metadata(tmp_path)
     (tmp_path / "metadata.jsonl").write_text("{not json\n")
     with pytest.raises(DifflabError, match="line 1 is not valid JSON"):
-        mdata.read_metadata(tmp_path)
+        read_metadata(tmp_path)
 
 
 def test_clip_loss_treats_same_digit_as_positive():

@@ -212,3 +212,33 @@ def test_hw2_3_script_usage_and_missing_embeddings(tmp_path):
     )
     assert run.returncode == 1 and "no learned embeddings found" in run.stderr
     assert "personalize train --sd sd-v1-4.ckpt" in run.stderr and not (tmp_path / "out").exists()
+
+
+def test_reference_captions_give_each_image_its_own_prompt(setup, tmp_path):
+    import shutil
+
+    from difflab.io import write_metadata
+
+    folder = tmp_path / "captioned"
+    shutil.copytree(setup / "images", folder)
+    texts = {f"{name}.png": f"a {name} in the style of {{}}" for name in PHOTOS}
+    write_metadata([{"file_name": k, "text": v} for k, v in texts.items()], folder)
+    ti = make(setup, tmp_path, concepts=[Concept(str(folder), "<new1>", "art", "style")], num_vectors=2, batch_size=8)
+    order = sorted(texts)  # the images in the order the latents were cached
+    expected = ti._tokenize([expand_prompt(texts[n].replace("{}", "<new1>"), ti.tokens) for n in order])
+    assert torch.equal(ti.caption_ids[0], expected)
+    ti.gen.manual_seed(3)
+    batch = ti.sample_batch()
+    ti.gen.manual_seed(3)
+    torch.randint(1, (8,), generator=ti.gen)  # the concept of each example (one here)
+    for ids in batch["input_ids"]:  # each example carries the caption of the image it drew
+        i = torch.randint(len(order), (1,), generator=ti.gen).item()
+        torch.rand((), generator=ti.gen), torch.randn(ti.latent_mean[0][i, 0].shape, generator=ti.gen)
+        assert torch.equal(ids, expected[i])
+
+    write_metadata([{"file_name": "astronaut.png", "text": "an astronaut, {}"}], folder)
+    with pytest.raises(DifflabError, match=r"metadata.jsonl: camera.png has no caption"):
+        make(setup, tmp_path / "b", concepts=[Concept(str(folder), "<new1>", "art", "style")])
+    write_metadata([{"file_name": k, "text": "no placeholder"} for k in texts], folder)
+    with pytest.raises(DifflabError, match=r"astronaut.png has a caption without \{\} for the token"):
+        make(setup, tmp_path / "c", concepts=[Concept(str(folder), "<new1>", "art", "style")])

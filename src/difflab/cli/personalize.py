@@ -414,6 +414,11 @@ def demo_command(
         None, "--stack", help="A mini-SD build (difflab minisd build); default <out>/minisd, built when missing."
     ),
     ti_steps: int = typer.Option(DemoConfig.ti_steps, "--ti-steps", min=1, help="Textual-inversion steps."),
+    ti_captions: bool = typer.Option(
+        DemoConfig.ti_captions,
+        "--ti-captions/--ti-templates",
+        help="Train each token on its reference images' own captions (naming the digit), or on the style templates.",
+    ),
     seed: Seed = DemoConfig.seed,
     device: Device = None,
     precision: Precision = DemoConfig.precision,
@@ -427,6 +432,7 @@ def demo_command(
         out=str(out),
         stack=str(stack) if stack else None,
         ti_steps=ti_steps,
+        ti_captions=ti_captions,
         seed=seed,
         device=device,
         precision=precision,

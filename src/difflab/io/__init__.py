@@ -11,25 +11,30 @@ from difflab.io.checkpoints import (
 )
 from difflab.io.files import (
     IMAGE_SUFFIXES,
+    METADATA,
     atomic_write,
     image_files,
     load_json,
     load_rgb,
+    read_metadata,
     read_text,
     refuse_to_replace,
     save_json,
     save_png,
     save_pngs,
     write_csv,
+    write_metadata,
 )
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "METADATA",
     "atomic_write",
     "check_state_dict",
     "image_files",
     "load_json",
     "load_rgb",
+    "read_metadata",
     "read_safetensors",
     "read_state_dict",
     "read_tensors",
@@ -41,4 +46,5 @@ __all__ = [
     "save_pngs",
     "state_dict_mismatch",
     "write_csv",
+    "write_metadata",
 ]

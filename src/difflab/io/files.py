@@ -139,3 +139,37 @@ def image_files(folder: str | os.PathLike, what: str | None = "image") -> list[P
     if not files and what is not None:
         raise DifflabError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this {what} folder")
     return files
+
+
+METADATA = "metadata.jsonl"  # the captions of a Hugging Face `imagefolder`: {"file_name", "text", ...} per line
+
+
+def write_metadata(rows: list[dict], root: str | os.PathLike) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    return atomic_write(Path(root) / METADATA, write)
+
+
+def read_metadata(root: str | os.PathLike) -> list[dict]:
+    """The rows of `<root>/metadata.jsonl`; a line that does not parse or lacks a field is a one-line error."""
+    path = Path(root) / METADATA
+    rows = []
+    for line_no, line in enumerate(read_text(path, "caption").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DifflabError(f"{path}: line {line_no} is not valid JSON ({e.msg})") from None
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("file_name"), str)
+            or not isinstance(row.get("text"), str)
+        ):
+            raise DifflabError(f"{path}: line {line_no} needs a string 'file_name' and a string 'text'")
+        rows.append(row)
+    if not rows:
+        raise DifflabError(f"{path}: no captioned images listed")
+    return rows

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflab.io import load_json, save_json
+from difflab.io import load_json, save_json, write_metadata
 from difflab.minisd import data as mdata
 from difflab.minisd.models import MiniSDConfig, build_clip, build_unet, build_vae, sd_scheduler_config
 from difflab.minisd.train import StageConfig, TrainSettings
@@ -133,7 +133,7 @@ def build_data(cfg: BuildConfig, out: Path, device) -> dict:
 
     def write(tmp: Path) -> None:
         rows = mdata.write_imagefolder(singles, tmp) + mdata.write_imagefolder(pairs, tmp, prefix="pair_")
-        mdata.write_metadata(rows, tmp)
+        write_metadata(rows, tmp)
 
     write_dir(stage_dir(out, "data"), write)
     return {"summary": f"{len(singles.texts)} digits, {len(pairs.texts)} pairs"}

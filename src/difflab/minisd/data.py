@@ -14,7 +14,6 @@ diffusers' text-to-image example does.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from difflab.digits.data import DOMAINS, generate_split
-from difflab.io import atomic_write, load_rgb, read_text, save_pngs
-from difflab.utils import DifflabError
+from difflab.io import load_rgb, read_metadata, save_pngs
 
 SIZE = 32  # the 28x28 digits are resized to a size the 4x-downsampling VAE divides evenly
-METADATA = "metadata.jsonl"
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # {n}: the digit as a word or a numeral, chosen at random; {a}: an optional photo adjective. Words that CLIP
 # zero-shot and textual-inversion templates use ("photo", "a close-up", "blurry") appear, the domain never.
@@ -184,37 +181,6 @@ def write_imagefolder(data: CaptionedDigits, root: str | os.PathLike, prefix: st
         items.append((root / name, image))
         rows.append({"file_name": name, "text": text, "digits": list(digits), "domains": list(domains)})
     save_pngs(items, desc="captioned digits")
-    return rows
-
-
-def write_metadata(rows: list[dict], root: str | os.PathLike) -> Path:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-
-    return atomic_write(Path(root) / METADATA, write)
-
-
-def read_metadata(root: str | os.PathLike) -> list[dict]:
-    """The rows of `<root>/metadata.jsonl`; a line that does not parse or lacks a field is a one-line error."""
-    path = Path(root) / METADATA
-    rows = []
-    for line_no, line in enumerate(read_text(path, "caption").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DifflabError(f"{path}: line {line_no} is not valid JSON ({e.msg})") from None
-        if (
-            not isinstance(row, dict)
-            or not isinstance(row.get("file_name"), str)
-            or not isinstance(row.get("text"), str)
-        ):
-            raise DifflabError(f"{path}: line {line_no} needs a string 'file_name' and a string 'text'")
-        rows.append(row)
-    if not rows:
-        raise DifflabError(f"{path}: no captioned images listed")
     return rows
 
 

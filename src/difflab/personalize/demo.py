@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from difflab.digits.data import DOMAINS
-from difflab.io import load_rgb, save_json, save_png
+from difflab.io import load_rgb, save_json, save_png, write_metadata
 from difflab.minisd import data as mdata
 from difflab.minisd.judges import Judges, both_halves_right, rates
 from difflab.personalize.sd import load_pipeline
@@ -42,6 +42,9 @@ class PersonalizeDemoConfig:
     ti_batch: int = 16
     ti_lr: float = 5e-3
     ti_init: str = "photo"
+    # Each reference image captioned "the number {d} in the style of <token>" (its metadata.jsonl), so the token
+    # learns the style and not which digits the references happen to show; False: the style templates.
+    ti_captions: bool = True
     per_prompt: int = 25  # the course layout
     top_k: int = 5  # best-of-N keeps the course's 5 best of per_prompt
     steps: int = 25
@@ -73,9 +76,9 @@ def style_index(key: str) -> int:
     return DOMAINS.index(CONCEPTS[int(key)][1])
 
 
-def write_references(out: Path, n: int, seed: int) -> list[Path]:
+def write_references(out: Path, n: int, seed: int, captions: bool) -> list[Path]:
     """`n` held-out images of one style per concept folder `<key>/` (digits 0, 2, 4, ... for the first concept,
-    1, 3, 5, ... for the second)."""
+    1, 3, 5, ... for the second), with `captions` a `metadata.jsonl` naming each image's digit."""
     held = mdata.single_digits(50, seed + 1, split="val")
     folders = []
     for k, (_, domain) in enumerate(CONCEPTS):
@@ -84,6 +87,12 @@ def write_references(out: Path, n: int, seed: int) -> list[Path]:
         for i, d in enumerate(wanted):
             idx = next(j for j, (dg, dm) in enumerate(zip(held.digits, held.domains)) if dg == (d,) and dm == (domain,))
             save_png(held.images[idx], folder / f"{i:02d}.png")
+        if captions:
+            rows = [
+                {"file_name": f"{i:02d}.png", "text": STYLE_PROMPT.format(d=d, token="{}")}
+                for i, d in enumerate(wanted)
+            ]
+            write_metadata(rows, folder)
         folders.append(folder)
     return folders
 
@@ -160,7 +169,7 @@ def run_demo(cfg: PersonalizeDemoConfig) -> dict:
     judges = Judges(stack / "judges", "cpu")
     metrics: dict = {"config": asdict(cfg), "judges_held_out": judges.held_out}
     metrics["zeroshot"] = stages.run("CLIP zero-shot", zeroshot, cfg, stack, out / "zeroshot")
-    refs = write_references(out / "references", cfg.refs_per_concept, cfg.seed)
+    refs = write_references(out / "references", cfg.refs_per_concept, cfg.seed, cfg.ti_captions)
     embeds = stages.run("textual inversion", textual_inversion, cfg, stack, refs, out / "ti")
     pipe = load_pipeline(stack / "sd", [embeds], cfg.device, cfg.precision)
     spec = input_spec()
@@ -228,6 +237,7 @@ def textual_inversion(cfg: PersonalizeDemoConfig, stack: Path, refs: list[Path],
         grad_accum=1,
         lr=cfg.ti_lr,
         scale_lr=False,
+        flip_p=0.0,  # a mirrored digit is no digit
         save_every=0,
         checkpoint_every=0,
         precision=cfg.precision,

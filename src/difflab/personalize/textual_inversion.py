@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from difflab.io import atomic_write, image_files, load_rgb, read_torch, save_json, save_png
+from difflab.io import METADATA, atomic_write, image_files, load_rgb, read_metadata, read_torch, save_json, save_png
 from difflab.personalize.embeddings import add_tokens, expand_prompt, save_embeddings
 from difflab.personalize.prompts import TEMPLATES
 from difflab.precision import resolve
@@ -100,6 +100,24 @@ def load_images(folder: str | Path, resolution: int, center_crop: bool = False) 
         im = im.resize((resolution, resolution), Image.BICUBIC)
         out.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
     return torch.stack(out).float() / 127.5 - 1.0
+
+
+def reference_captions(folder: str | Path, token: str) -> list[str] | None:
+    """Per-image prompts from the folder's `metadata.jsonl` (the `imagefolder` captions), `{}` standing for the
+    token: "the number 4 in the style of {}". They say what each image shows besides the concept, so the
+    embedding need not learn it; without the file, the object or style templates are used."""
+    folder = Path(folder)
+    if not (folder / METADATA).is_file():
+        return None
+    texts = {row["file_name"]: row["text"] for row in read_metadata(folder)}
+    captions = []
+    for path in image_files(folder, "reference image"):
+        text = texts.get(path.name)
+        if text is None or "{}" not in text:
+            problem = "has no caption" if text is None else f"has a caption without {{}} for the token: {text!r}"
+            raise DifflabError(f"{folder / METADATA}: {path.name} {problem}")
+        captions.append(text.replace("{}", token))
+    return captions
 
 
 def single_token_id(tokenizer, word: str) -> int:
@@ -182,7 +200,9 @@ class TextualInversion:
 
         check_config(cfg)
         self.cfg, self.out = cfg, Path(cfg.out)
-        images = [load_images(c.images, cfg.resolution, cfg.center_crop) for c in cfg.concepts]  # before loading SD
+        # Read before loading SD, so that a bad folder fails at once.
+        images = [load_images(c.images, cfg.resolution, cfg.center_crop) for c in cfg.concepts]
+        captions = [reference_captions(c.images, c.token) for c in cfg.concepts]
         prepare_out_dir(cfg)
         self.accelerator = make_accelerator(cfg)
         self.device = self.accelerator.device
@@ -200,6 +220,9 @@ class TextualInversion:
         self.prompt_ids = [
             self._tokenize([expand_prompt(t.format(c.token), self.tokens) for t in TEMPLATES[c.kind]])
             for c in cfg.concepts
+        ]
+        self.caption_ids = [
+            self._tokenize([expand_prompt(t, self.tokens) for t in caps]) if caps else None for caps in captions
         ]
 
         procs = self.accelerator.num_processes
@@ -279,7 +302,8 @@ class TextualInversion:
         return means, stds
 
     def sample_batch(self) -> dict[str, torch.Tensor]:
-        """Random concept, image, mirror and caption per example; latents drawn from the cached posterior."""
+        """Random concept, image, mirror and caption (the image's own, or a random template) per example; latents
+        drawn from the cached posterior."""
         b, g = self.cfg.batch_size, self.gen
         concept = torch.randint(len(self.cfg.concepts), (b,), generator=g).tolist()
         latents, ids = [], []
@@ -288,7 +312,10 @@ class TextualInversion:
             flip = int(torch.rand((), generator=g).item() < self.cfg.flip_p)
             mean, std = self.latent_mean[c][i, flip], self.latent_std[c][i, flip]
             latents.append(mean + std * torch.randn(mean.shape, generator=g))
-            ids.append(self.prompt_ids[c][torch.randint(len(self.prompt_ids[c]), (1,), generator=g).item()])
+            if self.caption_ids[c] is not None:
+                ids.append(self.caption_ids[c][i])
+            else:
+                ids.append(self.prompt_ids[c][torch.randint(len(self.prompt_ids[c]), (1,), generator=g).item()])
         latents = torch.stack(latents) * self.pipe.vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=g)
         timesteps = torch.randint(self.noise_scheduler.config.num_train_timesteps, (b,), generator=g)
