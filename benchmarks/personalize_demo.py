@@ -55,7 +55,8 @@ def main() -> None:
     demo_s = sum(v for k, v in metrics["seconds"].items() if k != "mini stack")
     edge = build_log["config"]["train"].get("edge_weight", 0.0)
     notes = f"UNet {unet['steps']} steps of batch {unet['batch_size']}; VAE edge weight {edge}; build {build_s:.0f} s, "
-    notes += f"personalization {demo_s:.0f} s. {args.note}".rstrip()
+    captions = "the references' own captions" if metrics["config"].get("ti_captions") else "the style templates"
+    notes += f"personalization {demo_s:.0f} s; textual inversion on {captions}. {args.note}".rstrip()
     # Tokens in backticks: a bare <new1> is an HTML tag to a markdown renderer.
     rows = [[re.sub(r"(<[^<>\s]+>)", r"`\1`", str(v)) for v in row] for row in rows]
     write_results(
