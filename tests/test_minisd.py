@@ -105,6 +105,7 @@ def test_metadata_round_trip_and_bad_lines(tmp_path):
     write_metadata(rows, tmp_path)
     groups = mdata.load_imagefolder(tmp_path)
     assert list(groups) == [(32, 32)] and groups[(32, 32)].texts == singles.texts
+    assert groups[(32, 32)].looks == singles.looks and len(singles.looks) == 20
     np.testing.assert_array_equal(groups[(32, 32)].images, singles.images)
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "00000.png", "text": "a 1"}\n{"file_name": 3}\n')
     with pytest.raises(DifflabError, match=r"metadata.jsonl: line 2 needs a string 'file_name'"):
@@ -119,6 +120,26 @@ def test_clip_loss_treats_same_digit_as_positive():
     good = torch.tensor([[5.0, 5.0, -5.0], [5.0, 5.0, -5.0], [-5.0, -5.0, 5.0]])
     one_positive = torch.eye(3) * 10 - 5
     assert clip_loss(good, same) < clip_loss(one_positive, same)
+
+
+def test_a_caption_is_a_positive_only_where_it_is_true_of_the_image():
+    from difflab.minisd.train import caption_truth
+
+    images = np.zeros((3, 32, 32, 3), np.uint8)
+    texts = ["the digit 7, white on a plain blue background", "a 7", "a blurry photo of a 7"]
+    looks = [("white digit", "blue background", "plain"), ("black digit", "red background", "textured", "blurry")] * 2
+    data = mdata.CaptionedDigits(images, texts, [(7,)] * 3, [("svhn",)] * 3, looks[:3])
+    assert mdata.stated(texts[0]) == ("white digit", "plain", "blue background")
+    assert mdata.stated(texts[2]) == ("blurry",)
+    # rows: images; columns: captions. Image 0 is sharp, so "blurry" is not true of it; image 1 is not blue.
+    expected = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    assert torch.equal(caption_truth(data)(torch.arange(3)), expected)
+    unknown = mdata.CaptionedDigits(images, texts, [(7,), (7,), (1,)], [("svhn",)] * 3)
+    assert torch.equal(caption_truth(unknown)(torch.arange(3)), torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1]]).bool())
+    # the loss prefers logits that follow the truth, asymmetric as it is, over the digit-only ones
+    follows = expected.float() * 10 - 5
+    digit_only = torch.ones(3, 3) * 5
+    assert clip_loss(follows, expected) < clip_loss(digit_only, expected)
 
 
 def test_training_loops_lower_their_losses():

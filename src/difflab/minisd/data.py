@@ -15,6 +15,7 @@ diffusers' text-to-image example does.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,16 @@ NEUTRAL_ADJECTIVES = ("", "", "", "good ", "small ", "large ", "cropped ")
 # style) and 59 (SVHN style); the mean gradient in the top and bottom rows 8.4 and 5.3.
 SHARP_EDGE, TEXTURED_BORDER, DARK, BRIGHT = 75.0, 8.0, 70.0, 170.0
 COLOURS = ("red", "orange", "yellow", "green", "teal", "blue", "purple", "pink")  # by hue, 45° apart from red
+GREYS = ("black", "grey", "white")
+# Every appearance word a caption can state, as "<colour> digit", "<colour> background" or the word itself.
+ATTRIBUTES = tuple(f"{c} {part}" for part in ("digit", "background") for c in GREYS + COLOURS) + (
+    "plain",
+    "textured",
+    "blurry",
+    "dark",
+    "bright",
+)
+_DESCRIBED = re.compile(r", (\w+) on a (plain|textured) (\w+) background$")
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,23 @@ class Looks:
     background_colour: str
     texture: str  # "plain" or "textured"
     adjectives: tuple[str, ...]  # the true ones among "blurry", "dark", "bright"
+
+    def words(self) -> tuple[str, ...]:
+        """Everything a caption may truly state of the image, in ATTRIBUTES' terms."""
+        return (f"{self.digit_colour} digit", f"{self.background_colour} background", self.texture, *self.adjectives)
+
+
+def stated(text: str) -> tuple[str, ...]:
+    """The appearance words (ATTRIBUTES) a caption states."""
+    words = [w for w in ("blurry", "dark", "bright") if w in text.split()]
+    found = _DESCRIBED.search(text)
+    if found:
+        words += [f"{found[1]} digit", found[2], f"{found[3]} background"]
+    return tuple(words)
+
+
+def attribute_bits(words: tuple[str, ...]) -> int:
+    return sum(1 << ATTRIBUTES.index(w) for w in words)
 
 
 def colour_name(rgb: np.ndarray) -> str:
@@ -128,12 +156,14 @@ def caption(digits: tuple[int, ...], rng: np.random.Generator, seen: Looks | Non
 
 @dataclass
 class CaptionedDigits:
-    """Images (N, H, W, 3) uint8 with one caption and label set each; all images of one set share a size."""
+    """Images (N, H, W, 3) uint8 with one caption and label set each; all images of one set share a size.
+    `looks`: what a caption may truly state of each image (`Looks.words`), where known."""
 
     images: np.ndarray
     texts: list[str]
     digits: list[tuple[int, ...]]
     domains: list[tuple[str, ...]]
+    looks: list[tuple[str, ...]] | None = None
 
 
 def resize(images: np.ndarray, size: int = SIZE) -> np.ndarray:
@@ -158,7 +188,7 @@ def single_digits(n_per_domain: int, seed: int, split: str = "train") -> Caption
     digits = [digits[i] for i in order]
     domains = [domains[i] for i in order]
     texts = [caption(digits[j], rng, seen[i]) for j, i in enumerate(order)]
-    return CaptionedDigits(images, texts, digits, domains)
+    return CaptionedDigits(images, texts, digits, domains, [seen[i].words() for i in order])
 
 
 def digit_pairs(singles: CaptionedDigits, n: int, seed: int) -> CaptionedDigits:
@@ -180,6 +210,8 @@ def write_imagefolder(data: CaptionedDigits, root: str | os.PathLike, prefix: st
         name = f"{prefix}{i:05d}.png"
         items.append((root / name, image))
         rows.append({"file_name": name, "text": text, "digits": list(digits), "domains": list(domains)})
+        if data.looks is not None:
+            rows[-1]["looks"] = list(data.looks[i])
     save_pngs(items, desc="captioned digits")
     return rows
 
@@ -198,5 +230,6 @@ def load_imagefolder(root: str | os.PathLike) -> dict[tuple[int, int], Captioned
             [r["text"] for _, r in items],
             [tuple(r.get("digits", ())) for _, r in items],
             [tuple(r.get("domains", ())) for _, r in items],
+            [tuple(r["looks"]) for _, r in items] if all("looks" in r for _, r in items) else None,
         )
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from difflab.clip.tokenizer import MAX_LENGTH
-from difflab.minisd.data import CaptionedDigits
+from difflab.minisd.data import CaptionedDigits, attribute_bits, stated
 from difflab.minisd.models import MiniSDConfig, build_clip, build_unet, build_vae, sd_scheduler_config
 from difflab.precision import Precision
 
@@ -94,30 +95,50 @@ def clip_pixels(images: torch.Tensor, device) -> torch.Tensor:
 
 
 # ---- CLIP ---------------------------------------------------------------------------------------------------
-def clip_loss(logits_per_image: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
-    """Symmetric contrastive loss where every caption of the same digit is a positive: a batch of 128 holds ~13
-    images of each digit, and the one-positive loss would push those true matches apart."""
-    targets = same.float() / same.sum(1, keepdim=True)
+def clip_loss(logits_per_image: torch.Tensor, true_of: torch.Tensor) -> torch.Tensor:
+    """Symmetric contrastive loss where every caption true of an image is a positive (`true_of[i, j]`: caption j
+    describes image i): a batch of 128 holds ~13 images of each digit, and the one-positive loss would push
+    those true matches apart."""
+    positives = true_of.float()
+    per_image = positives / positives.sum(1, keepdim=True)
+    per_text = positives.T / positives.T.sum(1, keepdim=True)
     return 0.5 * (
-        torch.sum(-targets * F.log_softmax(logits_per_image.float(), 1), 1).mean()
-        + torch.sum(-targets.T * F.log_softmax(logits_per_image.float().T, 1), 1).mean()
+        torch.sum(-per_image * F.log_softmax(logits_per_image.float(), 1), 1).mean()
+        + torch.sum(-per_text * F.log_softmax(logits_per_image.float().T, 1), 1).mean()
     )
+
+
+def caption_truth(data: CaptionedDigits) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`truth(idx)[i, j]`: caption idx[j] is true of image idx[i]: the same digit and, where the caption describes
+    the image's appearance (and the images' looks are known), only what the image shows. Without the second
+    condition the text tower learns to ignore every word but the digit, and so would a UNet reading it."""
+    labels = torch.tensor([d[0] for d in data.digits])
+    said = torch.tensor([attribute_bits(stated(t)) for t in data.texts])
+    seen = torch.tensor([attribute_bits(w) for w in data.looks]) if data.looks else None
+
+    def truth(idx: torch.Tensor) -> torch.Tensor:
+        same = labels[idx, None] == labels[None, idx]
+        if seen is None:
+            return same
+        return same & ((said[None, idx] & ~seen[idx, None]) == 0)
+
+    return truth
 
 
 def train_clip(data: CaptionedDigits, tokenizer, cfg: MiniSDConfig, stage: StageConfig, precision, device, seed):
     model = build_clip(cfg).to(device)
     tok = tokenizer(data.texts, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
-    labels = torch.tensor([d[0] for d in data.digits])
+    truth = caption_truth(data)
     g = torch.Generator().manual_seed(seed)
 
     def loss_fn(step: int) -> torch.Tensor:
-        idx = torch.randint(len(labels), (stage.batch_size,), generator=g)
+        idx = torch.randint(len(data.texts), (stage.batch_size,), generator=g)
         out = model(
             input_ids=tok.input_ids[idx].to(device),
             attention_mask=tok.attention_mask[idx].to(device),
             pixel_values=clip_pixels(data.images[idx.numpy()], device),
         )
-        return clip_loss(out.logits_per_image, (labels[idx, None] == labels[None, idx]).to(device))
+        return clip_loss(out.logits_per_image, truth(idx).to(device))
 
     torch.manual_seed(seed)
     losses = optimize(model, list(model.parameters()), stage, loss_fn, precision, device, "CLIP")
