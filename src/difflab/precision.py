@@ -118,8 +118,9 @@ def resolve(
     hit = cache.get(key)
     if isinstance(hit, dict) and hit.get("name") in _DTYPES and isinstance(hit.get("channels_last"), bool):
         return Precision(hit["name"], hit["channels_last"], "cached", hit.get("timings_ms") or {})
-    timings = measure(trial, cpu_candidates(), rounds)
-    best = min(cpu_candidates(), key=lambda c: timings[c.label])
+    candidates = cpu_candidates()
+    timings = measure(trial, candidates, rounds)
+    best = min(candidates, key=lambda c: timings[c.label])
     if timings[best.label] > (1 - MARGIN) * timings[CANDIDATES[0].label]:
         best = CANDIDATES[0]
     chosen = Precision(best.name, best.channels_last, "measured", {k: round(v, 2) for k, v in timings.items()})

@@ -1,6 +1,6 @@
 """Captioned digits for the miniature Stable Diffusion: images in a Hugging Face `imagefolder` layout.
 
-    <root>/metadata.jsonl   one JSON object per line: {"file_name", "text", "digits", "domains"}
+    <root>/metadata.jsonl   one JSON object per line: {"file_name", "text", "digits", "domains", "looks"}
     <root>/<file_name>      32x32 RGB (one digit) or 32x64 RGB (two digits side by side)
 
 `text` names the digits in varied words and templates and never the domain (MNIST-M- or SVHN-like): the model
@@ -8,8 +8,9 @@ can draw the style but has no word for it, which is what textual inversion is fo
 captions also describe what the image looks like, as a person captioning it would ("the digit 7, white on a
 textured blue background"; adjectives such as "blurry" or "dark" only where true), so that the text, as in
 Stable Diffusion's captions, has a say over appearance and a learned embedding has directions to move along.
-`digits` / `domains` are the labels difflab measures with; training reads only `file_name` and `text`, as
-diffusers' text-to-image example does.
+`digits` / `domains` are the labels difflab measures with; `looks` lists what a caption may truly state of the
+image, which CLIP training uses to tell true captions from false ones; the UNet reads only `file_name` and
+`text`, as diffusers' text-to-image example does.
 """
 
 from __future__ import annotations
@@ -57,13 +58,12 @@ NEUTRAL_ADJECTIVES = ("", "", "", "good ", "small ", "large ", "cropped ")
 SHARP_EDGE, TEXTURED_BORDER, DARK, BRIGHT = 75.0, 8.0, 70.0, 170.0
 COLOURS = ("red", "orange", "yellow", "green", "teal", "blue", "purple", "pink")  # by hue, 45° apart from red
 GREYS = ("black", "grey", "white")
+MEASURED_ADJECTIVES = ("blurry", "dark", "bright")  # used in a caption only where `looks` finds them true
 # Every appearance word a caption can state, as "<colour> digit", "<colour> background" or the word itself.
-ATTRIBUTES = tuple(f"{c} {part}" for part in ("digit", "background") for c in GREYS + COLOURS) + (
-    "plain",
-    "textured",
-    "blurry",
-    "dark",
-    "bright",
+ATTRIBUTES = (
+    tuple(f"{c} {part}" for part in ("digit", "background") for c in GREYS + COLOURS)
+    + ("plain", "textured")
+    + MEASURED_ADJECTIVES
 )
 _DESCRIBED = re.compile(r", (\w+) on a (plain|textured) (\w+) background$")
 
@@ -75,7 +75,7 @@ class Looks:
     digit_colour: str
     background_colour: str
     texture: str  # "plain" or "textured"
-    adjectives: tuple[str, ...]  # the true ones among "blurry", "dark", "bright"
+    adjectives: tuple[str, ...]  # the true ones among MEASURED_ADJECTIVES
 
     def words(self) -> tuple[str, ...]:
         """Everything a caption may truly state of the image, in ATTRIBUTES' terms."""
@@ -84,7 +84,7 @@ class Looks:
 
 def stated(text: str) -> tuple[str, ...]:
     """The appearance words (ATTRIBUTES) a caption states."""
-    words = [w for w in ("blurry", "dark", "bright") if w in text.split()]
+    words = [w for w in MEASURED_ADJECTIVES if w in text.split()]
     found = _DESCRIBED.search(text)
     if found:
         words += [f"{found[1]} digit", found[2], f"{found[3]} background"]
@@ -121,11 +121,8 @@ def looks(image: np.ndarray) -> Looks:
     gx, gy = np.abs(np.diff(lum, axis=1)), np.abs(np.diff(lum, axis=0))
     edge = np.percentile(np.concatenate([gx.ravel(), gy.ravel()]), 97)
     border_detail = np.concatenate([gx[:4].ravel(), gx[-4:].ravel()]).mean()
-    adjectives = tuple(
-        word
-        for word, true in (("blurry", edge < SHARP_EDGE), ("dark", lum.mean() < DARK), ("bright", lum.mean() > BRIGHT))
-        if true
-    )
+    true = (edge < SHARP_EDGE, lum.mean() < DARK, lum.mean() > BRIGHT)
+    adjectives = tuple(word for word, is_true in zip(MEASURED_ADJECTIVES, true) if is_true)
     return Looks(
         colour_name(digit),
         colour_name(background),
