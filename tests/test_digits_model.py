@@ -327,6 +327,8 @@ def test_bad_options_and_configs_give_one_line(data_root, tmp_path):
         (["--save-every", "0"], "save-every"),
         (["--timesteps", "0"], "timesteps"),
         (["--prediction", "x0"], "unknown prediction 'x0'"),
+        (["--timestep-sampling", "lognormal"], "unknown timestep sampling 'lognormal'"),
+        (["--min-snr-gamma", "0"], "needs a min-SNR γ (--min-snr-gamma > 0); without one, pass --timestep-sampling"),
     ):
         r = runner.invoke(app, ["digits", "train", "--data-root", str(data_root), "--out", str(tmp_path / "x"), *args])
         assert r.exit_code != 0 and message in (r.output + str(r.exception)), (args, r.output)

@@ -84,6 +84,12 @@ def test_the_machine_name_carries_its_instruction_set():
     assert f"({torch.backends.cpu.get_cpu_capability()}" in P.cpu_name()
 
 
+@pytest.mark.parametrize("amx", [True, False])
+def test_the_machine_name_says_whether_it_has_amx(monkeypatch, amx):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert P.cpu_name().endswith(", AMX)") == amx
+
+
 def test_a_broken_cache_is_ignored(cache):
     cache.write_text("{not json")
     ms = {"fp32": 2, "bf16": 6, "fp32+channels_last": 6, "bf16+channels_last": 6}

@@ -212,3 +212,25 @@ def test_v_prediction_loss_and_conversion_match_diffusers():
     torch.testing.assert_close(sched.velocity(x0, t, noise), v, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sched.to_eps(sched.q_sample(x0, t, noise), t, v), noise, atol=1e-4, rtol=1e-4)
     assert sched.training_loss(lambda x, tt: v, x0, t, noise).item() < 1e-9
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_timesteps_drawn_by_min_snr_weight_keep_the_expected_loss(prediction):
+    sched = NoiseSchedule.make(num_steps=50, beta_start=1e-3, beta_end=0.2, prediction=prediction)  # digits-like ᾱ_T
+    density = sched.min_snr_density(5.0)
+    assert density.shape == (50,) and abs(float(density.sum()) - 1) < 1e-6
+    t = torch.arange(50)  # every timestep once, each sample with the same x_0 and noise
+    x0, noise = torch.randn(1, 3, 4, 4).expand(50, -1, -1, -1), torch.randn(1, 3, 4, 4).expand(50, -1, -1, -1)
+    net = lambda x, tt: 0.5 * x  # noqa: E731
+
+    def per_t(**kw):  # the loss of each timestep alone
+        return torch.stack([sched.training_loss(net, x0[i : i + 1], t[i : i + 1], noise[i : i + 1], **kw) for i in t])
+
+    uniform = per_t(min_snr_gamma=5.0).mean()  # E over uniform t
+    drawn = (density * per_t(min_snr_gamma=5.0, density=density)).sum()  # E over t ~ density
+    torch.testing.assert_close(drawn, uniform)
+    if prediction == "v_prediction":  # the v weight vanishes at both ends: few draws are spent there
+        assert density[0] < density[25] / 10 and density[-1] < density[25] / 10
+    g = torch.Generator().manual_seed(0)
+    draws = sched.sample_timesteps(20000, generator=g, density=density)
+    torch.testing.assert_close(torch.bincount(draws, minlength=50) / 20000, density, atol=0.01, rtol=0)

@@ -157,8 +157,8 @@ def _timed(trial: Callable[[Precision], object], c: Precision) -> float:
 
 
 def cpu_name() -> str:
-    """The CPU model with its widest vector instructions, e.g. "AMD EPYC (AVX2)": machines sold under one
-    model name differ in what makes bf16 pay."""
+    """The CPU model with its widest vector instructions, e.g. "AMD EPYC (AVX2)" or "Intel Xeon (AVX512, bf16,
+    AMX)": machines sold under one model name differ in what makes bf16 pay."""
     name = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -166,7 +166,9 @@ def cpu_name() -> str:
                 name = line.split(":", 1)[1].strip()
                 break
     isa = torch.backends.cpu.get_cpu_capability()
-    return f"{name} ({isa}{', bf16' if native_bf16() else ''})"
+    # Two Intel Xeons seen share a model name and avx512_bf16; only the one with AMX gains from bf16.
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return f"{name} ({isa}{', bf16' if native_bf16() else ''}{', AMX' if amx else ''})"
 
 
 def cache_path() -> Path:

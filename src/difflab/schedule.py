@@ -98,13 +98,33 @@ class NoiseSchedule:
         return ab.sqrt() * output + (1 - ab).sqrt() * x_t
 
     def sample_timesteps(
-        self, batch: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+        self,
+        batch: int,
+        device: torch.device | str = "cpu",
+        generator: torch.Generator | None = None,
+        density: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return torch.randint(0, self.num_steps, (batch,), generator=generator).to(device)
+        """Uniform timesteps, or drawn from `density` (T probabilities, e.g. `min_snr_density`)."""
+        if density is None:
+            return torch.randint(0, self.num_steps, (batch,), generator=generator).to(device)
+        return torch.multinomial(density, batch, replacement=True, generator=generator).to(device)
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         ab = self.alphas_cumprod[t.cpu().long()]
         return (ab / (1 - ab)).to(t.device)
+
+    def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """The per-sample loss weight that makes the implied x_0 loss weighted by min(SNR_t, γ) (Hang et al.,
+        2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v."""
+        snr = self.snr(t)
+        return snr.clamp(max=gamma) / (snr if self.prediction == "epsilon" else snr + 1)
+
+    def min_snr_density(self, gamma: float) -> torch.Tensor:
+        """Timestep probabilities proportional to the min-SNR weight. Drawing t from it and passing it as
+        `density` to `training_loss` keeps the min-SNR objective but spends no samples on timesteps it
+        nearly ignores (for v-prediction the weight is ~0 at both ends): a lower-variance gradient."""
+        w = self.min_snr_weight(torch.arange(self.num_steps), gamma).float()
+        return w / w.sum()
 
     def training_loss(
         self,
@@ -114,22 +134,26 @@ class NoiseSchedule:
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         min_snr_gamma: float | None = None,
+        density: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The simple loss of Ho et al., ‖ε − ε_θ(√ᾱ x_0 + √(1−ᾱ) ε, t)‖², or for a v-prediction schedule
         its twin ‖v − v_θ‖² (`eps_fn` then returns v).
 
-        `min_snr_gamma` weights each sample so that the implied x_0 loss is weighted by min(SNR_t, γ)
-        (Hang et al., 2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v. The many nearly-clean
-        timesteps then stop dominating the gradient, which speeds up convergence."""
+        `min_snr_gamma` weights each sample by `min_snr_weight`: the many nearly-clean timesteps then stop
+        dominating the gradient, which speeds up convergence. `density` says that `t` was drawn from it rather
+        than uniformly; each sample is then divided by T·density[t], so the expected loss is the same."""
         if t is None:
-            t = self.sample_timesteps(x0.shape[0], x0.device, generator)
+            t = self.sample_timesteps(x0.shape[0], x0.device, generator, density)
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
         target = noise if self.prediction == "epsilon" else self.velocity(x0, t, noise)
         pred = eps_fn(self.q_sample(x0, t, noise), t)
-        if min_snr_gamma is None:
+        if min_snr_gamma is None and density is None:
             return F.mse_loss(pred.float(), target.float())
-        snr = self.snr(t)
-        weight = (snr.clamp(max=min_snr_gamma) / (snr if self.prediction == "epsilon" else snr + 1)).float()
+        weight = torch.ones(len(t), device=t.device)
+        if min_snr_gamma is not None:
+            weight = self.min_snr_weight(t, min_snr_gamma).float()
+        if density is not None:
+            weight = weight / (self.num_steps * density.to(t.device)[t])
         per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
         return (weight * per_sample).mean()

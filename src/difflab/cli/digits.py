@@ -83,6 +83,12 @@ def train_command(
     min_snr_gamma: float = typer.Option(
         TrainConfig.min_snr_gamma, "--min-snr-gamma", min=0.0, help="Min-SNR loss weighting γ, e.g. 5 (0: plain ε-MSE)."
     ),
+    timestep_sampling: str = typer.Option(
+        TrainConfig.timestep_sampling,
+        "--timestep-sampling",
+        help="'min-snr': draw t in proportion to its min-SNR weight (same objective, less gradient noise); "
+        "'uniform': every t alike, weighted.",
+    ),
     prediction: str = typer.Option(
         TrainConfig.default_schedule().prediction,
         "--prediction",
@@ -136,6 +142,7 @@ def train_command(
         p_drop_domain=p_drop_domain,
         p_drop_digit=p_drop_digit,
         min_snr_gamma=min_snr_gamma or None,
+        timestep_sampling=timestep_sampling,
         schedule=replace(TrainConfig.default_schedule(), num_steps=timesteps, prediction=prediction),
         save_every=save_every,
         sample_every=sample_every,

@@ -57,6 +57,9 @@ class TrainConfig:
     p_drop_domain: float = 0.1
     p_drop_digit: float = 0.15
     min_snr_gamma: float | None = 5.0
+    # "min-snr": t drawn in proportion to its min-SNR weight (the same objective as "uniform" with a lower-variance
+    # gradient): over three seeds 0.987-0.999 at 5,000 steps against 0.979-0.988 (README, "The digits model")
+    timestep_sampling: str = "min-snr"
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(prediction="v_prediction"))
     seed: int = 0
     save_every: int = 500
@@ -137,6 +140,7 @@ class Run:
     step: int = 0
     losses: list = field(default_factory=list)  # (step, mean loss of the log window)
     running: list = field(default_factory=list)  # the losses of the log window in progress
+    t_density: torch.Tensor | None = None  # where timesteps are drawn from; None: uniformly
 
     @property
     def device(self) -> torch.device:
@@ -172,6 +176,24 @@ def train(cfg: TrainConfig, on_sample=None) -> Path:
     return Path(cfg.out_dir)
 
 
+TIMESTEP_SAMPLING = ("uniform", "min-snr")
+
+
+def timestep_density(cfg: TrainConfig, schedule: NoiseSchedule) -> torch.Tensor | None:
+    if cfg.timestep_sampling not in TIMESTEP_SAMPLING:
+        raise DifflabError(
+            f"unknown timestep sampling {cfg.timestep_sampling!r}; choose one of {', '.join(TIMESTEP_SAMPLING)}"
+        )
+    if cfg.timestep_sampling == "uniform":
+        return None
+    if not cfg.min_snr_gamma:
+        raise DifflabError(
+            "timestep sampling 'min-snr' needs a min-SNR γ (--min-snr-gamma > 0); without one, "
+            "pass --timestep-sampling uniform"
+        )
+    return schedule.min_snr_density(cfg.min_snr_gamma)
+
+
 def start_run(cfg: TrainConfig) -> Run:
     """Data, net, EMA, optimiser and batch generator, resumed from the folder's state when asked, in the
     precision chosen for this machine."""
@@ -190,6 +212,7 @@ def start_run(cfg: TrainConfig) -> Run:
     # Every process draws its own batches; seeds differ by rank so the batches do too.
     g = torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index)
     run = Run(cfg, accelerator, net, ema, opt, schedule, Precision(), images, conds, g, run_identity(cfg))
+    run.t_density = timestep_density(cfg, schedule)
     if accelerator.is_main_process:
         prepare_out_dir(cfg, Path(cfg.out_dir))
     accelerator.wait_for_everyone()
@@ -213,13 +236,13 @@ def train_step(run: Run, total_steps: int) -> float:
     idx = torch.randint(0, len(run.images), (cfg.batch_size,), generator=g)
     x0 = run.precision.input(run.images[idx.to(device)].float() / 127.5 - 1.0)
     cond = drop_conditions(run.conds[idx], run.accelerator.unwrap_model(run.net), cfg, g).to(device)
-    t = run.schedule.sample_timesteps(cfg.batch_size, device, g)
+    t = run.schedule.sample_timesteps(cfg.batch_size, device, g, run.t_density)
     noise = torch.randn(x0.shape, generator=g).to(device)
     for group in run.opt.param_groups:
         group["lr"] = lr_at(run.step, cfg, total_steps)
     with run.precision.autocast(device):
         loss = run.schedule.training_loss(
-            lambda x, tt: run.net(x, tt, cond), x0, t, noise, min_snr_gamma=cfg.min_snr_gamma
+            lambda x, tt: run.net(x, tt, cond), x0, t, noise, min_snr_gamma=cfg.min_snr_gamma, density=run.t_density
         )
     run.opt.zero_grad(set_to_none=True)
     run.accelerator.backward(loss)
