@@ -257,8 +257,79 @@ def test_demo_refuses_an_incomplete_stack(stack, tmp_path):
     out = tmp_path / "stack"
     shutil.copytree(stack[0], out)
     shutil.rmtree(out / "judges")
-    with pytest.raises(DifflabError, match=r"not a complete mini-SD build \(missing judges\).*--resume"):
+    with pytest.raises(DifflabError, match=r"not a complete mini-SD stack \(missing judges\).*--resume"):
         open_stack(PersonalizeDemoConfig(out=str(tmp_path / "demo"), stack=str(out)), tmp_path / "demo")
+
+
+def test_pack_and_unpack_give_the_same_models_in_standard_folders(stack, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from difflab.minisd import prebuilt
+    from difflab.minisd.judges import Judges
+
+    packed = prebuilt.pack(stack[0], tmp_path / "packed")
+    out = prebuilt.unpack(tmp_path / "unpacked", packed)
+    for part in ("sd/unet/diffusion_pytorch_model.safetensors", "sd/text_encoder/model.safetensors"):
+        before, after = load_file(stack[0] / part), load_file(out / part)
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[k].half().float(), after[k]) for k in before), part  # stored as fp16
+    pipe = StableDiffusionPipeline.from_pretrained(out / "sd", local_files_only=True, safety_checker=None)
+    assert pipe.vae.config.scaling_factor == json.loads((stack[0] / "sd/vae/config.json").read_text())["scaling_factor"]
+    judges = Judges(out / "judges")
+    assert judges(mdata.single_digits(10, 0).images[:3]).digit.shape == (3,)
+
+
+def test_unpack_names_what_is_wrong(stack, tmp_path):
+    import shutil
+
+    from difflab.minisd import prebuilt
+
+    with pytest.raises(DifflabError, match="no packed mini-SD stack"):
+        prebuilt.unpack(tmp_path / "a", tmp_path)
+    other = tmp_path / "other"
+    shutil.copytree(stack[0], other)
+    te = other / "sd/text_encoder/model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(te)
+    key = next(iter(weights))
+    weights[key] = weights[key] + 1
+    save_file(weights, te)
+    with pytest.raises(DifflabError, match="not the CLIP text tower"):
+        prebuilt.pack(other, tmp_path / "p2")
+    packed = prebuilt.pack(stack[0], tmp_path / "p3")
+    (packed / prebuilt.WEIGHTS).write_bytes((packed / prebuilt.WEIGHTS).read_bytes()[:1000])
+    with pytest.raises(DifflabError, match=r"stack.safetensors: not a readable safetensors"):
+        prebuilt.unpack(tmp_path / "b", packed)
+
+
+def test_pack_cli_refuses_to_replace_a_packed_stack(stack, tmp_path):
+    from typer.testing import CliRunner
+
+    from difflab.cli import app
+
+    runner = CliRunner()
+    args = ["minisd", "pack", str(stack[0]), "--out", str(tmp_path / "p")]
+    assert runner.invoke(app, args).exit_code == 0
+    before = (tmp_path / "p" / "stack.safetensors").stat().st_mtime_ns
+    refused = runner.invoke(app, args)
+    assert refused.exit_code != 0 and "--overwrite" in str(refused.exception)
+    assert (tmp_path / "p" / "stack.safetensors").stat().st_mtime_ns == before
+
+
+def test_demo_unpacks_the_shipped_stack_and_reuses_it(stack, tmp_path, monkeypatch):
+    from difflab.minisd import prebuilt
+    from difflab.personalize.demo import PersonalizeDemoConfig, open_stack
+
+    monkeypatch.setattr(prebuilt, "PREBUILT", prebuilt.pack(stack[0], tmp_path / "shipped"))
+    demo = tmp_path / "demo"
+    cfg = PersonalizeDemoConfig(out=str(demo))
+    stack_dir = open_stack(cfg, demo)
+    assert stack_dir == demo / "minisd" and (stack_dir / "sd/model_index.json").is_file()
+    before = (stack_dir / "sd/unet/diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    assert open_stack(cfg, demo) == stack_dir
+    assert (stack_dir / "sd/unet/diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
 
 
 def test_stage_precision_is_measured_on_a_cpu(tmp_path, monkeypatch):

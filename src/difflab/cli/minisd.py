@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from difflab.cli.options import Device, Overwrite, Precision, Seed
 from difflab.minisd.build import BuildConfig
+from difflab.minisd.prebuilt import PREBUILT
 from difflab.utils import DifflabError
 
 app = typer.Typer(help="A miniature Stable Diffusion v1 + CLIP, trained here on the CPU.", no_args_is_help=True)
@@ -61,3 +63,19 @@ def build_command(
     cfg.train.edge_weight = vae_edge_weight
     path = build(cfg)
     typer.echo(f"mini-SD stack: {path} (pipeline {path / 'sd'}, CLIP {path / 'clip'})")
+
+
+@app.command("pack")
+def pack_command(
+    stack: Annotated[Path, typer.Argument(help="A finished build (difflab minisd build --out STACK).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for stack.safetensors + stack.json.")] = PREBUILT,
+    overwrite: Overwrite = False,
+) -> None:
+    """Pack a build into one fp16 file + configs: what difflab ships and `personalize demo` unpacks."""
+    from difflab.minisd.prebuilt import available, pack
+
+    if available(out) and not overwrite:
+        raise DifflabError(f"{out}: holds a packed stack; pass --overwrite to replace it")
+    path = pack(stack, out)
+    size = sum(p.stat().st_size for p in path.iterdir()) / 2**20
+    typer.echo(f"packed {stack} into {path} ({size:.1f} MiB)")

@@ -411,7 +411,12 @@ def score_command(
 def demo_command(
     out: Path = typer.Option(Path("runs/personalize-demo"), "--out", help="Output folder (report.html, metrics.json)."),
     stack: Optional[Path] = typer.Option(
-        None, "--stack", help="A mini-SD build (difflab minisd build); default <out>/minisd, built when missing."
+        None,
+        "--stack",
+        help="A mini-SD stack (difflab minisd build); default <out>/minisd, unpacked from the stack difflab ships.",
+    ),
+    from_scratch: bool = typer.Option(
+        False, "--from-scratch", help="Build <out>/minisd with `difflab minisd build`'s defaults instead of unpacking."
     ),
     ti_steps: int = typer.Option(DemoConfig.ti_steps, "--ti-steps", min=1, help="Textual-inversion steps."),
     ti_captions: bool = typer.Option(
@@ -431,6 +436,7 @@ def demo_command(
     cfg = DemoConfig(
         out=str(out),
         stack=str(stack) if stack else None,
+        from_scratch=from_scratch,
         ti_steps=ti_steps,
         ti_captions=ti_captions,
         seed=seed,
