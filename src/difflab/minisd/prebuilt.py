@@ -71,20 +71,19 @@ def components(src: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in read_safetensors(src / WEIGHTS, "mini-SD stack").items():
         name, _, rest = key.partition(".")
-        if name == "judge":
-            name, _, rest = key.removeprefix("judge.").partition(".")
-            name = f"judge.{name}"
+        if name == "judge":  # judge.<judge name>.<weight name>
+            judge, _, rest = rest.partition(".")
+            name = f"judge.{judge}"
         parts.setdefault(name, {})[rest] = value.float() if value.is_floating_point() else value
-    missing = [n for n, _, _ in PARTS if n not in parts] + [
-        f"judge {j}" for j in configs["judges"] if f"judge.{j}" not in parts
-    ]
+    wanted = [name for name, _, _ in PARTS] + [f"judge.{judge}" for judge in configs["judges"]]
+    missing = [name for name in wanted if name not in parts]
     if missing:
         raise DifflabError(f"{src / WEIGHTS}: no weights for {', '.join(missing)}")
     return configs, parts
 
 
 def unpack(out: str | os.PathLike, src: str | os.PathLike = PREBUILT) -> Path:
-    """Write the packed stack in `src` as a build's standard folders into `out` (which must hold none of them)."""
+    """Write the packed stack in `src` into `out` as the standard folders a build writes."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
     from transformers import CLIPConfig, CLIPModel
