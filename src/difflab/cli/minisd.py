@@ -72,10 +72,10 @@ def pack_command(
     overwrite: Overwrite = False,
 ) -> None:
     """Pack a build into one fp16 file + configs: what difflab ships and `personalize demo` unpacks."""
-    from difflab.minisd.prebuilt import available, pack
+    from difflab.io import refuse_to_replace
+    from difflab.minisd.prebuilt import CONFIGS, WEIGHTS, pack
 
-    if available(out) and not overwrite:
-        raise DifflabError(f"{out}: holds a packed stack; pass --overwrite to replace it")
+    refuse_to_replace(out, [WEIGHTS, CONFIGS], overwrite)
     path = pack(stack, out)
     size = sum(p.stat().st_size for p in path.iterdir()) / 2**20
     typer.echo(f"packed {stack} into {path} ({size:.1f} MiB)")

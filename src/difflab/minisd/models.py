@@ -3,7 +3,7 @@
 - CLIP (transformers `CLIPModel`) with the real CLIP BPE tokenizer; its text tower is SD's text encoder;
 - `AutoencoderKL`, 32x32x3 pixels <-> 16x16x4 latents (SD v1: 512x512x3 <-> 64x64x4): at 8x8x4 an MSE-trained
   VAE blurred away the photo texture that makes a digit MNIST-M-like (the style judge called 24.5 % of its
-  reconstructions MNIST-M, 65-73 % at 16x16x4);
+  reconstructions of MNIST-M digits MNIST-M; 92 % at 16x16x4 with 4 norm groups, real images 95 %);
 - `UNet2DConditionModel` cross-attending to the frozen text encoder's last hidden states, as SD v1 does.
 """
 
