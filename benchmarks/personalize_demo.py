@@ -46,9 +46,9 @@ def main() -> None:
     stack, demo = args.from_run or run(args.out, args.unet_steps, args.vae_edge_weight)
     build_log = json.loads((stack / "build.json").read_text())
     metrics = json.loads((demo / "metrics.json").read_text())
-    stages = {f"build: {k}": v["seconds"] for k, v in build_log["stages"].items()}
-    stages.update({f"demo: {k}": v for k, v in metrics["seconds"].items() if k != "mini stack"})
-    rows = [[k, f"{v:.0f} s", "", ""] for k, v in stages.items()]
+    # A resumed build may have run its stages on different machines: each stage names its own.
+    rows = [[f"build: {k}", f"{v['seconds']:.0f} s", v.get("machine", ""), ""] for k, v in build_log["stages"].items()]
+    rows += [[f"demo: {k}", f"{v:.0f} s", "", ""] for k, v in metrics["seconds"].items() if k != "mini stack"]
     rows += effect_rows(metrics)
     unet = build_log["stages"]["sd"].get("config", build_log["config"])["train"]["unet"]
     build_s = sum(v["seconds"] for v in build_log["stages"].values())
@@ -61,7 +61,7 @@ def main() -> None:
     rows = [[re.sub(r"(<[^<>\s]+>)", r"`\1`", str(v)) for v in row] for row in rows]
     write_results(
         args.name,
-        ["stage or effect", "measured", "goal", "met / gain"],
+        ["stage or effect", "measured", "goal (build: machine)", "met / gain"],
         rows,
         notes,
         {"build": build_log["stages"], "metrics": metrics},

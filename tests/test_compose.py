@@ -11,7 +11,9 @@ from difflab.personalize.compose import (
     AttentionStore,
     ComposeConfig,
     Region,
+    box_masks,
     capture_cross_attention,
+    check_boxes,
     compose,
     concept_maps,
     denoise_regions,
@@ -144,6 +146,38 @@ def test_compose_returns_naive_masks_and_a_blend(sd):
     assert np.abs(pixels(result.composed) - pixels(result.naive)).mean() > 0.5
 
 
+def test_box_masks_place_each_concept_in_its_box():
+    left, right = Region("a", "a", (0, 0, 0.5, 1)), Region("b", "b", (0.25, 0.5, 1, 1))
+    masks = box_masks([left, right], (4, 8))
+    assert masks.shape == (3, 4, 8)
+    torch.testing.assert_close(masks.sum(0), torch.ones(4, 8))
+    assert masks[1, :2, :4].all() and masks[1, 2:, :2].all()  # the left half, but for what the later box takes
+    assert masks[2, 2:, 2:].all() and not masks[2, :2].any()
+    assert masks[0, :2, 4:].all()  # the top right is in no box: background
+    with pytest.raises(DifflabError, match="cover no latent pixel"):
+        box_masks([Region("a", "a", (0, 0, 0.05, 1))], (4, 8))
+
+
+@pytest.mark.parametrize(
+    "boxes, message",
+    [(((0, 0, 0.5, 1), None), "every concept or to none"), (((0.5, 0, 0.5, 1), (0, 0, 1, 1)), "left < right")],
+)
+def test_check_boxes_refuses_partial_or_empty_boxes(boxes, message):
+    with pytest.raises(DifflabError, match=message):
+        check_boxes([Region(str(i), "p", box) for i, box in enumerate(boxes)])
+    assert check_boxes([Region("a", "p")]) is False
+
+
+def test_compose_with_boxes_uses_them_as_regions(sd):
+    pipe, _, _ = sd
+    boxed = [Region(c.words, c.prompt, box) for c, box in zip(CONCEPTS, ((0, 0, 0.5, 1), (0.5, 0, 1, 1)))]
+    result = compose(pipe, PROMPT, boxed, CFG, seed=3)
+    assert result.masks[1, :, :16].all() and result.masks[2, :, 16:].all() and not result.masks[0].any()
+    found = compose(pipe, PROMPT, CONCEPTS, CFG, seed=3)
+    assert np.abs(pixels(result.naive) - pixels(found.naive)).max() <= 1  # the same naive image either way
+    assert np.abs(pixels(result.composed) - pixels(found.composed)).mean() > 0.5
+
+
 def test_cli_compose_end_to_end_with_scores(sd, tmp_path):
     from typer.testing import CliRunner
 
@@ -198,3 +232,6 @@ def test_cli_compose_end_to_end_with_scores(sd, tmp_path):
     assert "composed image score" in (out / "report.html").read_text()
     bad = CliRunner().invoke(app, args[:4] + ["--concepts", "no-equals-sign"] + args[6:])
     assert bad.exit_code != 0 and "WORDS=VALUE" in str(bad.exception)
+    for box, message in (("<new1>=0,0,1", "four numbers"), ("city=0,0,1,1", "not the WORDS")):
+        bad = CliRunner().invoke(app, args + ["--box", box, "--overwrite"])
+        assert bad.exit_code != 0 and message in str(bad.exception)

@@ -10,8 +10,8 @@ import torch
 from difflab.io import read_metadata, write_metadata
 from difflab.minisd import data as mdata
 from difflab.minisd.build import BuildConfig, build, default_settings
-from difflab.minisd.models import MiniSDConfig
-from difflab.minisd.train import StageConfig, TrainSettings, clip_loss, train_clip, train_vae
+from difflab.minisd.models import MiniSDConfig, build_clip
+from difflab.minisd.train import StageConfig, TrainSettings, clip_loss, train_clip, train_vae, tune_vision
 from difflab.precision import Precision
 from difflab.utils import DifflabError
 
@@ -32,6 +32,7 @@ def tiny_settings(steps: int = 2) -> TrainSettings:
         clip=StageConfig(steps, 16, 1e-3, warmup=1),
         vae=StageConfig(steps, 8, 1e-3, warmup=1),
         unet=StageConfig(steps, 8, 1e-3, warmup=1),
+        clip_vision=StageConfig(steps, 16, 1e-3, warmup=1),
     )
 
 
@@ -149,9 +150,23 @@ def test_training_loops_lower_their_losses():
     stage = StageConfig(40, 16, 2e-3, warmup=5)
     _, losses = train_clip(singles, load_clip_tokenizer(), TINY, stage, Precision(), torch.device("cpu"), 0)
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
-    settings = TrainSettings(clip=stage, vae=StageConfig(40, 16, 3e-3, warmup=5), unet=stage)
+    settings = TrainSettings(clip=stage, vae=StageConfig(40, 16, 3e-3, warmup=5), unet=stage, clip_vision=stage)
     _, losses = train_vae(singles, TINY, settings, Precision(), torch.device("cpu"), 0)
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+
+
+def test_vision_tuning_lowers_the_loss_and_leaves_the_text_tower_alone():
+    from difflab.clip.tokenizer import load_clip_tokenizer
+
+    singles = mdata.single_digits(30, 0)
+    clip = build_clip(TINY)
+    text = {k: v.clone() for k, v in clip.text_model.state_dict().items()}
+    vision = {k: v.clone() for k, v in clip.vision_model.state_dict().items()}
+    stage = StageConfig(40, 16, 2e-3, warmup=5)
+    clip, losses = tune_vision(clip, singles, load_clip_tokenizer(), stage, Precision(), torch.device("cpu"), 0)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert all(torch.equal(v, clip.text_model.state_dict()[k]) for k, v in text.items())
+    assert not all(torch.equal(v, clip.vision_model.state_dict()[k]) for k, v in vision.items())
 
 
 def test_stack_loads_in_difflab_diffusers_and_transformers(stack):
@@ -176,7 +191,9 @@ def test_stack_loads_in_difflab_diffusers_and_transformers(stack):
     scores = classify(Image.fromarray(mdata.single_digits(10, 0).images[0]), candidate_labels=["one", "two"])
     assert {s["label"] for s in scores} == {"one", "two"}
     log = json.loads((out / "build.json").read_text())
-    assert set(log["stages"]) == {"data", "clip", "vae", "sd", "judges"}
+    assert set(log["stages"]) == {"data", "clip_joint", "vae", "sd", "clip", "judges"}
+    sd_text = pipe.text_encoder.state_dict()
+    assert all(torch.equal(v, sd_text[k]) for k, v in clip.model.text_model.state_dict().items())
     assert set(json.loads((out / "judges" / "domain.json").read_text())["classes"]) == {"mnistm", "svhn"}
 
 
@@ -192,7 +209,7 @@ def test_build_refuses_an_earlier_build_and_resume_keeps_it(stack, tmp_path):
 
 def test_default_settings_are_fixed_work():
     s = default_settings()
-    assert all(stage.steps > 0 for stage in (s.clip, s.vae, s.unet))
+    assert all(stage.steps > 0 for stage in (s.clip, s.vae, s.unet, s.clip_vision))
 
 
 class FakeJudge:
@@ -359,7 +376,10 @@ def test_unet_loop_lowers_its_loss():
     singles = LatentSet(patterns[which], torch.full((64, 4, 8, 8), 0.05), which)
     captions = torch.randn(5, 77, TINY.text_width, generator=g)  # one per pattern + the empty caption
     settings = TrainSettings(
-        clip=StageConfig(1, 1, 1e-3), vae=StageConfig(1, 1, 1e-3), unet=StageConfig(60, 16, 3e-3, warmup=5)
+        clip=StageConfig(1, 1, 1e-3),
+        vae=StageConfig(1, 1, 1e-3),
+        unet=StageConfig(60, 16, 3e-3, warmup=5),
+        clip_vision=StageConfig(1, 1, 1e-3),
     )
     ema, losses = train_unet([singles], captions, 4, 1.0, TINY, settings, Precision(), torch.device("cpu"), 0)
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])

@@ -22,7 +22,10 @@ def build_command(
     resume: Annotated[
         bool, typer.Option("--resume", help="Keep the finished stages in --out and build only what is missing.")
     ] = False,
-    clip_steps: Annotated[int, typer.Option(help="CLIP training steps.")] = DEFAULTS.train.clip.steps,
+    clip_steps: Annotated[int, typer.Option(help="CLIP training steps, both towers.")] = DEFAULTS.train.clip.steps,
+    clip_vision_steps: Annotated[
+        int, typer.Option(help="Further CLIP steps on the image side alone (the text tower frozen).")
+    ] = DEFAULTS.train.clip_vision.steps,
     vae_steps: Annotated[int, typer.Option(help="VAE training steps.")] = DEFAULTS.train.vae.steps,
     unet_steps: Annotated[int, typer.Option(help="UNet training steps.")] = DEFAULTS.train.unet.steps,
     vae_edge_weight: Annotated[
@@ -35,11 +38,13 @@ def build_command(
     precision: Precision = DEFAULTS.precision,
     overwrite: Overwrite = False,
 ) -> None:
-    """Train CLIP, the VAE, the UNet and the judges in fixed work; write standard diffusers/transformers folders."""
+    """Train CLIP, the VAE, the UNet, CLIP's image side and the judges in fixed work; write standard
+    diffusers/transformers folders."""
     from difflab.minisd.build import build
 
     for name, value, low in (
         ("--clip-steps", clip_steps, 1),
+        ("--clip-vision-steps", clip_vision_steps, 1),
         ("--vae-steps", vae_steps, 1),
         ("--unet-steps", unet_steps, 1),
         ("--per-domain", per_domain, 10),
@@ -60,6 +65,7 @@ def build_command(
         overwrite=overwrite,
     )
     cfg.train.clip.steps, cfg.train.vae.steps, cfg.train.unet.steps = clip_steps, vae_steps, unet_steps
+    cfg.train.clip_vision.steps = clip_vision_steps
     cfg.train.edge_weight = vae_edge_weight
     path = build(cfg)
     typer.echo(f"mini-SD stack: {path} (pipeline {path / 'sd'}, CLIP {path / 'clip'})")

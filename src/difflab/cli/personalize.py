@@ -240,6 +240,16 @@ def parse_pairs(values: List[str], option: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def parse_box(words: str, value: str) -> tuple[float, float, float, float]:
+    try:
+        box = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4:
+        raise DifflabError(f"--box {words}={value}: expected four numbers LEFT,TOP,RIGHT,BOTTOM, e.g. 0,0,0.5,1")
+    return box
+
+
 @app.command("compose")
 def compose_command(
     prompt: str = typer.Option(
@@ -249,6 +259,12 @@ def compose_command(
         ...,
         "--concepts",
         help="WORDS=PROMPT, repeatable: words of --prompt locating a concept, and the prompt for its region.",
+    ),
+    boxes: List[str] = typer.Option(
+        [],
+        "--box",
+        help="WORDS=LEFT,TOP,RIGHT,BOTTOM, repeatable: place that concept in this box (fractions of the image) "
+        "instead of where its attention falls; every concept or none.",
     ),
     sd: Path = typer.Option(..., "--sd", help=SD_HELP),
     embeds: List[Path] = typer.Option([], "--embeds", help=EMBEDS_HELP),
@@ -324,10 +340,14 @@ def compose_command(
     device: Device = None,
 ) -> None:
     """Compose several learned concepts in one image by region-wise denoising, next to the naive prompt."""
-    from difflab.personalize.compose import Region, compose_images
+    from difflab.personalize.compose import Region, check_boxes, compose_images
     from difflab.personalize.sd import load_pipeline
 
-    regions = [Region(w, p) for w, p in parse_pairs(concepts, "--concepts")]
+    placed = {words: parse_box(words, value) for words, value in parse_pairs(boxes, "--box")}
+    regions = [Region(w, p, placed.pop(w, None)) for w, p in parse_pairs(concepts, "--concepts")]
+    if placed:
+        raise DifflabError(f"--box {', '.join(placed)}: not the WORDS of any --concepts")
+    check_boxes(regions)
     ref_pairs = parse_pairs(refs, "--refs")
     if bool(ref_pairs) != (clip is not None):
         raise DifflabError("--clip and --refs go together: a CLIP model folder and WORDS=DIR reference folders")

@@ -50,6 +50,9 @@ class ClassifierTrainConfig:
     label_smoothing: float = 0.05
     precision: str = "auto"  # see difflab.precision: measured on a CPU
     augment: bool = True
+    # Largest sigma (pixels) of a random Gaussian blur per training image, 0: none. A style judge trained on
+    # sharp images alone reads sharpness as style and calls any softly rendered digit SVHN-like.
+    blur: float = 0.0
     val_fraction: float = 0.1  # held out from train.csv when the data has no val.csv
 
 
@@ -119,6 +122,19 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (x - mean) * contrast[:, None, None, None] + mean + brightness[:, None, None, None]
 
 
+def random_blur(x: torch.Tensor, max_sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """Each image blurred by a Gaussian of sigma uniform in [0, max_sigma] (separable, edges replicated)."""
+    b, c, h, w = x.shape
+    sigma = (max_sigma * torch.rand(b, generator=generator)).clamp_min(1e-3)
+    radius = max(1, math.ceil(3 * max_sigma))
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (taps[None] / sigma[:, None]) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0).to(x)  # (b * c, taps)
+    y = F.pad(x.reshape(1, b * c, h, w), (radius,) * 4, mode="replicate")
+    y = F.conv2d(F.conv2d(y, k[:, None, None, :], groups=b * c), k[:, None, :, None], groups=b * c)
+    return y.reshape(b, c, h, w)
+
+
 def accuracy(model: DigitClassifier, images: np.ndarray, labels: np.ndarray) -> float:
     return float((model.predict(images) == labels).mean())
 
@@ -158,6 +174,8 @@ def train_classifier(
             x = model.preprocess(images[idx])
             if tc.augment:
                 x = augment(x, gen)
+            if tc.blur > 0:
+                x = random_blur(x, tc.blur, gen)
             with precision.autocast(device):
                 x = precision.input(x)
                 loss = F.cross_entropy(model(x), labels[idx], label_smoothing=tc.label_smoothing)

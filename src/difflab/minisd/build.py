@@ -1,9 +1,11 @@
 """Build the miniature SD v1 stack in one folder, stage by stage:
 
 <out>/data/train/   captioned digits (imagefolder + metadata.jsonl)
-<out>/clip/         transformers CLIPModel + tokenizer + image processor (`load_clip`, zero-shot pipeline)
+<out>/clip_joint/   CLIP trained contrastively, both towers (an intermediate): its text tower is SD's text encoder
 <out>/vae/          the trained AutoencoderKL (an intermediate; the pipeline holds a copy)
 <out>/sd/           diffusers StableDiffusionPipeline folder (`load_sd`, `from_pretrained`)
+<out>/clip/         that CLIP with its image side trained further against the frozen text tower: transformers
+                    CLIPModel + tokenizer + image processor (`load_clip`, zero-shot pipeline)
 <out>/judges/       digit judges per domain + a domain judge (difflab digit classifiers)
 <out>/build.json    settings, timings, losses and the precision of each stage
 """
@@ -23,10 +25,10 @@ from difflab.io import load_json, save_json, write_metadata
 from difflab.minisd import data as mdata
 from difflab.minisd.models import MiniSDConfig, build_clip, build_unet, build_vae, sd_scheduler_config
 from difflab.minisd.train import StageConfig, TrainSettings
-from difflab.precision import Precision, resolve
+from difflab.precision import Precision, cpu_name, resolve
 from difflab.utils import DifflabError, pick_device
 
-STAGES = ("data", "clip", "vae", "sd", "judges")
+STAGES = ("data", "clip_joint", "vae", "sd", "clip", "judges")
 BUILD_LOG = "build.json"
 
 
@@ -35,6 +37,7 @@ def default_settings() -> TrainSettings:
     packed, see `difflab.minisd.prebuilt`)."""
     return TrainSettings(
         clip=StageConfig(steps=3000, batch_size=128, lr=1e-3, warmup=100),
+        clip_vision=StageConfig(steps=4000, batch_size=128, lr=2e-3, warmup=100),
         vae=StageConfig(steps=1600, batch_size=64, lr=2e-3),
         unet=StageConfig(steps=3000, batch_size=64, lr=2e-3, warmup=100),
     )
@@ -49,6 +52,10 @@ class BuildConfig:
     n_pairs: int = 8000  # two-digit canvases
     judge_epochs: int = 8  # the digits job's judges: 0.97 / 0.999 held out (4 epochs of 5,000: 0.934 / 0.991)
     judge_images: int = 8000  # per style
+    # Random blur while training the judges: without it the style judge read sharpness as style and called 39 %
+    # of the UNet's MNIST-M-like digits SVHN-like (VAE round trips of held-out MNIST-M digits: 94.4 % right,
+    # with it 98.7 %; held-out real digits 99.2 % / 99.7 %).
+    judge_blur: float = 1.0
     seed: int = 0
     device: str | None = None
     precision: str = "auto"
@@ -121,6 +128,8 @@ def build(cfg: BuildConfig) -> Path:
         start = time.perf_counter()
         info = STAGE_FUNCS[stage](cfg, out, device) or {}
         info["seconds"] = round(time.perf_counter() - start, 1)
+        where = cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device)
+        info["machine"] = f"{where}, {torch.get_num_threads()} threads"
         info["config"] = asdict(cfg)  # a resumed build may finish with other settings than it started with
         log["stages"][stage] = info
         print(f"mini-SD {stage}: {info['seconds']:.0f} s" + (f" ({info['summary']})" if "summary" in info else ""))
@@ -149,7 +158,7 @@ def training_sets(cfg: BuildConfig, out: Path) -> tuple[mdata.CaptionedDigits, m
     return groups[(size, size)], groups.get((size, 2 * size))
 
 
-def build_clip_stage(cfg: BuildConfig, out: Path, device) -> dict:
+def build_clip_joint_stage(cfg: BuildConfig, out: Path, device) -> dict:
     from difflab.clip.tokenizer import load_clip_tokenizer
     from difflab.minisd.train import clip_loss, train_clip
 
@@ -167,6 +176,28 @@ def build_clip_stage(cfg: BuildConfig, out: Path, device) -> dict:
     precision = measured_precision(cfg, device, f"CLIP batch {b}", lambda: build_clip(cfg.model), clip_step)
     model, losses = train_clip(singles, tokenizer, cfg.model, cfg.train.clip, precision, device, cfg.seed)
 
+    write_dir(out / "clip_joint", lambda tmp: save_clip(model, tokenizer, tmp))
+    return {"precision": precision.describe(), "losses": losses[:: max(1, len(losses) // 200)]}
+
+
+def build_clip_stage(cfg: BuildConfig, out: Path, device) -> dict:
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from difflab.minisd.train import tune_vision
+
+    singles, _ = training_sets(cfg, out)
+    clip = CLIPModel.from_pretrained(out / "clip_joint", local_files_only=True)
+    tokenizer = CLIPTokenizer.from_pretrained(out / "clip_joint", local_files_only=True, model_max_length=77)
+    stage = cfg.train.clip_vision
+    px = torch.zeros(stage.batch_size, 3, cfg.model.image_size, cfg.model.image_size, device=device)
+    precision = measured_precision(
+        cfg,
+        device,
+        f"CLIP vision batch {stage.batch_size}",
+        lambda: build_clip(cfg.model),
+        lambda m, p: m.visual_projection(m.vision_model(pixel_values=px)[1]),
+    )
+    model, losses = tune_vision(clip, singles, tokenizer, stage, precision, device, cfg.seed)
     write_dir(out / "clip", lambda tmp: save_clip(model, tokenizer, tmp))
     return {"precision": precision.describe(), "losses": losses[:: max(1, len(losses) // 200)]}
 
@@ -200,8 +231,8 @@ def build_sd_stage(cfg: BuildConfig, out: Path, device) -> dict:
     from difflab.minisd.train import LatentSet, encode_captions, encode_latents, train_unet
 
     singles, pairs = training_sets(cfg, out)
-    clip = CLIPModel.from_pretrained(out / "clip", local_files_only=True)
-    tokenizer = CLIPTokenizer.from_pretrained(out / "clip", local_files_only=True, model_max_length=77)
+    clip = CLIPModel.from_pretrained(out / "clip_joint", local_files_only=True)
+    tokenizer = CLIPTokenizer.from_pretrained(out / "clip_joint", local_files_only=True, model_max_length=77)
     text_encoder = text_tower(clip).to(device).eval()
     vae = AutoencoderKL.from_pretrained(out / "vae", local_files_only=True).to(device).eval()
 
@@ -273,7 +304,7 @@ def build_judges_stage(cfg: BuildConfig, out: Path, device) -> dict:
     )
     from difflab.digits.data import DOMAINS, generate_split
 
-    tc = ClassifierTrainConfig(epochs=cfg.judge_epochs, precision=cfg.precision)
+    tc = ClassifierTrainConfig(epochs=cfg.judge_epochs, precision=cfg.precision, blur=cfg.judge_blur)
     n = min(cfg.judge_images, cfg.n_per_domain)
     data = {d: generate_split(d, n, cfg.seed) for d in DOMAINS}
     held = {d: generate_split(d, 1000, cfg.seed, "val") for d in DOMAINS}
@@ -300,8 +331,9 @@ def build_judges_stage(cfg: BuildConfig, out: Path, device) -> dict:
 
 STAGE_FUNCS = {
     "data": build_data,
-    "clip": build_clip_stage,
+    "clip_joint": build_clip_joint_stage,
     "vae": build_vae_stage,
     "sd": build_sd_stage,
+    "clip": build_clip_stage,
     "judges": build_judges_stage,
 }

@@ -56,6 +56,7 @@ def pack(stack: str | os.PathLike, dest: str | os.PathLike = PREBUILT) -> Path:
         configs["build"] = {
             "config": build.get("config"),
             "seconds": {s: v.get("seconds") for s, v in build.get("stages", {}).items()},
+            "machines": {s: v.get("machine") for s, v in build.get("stages", {}).items()},
         }
     dest.mkdir(parents=True, exist_ok=True)
     half = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in weights.items()}

@@ -38,9 +38,10 @@ class StageConfig:
 
 @dataclass
 class TrainSettings:
-    clip: StageConfig
+    clip: StageConfig  # both towers, contrastively
     vae: StageConfig
     unet: StageConfig
+    clip_vision: StageConfig  # then the image side alone, against the frozen text tower (see `tune_vision`)
     # L1 on image gradients, on top of the MSE, which alone blurs photo texture away; 3 kept more texture but
     # lost the colours (the gradient term outweighed the MSE tenfold).
     edge_weight: float = 1.0
@@ -145,6 +146,38 @@ def train_clip(data: CaptionedDigits, tokenizer, cfg: MiniSDConfig, stage: Stage
     torch.manual_seed(seed)
     losses = optimize(model, list(model.parameters()), stage, loss_fn, precision, device, "CLIP")
     return model, losses
+
+
+def tune_vision(clip, data: CaptionedDigits, tokenizer, stage: StageConfig, precision, device, seed):
+    """Train CLIP's image side (vision tower, both projections, temperature) against its frozen text tower: the
+    joint training leaves the small vision tower under-fitted (its training accuracy is as low as its held-out
+    one), and the text tower, SD's text encoder, must stay exactly as the UNet learned to read it."""
+    clip = clip.to(device)
+    clip.text_model.requires_grad_(False).eval()
+    unique = sorted(set(data.texts))
+    row = {t: i for i, t in enumerate(unique)}
+    caption_row = torch.tensor([row[t] for t in data.texts])
+    pooled = []
+    with torch.inference_mode():
+        for i in range(0, len(unique), 512):
+            tok = tokenizer(unique[i : i + 512], padding=True, truncation=True, max_length=MAX_LENGTH)
+            ids, mask = (torch.tensor(tok[k], device=device) for k in ("input_ids", "attention_mask"))
+            pooled.append(clip.text_model(input_ids=ids, attention_mask=mask).pooler_output.float())
+    pooled = torch.cat(pooled)
+    truth = caption_truth(data)
+    g = torch.Generator().manual_seed(seed)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        idx = torch.randint(len(data.texts), (stage.batch_size,), generator=g)
+        image = clip.visual_projection(clip.vision_model(pixel_values=clip_pixels(data.images[idx.numpy()], device))[1])
+        text = clip.text_projection(pooled[caption_row[idx]].to(device))
+        logits = clip.logit_scale.exp() * F.normalize(image.float(), dim=-1) @ F.normalize(text.float(), dim=-1).T
+        return clip_loss(logits, truth(idx).to(device))
+
+    params = [p for n, p in clip.named_parameters() if not n.startswith("text_model.")]
+    torch.manual_seed(seed)
+    losses = optimize(clip, params, stage, loss_fn, precision, device, "CLIP vision")
+    return clip, losses
 
 
 # ---- VAE ----------------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 Prompting "a <new1> in a city in a style of <new2>" directly tends to drop or blend one learned concept.
 Here the image is made in two passes from the same initial latent:
   1. layout: the plain prompt is denoised while the cross-attention probabilities are recorded; each
-     concept's region is where the attention of its words dominates (normalise, smooth, threshold/argmax);
+     concept's region is where the attention of its words dominates (normalise, smooth, threshold/argmax).
+     Or the regions are given as boxes, as in regional prompting: a UNet whose cross-attention does not
+     localise words (the mini SD's) still draws each concept where it is told;
   2. composition: at every step each region is denoised with its own concept prompt and the background
      with the background prompt; the classifier-free-guided noise predictions are blended by the masks.
      All prompts (plus one shared unconditional) go through the UNet in one batch.
@@ -83,10 +85,14 @@ def check_size(height: int | None, width: int | None, multiple: int) -> None:
         raise DifflabError(f"{', '.join(bad)}: compose needs image sides that are multiples of {multiple}")
 
 
+Box = tuple[float, float, float, float]  # (left, top, right, bottom) as fractions of the image's width and height
+
+
 @dataclass
 class Region:
     words: str  # text of the main prompt whose cross-attention locates the concept, e.g. "<new1>" or "<new1> dog"
     prompt: str  # prompt that denoises the concept's region, e.g. "a photo of a <new1> dog"
+    box: Optional[Box] = None  # where the concept goes, instead of where the attention of `words` puts it
 
 
 @dataclass
@@ -212,6 +218,35 @@ def region_masks(maps: torch.Tensor, threshold: float) -> torch.Tensor:
     return F.one_hot(region, maps.shape[0] + 1).permute(2, 0, 1).float()
 
 
+def box_masks(concepts: Sequence[Region], latent_hw: tuple[int, int]) -> torch.Tensor:
+    """(1+C,H,W) one-hot masks from the concepts' boxes: a later box wins where boxes overlap, the rest is the
+    background (region 0)."""
+    h, w = latent_hw
+    region = torch.zeros(h, w, dtype=torch.long)
+    for r, c in enumerate(concepts, start=1):
+        left, top, right, bottom = c.box
+        region[round(top * h) : round(bottom * h), round(left * w) : round(right * w)] = r
+    masks = F.one_hot(region, len(concepts) + 1).permute(2, 0, 1).float()
+    empty = [c.words for c, m in zip(concepts, masks[1:]) if not m.any()]
+    if empty:
+        raise DifflabError(f"the boxes of {', '.join(empty)} cover no latent pixel ({h}x{w}) that a later box leaves")
+    return masks
+
+
+def check_boxes(concepts: Sequence[Region]) -> bool:
+    """True when every concept has a valid box, False when none has one."""
+    boxed = [c for c in concepts if c.box is not None]
+    if boxed and len(boxed) != len(concepts):
+        raise DifflabError("give a box to every concept or to none (the others would have no place)")
+    for c in boxed:
+        left, top, right, bottom = c.box
+        if not (0 <= left < right <= 1 and 0 <= top < bottom <= 1):
+            raise DifflabError(
+                f"box of {c.words!r} {c.box}: want left < right and top < bottom, fractions of the image in [0, 1]"
+            )
+    return bool(boxed)
+
+
 @torch.inference_mode()
 def denoise_regions(
     pipe, latents: torch.Tensor, prompts: Sequence[str], masks: torch.Tensor, cfg: ComposeConfig
@@ -242,45 +277,62 @@ def compose(
     background: str | None = None,
     seed: int | None = None,
 ) -> Composition:
-    """Naive image of `prompt`, concept regions from its cross-attention, and the region-wise composed image."""
+    """Naive image of `prompt`, concept regions (their boxes, or from its cross-attention), and the region-wise
+    composed image."""
     if not concepts:
         raise DifflabError("compose needs at least one concept (--concepts WORDS=PROMPT)")
     cfg.check()
+    boxed = check_boxes(concepts)
     prompts = [background or prompt] + [c.prompt for c in concepts]
     check_learned_tokens(pipe, [prompt, *prompts])
-    groups = [token_indices(pipe, prompt, c.words) for c in concepts]
     set_scheduler(pipe, cfg.scheduler)
     pipe.set_progress_bar_config(disable=True)
     height, width = image_size(pipe, cfg)
     check_size(height, width, size_multiple(pipe))
     latents = initial_latents(pipe, [cfg.seed if seed is None else seed], height, width)
-    cond, uncond = encode_prompt(pipe, prompt, cfg.negative_prompt)
+    latent_hw = tuple(latents.shape[-2:])
+    if boxed:
+        naive = naive_image(pipe, prompt, latents, cfg)
+        masks = box_masks(concepts, latent_hw)
+        maps = masks[1:]
+    else:
+        groups = [token_indices(pipe, prompt, c.words) for c in concepts]
+        store = AttentionStore()
+        naive = naive_image(pipe, prompt, latents, cfg, store)
+        attention = store.maps(*latent_hw, cfg.map_factor)[-1]  # the conditional half of the guidance batch
+        maps = concept_maps(attention, groups, latent_hw, cfg.smooth)
+        masks = region_masks(maps, cfg.threshold)
+    composed = denoise_regions(pipe, latents, prompts, masks, cfg)
+    return Composition(naive, composed, masks.cpu(), maps.cpu(), prompts)
 
-    store = AttentionStore()
+
+def naive_image(pipe, prompt: str, latents: torch.Tensor, cfg: ComposeConfig, store: AttentionStore | None = None):
+    """The plain prompt's image from `latents`; with `store`, the cross-attention of the first
+    `cfg.capture_fraction` of the steps is recorded into it."""
+    cond, uncond = encode_prompt(pipe, prompt, cfg.negative_prompt)
     n_capture = max(1, round(cfg.capture_fraction * cfg.steps))
 
     def stop_capturing(_pipe, i, _t, kwargs):
         store.active = i + 1 < n_capture
         return kwargs
 
-    with capture_cross_attention(pipe.unet, store):
-        naive = pipe(
+    def run():
+        return pipe(
             prompt_embeds=cond,
             negative_prompt_embeds=uncond,
             latents=latents,
-            height=height,
-            width=width,
+            height=latents.shape[-2] * pipe.vae_scale_factor,
+            width=latents.shape[-1] * pipe.vae_scale_factor,
             num_inference_steps=cfg.steps,
             guidance_scale=cfg.guidance,
             output_type="pil",
-            callback_on_step_end=stop_capturing,
+            callback_on_step_end=None if store is None else stop_capturing,
         ).images[0]
-    latent_hw = tuple(latents.shape[-2:])
-    attention = store.maps(*latent_hw, cfg.map_factor)[-1]  # the conditional half of the guidance batch
-    maps = concept_maps(attention, groups, latent_hw, cfg.smooth)
-    masks = region_masks(maps, cfg.threshold)
-    composed = denoise_regions(pipe, latents, prompts, masks, cfg)
-    return Composition(naive, composed, masks.cpu(), maps.cpu(), prompts)
+
+    if store is None:
+        return run()
+    with capture_cross_attention(pipe.unet, store):
+        return run()
 
 
 def masks_figure(result: Composition) -> np.ndarray:
@@ -323,7 +375,7 @@ def compose_images(
     report = HtmlReport("Multi-concept composition: naive prompt vs region-wise denoising")
     report.pre(
         f"prompt: {prompt}\n"
-        + "\n".join(f"region {c.words}: {c.prompt}" for c in concepts)
+        + "\n".join(f"region {c.words}: {c.prompt}" + (f" in box {c.box}" if c.box else "") for c in concepts)
         + f"\nbackground: {background or prompt}\nsteps={cfg.steps} guidance={cfg.guidance} "
         f"scheduler={cfg.scheduler} threshold={cfg.threshold} smooth={cfg.smooth}"
     )
@@ -337,7 +389,8 @@ def compose_images(
         report.heading(f"seed {cfg.seed + i}")
         report.image(np.asarray(result.naive), caption="naive prompt")
         report.image(np.asarray(result.composed), caption="composed")
-        report.image(figure, caption="naive | attention of " + " | ".join(c.words for c in concepts) + " | regions")
+        source = "box" if concepts[0].box else "attention"
+        report.image(figure, caption=f"naive | {source} of " + " | ".join(c.words for c in concepts) + " | regions")
         naive_all.append(result.naive)
         composed_all.append(result.composed)
     if len(naive_all) > 1:
