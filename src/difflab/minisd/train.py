@@ -22,6 +22,7 @@ from difflab.clip.tokenizer import MAX_LENGTH
 from difflab.minisd.data import CaptionedDigits, attribute_bits, stated
 from difflab.minisd.models import MiniSDConfig, build_clip, build_unet, build_vae, sd_scheduler_config
 from difflab.precision import Precision
+from difflab.schedule import NoiseSchedule
 
 # CLIP's image normalisation (the default of transformers' CLIP image processors).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -261,9 +262,8 @@ def train_unet(
     model = precision.prepare(build_unet(cfg).to(device))
     ema = copy.deepcopy(model).requires_grad_(False)
     scheduler = DDPMScheduler.from_config(sd_scheduler_config())
-    alphas = scheduler.alphas_cumprod
-    snr = alphas / (1 - alphas)
-    weight = torch.clamp(snr, max=settings.snr_gamma) / (snr + 1)  # min-SNR for a v target
+    schedule = NoiseSchedule(scheduler.betas, scheduler.config.prediction_type)  # the same, in difflab's math
+    weight = schedule.min_snr_weight(torch.arange(schedule.num_steps), settings.snr_gamma).float()
     stage, g = settings.unet, torch.Generator().manual_seed(seed)
 
     def loss_fn(step: int) -> torch.Tensor:
@@ -274,7 +274,7 @@ def train_unet(
         latents = (s.mean[idx] + s.std[idx] * torch.randn(s.mean[idx].shape, generator=g)) * scaling
         cap = torch.where(torch.rand(b, generator=g) < settings.caption_dropout, empty, s.caption[idx])
         noise = torch.randn(latents.shape, generator=g)
-        t = torch.randint(len(alphas), (b,), generator=g)
+        t = torch.randint(schedule.num_steps, (b,), generator=g)
         noisy = scheduler.add_noise(latents, noise, t)
         target = scheduler.get_velocity(latents, noise, t)
         pred = model(precision.input(noisy.to(device)), t.to(device), captions[cap].to(device)).sample.float()
