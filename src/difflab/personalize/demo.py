@@ -322,7 +322,8 @@ def best_of(cfg: PersonalizeDemoConfig, spec: dict, judges: Judges, stack: Path,
 def composition(cfg: PersonalizeDemoConfig, pipe, judges: Judges, out: Path) -> dict:
     """Both halves right (digit and style): the naive prompt against region-wise denoising with the regions given
     ("next to": left and right half, the goal) and found from cross-attention, all from the same initial noise."""
-    from difflab.personalize.compose import ComposeConfig, Region, compose
+    from difflab.personalize.compose import ComposeConfig, Region, box_masks, compose, denoise_regions
+    from difflab.personalize.generate import initial_latents
 
     (left_token, left_style), (right_token, right_style) = CONCEPTS
     ccfg = ComposeConfig(
@@ -338,10 +339,12 @@ def composition(cfg: PersonalizeDemoConfig, pipe, judges: Judges, out: Path) -> 
         boxed = [Region(words[0], left, (0, 0, 0.5, 1)), Region(words[1], right, (0.5, 0, 1, 1))]
         found = [Region(words[0], left), Region(words[1], right)]
         for s in range(cfg.compose_seeds):
-            r = compose(pipe, prompt, boxed, ccfg, seed=cfg.seed + s)
-            images["naive"].append(np.asarray(r.naive.convert("RGB")))
-            images["composed"].append(np.asarray(r.composed.convert("RGB")))
             r = compose(pipe, prompt, found, ccfg, seed=cfg.seed + s)
+            # The boxes' composition from the same noise and prompts, without making the naive image again.
+            latents = initial_latents(pipe, [cfg.seed + s], ccfg.height, ccfg.width)
+            by_box = denoise_regions(pipe, latents, r.prompts, box_masks(boxed, latents.shape[-2:]), ccfg)
+            images["naive"].append(np.asarray(r.naive.convert("RGB")))
+            images["composed"].append(np.asarray(by_box.convert("RGB")))
             images["composed_attention"].append(np.asarray(r.composed.convert("RGB")))
             wanted.append((a, b))
     want = np.array(wanted)
