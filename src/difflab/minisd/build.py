@@ -120,7 +120,7 @@ def build(cfg: BuildConfig) -> Path:
     out = prepare_out(cfg)
     device = pick_device(cfg.device)
     log = load_json(out / BUILD_LOG) if cfg.resume and (out / BUILD_LOG).is_file() else {}
-    log.setdefault("config", asdict(cfg))
+    log["config"] = asdict(cfg)  # this run's settings; each stage records those it was built with
     log.setdefault("stages", {})
     for stage in STAGES:
         if done(out, stage):
