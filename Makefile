@@ -28,8 +28,8 @@ demo-quick: $(STAMP)
 demo-personalize: $(STAMP)
 	$(BIN)/difflab personalize demo --out runs/personalize-demo
 
-# Rebuilds that stack from scratch (fixed work, seeded; about 70 minutes on 2 cores: 55 on the Intel Xeon for the
-# stages before the CLIP vision tuning, which took 13 on the AMD EPYC) and packs it into the package.
+# Rebuilds that stack from scratch (fixed work, seeded; about 75 minutes on 2 cores: joint CLIP and VAE took 22 on
+# the Intel Xeon, the UNet, CLIP vision tuning and judges 51 on the AMD EPYC) and packs it into the package.
 minisd-stack: $(STAMP)
 	$(BIN)/difflab minisd build --out runs/minisd --resume
 	$(BIN)/difflab minisd pack runs/minisd --overwrite

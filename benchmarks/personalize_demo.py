@@ -50,11 +50,13 @@ def main() -> None:
     rows = [[f"build: {k}", f"{v['seconds']:.0f} s", v.get("machine", ""), ""] for k, v in build_log["stages"].items()]
     rows += [[f"demo: {k}", f"{v:.0f} s", "", ""] for k, v in metrics["seconds"].items() if k != "mini stack"]
     rows += effect_rows(metrics)
-    unet = build_log["stages"]["sd"].get("config", build_log["config"])["train"]["unet"]
+    sd_config = build_log["stages"]["sd"].get("config", build_log["config"])
+    unet, channels = sd_config["train"]["unet"], sd_config["model"]["unet_channels"]
     build_s = sum(v["seconds"] for v in build_log["stages"].values())
     demo_s = sum(v for k, v in metrics["seconds"].items() if k != "mini stack")
     edge = build_log["config"]["train"].get("edge_weight", 0.0)
-    notes = f"UNet {unet['steps']} steps of batch {unet['batch_size']}; VAE edge weight {edge}; build {build_s:.0f} s, "
+    notes = f"UNet {tuple(channels)} channels, {unet['steps']} steps of batch {unet['batch_size']}; "
+    notes += f"VAE edge weight {edge}; build {build_s:.0f} s, "
     captions = "the references' own captions" if metrics["config"].get("ti_captions") else "the style templates"
     notes += f"personalization {demo_s:.0f} s; textual inversion on {captions}. {args.note}".rstrip()
     # Tokens in backticks: a bare <new1> is an HTML tag to a markdown renderer.
