@@ -40,9 +40,9 @@ class PersonalizeDemoConfig:
     from_scratch: bool = False  # build <out>/minisd instead of unpacking the shipped stack
     n_heldout: int = 50  # zero-shot images per digit, half of each style (the course: 50 per class)
     refs_per_concept: int = 5
-    # <new2>'s style rate on 200 images (AMD EPYC, 2 threads): 300 steps 0.825, 600 0.88, 1000 0.885 (<new1>
-    # 0.975 → 0.955 → 0.90); lr 1e-2 0.87; two or four vectors per token 0.77 / 0.73; guidance 5 / 6 / 10 0.855 /
-    # 0.87 / 0.80.
+    # <new2>'s style rate on 200 images (the earlier 32-channel UNet; AMD EPYC, 2 threads): 300 steps 0.825, 600
+    # 0.88, 1000 0.885 (<new1> 0.975 → 0.955 → 0.90); lr 1e-2 0.87; two or four vectors per token 0.77 / 0.73;
+    # guidance 5 / 6 / 10 0.855 / 0.87 / 0.80.
     ti_steps: int = 600
     ti_batch: int = 16
     ti_lr: float = 5e-3
