@@ -180,14 +180,19 @@ def build_clip_joint_stage(cfg: BuildConfig, out: Path, device) -> dict:
     return {"precision": precision.describe(), "losses": losses[:: max(1, len(losses) // 200)]}
 
 
-def build_clip_stage(cfg: BuildConfig, out: Path, device) -> dict:
+def load_joint_clip(out: Path):
+    """The joint stage's CLIP and tokenizer: the text tower that SD and the vision tuning both start from."""
     from transformers import CLIPModel, CLIPTokenizer
 
+    clip = CLIPModel.from_pretrained(out / "clip_joint", local_files_only=True)
+    return clip, CLIPTokenizer.from_pretrained(out / "clip_joint", local_files_only=True, model_max_length=77)
+
+
+def build_clip_stage(cfg: BuildConfig, out: Path, device) -> dict:
     from difflab.minisd.train import tune_vision
 
     singles, _ = training_sets(cfg, out)
-    clip = CLIPModel.from_pretrained(out / "clip_joint", local_files_only=True)
-    tokenizer = CLIPTokenizer.from_pretrained(out / "clip_joint", local_files_only=True, model_max_length=77)
+    clip, tokenizer = load_joint_clip(out)
     stage = cfg.train.clip_vision
     px = torch.zeros(stage.batch_size, 3, cfg.model.image_size, cfg.model.image_size, device=device)
     precision = measured_precision(
@@ -226,13 +231,11 @@ def build_vae_stage(cfg: BuildConfig, out: Path, device) -> dict:
 
 def build_sd_stage(cfg: BuildConfig, out: Path, device) -> dict:
     from diffusers import AutoencoderKL
-    from transformers import CLIPModel, CLIPTokenizer
 
     from difflab.minisd.train import LatentSet, encode_captions, encode_latents, train_unet
 
     singles, pairs = training_sets(cfg, out)
-    clip = CLIPModel.from_pretrained(out / "clip_joint", local_files_only=True)
-    tokenizer = CLIPTokenizer.from_pretrained(out / "clip_joint", local_files_only=True, model_max_length=77)
+    clip, tokenizer = load_joint_clip(out)
     text_encoder = text_tower(clip).to(device).eval()
     vae = AutoencoderKL.from_pretrained(out / "vae", local_files_only=True).to(device).eval()
 
