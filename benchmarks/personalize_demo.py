@@ -16,12 +16,12 @@ import shutil
 from pathlib import Path
 
 from _common import write_results
-from difflab.personalize.demo_report import effect_rows
+from difflab.demos.personalize_report import effect_rows
 
 
 def run(out: Path, unet_steps: int | None, vae_edge_weight: float | None) -> tuple[Path, Path]:
+    from difflab.demos.personalize import PersonalizeDemoConfig, run_demo
     from difflab.minisd.build import BuildConfig, build
-    from difflab.personalize.demo import PersonalizeDemoConfig, run_demo
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = BuildConfig(out=str(out / "minisd"))

@@ -60,8 +60,8 @@ def test_sample_writes_one_png_per_noise_and_is_deterministic(files, tmp_path):
         )
         assert r.exit_code == 0, r.output
         outs.append(tmp_path / name)
-    assert sorted(p.name for p in outs[0].iterdir()) == ["00.png", "01.png"]
-    for png in outs[0].iterdir():
+    assert sorted(p.name for p in outs[0].glob("[!.]*")) == ["00.png", "01.png"]
+    for png in outs[0].glob("*.png"):
         assert png.read_bytes() == (outs[1] / png.name).read_bytes()
         arr = np.asarray(Image.open(png))
         assert arr.shape == (32, 32, 3) and arr.min() == 0 and arr.max() == 255  # min-max per image
@@ -73,7 +73,7 @@ def test_diffusers_export_samples_the_same_images(files, tmp_path):
     for name, ckpt in (("pt", files / "UNet.pt"), ("diffusers", tmp_path / "unet")):
         r = run("sample", "--noise-dir", files / "noise", "--ckpt", ckpt, "--out", tmp_path / name, "--steps", 2)
         assert r.exit_code == 0, r.output
-    for png in (tmp_path / "pt").iterdir():
+    for png in (tmp_path / "pt").glob("*.png"):
         a = np.asarray(Image.open(png), dtype=np.int16)
         b = np.asarray(Image.open(tmp_path / "diffusers" / png.name), dtype=np.int16)
         assert np.abs(a - b).max() <= 1
@@ -129,7 +129,7 @@ def test_eta_grid_and_interpolation_figures(files, tmp_path):
         "--ckpt",
         files / "UNet.pt",
         "--out",
-        tmp_path,
+        tmp_path / "interp",
         "--alphas",
         "0,0.5,1",
         "--steps",
@@ -137,9 +137,10 @@ def test_eta_grid_and_interpolation_figures(files, tmp_path):
     )
     assert r.exit_code == 0, r.output
     for method in ("lerp", "slerp"):
-        assert Image.open(tmp_path / f"interp_{method}.png").size == (3 * 34 + 2, 36)
-    assert (tmp_path / "interpolation.html").read_text().count('<img src="data:image/png;base64,') == 2
-    assert (tmp_path / "interpolation.html").read_text().count('class="px"') == 2
+        assert Image.open(tmp_path / "interp" / f"interp_{method}.png").size == (3 * 34 + 2, 36)
+    html = (tmp_path / "interp" / "interpolation.html").read_text()
+    assert html.count('<img src="data:image/png;base64,') == 2
+    assert html.count('class="px"') == 2
 
 
 def test_invert_writes_a_noise_that_sample_accepts(files, tmp_path):
@@ -338,7 +339,7 @@ def test_seeded_noises_instead_of_a_noise_folder(files, tmp_path):
         2,
     )
     assert r.exit_code == 0, r.output
-    for png in (tmp_path / "again").iterdir():
+    for png in (tmp_path / "again").glob("*.png"):
         assert png.read_bytes() == (tmp_path / "seeded" / png.name).read_bytes()
     r = run(
         "eta-grid",
@@ -386,11 +387,15 @@ def test_commands_refuse_to_replace_earlier_results(files, tmp_path):
     assert run("sample", "--noise-dir", files / "noise", *common).exit_code == 0
     before = (tmp_path / "out" / "00.png").read_bytes()
     r = run("sample", "--noise-dir", files / "noise", *common, "--eta", 1)
-    assert r.exit_code == 1 and "holds earlier results (00.png, 01.png)" in error_of(r) and "--overwrite" in error_of(r)
+    assert (
+        r.exit_code == 1
+        and "holds earlier results of `difflab ddim sample` (00.png, 01.png)" in error_of(r)
+        and "--overwrite" in error_of(r)
+    )
     assert (tmp_path / "out" / "00.png").read_bytes() == before
     assert run("sample", "--noise-dir", files / "noise", *common, "--eta", 1, "--overwrite").exit_code == 0
     assert (tmp_path / "out" / "00.png").read_bytes() != before
     grid = ["eta-grid", "--noise-dir", files / "noise", "--noises", "00", "--etas", "0", *common]
     grid[grid.index("--out") + 1] = tmp_path / "grid"
     assert run(*grid).exit_code == 0
-    assert "holds earlier results (eta_grid.png" in error_of(run(*grid))
+    assert "holds earlier results of `difflab ddim eta-grid` (eta_grid.html, eta_grid.png" in error_of(run(*grid))

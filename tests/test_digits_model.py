@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import difflab.digits.train
 from difflab.cli import app
 from difflab.digits.data import make_dataset
 from difflab.digits.model import ScheduleConfig, load_digits_model, save_model
@@ -77,11 +78,11 @@ class Killed(Exception):
     pass
 
 
-def kill(step, ema):
+def kill(net, schedule, seed):
     raise Killed
 
 
-def test_training_lowers_loss_saves_atomically_and_resumes_exactly(data_root, tiny_preset, tmp_path):
+def test_training_lowers_loss_saves_atomically_and_resumes_exactly(data_root, tiny_preset, tmp_path, monkeypatch):
     common = dict(
         data_root=str(data_root),
         preset=tiny_preset,
@@ -94,8 +95,9 @@ def test_training_lowers_loss_saves_atomically_and_resumes_exactly(data_root, ti
         precision="fp32",
     )  # a save inside a log window
     straight = train(TrainConfig(out_dir=str(tmp_path / "a"), steps=6, **common))
-    with pytest.raises(Killed):  # killed right after the save at step 3, inside a log window
-        train(TrainConfig(out_dir=str(tmp_path / "b"), steps=6, sample_every=3, **common), on_sample=kill)
+    with pytest.raises(Killed), monkeypatch.context() as m:  # killed right after the save at step 3, in a log window
+        m.setattr(difflab.digits.train, "progress_grid", kill)
+        train(TrainConfig(out_dir=str(tmp_path / "b"), steps=6, sample_every=3, **common))
     resumed = train(TrainConfig(out_dir=str(tmp_path / "b"), steps=6, resume=True, **common))
     a, b = _weights(straight), _weights(resumed)
     assert a.keys() == b.keys()
@@ -137,7 +139,7 @@ def test_resume_errors_are_clear(data_root, tiny_preset, tmp_path):
     )
     with pytest.raises(DifflabError, match="nothing to resume"):
         train(cfg)
-    (tmp_path / "bad").mkdir()
+    train(TrainConfig(**{**cfg.__dict__, "out_dir": str(tmp_path / "bad"), "resume": False}))
     (tmp_path / "bad" / "train_state.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(DifflabError, match="not a readable training state: not a PyTorch file"):
         train(TrainConfig(**{**cfg.__dict__, "out_dir": str(tmp_path / "bad")}))
@@ -305,7 +307,7 @@ def test_earlier_work_is_never_replaced_and_resume_must_match(data_root, tiny_pr
     train(TrainConfig(steps=2, **common))
     before = (tmp_path / "run" / "train_state.pt").read_bytes()
     (tmp_path / "run" / ".model.safetensors.x1.tmp").write_bytes(b"left by a killed save")
-    with pytest.raises(DifflabError, match="holds a checkpoint .*--resume.*--overwrite"):
+    with pytest.raises(DifflabError, match="holds earlier results of `difflab digits train` .*--resume.*--overwrite"):
         train(TrainConfig(steps=2, **common))
     assert (tmp_path / "run" / "train_state.pt").read_bytes() == before
     assert not list((tmp_path / "run").glob(".*.tmp"))  # stale temp files are cleared
@@ -347,4 +349,6 @@ def test_bad_options_and_configs_give_one_line(data_root, tmp_path):
         with pytest.raises(DifflabError, match="config.json: (invalid digits model config|not a difflab digits)"):
             load_digits_model(tmp_path / "m")
     r = runner.invoke(app, ["digits", "make-data", "--out", str(data_root), "--n-per-domain", "10", "--n-val", "10"])
-    assert isinstance(r.exception, DifflabError) and "holds a dataset" in str(r.exception)
+    assert isinstance(
+        r.exception, DifflabError
+    ) and "holds earlier results of `difflab digits make-data` (digits)" in str(r.exception)

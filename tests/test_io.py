@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from difflab.io import load_json, read_state_dict, read_tensors, read_text, read_torch, refuse_to_replace
+from difflab.io import load_json, read_state_dict, read_tensors, read_text, read_torch
 from difflab.personalize.embeddings import read_embeddings
 from difflab.utils import DifflabError
 
@@ -121,15 +121,3 @@ def test_text_and_json_readers(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(DifflabError, match="broken.json: not valid JSON"):
         load_json(tmp_path / "broken.json")
-
-
-def test_refusal_to_replace_names_the_folder_and_the_ways_on(tmp_path):
-    (tmp_path / "report.html").write_text("earlier")
-    refuse_to_replace(tmp_path, ["metrics.json"], overwrite=False)  # nothing of this command's there: fine
-    refuse_to_replace(tmp_path, ["report.html"], overwrite=True)
-    with pytest.raises(DifflabError) as info:
-        refuse_to_replace(tmp_path, ["report.html", "metrics.json"], overwrite=False, resume=True)
-    assert str(info.value) == (
-        f"{tmp_path}: holds earlier results (report.html); choose another --out, "
-        "pass --resume to continue, or pass --overwrite to replace them"
-    )

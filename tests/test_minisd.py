@@ -199,7 +199,7 @@ def test_stack_loads_in_difflab_diffusers_and_transformers(stack):
 
 def test_build_refuses_an_earlier_build_and_resume_keeps_it(stack, tmp_path):
     out, cfg = stack
-    with pytest.raises(DifflabError, match="holds an earlier mini-SD build.*--resume"):
+    with pytest.raises(DifflabError, match="holds earlier results of `difflab minisd build`.*--resume"):
         build(BuildConfig(out=str(out), model=TINY, train=tiny_settings()))
     before = (out / "sd" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     build(BuildConfig(out=str(out), model=TINY, train=tiny_settings(), resume=True))
@@ -269,7 +269,7 @@ def test_an_interrupted_stage_leaves_no_folder_and_resume_finishes(stack, tmp_pa
 def test_demo_refuses_an_incomplete_stack(stack, tmp_path):
     import shutil
 
-    from difflab.personalize.demo import PersonalizeDemoConfig, open_stack
+    from difflab.demos.personalize import PersonalizeDemoConfig, open_stack
 
     out = tmp_path / "stack"
     shutil.copytree(stack[0], out)
@@ -336,8 +336,8 @@ def test_pack_cli_refuses_to_replace_a_packed_stack(stack, tmp_path):
 
 
 def test_demo_unpacks_the_shipped_stack_and_reuses_it(stack, tmp_path, monkeypatch):
+    from difflab.demos.personalize import PersonalizeDemoConfig, open_stack
     from difflab.minisd import prebuilt
-    from difflab.personalize.demo import PersonalizeDemoConfig, open_stack
 
     monkeypatch.setattr(prebuilt, "PREBUILT", prebuilt.pack(stack[0], tmp_path / "shipped"))
     demo = tmp_path / "demo"
@@ -387,7 +387,7 @@ def test_unet_loop_lowers_its_loss():
 
 
 def test_personalize_demo_runs_end_to_end_on_a_tiny_stack(stack, tmp_path, capsys):
-    from difflab.personalize.demo import PersonalizeDemoConfig, run_demo
+    from difflab.demos.personalize import PersonalizeDemoConfig, run_demo
 
     cfg = PersonalizeDemoConfig(
         out=str(tmp_path / "demo"),
@@ -418,7 +418,7 @@ def test_personalize_demo_runs_end_to_end_on_a_tiny_stack(stack, tmp_path, capsy
     assert metrics["compose"]["n"] == 10 and 0 <= metrics["compose"]["composed"] <= 1
     assert metrics["zeroshot"]["one template"]["n"] == 20
     assert "CLIP zero-shot top-1, ensemble" in capsys.readouterr().out
-    with pytest.raises(DifflabError, match="holds an earlier personalization demo"):
+    with pytest.raises(DifflabError, match="holds earlier results of `difflab personalize demo`"):
         run_demo(cfg)
 
 

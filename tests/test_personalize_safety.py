@@ -14,7 +14,13 @@ from difflab.cli import app
 from difflab.clip.zeroshot import load_templates
 from difflab.personalize.compose import ComposeConfig
 from difflab.personalize.generate import set_scheduler
-from difflab.personalize.textual_inversion import Concept, TextualInversion, TextualInversionConfig, load_images
+from difflab.personalize.textual_inversion import (
+    Concept,
+    TextualInversion,
+    TextualInversionConfig,
+    load_images,
+    train_textual_inversion,
+)
 from difflab.utils import DifflabError
 
 runner = CliRunner()
@@ -59,15 +65,17 @@ def config(setup, out, **kw):
 
 
 def test_training_refuses_to_replace_an_earlier_run(setup, tmp_path):
-    TextualInversion(config(setup, tmp_path / "run", save_every=1)).train()
+    train_textual_inversion(config(setup, tmp_path / "run", save_every=1))
     before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
-    with pytest.raises(DifflabError, match=r"run: holds an earlier textual-inversion run .*--resume.*--overwrite"):
-        TextualInversion(config(setup, tmp_path / "run"))
+    with pytest.raises(
+        DifflabError, match=r"run: holds earlier results of `difflab personalize train` .*--resume.*--overwrite"
+    ):
+        train_textual_inversion(config(setup, tmp_path / "run"))
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before  # nothing touched
-    TextualInversion(config(setup, tmp_path / "run", steps=3, resume=True)).train()
+    train_textual_inversion(config(setup, tmp_path / "run", steps=3, resume=True))
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 3
     (tmp_path / "run" / ".checkpoint.pt.x.tmp").write_bytes(b"left by a killed save")
-    TextualInversion(config(setup, tmp_path / "run", overwrite=True)).train()
+    train_textual_inversion(config(setup, tmp_path / "run", overwrite=True))
     assert not (tmp_path / "run" / "snapshots").exists()  # the old run's snapshots do not mix with the new ones
     assert not list((tmp_path / "run").glob(".*.tmp"))
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 2

@@ -4,6 +4,9 @@ File reading and writing lives in `difflab.io`."""
 from __future__ import annotations
 
 import random
+import signal
+import sys
+import threading
 import time
 
 import numpy as np
@@ -11,7 +14,39 @@ import torch
 
 
 class DifflabError(Exception):
-    """A user-facing error: the CLI prints its message on one line and exits with status 1."""
+    """A user-facing error: the CLI prints its message on one line and exits with `exit_code` (1)."""
+
+    exit_code = 1
+
+
+class Interrupted(DifflabError):
+    """A run stopped on Ctrl-C or SIGTERM after saving what lets it continue; exits 130 like a shell's Ctrl-C."""
+
+    exit_code = 130
+
+
+class StopRequest:
+    """Within `with StopRequest() as stop:`, the first Ctrl-C or SIGTERM only sets `stop.requested`, so a
+    training loop can finish its step and save; a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step to save a checkpoint (again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
+            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def pick_device(device: str | None = None) -> torch.device:

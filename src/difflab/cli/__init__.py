@@ -1,10 +1,12 @@
-"""The `difflab` command line. Each capability lives in its own sub-app; the commands only wrap the Python API.
+"""The `difflab` command line. Each area has its own sub-app; the commands parse their options and call the
+Python API.
 
 Heavy libraries (diffusers, transformers) are imported inside commands so that `--help` stays instant.
 """
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import typer
@@ -29,12 +31,23 @@ app.add_typer(personalize_app, name="personalize")
 app.add_typer(minisd_app, name="minisd")
 
 
+def os_error_message(e: OSError) -> str:
+    """One line for a file-system failure nothing more specific caught: a full disk, a read-only place."""
+    where = e.filename or "the output folder"
+    if e.errno == errno.ENOSPC:
+        return f"no space left on {where}; free some space or choose another --out"
+    return f"{where}: {e.strerror or e.__class__.__name__}"
+
+
 def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit status 1."""
+    """Console entry point: user errors become one line on stderr and their exit status (1, 130 when stopped)."""
     try:
         app()
     except DifflabError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(e.exit_code)
+    except OSError as e:
+        typer.secho(f"error: {os_error_message(e)}", fg=typer.colors.RED, err=True)
         sys.exit(1)
 
 

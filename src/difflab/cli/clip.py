@@ -7,10 +7,10 @@ from typing import Optional
 
 import typer
 
-from difflab.cli.options import Device, Overwrite, Precision
+from difflab.cli.options import App, Device, Overwrite, Precision, Seed
 from difflab.clip.evaluate import ZeroShotConfig
 
-app = typer.Typer(help="CLIP zero-shot classification and image/text scoring.", no_args_is_help=True)
+app = App(help="CLIP zero-shot classification and image/text scoring.", no_args_is_help=True)
 
 
 @app.command("zeroshot")
@@ -53,7 +53,7 @@ def zeroshot(
         False, "--skip-bad", help="Skip unlabelled or unreadable images (listed in the report) instead of failing."
     ),
     precision: Precision = ZeroShotConfig.precision,
-    seed: int = typer.Option(ZeroShotConfig.seed, "--seed", help="Seed for picking the gallery examples."),
+    seed: Seed = ZeroShotConfig.seed,
     overwrite: Overwrite = False,
 ):
     """Classify images with CLIP against text prompts of every class; write a report a person can read."""

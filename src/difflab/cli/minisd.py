@@ -7,12 +7,12 @@ from typing import Annotated
 
 import typer
 
-from difflab.cli.options import Device, Overwrite, Precision, Seed
+from difflab.cli.options import App, Device, Overwrite, Precision, Seed
 from difflab.minisd.build import BuildConfig
 from difflab.minisd.prebuilt import PREBUILT
 from difflab.utils import DifflabError
 
-app = typer.Typer(help="A miniature Stable Diffusion v1 + CLIP, trained here on the CPU.", no_args_is_help=True)
+app = App(help="A miniature Stable Diffusion v1 + CLIP, trained here on the CPU.", no_args_is_help=True)
 DEFAULTS = BuildConfig(out="")
 
 
@@ -78,10 +78,11 @@ def pack_command(
     overwrite: Overwrite = False,
 ) -> None:
     """Pack a build into one fp16 file + configs: what difflab ships and `personalize demo` unpacks."""
-    from difflab.io import refuse_to_replace
-    from difflab.minisd.prebuilt import CONFIGS, WEIGHTS, pack
+    from difflab.io import open_run
+    from difflab.minisd.prebuilt import pack
 
-    refuse_to_replace(out, [WEIGHTS, CONFIGS], overwrite)
-    path = pack(stack, out)
+    with open_run(out, "minisd pack", overwrite=overwrite, staged=True) as run:
+        pack(stack, run.dir)
+    path = out
     size = sum(p.stat().st_size for p in path.iterdir()) / 2**20
     typer.echo(f"packed {stack} into {path} ({size:.1f} MiB)")

@@ -10,17 +10,15 @@ from typing import List, Optional
 
 import typer
 
-from difflab.cli.options import Device, Overwrite, Precision, Seed
+from difflab.cli.options import App, Device, Overwrite, Precision, Seed
+from difflab.demos.personalize import PersonalizeDemoConfig as DemoConfig
 from difflab.personalize.compose import ComposeConfig
-from difflab.personalize.demo import PersonalizeDemoConfig as DemoConfig
 from difflab.personalize.generate import SCHEDULERS, GenerateConfig
 from difflab.personalize.grading import TOP_K
 from difflab.personalize.textual_inversion import TextualInversionConfig as TIConfig
 from difflab.utils import DifflabError
 
-app = typer.Typer(
-    help="Textual inversion on Stable Diffusion v1.x: train, generate, compose, score.", no_args_is_help=True
-)
+app = App(help="Textual inversion on Stable Diffusion v1.x: train, generate, compose, score.", no_args_is_help=True)
 
 SD_HELP = "Stable Diffusion v1.x: a diffusers folder or a single-file .ckpt/.safetensors."
 EMBEDS_HELP = "Learned embedding file(s) adding the concept tokens; repeat for several."
@@ -137,9 +135,7 @@ def generate_command(
     guidance: float = typer.Option(
         GenerateConfig.guidance, "--guidance", min=0.0, max=100.0, help="Classifier-free guidance scale."
     ),
-    seed: int = typer.Option(
-        GenerateConfig.seed, "--seed", help="Base seed; each image's seed is derived from it and the image's key/idx/n."
-    ),
+    seed: Seed = GenerateConfig.seed,
     batch_size: int = typer.Option(
         GenerateConfig.batch_size, "--batch-size", min=1, max=1024, help="Images denoised together in one batch."
     ),
@@ -274,7 +270,7 @@ def compose_command(
     background: Optional[str] = typer.Option(
         None, "--background", help="Prompt for the area outside every concept region (default: --prompt)."
     ),
-    seed: int = typer.Option(ComposeConfig.seed, "--seed", help="Seed of the first image; image i uses seed + i."),
+    seed: Seed = ComposeConfig.seed,
     num_images: int = typer.Option(
         ComposeConfig.num_images,
         "--num-images",
@@ -451,7 +447,7 @@ def demo_command(
 ):
     """CLIP zero-shot, textual inversion, generation, best-of-N scoring and composition on the miniature SD + CLIP
     stack, each effect measured by the digits judges; one HTML report."""
-    from difflab.personalize.demo import run_demo
+    from difflab.demos.personalize import run_demo
 
     cfg = DemoConfig(
         out=str(out),

@@ -16,7 +16,7 @@ from difflab.clip.figures import plot_gallery
 from difflab.clip.model import folder_fingerprint, load_clip
 from difflab.clip.preprocess import ClipTransform
 from difflab.clip.zeroshot import DEFAULT_TEMPLATE, ZeroShotClassifier, cached_class_embeddings, load_templates
-from difflab.io import atomic_write, load_rgb, refuse_to_replace, save_json, write_csv
+from difflab.io import atomic_write, load_rgb, open_run, save_json, write_csv
 from difflab.precision import resolve
 from difflab.report import HtmlReport
 from difflab.report.plots import plot_confusion_matrix
@@ -85,34 +85,37 @@ def topk_accuracy(probs: torch.Tensor, targets: torch.Tensor, k: int) -> float:
 
 
 def run_zeroshot(cfg: ZeroShotConfig) -> ZeroShotResult:
-    from sklearn.metrics import classification_report, confusion_matrix
-
+    """Classify the folder and write predictions, metrics, figures and report.html into `cfg.out`."""
     data = find_labeled_images(cfg.images, cfg.labels, cfg.skip_bad)
     templates = load_templates(cfg.templates)
-    refuse_to_replace(cfg.out, ["predictions.csv", "metrics.json", "report.html"], cfg.overwrite)
-    clip = load_clip(cfg.model, cfg.device)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with open_run(cfg.out, "clip zeroshot", overwrite=cfg.overwrite):
+        clip = load_clip(cfg.model, cfg.device)
+        classifier, cache_hit = zeroshot_classifier_for(clip, data.class_names, templates, cfg)
+        kept, probs = classify_files(classifier, data, cfg)
+        return write_results(cfg, data, templates, kept, probs, cache_hit)
+
+
+def zeroshot_classifier_for(clip, names: list[str], templates: list[str], cfg: ZeroShotConfig):
+    """The classifier of `names` and whether its class embeddings came from the cache."""
     class_embeds, cache_hit = cached_class_embeddings(
         clip.model,
         clip.tokenizer,
-        data.class_names,
+        names,
         templates,
         clip.device,
         folder_fingerprint(clip.path),
-        cfg.cache_dir or out / ".cache",
+        cfg.cache_dir or Path(cfg.out) / ".cache",
     )
-    classifier = ZeroShotClassifier(
-        clip.model,
-        data.class_names,
-        class_embeds,
-        ClipTransform.from_processor(clip.processor),
-        clip.device,
-        resolve(cfg.precision, clip.device),
-    )
-    kept, probs = classify_files(classifier, data, cfg)
+    transform = ClipTransform.from_processor(clip.processor)
+    precision = resolve(cfg.precision, clip.device)
+    return ZeroShotClassifier(clip.model, names, class_embeds, transform, clip.device, precision), cache_hit
 
-    names = data.class_names
+
+def write_results(cfg: ZeroShotConfig, data, templates: list[str], kept, probs, cache_hit: bool) -> ZeroShotResult:
+    """scikit-learn's report, metrics.json, predictions.csv, the confusion matrix, galleries and report.html."""
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    out, names = Path(cfg.out), data.class_names
     files = [data.files[i] for i in kept.tolist()]
     targets = torch.tensor(data.targets)[kept]
     k = min(cfg.top_k, len(names))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from difflab.digits.data import DOMAINS, SPLITS, load_split, split_csv
-from difflab.io import atomic_write, check_state_dict, load_json, read_safetensors, save_json
+from difflab.io import atomic_write, check_state_dict, load_json, open_run, read_safetensors, save_json
 from difflab.precision import Precision, resolve
 from difflab.utils import DifflabError, pick_device, seed_everything
 
@@ -261,11 +261,17 @@ def train_classifiers(
     domains: tuple[str, ...] = DOMAINS,
     precision: str = ClassifierTrainConfig.precision,
     augment: bool = ClassifierTrainConfig.augment,
+    overwrite: bool = False,
 ) -> dict[str, float]:
-    """Train and save one classifier per domain; returns the held-out accuracy of each."""
+    """Train and save one classifier per domain; returns the held-out accuracy of each. The judges land in
+    `out_dir` together, once all are trained: a failure leaves earlier judges there whole."""
+    with open_run(out_dir, "digits train-classifier", overwrite=overwrite, staged=True) as run:
+        return _train_classifiers(Path(data_root), run.dir, epochs, device, seed, width, domains, precision, augment)
+
+
+def _train_classifiers(data_root: Path, out_dir: Path, epochs, device, seed, width, domains, precision, augment):
     from difflab.report import HtmlReport
 
-    data_root, out_dir = Path(data_root), Path(out_dir)
     dev = pick_device(device)
     tc = ClassifierTrainConfig(epochs=epochs, precision=precision, augment=augment)
     chosen = classifier_precision(tc, width, dev)

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from difflab.digits import synth
-from difflab.io import atomic_write, load_rgb, save_json, save_png, save_pngs, write_csv
+from difflab.io import atomic_write, load_rgb, open_run, save_json, save_png, save_pngs, write_csv
 from difflab.utils import DifflabError, image_grid
 
 DOMAINS = ("mnistm", "svhn")
@@ -94,20 +94,19 @@ def make_dataset(
 
     Per domain: `n_per_domain` training images listed in train.csv (files 00000.png ...) and
     `n_test_per_domain` held-out images listed in val.csv (numbered after them), labels balanced.
-    An existing dataset there is replaced only with `overwrite`.
+    An existing dataset there is replaced only with `overwrite`, and only once the new one is complete.
     """
-    existing = [f for d in DOMAINS for f in SPLITS.values() if (Path(out_dir) / "digits" / d / f).is_file()]
-    if existing and not overwrite:
-        raise DifflabError(
-            f"{Path(out_dir) / 'digits'}: holds a dataset ({existing[0]} ...); choose another "
-            "--out or pass --overwrite to replace it"
-        )
     if n_per_domain < 10 or n_test_per_domain < 10:
         raise DifflabError(f"need at least 10 images per domain and split, got {n_per_domain} / {n_test_per_domain}")
     if mnist_source not in synth.MNIST_SOURCES:
         raise DifflabError(f"unknown MNIST source {mnist_source!r}; choose one of {', '.join(synth.MNIST_SOURCES)}")
     synth.load_mnist(mnist_source)  # fail before writing anything when the source is not installed
-    out_dir = Path(out_dir)
+    with open_run(out_dir, "digits make-data", overwrite=overwrite, staged=True) as run:
+        _write_dataset(run.dir, n_per_domain, n_test_per_domain, seed, mnist_source, workers)
+    return Path(out_dir)
+
+
+def _write_dataset(out_dir: Path, n_per_domain: int, n_test_per_domain: int, seed: int, mnist_source: str, workers):
     counts = {"train": n_per_domain, "val": n_test_per_domain}
     for domain in DOMAINS:
         domain_dir = out_dir / "digits" / domain
@@ -134,7 +133,6 @@ def make_dataset(
         },
         out_dir / "digits" / "info.json",
     )
-    return out_dir
 
 
 def read_label_csv(csv_path: Path) -> tuple[list[str], np.ndarray]:

@@ -11,7 +11,7 @@ import numpy as np
 from difflab.digits.classifier import classifier_path, load_classifier
 from difflab.digits.data import DOMAINS, load_split, read_images, split_csv
 from difflab.digits.quality import domain_quality
-from difflab.io import image_files, load_json, refuse_to_replace, save_json, save_png
+from difflab.io import image_files, load_json, open_run, save_json, save_png
 from difflab.report.plots import plot_confusion_matrix
 from difflab.utils import DifflabError, image_grid
 
@@ -62,12 +62,16 @@ def evaluate_folder(
 ) -> dict:
     """Classify <folder>/mnistm/*.png and <folder>/svhn/*.png, print the three course lines and write
     per-digit accuracy, confusion matrices, quality measures against the real data (see `quality`),
-    metrics.json and report.html to out_dir (default <folder>/eval); an earlier evaluation there is replaced
-    only with `overwrite`."""
+    metrics.json and report.html to out_dir (default <folder>/eval), moved in once all are written; an earlier
+    evaluation there is replaced only with `overwrite`. Figures are named relative to out_dir."""
 
     folder = Path(folder)
     out_dir = Path(out_dir) if out_dir is not None else folder / "eval"
-    refuse_to_replace(out_dir, ["metrics.json", "report.html"], overwrite)
+    with open_run(out_dir, "digits evaluate", overwrite=overwrite, staged=True) as run:
+        return _evaluate(folder, classifier_dir, run.dir, device, data_root)
+
+
+def _evaluate(folder: Path, classifier_dir, out_dir: Path, device, data_root) -> dict:
     real_root = quality_data_root(classifier_dir, data_root)
     result: dict = {
         "folder": str(folder),
@@ -109,7 +113,7 @@ def judge_domain(domain_dir: Path, classifier_dir, domain: str, device, real_roo
         "total": len(labels),
         "per_digit": {str(d): (float(matrix[d, d] / matrix[d].sum()) if matrix[d].sum() else None) for d in range(10)},
         "confusion": matrix.tolist(),
-        "confusion_png": str(png),
+        "confusion_png": png.name,
         "wrong": [{"file": f.name, "label": int(y), "pred": int(p)} for f, y, p in zip(files, labels, preds) if y != p],
     }
     if real_root is not None:
@@ -130,8 +134,9 @@ def write_eval_report(result: dict, out_dir: Path) -> Path:
         ],
     )
     for domain, r in result["domains"].items():
-        report.image(r["confusion_png"], caption=f"{DOMAIN_NAMES[domain]}: rows true digit, columns predicted")
-    add_quality_section(report, result)
+        caption = f"{DOMAIN_NAMES[domain]}: rows true digit, columns predicted"
+        report.image(str(out_dir / r["confusion_png"]), caption=caption)
+    add_quality_section(report, result, out_dir)
     save_json(result, out_dir / "metrics.json")
     return report.save(out_dir / "report.html")
 
@@ -144,7 +149,7 @@ def _quality(
     quality = domain_quality(judge, images, labels, train, heldout, heldout_labels)
     pairs = quality["closest_pairs"]
     tiles = np.concatenate([images[[p["generated"] for p in pairs]], train[[p["train"] for p in pairs]]])
-    quality["closest_png"] = str(save_png(image_grid(tiles, 2, len(pairs)), out_dir / f"closest_{domain}.png"))
+    quality["closest_png"] = save_png(image_grid(tiles, 2, len(pairs)), out_dir / f"closest_{domain}.png").name
     for p in pairs:
         p["generated_file"] = files[p["generated"]].name
     return quality
@@ -170,7 +175,7 @@ def format_quality(result: dict) -> str:
     return "\n".join(lines)
 
 
-def add_quality_section(report, result: dict) -> None:
+def add_quality_section(report, result: dict, eval_dir: Path) -> None:
     report.heading("Quality beyond accuracy")
     rows = [
         [
@@ -206,7 +211,7 @@ def add_quality_section(report, result: dict) -> None:
     for d, r in result["domains"].items():
         if "quality" in r:
             report.image(
-                r["quality"]["closest_png"],
+                str(eval_dir / r["quality"]["closest_png"]),
                 f"{DOMAIN_NAMES[d]}: the generated images closest to a "
                 "training image (top) and that training image (bottom)",
                 width=480,

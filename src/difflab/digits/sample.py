@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from difflab.digits.data import DOMAINS
-from difflab.io import refuse_to_replace, save_png
+from difflab.io import open_run, save_png
 from difflab.nets.digits_unet import DigitsUNet
 from difflab.precision import Precision, resolve
 from difflab.samplers import METHODS, ddim_timesteps, guided, sample
@@ -164,13 +164,10 @@ def write_course_layout(
     cfg: SampleConfig,
     device: torch.device,
     per_digit: int = PER_DIGIT,
-    overwrite: bool = False,
 ) -> dict[str, np.ndarray]:
     """`<out>/mnistm/{d}_{NNN}.png` and `<out>/svhn/...`, NNN = 001..per_digit. Returns the uint8 images
-    per domain, ordered digit-major (all 0s, then all 1s, ...). Earlier samples there are replaced only with
-    `overwrite`."""
+    per domain, ordered digit-major (all 0s, then all 1s, ...). The caller owns the folder (`open_run`)."""
     out = Path(out_dir)
-    refuse_to_replace(out, list(DOMAINS), overwrite)
     digits = torch.arange(10).repeat_interleave(per_digit)
     cond = torch.cat([make_conds(torch.full_like(digits, d), digits) for d in range(len(DOMAINS))])
     images = to_uint8(generate(net, schedule, cond, cfg, device)[0])
@@ -208,3 +205,35 @@ def reverse_process_strip(
     frames = [traj[t].clamp(-1, 1) for t in picks] + [final]
     tiles = np.stack([to_uint8(f) for f in frames], axis=1).reshape(-1, *to_uint8(final).shape[1:])
     return image_grid(tiles, len(DOMAINS), snapshots), picks + [0]
+
+
+def sample_to_folder(
+    net: DigitsUNet,
+    schedule: NoiseSchedule,
+    out_dir: str | os.PathLike,
+    cfg: SampleConfig,
+    device: torch.device,
+    per_digit: int = PER_DIGIT,
+    figures: bool = True,
+    overwrite: bool = False,
+) -> tuple[int, list[int] | None]:
+    """The `digits sample` job: the course layout, and with `figures` the 10x10 grids and the reverse process,
+    moved into `out_dir` only once all are written. Returns (images written, the strip's timesteps or None)."""
+    with open_run(out_dir, "digits sample", overwrite=overwrite, staged=True) as run:
+        per_domain = write_course_layout(net, schedule, run.dir, cfg, device, per_digit)
+        strip_ts = None
+        if figures:
+            for domain, images in per_domain.items():
+                grid = digit_grid(images, per_digit, columns=min(10, per_digit))
+                save_png(grid, run.dir / "figures" / f"grid_{domain}.png")
+            strip, strip_ts = reverse_process_strip(net, schedule, cfg, device, per_digit=per_digit)
+            save_png(strip, run.dir / "figures" / "reverse_process.png")
+    return sum(len(v) for v in per_domain.values()), strip_ts
+
+
+def progress_grid(net: DigitsUNet, schedule: NoiseSchedule, seed: int) -> np.ndarray:
+    """Both domains (rows) x all digits (columns) from the same seeded noises: how training is going."""
+    cond = make_conds([0] * 10 + [1] * 10, list(range(10)) * 2)
+    device = next(net.parameters()).device
+    images, _ = generate(net, schedule, cond, SampleConfig(steps=20, seed=seed), device, progress=False)
+    return image_grid(to_uint8(images), 2, 10)

@@ -7,7 +7,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,12 +17,13 @@ import torch
 from tqdm.auto import tqdm
 
 from difflab.digits.data import DOMAINS, load_split
-from difflab.digits.model import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE, ScheduleConfig, save_model
-from difflab.io import atomic_write, check_state_dict, load_json, read_torch, save_json
+from difflab.digits.model import STATE_FILE, ScheduleConfig, save_model
+from difflab.digits.sample import progress_grid
+from difflab.io import atomic_write, check_state_dict, load_json, open_run, read_torch, save_json, save_png
 from difflab.nets.digits_unet import DigitsUNet, DigitsUNetConfig
 from difflab.precision import Precision, resolve
 from difflab.schedule import NoiseSchedule
-from difflab.utils import DifflabError
+from difflab.utils import DifflabError, Interrupted, StopRequest
 
 WARMUP_STEPS, TIMING_STEPS, REFIT_EVERY = 5, 20, 100
 LOSSES_FILE = "losses.json"
@@ -147,12 +147,34 @@ class Run:
         return self.accelerator.device
 
 
-def train(cfg: TrainConfig, on_sample=None) -> Path:
-    """Train and write the checkpoint folder `cfg.out_dir`; returns it. `on_sample(step, ema_net)` is called
-    every `sample_every` steps on the main process (the CLI uses it for progress grids)."""
-    run = start_run(cfg)
-    main = run.accelerator.is_main_process
+def train(cfg: TrainConfig) -> Path:
+    """Train and write the checkpoint folder `cfg.out_dir`; returns it. Every `sample_every` steps the main
+    process writes a grid of both domains and all digits to <out>/progress/. The first Ctrl-C or SIGTERM saves
+    the state after the current step and stops with `Interrupted`."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    folder = open_run(
+        cfg.out_dir,
+        "digits train",
+        overwrite=cfg.overwrite,
+        resume=cfg.resume,
+        checkpoint=STATE_FILE,
+        main=accelerator.is_main_process,
+    )
+    with folder, StopRequest() as stop:
+        accelerator.wait_for_everyone()
+        run = start_run(cfg, accelerator)
+        train_loop(run, stop)
+    if accelerator.is_main_process:
+        print(f"checkpoint: {cfg.out_dir}", flush=True)
+    return Path(cfg.out_dir)
+
+
+def train_loop(run: Run, stop: StopRequest) -> None:
+    cfg, main = run.cfg, run.accelerator.is_main_process
     budget, total, saved_at = TimeBudget(cfg.max_minutes, run.step, cfg.steps, run.accelerator), cfg.steps, -1
+    stopped = False
     bar = tqdm(total=cfg.steps, initial=run.step, desc="train digits", disable=not main, dynamic_ncols=True)
     run.net.train()
     while run.step < total:
@@ -167,13 +189,30 @@ def train(cfg: TrainConfig, on_sample=None) -> Path:
                 break
         if run.step % cfg.save_every == 0:
             saved_at = save_state(run)
-        if cfg.sample_every and run.step % cfg.sample_every == 0 and main and on_sample:
-            on_sample(run.step, run.ema)
+        if cfg.sample_every and run.step % cfg.sample_every == 0 and main:
+            save_png(
+                progress_grid(run.ema, run.schedule, cfg.seed),
+                Path(cfg.out_dir) / "progress" / f"step_{run.step:06d}.png",
+            )
+        if stop_requested(run, stop):
+            stopped = True
+            break
     bar.close()
     if saved_at != run.step:
         save_state(run)
     run.accelerator.wait_for_everyone()
-    return Path(cfg.out_dir)
+    if stopped:
+        raise Interrupted(
+            f"stopped at step {run.step} of {total}; checkpoint saved in {cfg.out_dir}; continue with --resume"
+        )
+
+
+def stop_requested(run: Run, stop: StopRequest) -> bool:
+    """Whether any process was asked to stop (all of them must leave the loop at the same step)."""
+    if run.accelerator.num_processes == 1:
+        return stop.requested
+    flag = torch.tensor(float(stop.requested), device=run.device)
+    return float(run.accelerator.reduce(flag, "max")) > 0
 
 
 TIMESTEP_SAMPLING = ("uniform", "min-snr")
@@ -194,12 +233,9 @@ def timestep_density(cfg: TrainConfig, schedule: NoiseSchedule) -> torch.Tensor 
     return schedule.min_snr_density(cfg.min_snr_gamma)
 
 
-def start_run(cfg: TrainConfig) -> Run:
+def start_run(cfg: TrainConfig, accelerator) -> Run:
     """Data, net, EMA, optimiser and batch generator, resumed from the folder's state when asked, in the
     precision chosen for this machine."""
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
     images, conds = load_training_set(cfg.data_root)
     try:
         schedule = cfg.schedule.build()
@@ -213,9 +249,6 @@ def start_run(cfg: TrainConfig) -> Run:
     g = torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index)
     run = Run(cfg, accelerator, net, ema, opt, schedule, Precision(), images, conds, g, run_identity(cfg))
     run.t_density = timestep_density(cfg, schedule)
-    if accelerator.is_main_process:
-        prepare_out_dir(cfg, Path(cfg.out_dir))
-    accelerator.wait_for_everyone()
     if cfg.resume:
         path = Path(cfg.out_dir) / STATE_FILE
         run.step, run.losses, run.running = resume_from(
@@ -344,24 +377,6 @@ def run_identity(cfg: TrainConfig) -> dict:
         "batch_size": cfg.batch_size,
         "data_root": str(Path(cfg.data_root).resolve()),
     }
-
-
-def prepare_out_dir(cfg: TrainConfig, out: Path) -> None:
-    """Never replace a checkpoint unasked; clear temporary files a killed save left behind."""
-    for stale in out.glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
-    if cfg.resume:
-        return
-    found = [name for name in (STATE_FILE, WEIGHTS_FILE) if (out / name).exists()]
-    if found and not cfg.overwrite:
-        raise DifflabError(
-            f"{out}: holds a checkpoint ({', '.join(found)}); pass --resume to continue it, "
-            "or --overwrite to delete it and start over"
-        )
-    if found:
-        for name in (STATE_FILE, WEIGHTS_FILE, CONFIG_FILE, LOSSES_FILE):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "progress", ignore_errors=True)
 
 
 def read_state(path: Path, identity: dict) -> dict:

@@ -41,18 +41,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     return path
 
 
-def refuse_to_replace(out: str | os.PathLike, names: Sequence[str], overwrite: bool, resume: bool = False) -> None:
-    """A command writing `names` into `out` stops when one is already there, unless told to replace (or, where
-    the command can, to continue): earlier results are never replaced silently."""
-    found = [name for name in names if (Path(out) / name).exists()]
-    if found and not overwrite:
-        ways = "pass --resume to continue, " if resume else ""
-        raise DifflabError(
-            f"{out}: holds earlier results ({', '.join(found[:3])}); choose another --out, {ways}"
-            "or pass --overwrite to replace them"
-        )
-
-
 def save_json(obj: Any, path: str | os.PathLike) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflab.io import load_json, save_json, write_metadata
+from difflab.io import load_json, open_run, save_json, write_metadata
 from difflab.minisd import data as mdata
 from difflab.minisd.models import MiniSDConfig, build_clip, build_unet, build_vae, sd_scheduler_config
 from difflab.minisd.train import StageConfig, TrainSettings
@@ -83,24 +83,6 @@ def write_dir(final: Path, write) -> Path:
     return final
 
 
-def prepare_out(cfg: BuildConfig) -> Path:
-    out = Path(cfg.out)
-    if cfg.resume and cfg.overwrite:
-        raise DifflabError("--resume continues the build in --out, --overwrite deletes it: choose one")
-    found = [s for s in STAGES if done(out, s)] + ([BUILD_LOG] if (out / BUILD_LOG).exists() else [])
-    if found and not (cfg.resume or cfg.overwrite):
-        raise DifflabError(
-            f"{out}: holds an earlier mini-SD build ({', '.join(found[:3])}); pass --resume to finish or reuse it, "
-            "or --overwrite to build it again"
-        )
-    if cfg.overwrite:
-        for s in STAGES:
-            shutil.rmtree(stage_dir(out, s), ignore_errors=True)
-        (out / BUILD_LOG).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def measured_precision(cfg: BuildConfig, device, job: str, make_model, loss) -> Precision:
     """The precision policy for one stage: on a CPU with "auto", one training step of each candidate is timed on
     a throw-away model (`loss(model, precision)` runs the forward pass)."""
@@ -116,8 +98,13 @@ def measured_precision(cfg: BuildConfig, device, job: str, make_model, loss) -> 
 
 
 def build(cfg: BuildConfig) -> Path:
-    """Build every missing stage into `cfg.out` and return it."""
-    out = prepare_out(cfg)
+    """Build every missing stage into `cfg.out` and return it (`--resume` finishes or reuses an earlier build
+    there, `--overwrite` builds it again)."""
+    with open_run(cfg.out, "minisd build", overwrite=cfg.overwrite, resume=cfg.resume, checkpoint=BUILD_LOG):
+        return build_stages(cfg, Path(cfg.out))
+
+
+def build_stages(cfg: BuildConfig, out: Path) -> Path:
     device = pick_device(cfg.device)
     log = load_json(out / BUILD_LOG) if cfg.resume and (out / BUILD_LOG).is_file() else {}
     log["config"] = asdict(cfg)  # this run's settings; each stage records those it was built with

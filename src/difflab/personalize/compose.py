@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from difflab.io import refuse_to_replace, save_png, write_csv
+from difflab.io import open_run, save_png, write_csv
 from difflab.personalize.generate import (
     SCHEDULERS,
     check_learned_tokens,
@@ -363,14 +363,19 @@ def compose_images(
     refs: Sequence[tuple[str, str | os.PathLike]] = (),
     overwrite: bool = False,
 ) -> Path:
-    """Compose `cfg.num_images` images (seeds seed, seed+1, ...); write PNGs, figures, scores and `report.html`."""
+    """Compose `cfg.num_images` images (seeds seed, seed+1, ...); write PNGs, figures, scores and `report.html`
+    into `out`, moved in once all are made."""
+    cfg.check()
+    with open_run(out, "personalize compose", overwrite=overwrite, staged=True) as run:
+        _compose_images(pipe, prompt, concepts, cfg, run.dir, background, scorer, refs)
+    return Path(out)
+
+
+def _compose_images(pipe, prompt, concepts, cfg: ComposeConfig, out: Path, background, scorer, refs) -> None:
     from tqdm.auto import tqdm
 
     from difflab.report import HtmlReport
 
-    out = Path(out)
-    cfg.check()
-    refuse_to_replace(out, ["report.html", "naive_0.png", "composed_0.png"], overwrite)
     ref_embeds = {words: scorer.image_embeds(reference_images(folder)) for words, folder in refs} if scorer else {}
     report = HtmlReport("Multi-concept composition: naive prompt vs region-wise denoising")
     report.pre(
@@ -408,4 +413,3 @@ def compose_images(
         report.heading(f"CLIP image score against each concept's references (mean of {cfg.num_images} images)")
         report.table(header, rows)
     report.save(out / "report.html")
-    return out

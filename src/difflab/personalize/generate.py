@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from difflab.io import image_files, load_rgb, refuse_to_replace, save_png, write_csv
+from difflab.io import image_files, load_rgb, open_run, save_png, write_csv
 from difflab.utils import DifflabError, image_grid
 
 SCHEDULERS = ("ddim", "dpmsolver")
@@ -195,14 +195,19 @@ def generate(
     `overwrite`, and otherwise make this refuse. With `best_of`, `scorer` is a `difflab.clip.score.ClipScorer` and
     `refs` the folder holding `<key>/` reference images.
     """
+
+    cfg.check()
+    if resume and best_of:
+        raise DifflabError("--resume keeps earlier images, but best-of-N ranks all candidates together: choose one")
+    with open_run(out, "personalize generate", overwrite=overwrite, resume=resume, checkpoint=""):
+        return _generate(pipe, spec, Path(out), cfg, prompt_jobs(spec, keys), resume, best_of, scorer, refs)
+
+
+def _generate(pipe, spec, out: Path, cfg: GenerateConfig, jobs, resume: bool, best_of, scorer, refs) -> Path:
     from tqdm.auto import tqdm
 
     from difflab.report import HtmlReport
 
-    out = Path(out)
-    cfg.check()
-    jobs = prompt_jobs(spec, keys)
-    check_output(out, jobs, cfg, resume, overwrite, best_of)
     picker = BestOf(best_of, cfg, scorer, refs, jobs) if best_of is not None else None
     check_learned_tokens(pipe, [j.prompt for j in jobs])
     set_scheduler(pipe, cfg.scheduler)
@@ -232,16 +237,6 @@ def generate(
         picker.write(out / "best_of_scores.csv", report)
     report.save(out / "report.html")
     return out
-
-
-def check_output(
-    out: Path, jobs: list[PromptJob], cfg: GenerateConfig, resume: bool, overwrite: bool, best_of: int | None
-) -> None:
-    """Earlier images in `out` are kept only with `resume`, replaced only with `overwrite`."""
-    done = [image_path(out, j.key, j.idx, n).relative_to(out) for j in jobs for n in range(cfg.per_prompt)]
-    can_resume = not best_of  # best-of-N ranks all candidates together: it cannot keep some of them
-    if not (resume and can_resume):
-        refuse_to_replace(out, [str(p) for p in done], overwrite, resume=can_resume)
 
 
 def add_prompt_grid(report, out: Path, job: PromptJob, made: dict, per_prompt: int) -> None:

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from difflab.clip.score import ClipScorer
-from difflab.io import image_files, load_rgb, refuse_to_replace, save_json, write_csv
+from difflab.io import image_files, load_rgb, open_run, save_json, write_csv
 from difflab.personalize.grading import TEXT_WEIGHT, TOP_K, select_best
 from difflab.personalize.prompts import load_input_json
 from difflab.report import HtmlReport
@@ -48,9 +48,12 @@ def run_score(
 ) -> list[PromptResult]:
     """Score `<gen>/<key>/<idx>/*` against `<refs>/<key>/*`; writes image_scores.csv, prompt_scores.csv/.json and
     report.html into `out_dir`. `scorer` reuses an already loaded model (then `clip_path` is not read)."""
+    with open_run(out_dir, "personalize score", overwrite=overwrite, staged=True) as run:
+        return _run_score(prompts_json, Path(refs_dir), Path(gen_dir), run.dir, device, top_k, scorer, clip_path)
+
+
+def _run_score(prompts_json, refs_dir: Path, gen_dir: Path, out: Path, device, top_k, scorer, clip_path):
     spec = load_input_json(prompts_json)
-    refs_dir, gen_dir, out = Path(refs_dir), Path(gen_dir), Path(out_dir)
-    refuse_to_replace(out, ["prompt_scores.json", "image_scores.csv", "report.html"], overwrite)
     # Check every folder before the (slow) model load, so a typo fails at once.
     refs = {key: image_files(refs_dir / key, "reference image") for key in spec}
     gens = {

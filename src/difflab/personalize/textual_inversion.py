@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,11 +19,21 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from difflab.io import METADATA, atomic_write, image_files, load_rgb, read_metadata, read_torch, save_json, save_png
+from difflab.io import (
+    METADATA,
+    atomic_write,
+    image_files,
+    load_rgb,
+    open_run,
+    read_metadata,
+    read_torch,
+    save_json,
+    save_png,
+)
 from difflab.personalize.embeddings import add_tokens, expand_prompt, save_embeddings
 from difflab.personalize.prompts import TEMPLATES
 from difflab.precision import resolve
-from difflab.utils import DifflabError, image_grid, pick_device, to_uint8
+from difflab.utils import DifflabError, Interrupted, StopRequest, image_grid, pick_device, to_uint8
 
 
 @dataclass
@@ -79,11 +88,6 @@ class TextualInversionConfig:
     seed: int = 0
     device: str | None = None
     vae_batch: int = 8  # images per VAE encoding batch while caching latents
-
-
-# Everything a run writes into its folder: what --overwrite deletes, and what makes a folder "an earlier run".
-RUN_FILES = ("checkpoint.pt", "learned_embeds.safetensors", "config.json", "train_log.json", "report.html", "loss.png")
-RUN_FOLDERS = ("embeds", "snapshots", "validation")
 
 
 def load_images(folder: str | Path, resolution: int, center_crop: bool = False) -> torch.Tensor:
@@ -157,24 +161,6 @@ def check_config(cfg: TextualInversionConfig) -> None:
         raise DifflabError("each concept needs its own token")
 
 
-def prepare_out_dir(cfg: TextualInversionConfig) -> None:
-    """Refuse to replace an earlier run unless told: --resume continues it, --overwrite deletes what it wrote."""
-    out = Path(cfg.out)
-    found = [name for name in RUN_FILES + RUN_FOLDERS if (out / name).exists()]
-    if found and not (cfg.resume or cfg.overwrite):
-        raise DifflabError(
-            f"{out}: holds an earlier textual-inversion run ({', '.join(found[:3])}); pass --resume to "
-            "continue it or --overwrite to delete it and start over"
-        )
-    if cfg.overwrite:
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-        for name in RUN_FOLDERS:
-            shutil.rmtree(out / name, ignore_errors=True)
-    for tmp in out.glob(".*.tmp"):  # left by a save that was killed
-        tmp.unlink()
-
-
 def make_accelerator(cfg: TextualInversionConfig):
     from accelerate import Accelerator
 
@@ -203,7 +189,6 @@ class TextualInversion:
         # Read before loading SD, so that a bad folder fails at once.
         images = [load_images(c.images, cfg.resolution, cfg.center_crop) for c in cfg.concepts]
         captions = [reference_captions(c.images, c.token) for c in cfg.concepts]
-        prepare_out_dir(cfg)
         self.accelerator = make_accelerator(cfg)
         self.device = self.accelerator.device
 
@@ -470,10 +455,10 @@ class TextualInversion:
         return report.save(self.out / "report.html")
 
     # ---- loop -------------------------------------------------------------------------------------------
-    def train(self) -> Path:
+    def train(self, stop: StopRequest | None = None) -> Path:
+        """The loop; on a stop request (first Ctrl-C or SIGTERM) it saves a checkpoint and raises `Interrupted`."""
         cfg, acc = self.cfg, self.accelerator
-        self.out.mkdir(parents=True, exist_ok=True)
-        if cfg.resume and self.checkpoint_path().is_file():
+        if cfg.resume:
             self.load_checkpoint()
         if acc.is_main_process:
             save_json({**asdict(self.cfg), "lr_effective": self.lr}, self.out / "config.json")
@@ -494,6 +479,14 @@ class TextualInversion:
                     self.validate()
                 if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or last:
                     self.save_checkpoint()
+            if stop is not None and self._stop_requested(stop):
+                if acc.is_main_process:
+                    self.save_checkpoint()
+                acc.wait_for_everyone()
+                raise Interrupted(
+                    f"stopped at step {self.step} of {cfg.steps}; checkpoint saved in {self.out}; "
+                    "continue with --resume"
+                )
         bar.close()
         acc.wait_for_everyone()
         path = self.out / "learned_embeds.safetensors"
@@ -511,7 +504,22 @@ class TextualInversion:
             self.write_report()
         return path
 
+    def _stop_requested(self, stop: StopRequest) -> bool:
+        if self.accelerator.num_processes == 1:
+            return stop.requested
+        flag = torch.tensor(float(stop.requested), device=self.device)
+        return float(self.accelerator.reduce(flag, "max")) > 0
+
 
 def train_textual_inversion(cfg: TextualInversionConfig, pipe=None) -> Path:
-    """Train and return the path of `learned_embeds.safetensors`."""
-    return TextualInversion(cfg, pipe).train()
+    """Train and return the path of `learned_embeds.safetensors`. `cfg.out` follows the run-folder policy:
+    `--resume` continues its checkpoint.pt, `--overwrite` deletes what the earlier run wrote."""
+    check_config(cfg)
+    for c in cfg.concepts:  # a bad folder fails before the run folder is claimed
+        image_files(c.images)
+    main = os.environ.get("RANK", "0") == "0"  # accelerate / torchrun set RANK; the main process owns the folder
+    folder = open_run(
+        cfg.out, "personalize train", overwrite=cfg.overwrite, resume=cfg.resume, checkpoint="checkpoint.pt", main=main
+    )
+    with folder, StopRequest() as stop:
+        return TextualInversion(cfg, pipe).train(stop)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -15,11 +14,11 @@ from difflab.digits.evaluate import add_quality_section, evaluate_folder, format
 from difflab.digits.model import load_digits_model
 from difflab.digits.sample import PER_DIGIT, SampleConfig, digit_grid, reverse_process_strip, write_course_layout
 from difflab.digits.train import TrainConfig, read_losses, train
-from difflab.io import load_json, save_png
+from difflab.io import load_json, open_run, save_png
 from difflab.precision import cpu_name
 from difflab.report import HtmlReport
 from difflab.report.plots import plot_loss_curve
-from difflab.utils import DifflabError, Stages, pick_device
+from difflab.utils import Stages, pick_device
 
 
 @dataclass
@@ -52,14 +51,6 @@ class DemoConfig:
         )
 
 
-def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to replace an earlier run unless asked to; `overwrite` deletes it first."""
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise DifflabError(f"{out}: holds an earlier run; choose another --out or pass --overwrite to delete it")
-        shutil.rmtree(out)
-
-
 def ddim_figures(ckpt: Path, figures: Path, cfg: DemoConfig, report: HtmlReport) -> None:
     """The DDIM exercise on the trained digits model: an η grid and lerp/slerp strips from seeded noises."""
     from difflab.ddim.figures import eta_grid_figure, interpolation_figure
@@ -79,8 +70,12 @@ def ddim_figures(ckpt: Path, figures: Path, cfg: DemoConfig, report: HtmlReport)
 
 
 def run_demo(cfg: DemoConfig, overwrite: bool = False) -> Path:
-    out = Path(cfg.out_dir)
-    prepare_out_dir(out, overwrite)
+    """The whole job into `cfg.out_dir` (an earlier demo there is replaced only with `overwrite`)."""
+    with open_run(cfg.out_dir, "digits demo", overwrite=overwrite):
+        return _run_demo(cfg, Path(cfg.out_dir))
+
+
+def _run_demo(cfg: DemoConfig, out: Path) -> Path:
     stages = Stages()
     data_root, ckpt, judges = out / "data", out / "model", out / "classifiers"
     stages.run("make data", make_dataset, data_root, cfg.n_per_domain, cfg.n_test_per_domain, cfg.seed)
@@ -108,13 +103,13 @@ def run_demo(cfg: DemoConfig, overwrite: bool = False) -> Path:
     device = pick_device(cfg.device)
     net, schedule, model_config = load_digits_model(ckpt, device)
     samples, figures = out / "samples", out / "figures"
-    sample_cfg = replace(cfg.sample, precision=cfg.precision)
+    sample_cfg = replace(cfg.sample, precision=cfg.precision, seed=cfg.seed)
     per_domain = stages.run("sample", write_course_layout, net, schedule, samples, sample_cfg, device, cfg.per_digit)
     result = stages.run("evaluate", evaluate_folder, samples, judges, out / "eval", cfg.device, data_root)
     report = HtmlReport("difflab — conditional digits (DDPM + classifier-free guidance)")
     describe_run(report, cfg, model_config, load_json(judges / f"{DOMAINS[0]}.json"))
     add_accuracy(report, result, accs, out / "eval")
-    add_quality_section(report, result)
+    add_quality_section(report, result, out / "eval")
     add_samples(report, net, schedule, per_domain, sample_cfg, device, cfg.per_digit, figures)
     report.heading("DDIM on the digits model")
     stages.run("ddim figures", ddim_figures, ckpt, figures, cfg, report)
@@ -162,7 +157,7 @@ def add_accuracy(report: HtmlReport, result: dict, accs: dict, eval_dir: Path) -
         [[k] + [result["domains"][d]["per_digit"][str(k)] for d in DOMAINS] for k in range(10)],
     )
     for d in DOMAINS:
-        report.image(result["domains"][d]["confusion_png"], f"confusion matrix, {d}", width=360)
+        report.image(str(eval_dir / result["domains"][d]["confusion_png"]), f"confusion matrix, {d}", width=360)
 
 
 def add_samples(

@@ -12,14 +12,13 @@ what each mechanism does measured by the digits judges (which digit, which style
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from difflab.digits.data import DOMAINS
-from difflab.io import load_rgb, save_json, save_png, write_metadata
+from difflab.io import load_rgb, open_run, save_json, save_png, write_metadata
 from difflab.minisd import data as mdata
 from difflab.minisd.judges import Judges, both_halves_right, rates
 from difflab.personalize.sd import load_pipeline
@@ -155,7 +154,7 @@ def open_stack(cfg: PersonalizeDemoConfig, out: Path) -> Path:
     difflab ships is unpacked there, or (with `from_scratch`, when none is shipped, or to finish a build that
     was cut off) built there."""
     from difflab.minisd import prebuilt
-    from difflab.minisd.build import BuildConfig, build, done
+    from difflab.minisd.build import BUILD_LOG, BuildConfig, build, done
 
     if cfg.stack is not None:
         stack = Path(cfg.stack)
@@ -172,12 +171,18 @@ def open_stack(cfg: PersonalizeDemoConfig, out: Path) -> Path:
         return stack
     if not started and not cfg.from_scratch and prebuilt.available(prebuilt.PREBUILT):
         return prebuilt.unpack(stack, prebuilt.PREBUILT)
-    return build(BuildConfig(out=str(stack), seed=cfg.seed, device=cfg.device, precision=cfg.precision, resume=True))
+    resume = (stack / BUILD_LOG).is_file()
+    return build(BuildConfig(out=str(stack), seed=cfg.seed, device=cfg.device, precision=cfg.precision, resume=resume))
 
 
 def run_demo(cfg: PersonalizeDemoConfig) -> dict:
-    out = Path(cfg.out)
-    prepare_out(out, cfg.overwrite)
+    """Jobs 3 and 4 into `cfg.out`; an earlier demo there is replaced only with `cfg.overwrite`, and a mini stack
+    in its minisd/ is kept and reused."""
+    with open_run(cfg.out, "personalize demo", overwrite=cfg.overwrite, keep=("minisd",)):
+        return _run_demo(cfg, Path(cfg.out))
+
+
+def _run_demo(cfg: PersonalizeDemoConfig, out: Path) -> dict:
     stages = Stages()
     stack = stages.run("mini stack", open_stack, cfg, out)
     judges = Judges(stack / "judges", "cpu")
@@ -195,24 +200,11 @@ def run_demo(cfg: PersonalizeDemoConfig) -> dict:
     metrics["compose"] = stages.run("composition", composition, cfg, pipe, judges, out / "compose")
     metrics["seconds"] = stages.seconds
     save_json(metrics, out / "metrics.json")
-    from difflab.personalize.demo_report import print_summary, write_report
+    from difflab.demos.personalize_report import print_summary, write_report
 
     write_report(metrics, out)
     print_summary(metrics)
     return metrics
-
-
-def prepare_out(out: Path, overwrite: bool) -> None:
-    """Refuse an earlier demo's folder unless `overwrite` (the mini stack inside it is kept and reused)."""
-    found = [p.name for p in out.iterdir() if p.name != "minisd"] if out.is_dir() else []
-    if found and not overwrite:
-        raise DifflabError(
-            f"{out}: holds an earlier personalization demo ({', '.join(sorted(found)[:3])}); "
-            "pass --overwrite to replace it (a mini stack in minisd/ is kept)"
-        )
-    for name in found:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def zeroshot(cfg: PersonalizeDemoConfig, stack: Path, out: Path) -> dict:

@@ -1,0 +1,226 @@
+"""The one run-folder policy: which folder a command may write into, and what `--resume` / `--overwrite` do.
+
+- A run folder carries a marker (MARKER) naming the difflab command that wrote it and the entries it wrote.
+- A command writes only into a missing or empty folder, or one whose marker names the same command; a folder
+  holding anything else (someone's model, another command's run) is refused before any work starts.
+- `--overwrite` deletes only the entries the marker lists; `--resume` continues only where the command finds
+  its checkpoint.
+- One run at a time: a lock (LOCK, held with `flock` by the live process) refuses a second run and names the
+  process holding it. The kernel drops the lock when a process dies, so a lock file left by a killed run is
+  simply taken over.
+- A staged run writes into a hidden folder inside the run folder and moves its results in only once the job
+  has succeeded: a failure half-way leaves earlier results whole. Training runs are not staged: their atomic,
+  periodic checkpoints are what `--resume` continues from.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from difflab.utils import DifflabError
+
+MARKER = ".difflab-run.json"
+LOCK = ".difflab.lock"
+STAGING = ".difflab-staging"
+
+
+@dataclass
+class RunFolder:
+    """A folder one command writes. `dir` is where to write now: the folder itself, or its staging folder."""
+
+    path: Path
+    command: str
+    dir: Path
+    files: set[str] = field(default_factory=set)
+
+
+def refuse_existing_file(path: str | os.PathLike, overwrite: bool, option: str = "--out") -> Path:
+    """For commands that write one file: never a folder, and an existing file only with `--overwrite`."""
+    path = Path(path)
+    if path.is_dir():
+        raise DifflabError(f"{path}: {option} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise DifflabError(f"{path}: already exists; choose another {option} or pass --overwrite to replace it")
+    check_writable(path.parent)
+    return path
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` if needed and make sure files can be written there, before any work starts."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".difflab-probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except FileExistsError:
+        raise DifflabError(f"{folder}: exists and is not a folder") from None
+    except NotADirectoryError:
+        raise DifflabError(f"{folder}: a part of this path is a file, not a folder") from None
+    except OSError as e:
+        raise DifflabError(f"{folder}: cannot write here ({e.strerror or e.__class__.__name__})") from None
+
+
+def _results(path: Path) -> list[str]:
+    """The entries of a run folder that are results: not hidden (the policy's own files, caches, a killed save's
+    temporary files)."""
+    if not path.is_dir():
+        return []
+    return sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+
+
+def _clear_leftovers(path: Path) -> None:
+    """Temporary files of a killed atomic write and staging folders of a killed staged run."""
+    for p in path.iterdir():
+        if p.name.startswith(STAGING) or (p.name.startswith(".") and p.name.endswith(".tmp")):
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def read_marker(path: Path) -> dict | None:
+    file = path / MARKER
+    if not file.is_file():
+        return None
+    try:
+        marker = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        marker = None
+    if not isinstance(marker, dict) or not isinstance(marker.get("command"), str):
+        raise DifflabError(f"{file}: not a readable difflab run marker; delete it if the folder is yours")
+    return marker
+
+
+def _write_marker(run: RunFolder) -> None:
+    from difflab.io.files import save_json
+
+    save_json({"command": run.command, "files": sorted(run.files), "pid": os.getpid()}, run.path / MARKER)
+
+
+@contextmanager
+def _locked(path: Path, command: str) -> Iterator[None]:
+    lock_path = path / LOCK
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise DifflabError(f"{path}: cannot write here ({e.strerror or e.__class__.__name__})") from None
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no flock (Windows): runs are not kept apart there
+            pass
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            raise DifflabError(f"{path}: in use by {holder}; wait for it to finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} (difflab {command})".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock; the file stays, so no second run can lock a fresh copy meanwhile
+
+
+def _refuse(path: Path, marker: dict | None, found: list[str], command: str, can_resume: bool) -> None:
+    shown = ", ".join(found[:3]) + (" ..." if len(found) > 3 else "")
+    if marker is None:
+        raise DifflabError(f"{path}: holds files difflab did not write here ({shown}); choose an empty or new folder")
+    if marker["command"] != command:
+        raise DifflabError(
+            f"{path}: holds a run of `difflab {marker['command']}`, not `difflab {command}`; choose another folder"
+        )
+    ways = "pass --resume to continue them, " if can_resume else ""
+    raise DifflabError(
+        f"{path}: holds earlier results of `difflab {command}` ({shown}); choose another folder, {ways}"
+        "or pass --overwrite to replace them"
+    )
+
+
+def _delete(path: Path, names: Iterable[str]) -> None:
+    for name in names:
+        p = path / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
+@contextmanager
+def open_run(
+    path: str | os.PathLike,
+    command: str,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    checkpoint: str | None = None,
+    staged: bool = False,
+    keep: Iterable[str] = (),
+    main: bool = True,
+) -> Iterator[RunFolder]:
+    """Claim `path` for `command` (e.g. "digits train") and yield the RunFolder to write into.
+
+    `checkpoint` names the file `--resume` continues from ("": whatever the earlier run left; None: the command
+    cannot resume). With `staged`,
+    results go to `run.dir` (a staging folder) and are moved in, replacing the earlier run's, only when the
+    body succeeds. Entries named in `keep` (a stack the run reuses, say) are never listed, so never deleted by
+    `--overwrite`. On processes other than the main one (`main=False`) nothing is checked or written here.
+    """
+    path = Path(path)
+    if not main:
+        yield RunFolder(path, command, path)
+        return
+    if resume and overwrite:
+        raise DifflabError("--resume continues the run in the folder, --overwrite deletes it: choose one")
+    if resume and checkpoint is None:
+        raise DifflabError(f"`difflab {command}` cannot resume; choose another folder or pass --overwrite")
+    if path.exists() and not path.is_dir():
+        raise DifflabError(f"{path}: is a file, not a folder; choose a folder for the results")
+    created = not path.exists()
+    check_writable(path)
+    try:
+        with _locked(path, command):
+            marker = read_marker(path)
+            found = [name for name in _results(path) if name not in keep]
+            if (marker is not None and marker["command"] == command) or not found:
+                _clear_leftovers(path)
+            if resume and (marker is None or marker["command"] != command or not (path / checkpoint).exists()):
+                if found and (marker is None or marker["command"] != command):
+                    _refuse(path, marker, found, command, True)
+                raise DifflabError(f"{path}: nothing to resume from (no {checkpoint} of `difflab {command}` here)")
+            if found and not resume and not (overwrite and marker is not None and marker["command"] == command):
+                _refuse(path, marker, found, command, checkpoint is not None)
+            earlier = set(marker["files"]) if marker else set()
+            run = RunFolder(path, command, path, set(earlier) if resume else set())
+            if overwrite and not staged:
+                _delete(path, earlier & set(found))
+            if marker is None or not staged:  # a staged run keeps the earlier marker until its results replace them
+                _write_marker(run)
+            if not staged:
+                try:
+                    yield run
+                finally:
+                    run.files |= set(_results(path)) - (set(found) - earlier) - set(keep)
+                    _write_marker(run)
+                return
+            run.dir = path / f"{STAGING}-{os.getpid()}"
+            run.dir.mkdir()
+            try:
+                yield run
+                new = sorted(p.name for p in run.dir.iterdir())
+                _delete(path, (earlier & set(found)) | set(new))
+                for name in new:
+                    os.replace(run.dir / name, path / name)
+                run.files = set(new)
+                _write_marker(run)
+            finally:
+                shutil.rmtree(run.dir, ignore_errors=True)
+    except BaseException:
+        if created and not _results(path):  # a run that failed before writing anything leaves no folder behind
+            shutil.rmtree(path, ignore_errors=True)
+        raise
