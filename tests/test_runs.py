@@ -37,7 +37,9 @@ def test_another_commands_run_is_refused_and_its_own_is_replaced_only_when_asked
     with pytest.raises(DifflabError, match="holds a run of `difflab digits sample`, not `difflab ddim sample`"):
         with open_run(tmp_path / "run", "ddim sample", overwrite=True):
             pass
-    with pytest.raises(DifflabError, match=r"holds earlier results of `difflab digits sample` \(a.png, b.png\); .*--overwrite"):
+    with pytest.raises(
+        DifflabError, match=r"holds earlier results of `difflab digits sample` \(a.png, b.png\); .*--overwrite"
+    ):
         with open_run(tmp_path / "run", "digits sample"):
             pass
     (tmp_path / "run" / "notes.txt").write_text("the user's own")  # added later: not the run's
