@@ -1,6 +1,8 @@
 """`difflab ddim ...` end to end on a small-width face UNet checkpoint: file names, determinism, the MSE
 numbers, figures, and a clear one-line error for each kind of bad input."""
 
+import errno
+
 import numpy as np
 import pytest
 import torch
@@ -399,3 +401,62 @@ def test_commands_refuse_to_replace_earlier_results(files, tmp_path):
     grid[grid.index("--out") + 1] = tmp_path / "grid"
     assert run(*grid).exit_code == 0
     assert "holds earlier results of `difflab ddim eta-grid` (eta_grid.html, eta_grid.png" in error_of(run(*grid))
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_earlier_results_whole(files, tmp_path, monkeypatch):
+    common = ["--ckpt", files / "UNet.pt", "--out", tmp_path / "out", "--steps", 1, "--noise-dir", files / "noise"]
+    assert run("sample", *common).exit_code == 0
+    before = (tmp_path / "out" / "00.png").read_bytes()
+    saved = []
+    real_save = Image.Image.save
+
+    def fills_up(self, fp, *args, **kwargs):  # the second image finds the disk full
+        if saved:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(fp)
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", fills_up)
+    msg = error_of(run("sample", *common, "--eta", 1, "--overwrite"))
+    assert "no space left on" in msg and ".difflab-staging" in msg
+    assert (tmp_path / "out" / "00.png").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "out").glob("[!.]*")) == ["00.png", "01.png"]
+    assert not list((tmp_path / "out").glob(".difflab-staging*"))
+
+
+def test_export_never_writes_into_a_folder_it_did_not_write(files, tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+    msg = error_of(run("export-diffusers", "--ckpt", files / "UNet.pt", "--out", tmp_path / "unet", "--overwrite"))
+    assert "holds files difflab did not write here (config.json)" in msg
+    assert (tmp_path / "unet" / "config.json").read_text() == '{"_class_name": "UNet2DConditionModel"}'
+    (tmp_path / "afile").write_text("x")
+    assert "is a file, not a folder" in error_of(
+        run("export-diffusers", "--ckpt", files / "UNet.pt", "--out", tmp_path / "afile")
+    )
+    assert "is a folder, not a checkpoint file" in error_of(
+        run("export-diffusers", "--ckpt", files, "--out", tmp_path / "new")
+    )
+    assert run("export-diffusers", "--ckpt", files / "UNet.pt", "--out", tmp_path / "new").exit_code == 0
+    assert run("export-diffusers", "--ckpt", files / "UNet.pt", "--out", tmp_path / "new", "--overwrite").exit_code == 0
+
+
+def test_numbers_that_make_garbage_are_refused(files, tmp_path):
+    common = ["--ckpt", files / "UNet.pt", "--out", tmp_path / "o"]
+    for bad in (["--etas", "0,nan"], ["--etas", "0,inf"], ["--etas", "0,2"]):
+        assert "not a finite number in [0.0, 1.0]" in error_of(run("eta-grid", *common, *bad))
+    for alphas in ("0,nan,1", "nan,inf,-1,2"):
+        assert "--alphas" in error_of(run("interpolate", *common, "--alphas", alphas))
+    for option, value in (("--eta", "inf"), ("--guidance", "nan"), ("--seed", "-1"), ("--noise-seed", str(2**64))):
+        r = run("sample", *common, option, value)
+        assert r.exit_code == 2 and option in r.output, (option, r.output)
+    assert not (tmp_path / "o").exists()
+
+
+def test_mse_json_is_not_replaced_unasked(files, tmp_path):
+    pred = tmp_path / "pred"
+    save_png(np.zeros((4, 4, 3), dtype=np.uint8), pred / "00.png")
+    (tmp_path / "mse.json").write_text("earlier")
+    assert "already exists" in error_of(run("mse", "--pred", pred, "--gt", pred, "--json", tmp_path / "mse.json"))
+    assert (tmp_path / "mse.json").read_text() == "earlier"
+    assert run("mse", "--pred", pred, "--gt", pred, "--json", tmp_path / "mse.json", "--overwrite").exit_code == 0

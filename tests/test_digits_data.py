@@ -2,6 +2,7 @@
 
 import csv
 import hashlib
+import os
 
 import numpy as np
 import pytest
@@ -210,3 +211,24 @@ def test_load_split_file_errors(tmp_path):
         load_split(tmp_path, "mnistm")
     images, _ = load_split(tmp_path, "mnistm", resize=True)
     assert images.shape == (2, 28, 28, 3)
+
+
+def test_cache_is_refreshed_when_an_image_is_replaced(tmp_path, capsys):
+    d = _tiny(tmp_path, ["0.png,1", "1.png,2"])
+    assert load_split(tmp_path, "mnistm")[0][1].max() == 40
+    Image.fromarray(np.full((28, 28, 3), 200, dtype=np.uint8)).save(d / "data" / "1.png")
+    os.utime(d / "train.csv", ns=(0, 0))  # the CSV alone looks untouched
+    assert load_split(tmp_path, "mnistm")[0][1].max() == 200
+    assert "images changed since they were cached" in capsys.readouterr().out
+
+
+def test_label_csv_encodings(tmp_path):
+    d = _tiny(tmp_path, ["0.png,1"])
+    (d / "train.csv").write_bytes(b"\xef\xbb\xbfimage_name,label\n0.png,1\n")  # a spreadsheet's UTF-8 BOM
+    assert load_split(tmp_path, "mnistm", cache=False)[1].tolist() == [1]
+    (d / "train.csv").write_bytes("image_name,label\nzéro.png,1\n".encode("latin-1"))
+    with pytest.raises(DifflabError, match="train.csv: label CSV file is not UTF-8 text"):
+        load_split(tmp_path, "mnistm", cache=False)
+    (d / "train.csv").write_text("image_name,label\n0.png,²\n")
+    with pytest.raises(DifflabError, match="line 2 \\(0.png\\): label '²' is not a digit 0-9"):
+        load_split(tmp_path, "mnistm", cache=False)

@@ -3,8 +3,10 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -352,3 +354,30 @@ def test_bad_options_and_configs_give_one_line(data_root, tmp_path):
     assert isinstance(
         r.exception, DifflabError
     ) and "holds earlier results of `difflab digits make-data` (digits)" in str(r.exception)
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint_and_says_how_to_go_on(data_root, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "difflab.cli", "digits", "train", "--data-root", str(data_root), "--out", str(out)]
+    cmd += ["--steps", "100000", "--batch-size", "4", "--precision", "fp32", "--device", "cpu", "--save-every", "50000"]
+    cmd += ["--seed", str(2**63 - 1)]  # the largest seed works everywhere
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # training starts right after the precision line
+        if line.startswith("precision:"):
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: stopped at step ") and "continue with --resume" in last, last
+    step = int(last.split("step ")[1].split()[0])
+    assert torch.load(out / "train_state.pt", weights_only=True)["step"] == step > 0
+    resumed = subprocess.run(
+        [*cmd[: cmd.index("--steps") + 1], str(step + 2), *cmd[cmd.index("--steps") + 2 :], "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert torch.load(out / "train_state.pt", weights_only=True)["step"] == step + 2

@@ -62,6 +62,12 @@ def pick_device(device: str | None = None) -> torch.device:
     return dev
 
 
+def stream_seed(seed: int, offset: int = 0, stride: int = 1) -> int:
+    """`seed * stride + offset` folded into the range torch's generators take (0 .. 2**63-1): a stream of its own
+    per process or image, the same as unfolded for every seed small enough not to need the fold."""
+    return (seed * stride + offset) % 2**63
+
+
 def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -12,6 +12,8 @@ Layout (the same for the real course data)::
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from difflab.digits import synth
-from difflab.io import atomic_write, load_rgb, open_run, save_json, save_png, save_pngs, write_csv
+from difflab.io import atomic_write, load_rgb, open_run, read_text, save_json, save_png, save_pngs, write_csv
 from difflab.utils import DifflabError, image_grid
 
 DOMAINS = ("mnistm", "svhn")
@@ -139,8 +141,7 @@ def read_label_csv(csv_path: Path) -> tuple[list[str], np.ndarray]:
     """File names and labels of one `image_name,label` CSV; any malformed row is a one-line error."""
     if not csv_path.is_file():
         raise DifflabError(f"{csv_path}: label CSV not found")
-    with open(csv_path, newline="") as f:
-        rows = list(csv.reader(f))
+    rows = list(csv.reader(io.StringIO(read_text(csv_path, "label CSV"), newline="")))
     if not rows or [c.strip() for c in rows[0]] != CSV_HEADER:
         got = ",".join(rows[0]) if rows else "an empty file"
         raise DifflabError(f"{csv_path}: header must be 'image_name,label', found {got!r}")
@@ -151,7 +152,7 @@ def read_label_csv(csv_path: Path) -> tuple[list[str], np.ndarray]:
         if len(row) != 2:
             raise DifflabError(f"{csv_path}: line {line_no} has {len(row)} columns, expected 2 (image_name,label)")
         name, label = row[0].strip(), row[1].strip()
-        if not label.isdigit() or not 0 <= int(label) <= 9:
+        if not (label.isascii() and label.isdigit()) or not 0 <= int(label) <= 9:
             raise DifflabError(f"{csv_path}: line {line_no} ({name}): label {label!r} is not a digit 0-9")
         names.append(name)
         labels.append(int(label))
@@ -200,14 +201,13 @@ def load_split(
     """(images uint8 (N,28,28,3), labels int64 (N,)) of one domain and split under <root>/digits/.
 
     split "train" reads train.csv, "val" the held-out val.csv. Decoded arrays are cached in a hidden
-    .npz next to the CSV, valid while the CSV keeps its modification time and size.
+    .npz next to the CSV, valid while the CSV and every image it lists keep their size and modification time.
     """
     csv_path = split_csv(root, domain, split)
     domain_dir = csv_path.parent
-    if not csv_path.is_file():
-        raise DifflabError(f"{csv_path}: label CSV not found")
-    stat = csv_path.stat()
-    key = np.array([stat.st_mtime_ns, stat.st_size, int(resize)], dtype=np.int64)
+    names, labels = read_label_csv(csv_path)
+    paths = [domain_dir / "data" / name for name in names]
+    key = np.frombuffer(cache_key(csv_path, paths, resize), dtype=np.uint8)
     cache_path = domain_dir / f".{csv_path.stem}.cache.npz"
     if cache and cache_path.is_file():
         try:
@@ -216,8 +216,8 @@ def load_split(
                     return z["images"], z["labels"]
         except (OSError, ValueError, KeyError):
             pass  # unreadable cache: rebuild it below
-    names, labels = read_label_csv(csv_path)
-    images = read_images([domain_dir / "data" / name for name in names], resize)
+        print(f"{csv_path}: images changed since they were cached; decoding them again", flush=True)
+    images = read_images(paths, resize)
     if cache:
 
         def write(tmp: str) -> None:
@@ -229,3 +229,17 @@ def load_split(
         except OSError:
             pass  # read-only data folder: loading still works, only slower next time
     return images, labels
+
+
+def cache_key(csv_path: Path, paths: list[Path], resize: bool) -> bytes:
+    """A digest of the CSV's bytes and every listed image's size and modification time: replacing one image
+    invalidates the decoded cache. A missing image is left for the decoder to name."""
+    h = hashlib.sha256(csv_path.read_bytes())
+    h.update(bytes([resize]))
+    for path in paths:
+        try:
+            st = path.stat()
+            h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        except OSError:
+            h.update(f"{path.name}:missing;".encode())
+    return h.digest()

@@ -165,7 +165,7 @@ def format_quality(result: dict) -> str:
         lines.append(
             f"{DOMAIN_NAMES[domain]}: Fréchet distance (judge features) = {q['frechet_generated_vs_heldout']:.2f} "
             f"(train vs held-out floor {q['frechet_train_vs_heldout']:.2f}); memorisation = "
-            f"{100 * q['memorisation_rate']:.1f} % (real held-out: 5 %); diversity = {q['diversity_ratio']:.2f} x real"
+            f"{100 * q['memorisation_rate']:.1f} % (real held-out: 5 %); diversity = {diversity_text(q)}"
         )
     if not lines:
         return (
@@ -173,6 +173,13 @@ def format_quality(result: dict) -> str:
             "pass --data-root to compare with real images"
         )
     return "\n".join(lines)
+
+
+def diversity_text(quality: dict) -> str:
+    ratio = quality["diversity_ratio"]
+    if ratio is None:
+        return "not measurable (it needs at least 2 images of a digit in both the generated and held-out sets)"
+    return f"{ratio:.2f} x real"
 
 
 def add_quality_section(report, result: dict, eval_dir: Path) -> None:
@@ -183,7 +190,7 @@ def add_quality_section(report, result: dict, eval_dir: Path) -> None:
             f"{q['frechet_generated_vs_heldout']:.2f}",
             f"{q['frechet_train_vs_heldout']:.2f}",
             f"{100 * q['memorisation_rate']:.1f} %",
-            f"{q['diversity_ratio']:.2f}",
+            diversity_text(q),
         ]
         for d, r in result["domains"].items()
         if (q := r.get("quality"))

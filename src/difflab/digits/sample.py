@@ -16,7 +16,7 @@ from difflab.nets.digits_unet import DigitsUNet
 from difflab.precision import Precision, resolve
 from difflab.samplers import METHODS, ddim_timesteps, guided, sample
 from difflab.schedule import NoiseSchedule
-from difflab.utils import DifflabError, image_grid, to_uint8
+from difflab.utils import DifflabError, image_grid, stream_seed, to_uint8
 
 PER_DIGIT = 50  # the course layout: {digit}_{NNN}.png, NNN = 001..050, per domain
 
@@ -93,7 +93,7 @@ class StepNoise:
         self.seed, self.n_total, self.rows, self.shape = seed, n_total, rows, tuple(shape)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 1 + i)
+        g = torch.Generator().manual_seed(stream_seed(self.seed, 1 + i, stride=1_000_003))
         return torch.randn(self.n_total, *self.shape, generator=g)[self.rows]
 
 

@@ -23,7 +23,7 @@ from difflab.io import atomic_write, check_state_dict, load_json, open_run, read
 from difflab.nets.digits_unet import DigitsUNet, DigitsUNetConfig
 from difflab.precision import Precision, resolve
 from difflab.schedule import NoiseSchedule
-from difflab.utils import DifflabError, Interrupted, StopRequest
+from difflab.utils import DifflabError, Interrupted, StopRequest, stream_seed
 
 WARMUP_STEPS, TIMING_STEPS, REFIT_EVERY = 5, 20, 100
 LOSSES_FILE = "losses.json"
@@ -246,7 +246,7 @@ def start_run(cfg: TrainConfig, accelerator) -> Run:
     ema = copy.deepcopy(net).requires_grad_(False).eval()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     # Every process draws its own batches; seeds differ by rank so the batches do too.
-    g = torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index)
+    g = torch.Generator().manual_seed(stream_seed(cfg.seed, accelerator.process_index, stride=1000))
     run = Run(cfg, accelerator, net, ema, opt, schedule, Precision(), images, conds, g, run_identity(cfg))
     run.t_density = timestep_density(cfg, schedule)
     if cfg.resume:

@@ -53,14 +53,21 @@ def _why_unreadable(e: BaseException) -> str:
     return first[:160].replace("weights_only", "the safe loader")
 
 
+def _existing_file(path: str | os.PathLike, what: str) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise DifflabError(f"{path}: is a folder, not a {what} file")
+    if not path.is_file():
+        raise DifflabError(f"{path}: {what} file not found")
+    return path
+
+
 def read_torch(
     path: str | os.PathLike, what: str = "checkpoint", allowed: Iterable = (), skip_unknown_objects: bool = False
 ):
     """`torch.load(weights_only=True)` on CPU. `allowed` lists extra classes the file may hold (e.g.
     `torch.nn.ParameterDict`); with `skip_unknown_objects`, any other pickled class becomes an `Inert`."""
-    path = Path(path)
-    if not path.is_file():
-        raise DifflabError(f"{path}: {what} file not found")
+    path = _existing_file(path, what)
     allowed = list(allowed)
     if skip_unknown_objects:
         try:
@@ -78,9 +85,7 @@ def read_torch(
 def read_safetensors(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise DifflabError(f"{path}: {what} file not found")
+    path = _existing_file(path, what)
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for bad headers

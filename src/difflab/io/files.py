@@ -4,6 +4,7 @@ for JSON, text, CSV tables and images."""
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import tempfile
@@ -24,6 +25,14 @@ def _umask() -> int:
     return mask
 
 
+def disk_full(e: BaseException) -> bool:
+    """ENOSPC, or the way torch's zip writer reports it ("unexpected pos", "file write failed")."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(e)
+    return "unexpected pos" in text or "file write failed" in text or "No space left" in text
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     """Call `write(tmp_path)` then rename onto `path`, so a crash never leaves a half-written file."""
     path = Path(path)
@@ -35,6 +44,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
         # mkstemp creates 0600 files; give the result the permissions a plain open() would have.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if disk_full(e):
+            raise DifflabError(f"no space left on {path.parent} (writing {path.name}); free some space and run again")
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -73,19 +86,25 @@ def save_pngs(items: Sequence[tuple[Path, np.ndarray]], workers: int = 2, desc: 
     from tqdm.auto import tqdm
 
     def write(item: tuple[Path, np.ndarray]) -> None:
-        Image.fromarray(item[1]).save(item[0], format="PNG")
+        try:
+            Image.fromarray(item[1]).save(item[0], format="PNG")
+        except OSError as e:
+            if disk_full(e):
+                raise DifflabError(f"no space left on {item[0].parent}; free some space and run again") from None
+            raise
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         list(tqdm(pool.map(write, items), total=len(items), desc=desc, unit="img", leave=False, disable=desc is None))
 
 
 def read_text(path: str | os.PathLike, what: str = "text") -> str:
-    """A UTF-8 text file; missing, a folder, unreadable or binary is a one-line error naming it."""
+    """A UTF-8 text file (a leading byte-order mark, as spreadsheet programs write, is dropped); missing, a folder,
+    unreadable or binary is a one-line error naming it."""
     path = Path(path)
     if not path.is_file():
         raise DifflabError(f"{path}: {what} file not found" + (" (it is a folder)" if path.is_dir() else ""))
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise DifflabError(f"{path}: {what} file is not UTF-8 text") from None
     except OSError as e:

@@ -36,7 +36,7 @@ from difflab.personalize.generate import (
     set_scheduler,
     thumbnails,
 )
-from difflab.utils import DifflabError, image_grid
+from difflab.utils import DifflabError, image_grid, stream_seed
 
 REGION_COLOURS = np.array(
     [[128, 128, 128], [230, 60, 60], [60, 120, 230], [60, 190, 90], [230, 180, 40], [170, 80, 200]], dtype=np.float32
@@ -386,12 +386,12 @@ def _compose_images(pipe, prompt, concepts, cfg: ComposeConfig, out: Path, backg
     )
     naive_all, composed_all = [], []
     for i in tqdm(range(cfg.num_images), desc="compose", unit="img"):
-        result = compose(pipe, prompt, concepts, cfg, background=background, seed=cfg.seed + i)
+        result = compose(pipe, prompt, concepts, cfg, background=background, seed=stream_seed(cfg.seed, i))
         save_png(np.asarray(result.naive), out / f"naive_{i}.png")
         save_png(np.asarray(result.composed), out / f"composed_{i}.png")
         figure = masks_figure(result)
         save_png(figure, out / f"masks_{i}.png")
-        report.heading(f"seed {cfg.seed + i}")
+        report.heading(f"seed {stream_seed(cfg.seed, i)}")
         report.image(np.asarray(result.naive), caption="naive prompt")
         report.image(np.asarray(result.composed), caption="composed")
         source = "box" if concepts[0].box else "attention"

@@ -33,7 +33,7 @@ from difflab.io import (
 from difflab.personalize.embeddings import add_tokens, expand_prompt, save_embeddings
 from difflab.personalize.prompts import TEMPLATES
 from difflab.precision import resolve
-from difflab.utils import DifflabError, Interrupted, StopRequest, image_grid, pick_device, to_uint8
+from difflab.utils import DifflabError, Interrupted, StopRequest, image_grid, pick_device, stream_seed, to_uint8
 
 
 @dataclass
@@ -218,7 +218,7 @@ class TextualInversion:
         )
         self.text_encoder, self.optimizer = self.accelerator.prepare(self.text_encoder, self.adam)
         self.ema = self._rows().clone() if cfg.ema_decay > 0 else None
-        self.gen = torch.Generator().manual_seed(cfg.seed + self.accelerator.process_index)
+        self.gen = torch.Generator().manual_seed(stream_seed(cfg.seed, self.accelerator.process_index))
         self.step = 0
         self.losses: list[float] = []
 
