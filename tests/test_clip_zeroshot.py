@@ -329,3 +329,28 @@ def test_cli_end_to_end(tmp_path, clip_dir):
         ],
     )
     assert isinstance(bad.exception, DifflabError) and "image folder not found" in str(bad.exception)
+
+
+class Payload:
+    def __reduce__(self):  # what a malicious .bin would run on an unsafe load
+        return (print, ("payload ran",))
+
+
+def test_a_pickled_payload_in_the_weights_is_refused_in_the_safe_readers_words(clip_dir, tmp_path, capsys):
+    import shutil
+
+    from difflab.clip.model import load_clip
+
+    folder = tmp_path / "clip"
+    shutil.copytree(clip_dir, folder)
+    state = {k: v for k, v in load_clip(clip_dir, "cpu").model.state_dict().items()}
+    (folder / "model.safetensors").unlink()
+    torch.save({**state, "x": Payload()}, folder / "pytorch_model.bin")
+    with pytest.raises(DifflabError) as info:
+        load_clip(folder, "cpu")
+    message = str(info.value)
+    assert "could not load the CLIPModel" in message and "\n" not in message
+    assert "weights_only" not in message and "pickled Python object" in message
+    assert "payload ran" not in capsys.readouterr().out
+    with pytest.raises(DifflabError, match="is a file; --model takes a CLIP model folder"):
+        load_clip(folder / "config.json", "cpu")

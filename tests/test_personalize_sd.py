@@ -339,3 +339,13 @@ def test_input_json_bad_lengths(tmp_path):
     data["1"]["baseline"] = [[70]]
     with pytest.raises(DifflabError, match="not an \\[image_score, text_score\\] pair"):
         load_input_json(write_json(tmp_path, data))
+
+
+@pytest.mark.parametrize("score", ["NaN", "true"])
+def test_input_json_baseline_must_be_finite_numbers(tmp_path, score):
+    data = json.loads(json.dumps(GOOD))
+    data["1"]["baseline"] = [[70, 30]]
+    path = write_json(tmp_path, data)
+    path.write_text(path.read_text().replace("[70, 30]", f"[70, {score}]"))
+    with pytest.raises(DifflabError, match="not an \\[image_score, text_score\\] pair"):
+        load_input_json(path)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from difflab.clip.preprocess import ClipTransform
 from difflab.clip.tokenizer import MAX_LENGTH, load_clip_tokenizer
+from difflab.io import loader_error
 from difflab.utils import DifflabError, pick_device
 
 WEIGHT_FILES = (
@@ -43,6 +44,8 @@ class Clip:
 def check_clip_folder(path: str | os.PathLike) -> Path:
     """Fail with a message naming what is missing, before transformers gets a chance to try a hub."""
     path = Path(path)
+    if path.is_file():
+        raise DifflabError(f"{path}: is a file; --model takes a CLIP model folder (config.json + weights)")
     if not path.is_dir():
         raise DifflabError(f"{path}: CLIP model folder not found")
     config = path / "config.json"
@@ -81,7 +84,7 @@ def load_clip(path: str | os.PathLike, device: str | torch.device | None = None)
     try:
         model, info = CLIPModel.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
     except Exception as e:  # corrupt or mismatched weights surface as many exception types; all are user errors here
-        raise DifflabError(f"{path}: could not load CLIPModel ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise loader_error(path, "CLIPModel", e) from None
     # transformers only warns about missing tensors and leaves them random: a partial checkpoint must not pass.
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])

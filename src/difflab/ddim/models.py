@@ -101,7 +101,8 @@ def load_eps_model(
         if config.get("model") == "digits_unet":
             if condition is None:
                 raise DifflabError(
-                    f"{path}: a conditional digits checkpoint; say what to draw with --domain and --digit"
+                    f"{path}: a conditional digits checkpoint; `ddim sample`, `eta-grid` and `interpolate` draw from "
+                    "it with --domain and --digit, `ddim invert` needs an unconditional net"
                 )
             return _load_digits(path, device, dtype, channels_last, condition)
         if config.get("_class_name") == "UNet2DModel":

@@ -3,6 +3,7 @@ images, tables) that turns any failure into `<path>: <what is wrong>`, and atomi
 
 from difflab.io.checkpoints import (
     check_state_dict,
+    loader_error,
     read_safetensors,
     read_state_dict,
     read_tensors,
@@ -34,6 +35,7 @@ __all__ = [
     "check_writable",
     "image_files",
     "load_json",
+    "loader_error",
     "load_rgb",
     "open_run",
     "read_metadata",

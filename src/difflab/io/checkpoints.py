@@ -53,6 +53,12 @@ def _why_unreadable(e: BaseException) -> str:
     return first[:160].replace("weights_only", "the safe loader")
 
 
+def loader_error(path: str | os.PathLike, what: str, e: BaseException) -> DifflabError:
+    """A diffusers or transformers folder loader's failure in the safe reader's words: a pickled payload is named
+    as such, and torch's advice to load with `weights_only=False` never reaches the user."""
+    return DifflabError(f"{path}: could not load the {what}: {_why_unreadable(e)}")
+
+
 def _existing_file(path: str | os.PathLike, what: str) -> Path:
     path = Path(path)
     if path.is_dir():

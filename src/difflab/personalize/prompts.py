@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from numbers import Real
 
@@ -99,6 +100,11 @@ def load_input_json(path: str | os.PathLike) -> dict[str, dict]:
         if not isinstance(baseline, list) or len(baseline) != len(prompts):
             raise DifflabError(f"{where}: 'baseline' must be a list of {len(prompts)} [image, text] pairs")
         for pair in baseline:
-            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, Real) for v in pair)):
+            if not (isinstance(pair, list) and len(pair) == 2 and all(_finite_number(v) for v in pair)):
                 raise DifflabError(f"{where}: 'baseline' entry {pair!r} is not an [image_score, text_score] pair")
     return dict(sorted(data.items(), key=lambda kv: int(kv[0])))
+
+
+def _finite_number(value) -> bool:
+    """A real, finite number: JSON's true/false are bools (ints to Python) and NaN would write invalid JSON."""
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from difflab.io import read_tensors
+from difflab.io import loader_error, read_tensors
 from difflab.precision import resolve
 from difflab.utils import DifflabError, pick_device
 
@@ -98,8 +98,8 @@ def _load_folder(path: Path, dtype: torch.dtype | None):
             feature_extractor=None,
             requires_safety_checker=False,
         )
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise DifflabError(f"{path}: could not load the diffusers pipeline ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # a bad or pickled weights file surfaces as many exception types
+        raise loader_error(path, "diffusers pipeline", e) from None
     _check_pipeline(pipe, str(path))
     return pipe
 
