@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny random SD the tests use
 from _common import write_results  # noqa: E402
 from _sd_tiny import tiny_sd  # noqa: E402
-from difflab.personalize.sd import SD_V1_CONFIG  # noqa: E402
+from difflab.configs import SD_V1_CONFIG  # noqa: E402
 from difflab.personalize.textual_inversion import Concept, TextualInversion, TextualInversionConfig, load_images  # noqa: E402
 from difflab.utils import pick_device  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from difflab.personalize.sd import SD_V1_CONFIG
+from difflab.configs import SD_V1_CONFIG
 
 
 def tiny_sd(seed: int = 0, cross_attention_dim: int = 32):

@@ -270,7 +270,7 @@ def test_bad_inputs(tmp_path, clip_dir):
     with pytest.raises(DifflabError, match="weights lack 1 CLIP tensors, e.g. visual_projection.weight"):
         load_clip(partial, "cpu")
     (partial / "model.safetensors").write_bytes(b"truncated")
-    with pytest.raises(DifflabError, match="could not load CLIPModel"):
+    with pytest.raises(DifflabError, match="could not load the CLIPModel"):
         load_clip(partial, "cpu")
     with pytest.raises(DifflabError, match="config.json missing"):
         load_clip(tmp_path / "empty", "cpu")

@@ -212,7 +212,7 @@ def test_shipped_sd_v1_configs_match_spec():
     from transformers import CLIPTextConfig
 
     from difflab.clip.tokenizer import load_clip_tokenizer
-    from difflab.personalize.sd import SD_V1_CONFIG
+    from difflab.configs import SD_V1_CONFIG
 
     unet = UNet2DConditionModel.load_config(SD_V1_CONFIG / "unet")
     assert unet["block_out_channels"] == [320, 640, 1280, 1280] and unet["cross_attention_dim"] == 768

@@ -57,13 +57,22 @@ class EpsModel:
             )
 
 
+# Model folders other areas provide, by config.json's "model": loader(path, device, autocast dtype, channels_last,
+# condition) -> EpsModel. The digits package registers "digits_unet" when imported; ddim imports no other area.
+FOLDER_MODELS: dict[str, Callable[..., EpsModel]] = {}
+
+
+def register_folder_model(kind: str, loader: Callable[..., EpsModel]) -> None:
+    FOLDER_MODELS[kind] = loader
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for a precision name (None: plain float32), by the project's one policy
     (`difflab.precision`). Sampling is not timed here: "auto" is fp32 on a CPU, the safe default."""
     return resolve(precision, device).dtype
 
 
-def _runner(
+def autocast_runner(
     net: Callable[..., torch.Tensor], device: torch.device, dtype: torch.dtype | None, channels_last: bool
 ) -> Callable[..., torch.Tensor]:
     """Call `net` under autocast with channels-last inputs; always hand back float32."""
@@ -77,7 +86,7 @@ def _runner(
     return run
 
 
-def _prepare(net: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:
+def prepare_net(net: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:
     net = net.to(device).eval().requires_grad_(False)
     return net.to(memory_format=torch.channels_last) if channels_last else net
 
@@ -98,18 +107,13 @@ def load_eps_model(
         raise DifflabError(f"{path}: checkpoint not found")
     if path.is_dir():
         config = load_json(path / "config.json") if (path / "config.json").is_file() else {}
-        if config.get("model") == "digits_unet":
-            if condition is None:
-                raise DifflabError(
-                    f"{path}: a conditional digits checkpoint; `ddim sample`, `eta-grid` and `interpolate` draw from "
-                    "it with --domain and --digit, `ddim invert` needs an unconditional net"
-                )
-            return _load_digits(path, device, dtype, channels_last, condition)
+        if config.get("model") in FOLDER_MODELS:
+            return FOLDER_MODELS[config["model"]](path, device, dtype, channels_last, condition)
         if config.get("_class_name") == "UNet2DModel":
             return _load_diffusers(path, config, device, dtype, channels_last)
         raise DifflabError(
-            f"{path}: folder is neither a diffusers UNet2DModel (config.json with "
-            f"_class_name UNet2DModel) nor a difflab digits checkpoint (config.json with model digits_unet)"
+            f"{path}: folder is neither a diffusers UNet2DModel (config.json with _class_name UNet2DModel) nor a "
+            f"model folder difflab knows (config.json with model {' / '.join(FOLDER_MODELS) or 'digits_unet'})"
         )
     if path.suffix not in (".pt", ".pth", ".bin", ".ckpt", ".safetensors"):
         raise DifflabError(
@@ -133,8 +137,8 @@ def _load_face_unet(path: Path, device: torch.device, dtype, channels_last: bool
 
 
 def face_eps_model(net, source: Path, device: torch.device, dtype, channels_last: bool) -> EpsModel:
-    net = _prepare(net, device, channels_last)
-    run = _runner(net, device, dtype, channels_last)
+    net = prepare_net(net, device, channels_last)
+    run = autocast_runner(net, device, dtype, channels_last)
     return EpsModel("face UNet", source, net.config.in_channel, net.config.size_multiple, None, device, lambda n: run)
 
 
@@ -145,8 +149,8 @@ def _load_diffusers(path: Path, config: dict, device: torch.device, dtype, chann
         unet = UNet2DModel.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise DifflabError(f"{path}: cannot load the diffusers UNet2DModel ({str(e).splitlines()[0][:160]})") from None
-    unet = _prepare(unet, device, channels_last)
-    run = _runner(lambda x, t: unet(x, t).sample, device, dtype, channels_last)
+    unet = prepare_net(unet, device, channels_last)
+    run = autocast_runner(lambda x, t: unet(x, t).sample, device, dtype, channels_last)
     size = unet.config.sample_size
     multiple = 2 ** (len(unet.config.block_out_channels) - 1)
     return EpsModel(
@@ -158,27 +162,3 @@ def _load_diffusers(path: Path, config: dict, device: torch.device, dtype, chann
         device,
         lambda n: run,
     )
-
-
-def _load_digits(path: Path, device: torch.device, dtype, channels_last: bool, cond: DigitsCondition) -> EpsModel:
-    from difflab.digits.model import load_digits_model
-    from difflab.digits.sample import guided_digits_eps
-
-    net, schedule, _ = load_digits_model(path)
-    num_domains, num_digits = net.config.num_domains, net.config.num_digits
-    if not (0 <= cond.domain < num_domains and 0 <= cond.digit < num_digits):
-        raise DifflabError(
-            f"{path}: domain {cond.domain} / digit {cond.digit} out of range "
-            f"({num_domains} domains, {num_digits} digits)"
-        )
-    config = net.config
-    net = _prepare(net, device, channels_last)
-    run = _runner(net, device, dtype, channels_last)
-
-    def make(n: int) -> EpsFn:
-        # The digits sampler's rule, so `ddim sample --guidance g` is `digits sample --guidance-digit g`.
-        c = torch.tensor([[cond.domain, cond.digit]], device=device).repeat(n, 1)
-        return guided_digits_eps(run, c, cond.guidance, 1.0, net.null_cond)
-
-    multiple = config.patch * 2 ** (len(config.channels) - 1)
-    return EpsModel("digits UNet", path, config.in_channels, multiple, config.image_size, device, make, schedule)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from difflab.personalize.sd import SD_V1_CONFIG
+from difflab.configs import SD_V1_CONFIG
 
 VOCAB_SIZE = 49408  # the CLIP BPE vocabulary
 BOS, EOS = 49406, 49407

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from difflab.configs import SD_V1_CONFIG
 from difflab.io import loader_error, read_tensors
 from difflab.precision import resolve
 from difflab.utils import DifflabError, pick_device
@@ -24,7 +25,6 @@ from difflab.utils import DifflabError, pick_device
 # installs torchvision (it breaks beside the CPU torch), so the notice is nothing a user can act on.
 logging.getLogger("transformers.utils.import_utils").addFilter(lambda r: "requires torchvision" not in r.getMessage())
 
-SD_V1_CONFIG = Path(__file__).resolve().parent / "configs" / "sd-v1"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
 # Prefixes of the three models inside an original (CompVis / LDM) checkpoint.
