@@ -3,14 +3,14 @@
 `--precision` takes one of PRECISIONS everywhere:
 - "fp32": plain float32; "bf16" / "fp16": autocast to that dtype (fp16 needs CUDA).
 - "auto": on CUDA, bf16 where the GPU supports it, else fp32. On a CPU nothing is assumed, because the same
-  choice goes opposite ways on machines of the same kind: bf16 autocast trains the digits net ~1.6x faster
-  than fp32 on an AMD EPYC with avx512_bf16, and 1.4x slower on an Intel Xeon with avx512_bf16 but no AMX.
-  So `resolve` times a few steps of each candidate (fp32 / bf16, contiguous / channels-last) on the machine
+  choice goes opposite ways on machines of the same kind (benchmarks/results/precision.md). A job that gives
+  `resolve` a trial step (digits training and sampling, the judges, the mini-SD stages) has it time a few steps of
+  each candidate (fp32 / bf16, contiguous / channels-last) on the machine
   at hand and keeps the fastest, if it beats plain fp32 by a clear margin. The answer is cached per CPU
   model and instruction set, torch version, thread count and job, so later runs on the machine skip the
-  timing and make the same choice whatever the load then. A CPU without bf16 instructions (an AMD EPYC
-  with AVX2 only, say) emulates bf16 autocast, 14x slower than fp32 for digits training there: bf16 is not
-  timed at all on such a CPU, and any candidate whose first call is far slower than fp32's is dropped.
+  timing and make the same choice whatever the load then; any other job runs "auto" in fp32. A CPU without bf16
+  instructions emulates bf16 autocast, many times slower than fp32: bf16 is not timed at all on such a CPU, and
+  any candidate whose first call is far slower than fp32's is dropped.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from difflab.utils import DifflabError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRECISION_HELP = (
-    "auto (CPU: the fastest of fp32/bf16 timed on this machine, cached; CUDA: bf16 where supported), "
-    "fp32, bf16 or fp16 (CUDA only)."
+    "auto (CUDA: bf16 where supported; CPU: for training, sampling and judging digits and the mini-SD build, "
+    "the fastest of fp32/bf16 timed on this machine and cached; fp32 elsewhere), fp32, bf16 or fp16 (CUDA only)."
 )
 # A lower precision or another memory format must beat plain fp32 by this much: results then do not flip
 # between runs on a machine whose two options are about as fast.

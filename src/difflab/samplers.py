@@ -1,5 +1,5 @@
-"""Samplers: pure tensor math for one reverse step (DDPM ancestral, DDIM with η), and loops that wire an
-ε-function to a `NoiseSchedule`. A model knows nothing of sampling; guidance is a wrapper around the model.
+"""Samplers: pure tensor math for one reverse step (DDPM ancestral, DDIM with η, DPM-Solver++(2M)), and loops
+that wire an ε-function to a `NoiseSchedule`. A model knows nothing of sampling; guidance is a wrapper around the model.
 
 Conventions follow diffusers so results can be compared number for number:
 - DDPM uses the posterior q(x_{t'} | x_t, x̂_0) with "fixed_small" variance; x̂_0 optionally clipped.

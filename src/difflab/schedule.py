@@ -1,4 +1,5 @@
-"""The diffusion math, written once: noise schedules, the forward process and the training loss.
+"""The diffusion math, written once: noise schedules, the forward process, the ε / v training loss with min-SNR
+weighting and its timestep density, and v -> ε.
 
 Everything that needs ᾱ_t (training, every sampler, inversion) reads it from a `NoiseSchedule`.
 Schedules are computed in float64 and cast where used, so long products stay exact.

@@ -29,9 +29,8 @@ WARMUP_STEPS, TIMING_STEPS, REFIT_EVERY = 5, 20, 100
 LOSSES_FILE = "losses.json"
 
 PRESETS = {
-    # For the CPU demo: 1.5 M parameters on 2x2 pixel patches (14x14 and 7x7). A training step at batch 32
-    # takes ~0.16 s in fp32 on an Intel Xeon without AMX (2 threads). In 3-minute runs it beat both
-    # (64, 128) and (32, 64): at this budget the number of steps matters more than width.
+    # For the CPU demo: 1.5 M parameters on 2x2 pixel patches (14x14 and 7x7); why this width: README,
+    # "The digits model".
     "cpu": DigitsUNetConfig(channels=(48, 96), blocks_per_level=1, patch=2),
     # For a GPU: wider and deeper, the usual small-image DDPM shape.
     "full": DigitsUNetConfig(channels=(64, 128, 256), blocks_per_level=2, dropout=0.1),
@@ -40,25 +39,24 @@ PRESETS = {
 
 @dataclass
 class TrainConfig:
-    """The recipe, measured at 5,000 steps on the same data and judges (README, "The digits model"):
-    v-prediction and a peak learning rate of 4e-3 lifted the mean accuracy of generated digits from 0.79
-    (ε-prediction at 1e-3, the earlier recipe) to 0.98, and 0.99 with the default sampler."""
+    """The digits recipe, the one source of its defaults; how each was chosen, with the measurements, is in the
+    README ("The digits model") and benchmarks/results/digits_recipe.md."""
 
     data_root: str
     out_dir: str
     preset: str = "cpu"
-    steps: int = 5000  # fixed work: 832 s on an Intel Xeon without AMX (2 threads), 530 s on an AMD EPYC
+    steps: int = 5000  # fixed work: the same model on a machine whatever its speed or load
     batch_size: int = 32
     lr: float = 4e-3
     warmup_steps: int = 500
     weight_decay: float = 0.0
-    adam_beta2: float = 0.99  # with the 500-step warm-up: less spread between seeds (README)
+    adam_beta2: float = 0.99  # with the 500-step warm-up: less spread between seeds
     ema_decay: float = 0.999
     p_drop_domain: float = 0.1
     p_drop_digit: float = 0.15
     min_snr_gamma: float | None = 5.0
-    # "min-snr": t drawn in proportion to its min-SNR weight (the same objective as "uniform" with a lower-variance
-    # gradient): 0.985-0.999 over seeds and machines at 5,000 steps, uniform 0.979-0.988 (README, "The digits model")
+    # "min-snr": t drawn in proportion to its min-SNR weight, the same objective as "uniform" with a lower-variance
+    # gradient
     timestep_sampling: str = "min-snr"
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(prediction="v_prediction"))
     seed: int = 0

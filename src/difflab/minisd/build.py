@@ -50,7 +50,7 @@ class BuildConfig:
     train: TrainSettings = field(default_factory=default_settings)
     n_per_domain: int = 8000  # single digits of each style
     n_pairs: int = 8000  # two-digit canvases
-    judge_epochs: int = 8  # the digits job's judges: 0.97 / 0.999 held out (4 epochs of 5,000: 0.934 / 0.991)
+    judge_epochs: int = 8  # as the digits job's judges (docs/minisd.md)
     judge_images: int = 8000  # per style
     # Random blur while training the judges: without it the style judge read sharpness as style and called 39 %
     # of the UNet's MNIST-M-like digits SVHN-like (VAE round trips of held-out MNIST-M digits: 94.4 % right,

@@ -31,9 +31,8 @@ class MiniSDConfig:
     # Few groups: a group's spatial mean is normalised away, and with one channel per group the encoder lost
     # each image's overall colour (blue backgrounds came back grey).
     vae_norm_groups: int = 4
-    # Cross-attention at all but the full-resolution level. 64 channels there, not 32 (AMD EPYC, 2 threads, same
-    # 3,000 steps): <new2>'s MNIST-M style rate 0.892 -> 0.916, composition 0.550 -> 0.800, at 0.67 s a step
-    # against 0.47; 6,000 steps at 32 channels gave 0.856.
+    # Cross-attention at all but the full-resolution level, which is 64 channels wide: the photo texture of the
+    # MNIST-M style lives there (docs/minisd.md compares 32 and 64 channels).
     unet_channels: tuple[int, ...] = (64, 64, 128)
     attention_head_dim: int = 8
 
