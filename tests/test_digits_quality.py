@@ -100,3 +100,16 @@ def test_evaluate_reports_quality(tmp_path, data_root, judge_dir, capsys):
         (bare / f"{d}.safetensors").write_bytes((judge_dir / f"{d}.safetensors").read_bytes())
     result = evaluate_folder(folder, bare, tmp_path / "e2")
     assert "quality" not in result["domains"]["svhn"] and "quality measures skipped" in capsys.readouterr().out
+
+
+def test_a_diversity_that_cannot_be_measured_is_said_so_not_a_crash():
+    from difflab.digits.evaluate import format_quality
+
+    quality = {
+        "frechet_generated_vs_heldout": 1.0,
+        "frechet_train_vs_heldout": 1.0,
+        "memorisation_rate": 0.0,
+        "diversity_ratio": None,
+    }
+    text = format_quality({"domains": {"mnistm": {"quality": quality}}})
+    assert "diversity = not measurable (it needs at least 2 images of a digit" in text

@@ -348,8 +348,18 @@ def train_classifier_command(
         help="Random shift/scale/rotation, contrast/brightness and channel order while training "
         "(useful for small or real data).",
     ),
+    overwrite: Overwrite = False,
 ):
-    """Train the per-domain digit classifiers that judge generated digits; print held-out accuracy."""
+    """Train the per-domain digit classifiers that judge generated digits; print held-out accuracy. The judges
+    replace earlier ones in --out together, and only once all are trained."""
     train_classifiers(
-        data_root, out, epochs=epochs, device=device, seed=seed, width=width, precision=precision, augment=augment
+        data_root,
+        out,
+        epochs=epochs,
+        device=device,
+        seed=seed,
+        width=width,
+        precision=precision,
+        augment=augment,
+        overwrite=overwrite,
     )
