@@ -17,10 +17,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import best_time, write_results  # noqa: E402
-from difflab.ddim.models import wrap_face_unet  # noqa: E402
+from difflab.ddim.models import face_eps_model  # noqa: E402
 from difflab.ddim.noise import minmax_uint8  # noqa: E402
 from difflab.ddim.pipeline import DDIMConfig, ddim_sample  # noqa: E402
 from difflab.nets.face_unet import FaceUNet  # noqa: E402
+from difflab.precision import Precision  # noqa: E402
 
 STEPS = 50
 
@@ -50,12 +51,12 @@ def main() -> None:
     loops = {
         "diffusers": lambda: diffusers_loop(net, x_T.clone()).cpu(),
         "ours": lambda: ddim_sample(
-            wrap_face_unet(net, device, "fp32", channels_last=False), x_T.clone(), cfg, progress=False
+            face_eps_model(net, Path("<memory>"), device, Precision("fp32")), x_T.clone(), cfg, progress=False
         ),
     }
     if cuda:
         # A copy: channels-last conversion works in place.
-        fast = wrap_face_unet(copy.deepcopy(net), device, precision="fp16", channels_last=True)
+        fast = face_eps_model(copy.deepcopy(net), Path("<memory>"), device, Precision("fp16", channels_last=True))
         loops["fast"] = lambda: ddim_sample(fast, x_T.clone(), cfg, progress=False)
     with torch.inference_mode():  # warm up kernels once, outside the timings
         net(x_T, torch.full((batch,), 981, device=device))

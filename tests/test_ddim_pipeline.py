@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
-from difflab.ddim.models import autocast_dtype, face_eps_model, load_eps_model
+from difflab.ddim.models import face_eps_model, load_eps_model
 from difflab.ddim.pipeline import (
     DDIMConfig,
     ddim_sample,
@@ -22,6 +22,7 @@ from difflab.ddim.pipeline import (
 )
 from difflab.io import save_png
 from difflab.nets.face_unet import FaceUNet, FaceUNetConfig, to_diffusers
+from difflab.precision import Precision
 from test_samplers import SPEC, _full_precision
 
 # Layout-independent tests run on a three-level member of the family (16x16 inputs) to stay fast on a CPU;
@@ -33,7 +34,7 @@ def wrap(net, precision="auto"):
     """A small face UNet in memory as the `EpsModel` the loader would make of it (the loader itself reads only
     the course's six-level layout)."""
     cpu = torch.device("cpu")
-    return face_eps_model(net, Path("<memory>"), cpu, autocast_dtype(precision, cpu), channels_last=False)
+    return face_eps_model(net, Path("<memory>"), cpu, Precision.parse(precision).settle(cpu))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def _diffusers_trajectory(unet, x, eta, steps, seed):
 # network equals diffusers' UNet2DModel holding the same weights.
 @pytest.mark.parametrize("eta,steps", [(0.0, 50), (0.6, 10)])
 def test_trajectory_matches_diffusers_ddim_scheduler(diffusers_dir, eta, steps):
-    their_model = load_eps_model(diffusers_dir, "cpu")
+    their_model = load_eps_model(diffusers_dir, "cpu", "fp32")
     assert their_model.kind == "diffusers UNet2DModel"
     x_T = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     theirs = _diffusers_trajectory(UNet2DModel.from_pretrained(diffusers_dir).eval(), x_T.clone(), eta, steps, seed=5)

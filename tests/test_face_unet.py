@@ -135,7 +135,7 @@ def test_unreadable_and_missing_checkpoints(tmp_path):
 
 def test_input_size_must_fit_the_network(small_unet, tmp_path):
     torch.save(small_unet.state_dict(), tmp_path / "UNet.pt")
-    model = load_eps_model(tmp_path / "UNet.pt", "cpu")
+    model = load_eps_model(tmp_path / "UNet.pt", "cpu", "fp32")
     with pytest.raises(DifflabError, match="divisible by 32"):
         model.check_input((1, 3, 48, 48), "noise")
     with pytest.raises(DifflabError, match="3 channels"):

@@ -350,20 +350,20 @@ def test_demo_unpacks_the_shipped_stack_and_reuses_it(stack, tmp_path, monkeypat
 
 
 def test_stage_precision_is_measured_on_a_cpu(tmp_path, monkeypatch):
-    from difflab.minisd.build import measured_precision
     from difflab.minisd.models import build_vae
-    from difflab.precision import cpu_candidates
+    from difflab.precision import CANDIDATES, native_bf16, settle_training
 
     monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path))
     x = torch.zeros(2, 3, 32, 32)
-    cfg = BuildConfig(out=str(tmp_path), model=TINY, precision="auto")
-    chosen = measured_precision(
-        cfg, torch.device("cpu"), "VAE test", lambda: build_vae(TINY), lambda m, p: m(p.input(x)).sample
-    )
-    assert chosen.how == "measured" and set(chosen.timings_ms) == {c.label for c in cpu_candidates()}
-    again = measured_precision(
-        cfg, torch.device("cpu"), "VAE test", lambda: build_vae(TINY), lambda m, p: m(p.input(x)).sample
-    )
+
+    def settle():
+        cpu = torch.device("cpu")
+        return settle_training("auto", cpu, "VAE test", lambda: build_vae(TINY), lambda m, p: m(p.input(x)).sample)
+
+    chosen = settle()
+    expected = {c.label for c in CANDIDATES if native_bf16() or c.dtype is None}
+    assert chosen.how == "measured" and set(chosen.timings_ms) == expected
+    again = settle()
     assert again.how == "cached" and again.label == chosen.label
 
 

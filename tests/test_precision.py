@@ -16,7 +16,7 @@ CPU = torch.device("cpu")
 def fake_trial(ms: dict[str, float], calls: list[str]):
     def trial(p: P.Precision) -> None:
         calls.append(p.label)
-        torch.rand(3)  # consumes the global RNG, which `resolve` must restore
+        torch.rand(3)  # consumes the global RNG, which `settle` must restore
         time.sleep(ms[p.label] / 1000)
 
     return trial
@@ -29,21 +29,41 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "precision.json"
 
 
+def resolve(name: str, device: torch.device, *args, **kwargs) -> P.Precision:
+    return P.Precision.parse(name).settle(device, *args, **kwargs)
+
+
 def test_explicit_choices_and_errors():
-    assert P.resolve("fp32", CPU).dtype is None
-    assert P.resolve("bf16", CPU).dtype is torch.bfloat16
-    with pytest.raises(DifflabError, match="fp16 autocast needs CUDA"):
-        P.resolve("fp16", CPU)
+    assert resolve("fp32", CPU).dtype is None
+    assert resolve("bf16", CPU).dtype is torch.bfloat16
+    with pytest.raises(DifflabError, match="fp16 needs CUDA"):
+        resolve("fp16", CPU)
     with pytest.raises(DifflabError, match="unknown precision 'half'"):
-        P.resolve("half", CPU)
-    assert P.resolve("auto", CPU).label == "fp32"  # nothing to time: the safe default
+        resolve("half", CPU)
+    assert resolve("auto", CPU).label == "fp32"  # nothing to time: the safe default
+    with pytest.raises(RuntimeError, match="must be settled"):
+        P.Precision.parse("auto").dtype  # noqa: B018
+
+
+def test_the_generic_training_trial_times_every_candidate_on_its_own_copy():
+    made: list[torch.nn.Module] = []
+
+    def make_model():
+        made.append(torch.nn.Conv2d(3, 4, 3))
+        return made[-1]
+
+    x = torch.randn(2, 3, 8, 8)
+    chosen = P.settle_training("auto", CPU, "conv", make_model, lambda m, p: m(p.input(x)))
+    assert chosen.how == "measured" and set(chosen.timings_ms) == {c.label for c in P.CANDIDATES}
+    assert len(made) == len(P.CANDIDATES) and all(m.weight.grad is None for m in made)
+    assert P.settle_training("bf16", CPU, "conv", make_model, None).label == "bf16"  # explicit: nothing timed
 
 
 def test_auto_keeps_a_clear_winner_and_caches_it(cache):
     calls: list[str] = []
     ms = {"fp32": 12, "bf16": 4, "fp32+channels_last": 12, "bf16+channels_last": 12}
     torch.manual_seed(0)
-    chosen = P.resolve("auto", CPU, "job A", fake_trial(ms, calls), rounds=2)
+    chosen = resolve("auto", CPU, "job A", fake_trial(ms, calls), rounds=2)
     after = torch.rand(1)
     torch.manual_seed(0)
     assert torch.equal(after, torch.rand(1))  # the trial's draws did not shift the caller's stream
@@ -52,22 +72,22 @@ def test_auto_keeps_a_clear_winner_and_caches_it(cache):
     entry = next(iter(json.loads(cache.read_text()).values()))
     assert entry["name"] == "bf16" and "job A" in next(iter(json.loads(cache.read_text())))
     calls.clear()
-    again = P.resolve("auto", CPU, "job A", fake_trial(ms, calls))
+    again = resolve("auto", CPU, "job A", fake_trial(ms, calls))
     assert calls == [] and again.label == "bf16" and again.how == "cached"
-    P.resolve("auto", CPU, "job B", fake_trial(ms, calls), rounds=1)
+    resolve("auto", CPU, "job B", fake_trial(ms, calls), rounds=1)
     assert calls  # another job is timed on its own
 
 
 def test_auto_needs_a_clear_margin_to_leave_fp32():
     ms = {"fp32": 100, "bf16": 97, "fp32+channels_last": 130, "bf16+channels_last": 130}
-    assert P.resolve("auto", CPU, "close call", fake_trial(ms, []), rounds=3).label == "fp32"
+    assert resolve("auto", CPU, "close call", fake_trial(ms, []), rounds=3).label == "fp32"
 
 
 def test_a_cpu_without_bf16_instructions_times_fp32_only(monkeypatch):
     monkeypatch.setattr(P, "native_bf16", lambda: False)
     calls: list[str] = []
     ms = {"fp32": 12, "fp32+channels_last": 4}
-    chosen = P.resolve("auto", CPU, "no bf16", fake_trial(ms, calls), rounds=1)
+    chosen = resolve("auto", CPU, "no bf16", fake_trial(ms, calls), rounds=1)
     assert chosen.label == "fp32+channels_last" and set(calls) == set(ms)
     assert "bf16" not in chosen.timings_ms
 
@@ -76,7 +96,7 @@ def test_a_candidate_far_slower_than_fp32_is_not_timed_again():
     calls: list[str] = []
     # the others are clearly slower than fp32 too, so sleep jitter on a loaded machine cannot crown one of them
     ms = {"fp32": 10, "bf16": 100, "fp32+channels_last": 20, "bf16+channels_last": 20}
-    chosen = P.resolve("auto", CPU, "slow bf16", fake_trial(ms, calls), rounds=2)
+    chosen = resolve("auto", CPU, "slow bf16", fake_trial(ms, calls), rounds=2)
     assert calls.count("bf16") == 1 and calls.count("fp32") == 3
     assert chosen.label == "fp32" and chosen.timings_ms["bf16"] >= 100
 
@@ -94,11 +114,11 @@ def test_the_machine_name_says_whether_it_has_amx(monkeypatch, amx):
 def test_a_broken_cache_is_ignored(cache):
     cache.write_text("{not json")
     ms = {"fp32": 5, "bf16": 20, "fp32+channels_last": 20, "bf16+channels_last": 20}
-    assert P.resolve("auto", CPU, "job", fake_trial(ms, []), rounds=1).label == "fp32"
+    assert resolve("auto", CPU, "job", fake_trial(ms, []), rounds=1).label == "fp32"
     key = next(iter(json.loads(cache.read_text())))
     cache.write_text(json.dumps({key: {"name": "int4", "channels_last": "yes"}}))
     calls: list[str] = []
-    assert P.resolve("auto", CPU, "job", fake_trial(ms, calls), rounds=1).how == "measured" and calls
+    assert resolve("auto", CPU, "job", fake_trial(ms, calls), rounds=1).how == "measured" and calls
 
 
 def test_channels_last_precision_runs_a_net():

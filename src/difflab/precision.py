@@ -1,16 +1,17 @@
-"""One precision policy for every difflab job: the autocast dtype and memory format a job runs in.
+"""One precision object for every difflab job: the dtype a job computes in, its memory format, how it was chosen.
 
-`--precision` takes one of PRECISIONS everywhere:
-- "fp32": plain float32; "bf16" / "fp16": autocast to that dtype (fp16 needs CUDA).
+The CLI turns `--precision` into a `Precision` once (`Precision.parse`) and hands it down; the job that runs it
+calls `settle` once, with what it would run, and uses the answer throughout.
+- "fp32": plain float32; "bf16" / "fp16": that dtype (fp16 needs CUDA).
 - "auto": on CUDA, bf16 where the GPU supports it, else fp32. On a CPU nothing is assumed, because the same
-  choice goes opposite ways on machines of the same kind (benchmarks/results/precision.md). A job that gives
-  `resolve` a trial step (digits training and sampling, the judges, the mini-SD stages) has it time a few steps of
-  each candidate (fp32 / bf16, contiguous / channels-last) on the machine
-  at hand and keeps the fastest, if it beats plain fp32 by a clear margin. The answer is cached per CPU
-  model and instruction set, torch version, thread count and job, so later runs on the machine skip the
-  timing and make the same choice whatever the load then; any other job runs "auto" in fp32. A CPU without bf16
-  instructions emulates bf16 autocast, many times slower than fp32: bf16 is not timed at all on such a CPU, and
-  any candidate whose first call is far slower than fp32's is dropped.
+  choice goes opposite ways on machines of the same kind (benchmarks/results/precision.md): `settle` times a few
+  steps of each candidate (fp32 / bf16, and contiguous / channels-last where the job allows it) on the machine at
+  hand and keeps the fastest, if it beats plain fp32 by a clear margin. The answer is cached per CPU model and
+  instruction set, torch version, thread count and job, so later runs on the machine skip the timing and make the
+  same choice whatever the load then. A CPU without bf16 instructions emulates bf16 many times slower than fp32:
+  bf16 is not timed at all there, and any candidate whose first call is far slower than fp32's is dropped.
+Most jobs autocast to the dtype (`autocast`, `prepare`, `input`); Stable Diffusion pipelines hold their weights
+in it instead (`cast`), as diffusers does.
 """
 
 from __future__ import annotations
@@ -31,10 +32,6 @@ from difflab.io import save_json
 from difflab.utils import DifflabError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-PRECISION_HELP = (
-    "auto (CUDA: bf16 where supported; CPU: for training, sampling and judging digits and the mini-SD build, "
-    "the fastest of fp32/bf16 timed on this machine and cached; fp32 elsewhere), fp32, bf16 or fp16 (CUDA only)."
-)
 # A lower precision or another memory format must beat plain fp32 by this much: results then do not flip
 # between runs on a machine whose two options are about as fast.
 MARGIN = 0.10
@@ -43,20 +40,66 @@ PRUNE = 4.0
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def precision_help(auto: str) -> str:
+    """The help of one command's --precision, saying what "auto" does there."""
+    return f"auto ({auto}; CUDA: bf16 where supported), fp32, bf16 or fp16 (CUDA only)."
+
+
 @dataclass(frozen=True)
 class Precision:
-    name: str = "fp32"
+    name: str = "fp32"  # one of PRECISIONS; "auto" until `settle` picks one
     channels_last: bool = False
-    how: str = "requested"  # "requested", "measured", "cached" or "CUDA default"
+    how: str = "requested"  # "requested", "measured", "cached", "CUDA default" or "default"
     timings_ms: dict[str, float] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def parse(cls, value: str | Precision) -> Precision:
+        if isinstance(value, Precision):
+            return value
+        if value not in PRECISIONS:
+            raise DifflabError(f"unknown precision {value!r}; choose one of {', '.join(PRECISIONS)}")
+        return cls(value)
+
+    def __str__(self) -> str:
+        return self.label
+
+    @property
+    def auto(self) -> bool:
+        return self.name == "auto"
 
     @property
     def dtype(self) -> torch.dtype | None:
+        if self.auto:
+            raise RuntimeError("precision 'auto' must be settled before it is used")
         return _DTYPES[self.name]
+
+    def settle(
+        self,
+        device: torch.device,
+        job: str = "",
+        trial: Callable[[Precision], object] | None = None,
+        candidates: tuple[Precision, ...] | None = None,
+        rounds: int = 5,
+    ) -> Precision:
+        """The precision to run `job` in. "auto" on a CPU with a `trial` (one representative step run in the
+        given precision) times the `candidates` interleaved (median of `rounds`) unless the answer is cached;
+        without a trial it is fp32."""
+        if self.name == "fp16" and device.type != "cuda":
+            raise DifflabError("fp16 needs CUDA; use bf16 or fp32 on CPU")
+        if not self.auto:
+            return self
+        if device.type == "cuda":
+            return Precision("bf16" if torch.cuda.is_bf16_supported() else "fp32", how="CUDA default")
+        if trial is None or device.type != "cpu":
+            return Precision("fp32", how="default")
+        return _measured(device, job, trial, candidates or CANDIDATES, rounds)
 
     @property
     def label(self) -> str:
         return self.name + ("+channels_last" if self.channels_last else "")
+
+    def cast(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module.to(self.dtype or torch.float32)
 
     def autocast(self, device: torch.device):
         if self.dtype is None:
@@ -77,6 +120,7 @@ class Precision:
 
 
 CANDIDATES = (Precision("fp32"), Precision("bf16"), Precision("fp32", True), Precision("bf16", True))
+DTYPE_CANDIDATES = CANDIDATES[:2]  # for a job that cannot change its model's memory format
 
 
 def native_bf16() -> bool:
@@ -86,39 +130,16 @@ def native_bf16() -> bool:
     return any(f() for f in found if f is not None) or all(f is None for f in found)
 
 
-def cpu_candidates() -> tuple[Precision, ...]:
-    return CANDIDATES if native_bf16() else tuple(c for c in CANDIDATES if c.dtype is None)
-
-
-def check(precision: str, device: torch.device) -> None:
-    if precision not in PRECISIONS:
-        raise DifflabError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "fp16" and device.type != "cuda":
-        raise DifflabError("fp16 autocast needs CUDA; use bf16 or fp32 on CPU")
-
-
-def resolve(
-    precision: str,
-    device: torch.device,
-    job: str = "",
-    trial: Callable[[Precision], object] | None = None,
-    rounds: int = 5,
+def _measured(
+    device: torch.device, job: str, trial: Callable[[Precision], object], candidates, rounds: int
 ) -> Precision:
-    """The precision to run `job` in. With "auto" on a CPU and a `trial` (one representative step run in the
-    given precision), the candidates are timed interleaved (median of `rounds`) unless cached."""
-    check(precision, device)
-    if precision != "auto":
-        return Precision(precision)
-    if device.type == "cuda":
-        return Precision("bf16" if torch.cuda.is_bf16_supported() else "fp32", how="CUDA default")
-    if trial is None or device.type != "cpu":
-        return Precision("fp32", how="default")
     key = f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {job}"
     cache = _read_cache()
     hit = cache.get(key)
     if isinstance(hit, dict) and hit.get("name") in _DTYPES and isinstance(hit.get("channels_last"), bool):
         return Precision(hit["name"], hit["channels_last"], "cached", hit.get("timings_ms") or {})
-    candidates = cpu_candidates()
+    if not native_bf16():
+        candidates = tuple(c for c in candidates if c.dtype is None)
     timings = measure(trial, candidates, rounds)
     best = min(candidates, key=lambda c: timings[c.label])
     if timings[best.label] > (1 - MARGIN) * timings[CANDIDATES[0].label]:
@@ -128,6 +149,40 @@ def resolve(
     with contextlib.suppress(OSError):  # a read-only home only costs the timing next time
         save_json(cache, cache_path())
     return chosen
+
+
+def settle_training(
+    precision: Precision | str, device: torch.device, job: str, make_model, loss, candidates=None
+) -> Precision:
+    """`settle` for a training job: the trial is one forward + backward step of a throw-away model per candidate
+    (`make_model()`, then `loss(model, candidate)` runs the forward pass), so the run's own weights stay untouched."""
+    models: dict[str, torch.nn.Module] = {}
+
+    def trial(p: Precision) -> None:
+        if p.label not in models:
+            models[p.label] = p.prepare(make_model().to(device))
+        model = models[p.label]
+        with p.autocast(device):
+            loss(model, p).float().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    return Precision.parse(precision).settle(device, job, trial, candidates)
+
+
+def settle_inference(
+    precision: Precision | str, device: torch.device, job: str, make_model, forward, candidates=None, rounds: int = 3
+) -> Precision:
+    """`settle` for an inference job: the trial is `forward(model, candidate)` on `make_model()` prepared for each
+    candidate, in inference mode."""
+    models: dict[str, torch.nn.Module] = {}
+
+    def trial(p: Precision) -> None:
+        if p.label not in models:
+            models[p.label] = p.prepare(make_model())
+        with torch.inference_mode(), p.autocast(device):
+            forward(models[p.label], p)
+
+    return Precision.parse(precision).settle(device, job, trial, candidates, rounds)
 
 
 def measure(

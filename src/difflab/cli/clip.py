@@ -7,10 +7,11 @@ from typing import Optional
 
 import typer
 
-from difflab.cli.options import App, Device, Overwrite, Precision, Seed
+from difflab.cli.options import App, Device, Overwrite, Seed, precision_option
 from difflab.clip.evaluate import ZeroShotConfig
 
 app = App(help="CLIP zero-shot classification and image/text scoring.", no_args_is_help=True)
+ClipPrecision = precision_option("CPU: fp32 or bf16, timed on a batch of the image encoder on this machine and cached")
 
 
 @app.command("zeroshot")
@@ -52,7 +53,7 @@ def zeroshot(
     skip_bad: bool = typer.Option(
         False, "--skip-bad", help="Skip unlabelled or unreadable images (listed in the report) instead of failing."
     ),
-    precision: Precision = ZeroShotConfig.precision,
+    precision: ClipPrecision = ZeroShotConfig.precision,
     seed: Seed = ZeroShotConfig.seed,
     overwrite: Overwrite = False,
 ):

@@ -7,7 +7,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from difflab.cli.options import MAX_BATCH, MAX_GUIDANCE, SEED_MAX, App, Device, Overwrite, Precision, parse_floats
+from difflab.cli.options import (
+    MAX_BATCH,
+    MAX_GUIDANCE,
+    SEED_MAX,
+    App,
+    Device,
+    Overwrite,
+    parse_floats,
+    precision_option,
+)
 from difflab.ddim.pipeline import DDIMConfig
 from difflab.digits.sample import SampleConfig
 from difflab.io import open_run, refuse_existing_file
@@ -15,6 +24,9 @@ from difflab.utils import DifflabError
 
 app = App(
     help="DDIM sampling, eta grids, interpolation, inversion and MSE (face UNet and others).", no_args_is_help=True
+)
+EpsPrecision = precision_option(
+    "CPU: fp32 or bf16, contiguous or channels-last, timed on a few ε-network calls on this machine and cached"
 )
 
 ALPHAS = tuple(i / 10 for i in range(11))  # the course's interpolation strip; one batch denoises it whole
@@ -101,7 +113,7 @@ def sample_cmd(
     steps: Steps = DDIMConfig.steps,
     batch_size: BatchSize = DDIMConfig.batch_size,
     device: Device = None,
-    precision: Precision = "auto",
+    precision: EpsPrecision = "auto",
     seed: StepSeed = DDIMConfig.seed,
     domain: Domain = None,
     digit: Digit = None,
@@ -135,7 +147,7 @@ def eta_grid_cmd(
     steps: Steps = DDIMConfig.steps,
     batch_size: BatchSize = DDIMConfig.batch_size,
     device: Device = None,
-    precision: Precision = "auto",
+    precision: EpsPrecision = "auto",
     seed: StepSeed = DDIMConfig.seed,
     domain: Domain = None,
     digit: Digit = None,
@@ -181,7 +193,7 @@ def interpolate_cmd(
     steps: Steps = DDIMConfig.steps,
     batch_size: BatchSize = len(ALPHAS),
     device: Device = None,
-    precision: Precision = "auto",
+    precision: EpsPrecision = "auto",
     domain: Domain = None,
     digit: Digit = None,
     guidance: Guidance = SampleConfig.guidance_digit,
@@ -247,7 +259,7 @@ def invert_cmd(
     out: Path = typer.Option(..., "--out", help="Where to write the recovered noise tensor (.pt, shape (1,C,H,W))."),
     steps: Steps = DDIMConfig.steps,
     device: Device = None,
-    precision: Precision = "auto",
+    precision: EpsPrecision = "auto",
     overwrite: Overwrite = False,
 ):
     """DDIM inversion: find the x_T that η = 0 DDIM turns back into the image; reports the reconstruction MSE."""

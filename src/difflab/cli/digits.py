@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from difflab.cli.options import MAX_BATCH, MAX_GUIDANCE, App, Device, Overwrite, Precision, Seed
+from difflab.cli.options import MAX_BATCH, MAX_GUIDANCE, TIMED, App, Device, Overwrite, Seed, precision_option
 from difflab.demos.digits import DemoConfig, quick_or_full, run_demo
 from difflab.digits.classifier import ClassifierConfig, ClassifierTrainConfig, train_classifiers
 from difflab.digits.data import make_dataset
@@ -24,6 +24,10 @@ DATASET_DEFAULTS = {k: p.default for k, p in inspect.signature(make_dataset).par
 CLASSIFIER_DEFAULTS = {k: p.default for k, p in inspect.signature(train_classifiers).parameters.items()}
 
 app = App(help="Conditional digits (domain x digit) with DDPM/DDIM and classifier-free guidance.", no_args_is_help=True)
+TrainPrecision = precision_option(TIMED.format("training steps"))
+SamplePrecision = precision_option(TIMED.format("guided sampling steps"))
+DemoPrecision = precision_option(TIMED.format("steps of each stage (training, judges, sampling, DDIM)"))
+JudgePrecision = precision_option(TIMED.format("training steps"))
 
 
 @app.command("train")
@@ -115,7 +119,7 @@ def train_command(
         help="Delete the checkpoint in --out and start over (without it, training refuses to replace one).",
     ),
     seed: Seed = TrainConfig.seed,
-    precision: Precision = TrainConfig.precision,
+    precision: TrainPrecision = TrainConfig.precision,
     device: Device = None,
 ):
     """Train the conditional DDPM. Several GPUs or nodes:
@@ -190,7 +194,7 @@ def sample_command(
         True, "--figures/--no-figures", help="Also write 10x10 grids and the reverse-process figure."
     ),
     seed: Seed = SampleConfig.seed,
-    precision: Precision = SampleConfig.precision,
+    precision: SamplePrecision = SampleConfig.precision,
     overwrite: Overwrite = False,
     device: Device = None,
 ):
@@ -237,7 +241,7 @@ def demo_command(
         "(the model then depends on the machine's speed; the report says so).",
     ),
     seed: Seed = DemoConfig.seed,
-    precision: Precision = TrainConfig.precision,
+    precision: DemoPrecision = TrainConfig.precision,
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Delete an earlier run in --out first (without it the demo refuses to replace one)."
     ),
@@ -341,7 +345,7 @@ def train_classifier_command(
     ),
     device: Device = None,
     seed: Seed = CLASSIFIER_DEFAULTS["seed"],
-    precision: Precision = ClassifierTrainConfig.precision,
+    precision: JudgePrecision = ClassifierTrainConfig.precision,
     augment: bool = typer.Option(
         ClassifierTrainConfig.augment,
         "--augment/--no-augment",

@@ -7,12 +7,13 @@ from typing import Annotated
 
 import typer
 
-from difflab.cli.options import App, Device, Overwrite, Precision, Seed
+from difflab.cli.options import TIMED, App, Device, Overwrite, Seed, precision_option
 from difflab.minisd.build import BuildConfig
 from difflab.minisd.prebuilt import PREBUILT
 from difflab.utils import DifflabError
 
 app = App(help="A miniature Stable Diffusion v1 + CLIP, trained here on the CPU.", no_args_is_help=True)
+BuildPrecision = precision_option(TIMED.format("training steps of each stage"))
 DEFAULTS = BuildConfig(out="")
 
 
@@ -35,7 +36,7 @@ def build_command(
     pairs: Annotated[int, typer.Option(help="Captioned two-digit canvases.")] = DEFAULTS.n_pairs,
     seed: Seed = DEFAULTS.seed,
     device: Device = None,
-    precision: Precision = DEFAULTS.precision,
+    precision: BuildPrecision = DEFAULTS.precision,
     overwrite: Overwrite = False,
 ) -> None:
     """Train CLIP, the VAE, the UNet, CLIP's image side and the judges in fixed work; write standard

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from difflab.cli.options import App, Device, Overwrite, Precision, Seed
+from difflab.cli.options import App, Device, Overwrite, Seed, precision_option
 from difflab.demos.personalize import PersonalizeDemoConfig as DemoConfig
 from difflab.personalize.compose import ComposeConfig
 from difflab.personalize.generate import SCHEDULERS, GenerateConfig
@@ -19,6 +19,11 @@ from difflab.personalize.textual_inversion import TextualInversionConfig as TICo
 from difflab.utils import DifflabError
 
 app = App(help="Textual inversion on Stable Diffusion v1.x: train, generate, compose, score.", no_args_is_help=True)
+TIPrecision = precision_option("CPU: fp32, untimed")
+DemoPrecision = precision_option(
+    "CPU: timed per stage as in minisd build, clip zeroshot and generate; fp32 for textual inversion"
+)
+SDPrecision = precision_option("CPU: fp32 or bf16 weights, timed on a UNet call on this machine and cached")
 
 SD_HELP = "Stable Diffusion v1.x: a diffusers folder or a single-file .ckpt/.safetensors."
 EMBEDS_HELP = "Learned embedding file(s) adding the concept tokens; repeat for several."
@@ -75,7 +80,7 @@ def train_command(
     resume: bool = typer.Option(TIConfig.resume, "--resume", help="Continue the run in OUT from its checkpoint.pt."),
     overwrite: Overwrite = TIConfig.overwrite,
     seed: Seed = TIConfig.seed,
-    precision: Precision = TIConfig.precision,
+    precision: TIPrecision = TIConfig.precision,
     device: Device = TIConfig.device,
 ) -> None:
     """Learn new token embeddings for reference images (textual inversion)."""
@@ -171,7 +176,7 @@ def generate_command(
     refs: Optional[Path] = typer.Option(
         None, "--refs", help="Reference image root with one <key>/ folder per concept, for --best-of."
     ),
-    precision: Precision = GenerateConfig.precision,
+    precision: SDPrecision = "auto",
     device: Device = None,
 ) -> None:
     """Generate the course output layout for every prompt of input.json with learned concept tokens."""
@@ -190,7 +195,6 @@ def generate_command(
         height=height,
         width=width,
         negative_prompt=negative_prompt,
-        precision=precision,
     )
     cfg.check()
     key_list = [k.strip() for k in keys.split(",") if k.strip()] if keys else None
@@ -332,7 +336,7 @@ def compose_command(
         [], "--refs", help="WORDS=DIR, repeatable: reference images of a concept for CLIP scoring."
     ),
     overwrite: Overwrite = False,
-    precision: Precision = ComposeConfig.precision,
+    precision: SDPrecision = "auto",
     device: Device = None,
 ) -> None:
     """Compose several learned concepts in one image by region-wise denoising, next to the naive prompt."""
@@ -359,7 +363,6 @@ def compose_command(
         smooth=smooth,
         capture_fraction=capture_fraction,
         num_images=num_images,
-        precision=precision,
     )
     cfg.check()
     scorer = None
@@ -442,7 +445,7 @@ def demo_command(
     ),
     seed: Seed = DemoConfig.seed,
     device: Device = None,
-    precision: Precision = DemoConfig.precision,
+    precision: DemoPrecision = DemoConfig.precision,
     overwrite: Overwrite = False,
 ):
     """CLIP zero-shot, textual inversion, generation, best-of-N scoring and composition on the miniature SD + CLIP

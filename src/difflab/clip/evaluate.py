@@ -15,9 +15,15 @@ from difflab.clip.data import ImageFiles, LabeledImages, collate_images, find_la
 from difflab.clip.figures import plot_gallery
 from difflab.clip.model import folder_fingerprint, load_clip
 from difflab.clip.preprocess import ClipTransform
-from difflab.clip.zeroshot import DEFAULT_TEMPLATE, ZeroShotClassifier, cached_class_embeddings, load_templates
+from difflab.clip.zeroshot import (
+    DEFAULT_TEMPLATE,
+    ZeroShotClassifier,
+    cached_class_embeddings,
+    encode_pixels,
+    load_templates,
+)
 from difflab.io import atomic_write, load_rgb, open_run, save_json, write_csv
-from difflab.precision import resolve
+from difflab.precision import DTYPE_CANDIDATES, Precision, settle_inference
 from difflab.report import HtmlReport
 from difflab.report.plots import plot_confusion_matrix
 from difflab.utils import DifflabError
@@ -38,7 +44,7 @@ class ZeroShotConfig:
     cache_dir: Path | None = None  # None: <out>/.cache
     gallery_size: int = 5
     skip_bad: bool = False
-    precision: str = "auto"  # difflab.precision; fp32 on a CPU, where CLIP inference is not timed
+    precision: Precision = Precision("auto")
     seed: int = 0
     top_k: int = 5
     overwrite: bool = False  # replace the results of an earlier run in `out`
@@ -97,6 +103,8 @@ def run_zeroshot(cfg: ZeroShotConfig) -> ZeroShotResult:
 
 def zeroshot_classifier_for(clip, names: list[str], templates: list[str], cfg: ZeroShotConfig):
     """The classifier of `names` and whether its class embeddings came from the cache."""
+    precision = clip_precision(clip, cfg)
+    print(f"precision: {precision.describe()}", flush=True)
     class_embeds, cache_hit = cached_class_embeddings(
         clip.model,
         clip.tokenizer,
@@ -105,10 +113,21 @@ def zeroshot_classifier_for(clip, names: list[str], templates: list[str], cfg: Z
         clip.device,
         folder_fingerprint(clip.path),
         cfg.cache_dir or Path(cfg.out) / ".cache",
+        precision,
     )
     transform = ClipTransform.from_processor(clip.processor)
-    precision = resolve(cfg.precision, clip.device)
     return ZeroShotClassifier(clip.model, names, class_embeds, transform, clip.device, precision), cache_hit
+
+
+def clip_precision(clip, cfg: ZeroShotConfig) -> Precision:
+    """Settle `cfg.precision` by timing the image encoder on a batch (the model is shared, so only dtypes are
+    compared, not memory formats)."""
+    vision = clip.model.config.vision_config
+    px = torch.zeros(cfg.batch_size, 3, vision.image_size, vision.image_size, device=clip.device)
+    job = f"clip image encoder {vision.hidden_size}x{vision.num_hidden_layers} {vision.image_size}px batch {len(px)}"
+    return settle_inference(
+        cfg.precision, clip.device, job, lambda: clip.model, lambda m, p: encode_pixels(m, px), DTYPE_CANDIDATES
+    )
 
 
 def write_results(cfg: ZeroShotConfig, data, templates: list[str], kept, probs, cache_hit: bool) -> ZeroShotResult:

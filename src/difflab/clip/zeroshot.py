@@ -22,7 +22,7 @@ from difflab.clip.model import default_processor, encode_pixels, encode_texts, p
 from difflab.clip.preprocess import ClipTransform
 from difflab.clip.tokenizer import load_clip_tokenizer
 from difflab.io import atomic_write, read_safetensors, read_text
-from difflab.precision import Precision, resolve
+from difflab.precision import Precision
 from difflab.utils import DifflabError, pick_device
 
 DEFAULT_TEMPLATE = "A photo of {}."
@@ -75,17 +75,24 @@ def readable_name(class_name: str) -> str:
 
 @torch.inference_mode()
 def class_embeddings(
-    model, tokenizer, class_names: Sequence[str], templates: Sequence[str], device: torch.device
+    model,
+    tokenizer,
+    class_names: Sequence[str],
+    templates: Sequence[str],
+    device: torch.device,
+    precision: Precision = Precision(),
 ) -> torch.Tensor:
     """(C,D) unit-length embeddings, prompts of all classes encoded in large batches."""
     prompts = [t.format(readable_name(c)) for c in class_names for t in templates]
-    with resolve("auto", device).autocast(device):
+    with precision.autocast(device):
         feats = encode_texts(model, tokenizer, prompts, device)
     return F.normalize(feats.view(len(class_names), len(templates), -1).mean(dim=1), dim=-1)
 
 
-def cache_key(model_fingerprint: str, class_names: Sequence[str], templates: Sequence[str]) -> str:
-    payload = json.dumps({"model": model_fingerprint, "classes": list(class_names), "templates": list(templates)})
+def cache_key(model_fingerprint: str, class_names: Sequence[str], templates: Sequence[str], precision: str) -> str:
+    payload = json.dumps(
+        {"model": model_fingerprint, "classes": list(class_names), "templates": list(templates), "precision": precision}
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
@@ -94,19 +101,25 @@ def default_cache_dir() -> Path:
 
 
 def cached_class_embeddings(
-    model, tokenizer, class_names, templates, device, model_fingerprint: str, cache_dir: str | os.PathLike | None = None
+    model,
+    tokenizer,
+    class_names,
+    templates,
+    device,
+    model_fingerprint: str,
+    cache_dir: str | os.PathLike | None = None,
+    precision: Precision = Precision(),
 ) -> tuple[torch.Tensor, bool]:
-    """Class embeddings from `cache_dir` when present for this exact model/classes/templates; (embeds, was_cached)."""
-    path = (
-        Path(cache_dir or default_cache_dir())
-        / f"text-{cache_key(model_fingerprint, class_names, templates)}.safetensors"
-    )
+    """Class embeddings from `cache_dir` when present for this exact model/classes/templates/precision;
+    (embeds, was_cached)."""
+    key = cache_key(model_fingerprint, class_names, templates, precision.name)
+    path = Path(cache_dir or default_cache_dir()) / f"text-{key}.safetensors"
     if path.is_file():
         try:
             return read_safetensors(path, "cache entry")["embeds"], True
         except (DifflabError, KeyError):  # a damaged cache entry is recomputed, never fatal
             pass
-    embeds = class_embeddings(model, tokenizer, class_names, templates, device).cpu()
+    embeds = class_embeddings(model, tokenizer, class_names, templates, device, precision).cpu()
     atomic_write(path, lambda tmp: save_file({"embeds": embeds.contiguous()}, tmp))
     return embeds, False
 
@@ -164,7 +177,7 @@ def zeroshot_classifier(
     tokenizer=None,
     processor=None,
     device: str | torch.device | None = None,
-    precision: Precision = Precision(),
+    precision: Precision | str = Precision(),
 ) -> ZeroShotClassifier:
     """Build a classifier from a CLIPModel (its text embeddings computed here, once)."""
     if not class_names:
@@ -173,5 +186,6 @@ def zeroshot_classifier(
     model = model.to(device).eval()
     tokenizer = tokenizer or load_clip_tokenizer()
     processor = processor or default_processor(model.config.vision_config.image_size)
-    embeds = class_embeddings(model, tokenizer, class_names, list(templates), device)
+    precision = Precision.parse(precision).settle(device)
+    embeds = class_embeddings(model, tokenizer, class_names, list(templates), device, precision)
     return ZeroShotClassifier(model, class_names, embeds, ClipTransform.from_processor(processor), device, precision)

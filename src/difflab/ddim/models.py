@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from difflab.io import load_json, read_state_dict
-from difflab.precision import resolve
+from difflab.precision import Precision
 from difflab.schedule import EpsFn, NoiseSchedule
 from difflab.utils import DifflabError, pick_device
 
@@ -57,8 +57,8 @@ class EpsModel:
             )
 
 
-# Model folders other areas provide, by config.json's "model": loader(path, device, autocast dtype, channels_last,
-# condition) -> EpsModel. The digits package registers "digits_unet" when imported; ddim imports no other area.
+# Model folders other areas provide, by config.json's "model": loader(path, device, precision, condition) -> EpsModel.
+# The digits package registers "digits_unet" when imported; ddim imports no other area.
 FOLDER_MODELS: dict[str, Callable[..., EpsModel]] = {}
 
 
@@ -66,51 +66,60 @@ def register_folder_model(kind: str, loader: Callable[..., EpsModel]) -> None:
     FOLDER_MODELS[kind] = loader
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a precision name (None: plain float32), by the project's one policy
-    (`difflab.precision`). Sampling is not timed here: "auto" is fp32 on a CPU, the safe default."""
-    return resolve(precision, device).dtype
-
-
-def autocast_runner(
-    net: Callable[..., torch.Tensor], device: torch.device, dtype: torch.dtype | None, channels_last: bool
-) -> Callable[..., torch.Tensor]:
-    """Call `net` under autocast with channels-last inputs; always hand back float32."""
+def autocast_runner(net: Callable[..., torch.Tensor], device: torch.device, precision: Precision):
+    """Call `net` in `precision` (autocast, memory format); always hand back float32."""
 
     def run(x: torch.Tensor, *args) -> torch.Tensor:
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return net(x, *args).float()
+        with precision.autocast(device):
+            return net(precision.input(x), *args).float()
 
     return run
 
 
-def prepare_net(net: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:
-    net = net.to(device).eval().requires_grad_(False)
-    return net.to(memory_format=torch.channels_last) if channels_last else net
+def prepare_net(net: torch.nn.Module, device: torch.device, precision: Precision) -> torch.nn.Module:
+    return precision.prepare(net.to(device).eval().requires_grad_(False))
 
 
 def load_eps_model(
     path: str | os.PathLike,
     device: str | torch.device | None = None,
-    precision: str = "auto",
-    channels_last: bool | None = None,
+    precision: Precision | str = "auto",
     condition: DigitsCondition | None = None,
 ) -> EpsModel:
-    """Load a checkpoint as an `EpsModel`. `channels_last=None` uses it on CUDA only (on CPU it does not pay)."""
+    """Load a checkpoint as an `EpsModel` in `precision`. "auto" on a CPU loads one copy per candidate and times a
+    few ε-calls of each (`difflab.precision`), keeping the fastest."""
     path = Path(path)
     device = device if isinstance(device, torch.device) else pick_device(device)
-    dtype = autocast_dtype(precision, device)
-    channels_last = device.type == "cuda" if channels_last is None else channels_last
+    precision = Precision.parse(precision)
+    if not precision.auto or device.type != "cpu":
+        return _load(path, device, precision.settle(device), condition)
+    models: dict[str, EpsModel] = {}
+
+    def trial(p: Precision) -> None:
+        if p.label not in models:
+            models[p.label] = _load(path, device, p, condition)
+        model = models[p.label]
+        size = model.sample_size or 8 * model.size_multiple
+        with torch.inference_mode():
+            model.eps_fn(4)(
+                torch.zeros(4, model.channels, size, size, device=device),
+                torch.zeros(4, dtype=torch.long, device=device),
+            )
+
+    first = models["fp32"] = _load(path, device, Precision("fp32"), condition)
+    chosen = precision.settle(device, f"ddim {first.kind} {path.name}", trial, rounds=3)
+    return models.get(chosen.label) or _load(path, device, chosen, condition)
+
+
+def _load(path: Path, device: torch.device, precision: Precision, condition: DigitsCondition | None) -> EpsModel:
     if not path.exists():
         raise DifflabError(f"{path}: checkpoint not found")
     if path.is_dir():
         config = load_json(path / "config.json") if (path / "config.json").is_file() else {}
         if config.get("model") in FOLDER_MODELS:
-            return FOLDER_MODELS[config["model"]](path, device, dtype, channels_last, condition)
+            return FOLDER_MODELS[config["model"]](path, device, precision, condition)
         if config.get("_class_name") == "UNet2DModel":
-            return _load_diffusers(path, config, device, dtype, channels_last)
+            return _load_diffusers(path, device, precision)
         raise DifflabError(
             f"{path}: folder is neither a diffusers UNet2DModel (config.json with _class_name UNet2DModel) nor a "
             f"model folder difflab knows (config.json with model {' / '.join(FOLDER_MODELS) or 'digits_unet'})"
@@ -119,7 +128,7 @@ def load_eps_model(
         raise DifflabError(
             f"{path}: unknown checkpoint type; expected a state dict (.pt/.safetensors) or a model folder"
         )
-    return _load_face_unet(path, device, dtype, channels_last)
+    return face_eps_model(load_face_unet(path), path, device, precision)
 
 
 def load_face_unet(path: str | os.PathLike):
@@ -132,25 +141,21 @@ def load_face_unet(path: str | os.PathLike):
         raise DifflabError(f"{path}: not a face UNet state dict: {e}") from None
 
 
-def _load_face_unet(path: Path, device: torch.device, dtype, channels_last: bool) -> EpsModel:
-    return face_eps_model(load_face_unet(path), path, device, dtype, channels_last)
-
-
-def face_eps_model(net, source: Path, device: torch.device, dtype, channels_last: bool) -> EpsModel:
-    net = prepare_net(net, device, channels_last)
-    run = autocast_runner(net, device, dtype, channels_last)
+def face_eps_model(net, source: Path, device: torch.device, precision: Precision) -> EpsModel:
+    net = prepare_net(net, device, precision)
+    run = autocast_runner(net, device, precision)
     return EpsModel("face UNet", source, net.config.in_channel, net.config.size_multiple, None, device, lambda n: run)
 
 
-def _load_diffusers(path: Path, config: dict, device: torch.device, dtype, channels_last: bool) -> EpsModel:
+def _load_diffusers(path: Path, device: torch.device, precision: Precision) -> EpsModel:
     from diffusers import UNet2DModel
 
     try:
         unet = UNet2DModel.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise DifflabError(f"{path}: cannot load the diffusers UNet2DModel ({str(e).splitlines()[0][:160]})") from None
-    unet = prepare_net(unet, device, channels_last)
-    run = autocast_runner(lambda x, t: unet(x, t).sample, device, dtype, channels_last)
+    unet = prepare_net(unet, device, precision)
+    run = autocast_runner(lambda x, t: unet(x, t).sample, device, precision)
     size = unet.config.sample_size
     multiple = 2 ** (len(unet.config.block_out_channels) - 1)
     return EpsModel(

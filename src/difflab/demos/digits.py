@@ -15,7 +15,7 @@ from difflab.digits.model import load_digits_model
 from difflab.digits.sample import PER_DIGIT, SampleConfig, digit_grid, reverse_process_strip, write_course_layout
 from difflab.digits.train import TrainConfig, read_losses, train
 from difflab.io import load_json, open_run, save_png
-from difflab.precision import cpu_name
+from difflab.precision import Precision, cpu_name
 from difflab.report import HtmlReport
 from difflab.report.plots import plot_loss_curve
 from difflab.utils import Stages, pick_device
@@ -34,7 +34,7 @@ class DemoConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     per_digit: int = PER_DIGIT
     seed: int = 0
-    precision: str = TrainConfig.precision
+    precision: Precision = TrainConfig.precision
     device: str | None = None
 
     @classmethod
@@ -58,7 +58,7 @@ def ddim_figures(ckpt: Path, figures: Path, cfg: DemoConfig, report: HtmlReport)
     from difflab.ddim.pipeline import DDIMConfig, draw_noises, eta_grid, interpolate
 
     condition = DigitsCondition(domain=0, digit=3, guidance=cfg.sample.guidance_digit)
-    model = load_eps_model(ckpt, cfg.device, precision="fp32", condition=condition)
+    model = load_eps_model(ckpt, cfg.device, cfg.precision, condition=condition)
     ddim = DDIMConfig(steps=cfg.sample.steps, batch_size=64, seed=cfg.seed)
     names = ["00", "01", "02", "03"]
     noises = draw_noises(model, names, cfg.seed, figures / "noise")

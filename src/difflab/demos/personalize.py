@@ -22,6 +22,7 @@ from difflab.io import load_rgb, open_run, save_json, save_png, write_metadata
 from difflab.minisd import data as mdata
 from difflab.minisd.judges import Judges, both_halves_right, rates
 from difflab.personalize.sd import load_pipeline
+from difflab.precision import Precision
 from difflab.utils import DifflabError, Stages
 
 # Concept key (as in input.json) -> (token, the style of its reference images).
@@ -56,7 +57,7 @@ class PersonalizeDemoConfig:
     compose_seeds: int = 4  # per two-digit prompt
     seed: int = 0
     device: str | None = None
-    precision: str = "auto"
+    precision: Precision = Precision("auto")
     overwrite: bool = False
 
 
@@ -262,7 +263,6 @@ def generate_config(cfg: PersonalizeDemoConfig):
         guidance=cfg.guidance,
         seed=cfg.seed,
         batch_size=cfg.per_prompt,
-        precision=cfg.precision,
     )
 
 
@@ -316,9 +316,7 @@ def composition(cfg: PersonalizeDemoConfig, pipe, judges: Judges, out: Path) -> 
     from difflab.personalize.generate import initial_latents
 
     (left_token, left_style), (right_token, right_style) = CONCEPTS
-    ccfg = ComposeConfig(
-        steps=cfg.steps, guidance=cfg.guidance, height=32, width=64, map_factor=2, precision=cfg.precision
-    )
+    ccfg = ComposeConfig(steps=cfg.steps, guidance=cfg.guidance, height=32, width=64, map_factor=2)
     images: dict[str, list] = {"naive": [], "composed": [], "composed_attention": []}
     wanted = []
     for a, b in PAIRS:

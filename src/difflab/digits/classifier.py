@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from difflab.digits.data import DOMAINS, SPLITS, load_split, split_csv
 from difflab.io import atomic_write, check_state_dict, load_json, open_run, read_safetensors, save_json
-from difflab.precision import Precision, resolve
+from difflab.precision import Precision, settle_training
 from difflab.utils import DifflabError, pick_device, seed_everything
 
 FORMAT = "difflab-digit-classifier"
@@ -48,7 +48,7 @@ class ClassifierTrainConfig:
     lr: float = 3e-3
     weight_decay: float = 5e-4
     label_smoothing: float = 0.05
-    precision: str = "auto"  # see difflab.precision: measured on a CPU
+    precision: Precision = Precision("auto")
     augment: bool = True
     # Largest sigma (pixels) of a random Gaussian blur per training image, 0: none. A style judge trained on
     # sharp images alone reads sharpness as style and calls any softly rendered digit SVHN-like.
@@ -191,18 +191,16 @@ def train_classifier(
 
 
 def classifier_precision(tc: ClassifierTrainConfig, width: int, device: torch.device) -> Precision:
-    """Resolve `tc.precision` by timing training steps of a throw-away classifier of the same shape."""
+    """Settle `tc.precision` by timing training steps of a throw-away classifier of the same shape."""
     x = torch.randn(tc.batch_size, 3, 28, 28, device=device)
     y = torch.zeros(tc.batch_size, dtype=torch.long, device=device)
-    models: dict[str, DigitClassifier] = {}
-
-    def trial(p: Precision) -> None:
-        model = models.setdefault(p.label, p.prepare(DigitClassifier(ClassifierConfig("trial", width)).to(device)))
-        with p.autocast(device):
-            F.cross_entropy(model(p.input(x)), y).backward()
-        model.zero_grad(set_to_none=True)
-
-    return resolve(tc.precision, device, f"digit-classifier width {width} batch {tc.batch_size}", trial)
+    return settle_training(
+        tc.precision,
+        device,
+        f"digit-classifier width {width} batch {tc.batch_size}",
+        lambda: DigitClassifier(ClassifierConfig("trial", width)),
+        lambda model, p: F.cross_entropy(model(p.input(x)), y),
+    )
 
 
 def classifier_path(classifier_dir: str | os.PathLike, domain: str) -> Path:
@@ -259,7 +257,7 @@ def train_classifiers(
     seed: int = 0,
     width: int = ClassifierConfig.width,
     domains: tuple[str, ...] = DOMAINS,
-    precision: str = ClassifierTrainConfig.precision,
+    precision: Precision = ClassifierTrainConfig.precision,
     augment: bool = ClassifierTrainConfig.augment,
     overwrite: bool = False,
 ) -> dict[str, float]:

@@ -10,13 +10,12 @@ import torch
 from difflab.ddim.models import DigitsCondition, EpsModel, autocast_runner, prepare_net, register_folder_model
 from difflab.digits.model import load_digits_model
 from difflab.digits.sample import guided_digits_eps
+from difflab.precision import Precision
 from difflab.schedule import EpsFn
 from difflab.utils import DifflabError
 
 
-def load_digits_eps(
-    path: Path, device: torch.device, dtype, channels_last: bool, cond: DigitsCondition | None
-) -> EpsModel:
+def load_digits_eps(path: Path, device: torch.device, precision: Precision, cond: DigitsCondition | None) -> EpsModel:
     if cond is None:
         raise DifflabError(
             f"{path}: a conditional digits checkpoint; `ddim sample`, `eta-grid` and `interpolate` draw from it "
@@ -29,8 +28,8 @@ def load_digits_eps(
             f"{path}: domain {cond.domain} / digit {cond.digit} out of range "
             f"({config.num_domains} domains, {config.num_digits} digits)"
         )
-    net = prepare_net(net, device, channels_last)
-    run = autocast_runner(net, device, dtype, channels_last)
+    net = prepare_net(net, device, precision)
+    run = autocast_runner(net, device, precision)
 
     def make(n: int) -> EpsFn:
         # The digits sampler's rule, so `ddim sample --guidance g` is `digits sample --guidance-digit g`.

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from difflab.digits.data import DOMAINS
 from difflab.io import open_run, save_png
 from difflab.nets.digits_unet import DigitsUNet
-from difflab.precision import Precision, resolve
+from difflab.precision import Precision, settle_inference
 from difflab.samplers import METHODS, ddim_timesteps, guided, sample
 from difflab.schedule import NoiseSchedule
 from difflab.utils import DifflabError, image_grid, stream_seed, to_uint8
@@ -32,7 +32,7 @@ class SampleConfig:
     guidance_domain: float = 1.0
     batch_size: int = 500
     seed: int = 0
-    precision: str = "auto"  # see difflab.precision: measured on a CPU
+    precision: Precision = Precision("auto")
 
     def timesteps(self, schedule: NoiseSchedule) -> list[int]:
         if self.method == "ddpm":
@@ -61,28 +61,20 @@ def guided_digits_eps(
 
 
 def sampling_precision(net: DigitsUNet, cond: torch.Tensor, cfg: SampleConfig, device: torch.device) -> Precision:
-    """Resolve `cfg.precision` by timing guided forwards of copies of the net on one batch of `cond`."""
+    """Settle `cfg.precision` by timing guided forwards of copies of the net on one batch of `cond`."""
     import copy
 
-    copies: dict[str, DigitsUNet] = {}
     x = torch.randn(len(cond), net.config.in_channels, net.config.image_size, net.config.image_size, device=device)
     t = torch.zeros(len(cond), dtype=torch.long, device=device)  # the cost does not depend on t
 
-    def trial(p: Precision) -> None:
-        model = copies.setdefault(p.label, p.prepare(copy.deepcopy(net)))
-        with torch.inference_mode(), p.autocast(device):
-            guided_digits_eps(
-                lambda xx, tt, cc: model(p.input(xx), tt, cc),
-                cond,
-                cfg.guidance_digit,
-                cfg.guidance_domain,
-                net.null_cond,
-            )(x, t)
+    def forward(model: DigitsUNet, p: Precision) -> None:
+        run = lambda xx, tt, cc: model(p.input(xx), tt, cc)  # noqa: E731
+        guided_digits_eps(run, cond, cfg.guidance_digit, cfg.guidance_domain, net.null_cond)(x, t)
 
     weights = (cfg.guidance_digit, cfg.guidance_domain - cfg.guidance_digit, 1 - cfg.guidance_domain)
     branches = sum(w != 0 for w in weights)
     job = f"digits-sample {net.config.channels} patch {net.config.patch} batch {len(cond)}x{branches}"
-    return resolve(cfg.precision, device, job, trial, rounds=3)
+    return settle_inference(cfg.precision, device, job, lambda: copy.deepcopy(net), forward)
 
 
 class StepNoise:

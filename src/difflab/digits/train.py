@@ -21,7 +21,7 @@ from difflab.digits.model import STATE_FILE, ScheduleConfig, save_model
 from difflab.digits.sample import progress_grid
 from difflab.io import atomic_write, check_state_dict, load_json, open_run, read_torch, save_json, save_png
 from difflab.nets.digits_unet import DigitsUNet, DigitsUNetConfig
-from difflab.precision import Precision, resolve
+from difflab.precision import Precision, settle_training
 from difflab.schedule import NoiseSchedule
 from difflab.utils import DifflabError, Interrupted, StopRequest, stream_seed
 
@@ -65,7 +65,7 @@ class TrainConfig:
     log_every: int = 20
     max_minutes: float | None = None  # a wall-clock budget instead of fixed work: the step count is fitted to it
     device: str | None = None
-    precision: str = "auto"  # see difflab.precision: measured on a CPU
+    precision: Precision = Precision("auto")
     resume: bool = False
     overwrite: bool = False  # start over in a folder that holds a checkpoint (deletes it)
 
@@ -396,26 +396,25 @@ def read_state(path: Path, identity: dict) -> dict:
 
 
 def choose_precision(cfg: TrainConfig, net: DigitsUNet, schedule, device: torch.device, accelerator) -> Precision:
-    """Resolve `cfg.precision` by timing forward + backward passes of a copy of the net (the run's own
+    """Settle `cfg.precision` by timing forward + backward passes of a copy of the net (the run's own
     weights and random streams stay untouched); every process then uses the main process's choice."""
     from accelerate.utils import broadcast_object_list
 
-    copies: dict[str, DigitsUNet] = {}
     x0 = torch.randn(
         cfg.batch_size, net.config.in_channels, net.config.image_size, net.config.image_size, device=device
     )
     t = torch.randint(0, schedule.num_steps, (cfg.batch_size,), device=device)
     cond = torch.zeros(cfg.batch_size, 2, dtype=torch.long, device=device)
 
-    def trial(p: Precision) -> None:
-        model = copies.setdefault(p.label, p.prepare(copy.deepcopy(net).to(device)))
-        with p.autocast(device):
-            loss = schedule.training_loss(lambda x, tt: model(x, tt, cond), p.input(x0), t, torch.randn_like(x0))
-        loss.backward()
-        model.zero_grad(set_to_none=True)
+    def loss(model: DigitsUNet, p: Precision) -> torch.Tensor:
+        return schedule.training_loss(lambda x, tt: model(x, tt, cond), p.input(x0), t, torch.randn_like(x0))
 
     shape = f"digits-train {net.config.channels} patch {net.config.patch} batch {cfg.batch_size}"
-    chosen = [resolve(cfg.precision, device, shape, trial) if accelerator.is_main_process else None]
+    chosen = [
+        settle_training(cfg.precision, device, shape, lambda: copy.deepcopy(net), loss)
+        if accelerator.is_main_process
+        else None
+    ]
     if accelerator.num_processes > 1:
         broadcast_object_list(chosen)
     return chosen[0]

@@ -25,7 +25,7 @@ from difflab.io import load_json, open_run, save_json, write_metadata
 from difflab.minisd import data as mdata
 from difflab.minisd.models import MiniSDConfig, build_clip, build_unet, build_vae, sd_scheduler_config
 from difflab.minisd.train import StageConfig, TrainSettings
-from difflab.precision import Precision, cpu_name, resolve
+from difflab.precision import Precision, cpu_name, settle_training
 from difflab.utils import DifflabError, pick_device
 
 STAGES = ("data", "clip_joint", "vae", "sd", "clip", "judges")
@@ -58,7 +58,7 @@ class BuildConfig:
     judge_blur: float = 1.0
     seed: int = 0
     device: str | None = None
-    precision: str = "auto"
+    precision: Precision = Precision("auto")
     resume: bool = False
     overwrite: bool = False
 
@@ -81,20 +81,6 @@ def write_dir(final: Path, write) -> Path:
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
-
-
-def measured_precision(cfg: BuildConfig, device, job: str, make_model, loss) -> Precision:
-    """The precision policy for one stage: on a CPU with "auto", one training step of each candidate is timed on
-    a throw-away model (`loss(model, precision)` runs the forward pass)."""
-    models: dict = {}
-
-    def trial(p: Precision) -> None:
-        model = models.setdefault(p.label, p.prepare(make_model().to(device)))
-        with p.autocast(device):
-            loss(model, p).float().mean().backward()
-        model.zero_grad(set_to_none=True)
-
-    return resolve(cfg.precision, device, f"mini-SD {job}", trial)
 
 
 def build(cfg: BuildConfig) -> Path:
@@ -160,7 +146,9 @@ def build_clip_joint_stage(cfg: BuildConfig, out: Path, device) -> dict:
         out = model(input_ids=ids.input_ids, attention_mask=ids.attention_mask, pixel_values=px)
         return clip_loss(out.logits_per_image, same)
 
-    precision = measured_precision(cfg, device, f"CLIP batch {b}", lambda: build_clip(cfg.model), clip_step)
+    precision = settle_training(
+        cfg.precision, device, f"mini-SD CLIP batch {b}", lambda: build_clip(cfg.model), clip_step
+    )
     model, losses = train_clip(singles, tokenizer, cfg.model, cfg.train.clip, precision, device, cfg.seed)
 
     write_dir(out / "clip_joint", lambda tmp: save_clip(model, tokenizer, tmp))
@@ -182,10 +170,10 @@ def build_clip_stage(cfg: BuildConfig, out: Path, device) -> dict:
     clip, tokenizer = load_joint_clip(out)
     stage = cfg.train.clip_vision
     px = torch.zeros(stage.batch_size, 3, cfg.model.image_size, cfg.model.image_size, device=device)
-    precision = measured_precision(
-        cfg,
+    precision = settle_training(
+        cfg.precision,
         device,
-        f"CLIP vision batch {stage.batch_size}",
+        f"mini-SD CLIP vision batch {stage.batch_size}",
         lambda: build_clip(cfg.model),
         lambda m, p: m.visual_projection(m.vision_model(pixel_values=px)[1]),
     )
@@ -208,8 +196,12 @@ def build_vae_stage(cfg: BuildConfig, out: Path, device) -> dict:
 
     singles, _ = training_sets(cfg, out)
     x = torch.zeros(cfg.train.vae.batch_size, 3, cfg.model.image_size, cfg.model.image_size, device=device)
-    precision = measured_precision(
-        cfg, device, f"VAE batch {len(x)}", lambda: build_vae(cfg.model), lambda m, p: m(p.input(x)).sample
+    precision = settle_training(
+        cfg.precision,
+        device,
+        f"mini-SD VAE batch {len(x)}",
+        lambda: build_vae(cfg.model),
+        lambda m, p: m(p.input(x)).sample,
     )
     model, losses = train_vae(singles, cfg.model, cfg.train, precision, device, cfg.seed)
     write_dir(out / "vae", model.save_pretrained)
@@ -241,10 +233,10 @@ def build_sd_stage(cfg: BuildConfig, out: Path, device) -> dict:
     b, size = cfg.train.unet.batch_size, cfg.model.latent_size
     z, t = torch.zeros(b, cfg.model.latent_channels, size, size, device=device), torch.zeros(b, dtype=torch.long)
     c = captions[:1].expand(b, -1, -1).to(device)
-    precision = measured_precision(
-        cfg,
+    precision = settle_training(
+        cfg.precision,
         device,
-        f"UNet batch {b}",
+        f"mini-SD UNet batch {b}",
         lambda: build_unet(cfg.model),
         lambda m, p: m(p.input(z), t.to(device), c).sample,
     )

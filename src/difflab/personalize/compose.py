@@ -27,7 +27,7 @@ from PIL import Image
 
 from difflab.io import open_run, save_png, write_csv
 from difflab.personalize.generate import (
-    SCHEDULERS,
+    SDSampling,
     check_learned_tokens,
     encode_prompt,
     image_size,
@@ -44,24 +44,15 @@ REGION_COLOURS = np.array(
 
 
 @dataclass
-class ComposeConfig:
-    steps: int = 50
-    guidance: float = 7.5
-    seed: int = 42
-    scheduler: str = "ddim"
-    height: Optional[int] = None
-    width: Optional[int] = None
-    negative_prompt: str = ""
+class ComposeConfig(SDSampling):
     threshold: float = 0.4  # a concept owns a latent pixel where its normalised map wins and exceeds this
     smooth: float = 1.0  # Gaussian sigma, in attention-map pixels, applied before thresholding (0: none)
     map_factor: int = 4  # attention maps from the layers at latent size / map_factor (16x16 for SD at 512)
     capture_fraction: float = 1.0  # maps are averaged over this first fraction of the steps
     num_images: int = 1  # images composed with seeds seed, seed + 1, ...; scores are averaged over them
-    precision: str = "auto"  # difflab.precision: the dtype of the pipeline's weights (CPU: fp32)
 
     def check(self) -> None:
-        if self.scheduler not in SCHEDULERS:
-            raise DifflabError(f"unknown scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        super().check()
         if self.steps < 1 or self.num_images < 1:
             raise DifflabError(f"steps = {self.steps}, num_images = {self.num_images}: must be at least 1")
         if not 0 < self.capture_fraction <= 1 or not 0 <= self.threshold < 1:

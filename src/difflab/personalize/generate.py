@@ -28,21 +28,29 @@ THUMB = 128  # side of the report thumbnails; full-size images stay on disk
 
 
 @dataclass
-class GenerateConfig:
-    per_prompt: int = 25
-    scheduler: str = "ddim"
+class SDSampling:
+    """How an SD pipeline samples, for generation and composition alike."""
+
     steps: int = 50
     guidance: float = 7.5
     seed: int = 42
-    batch_size: int = 8
+    scheduler: str = "ddim"
     height: Optional[int] = None  # None: the model's native size (512 for SD v1.x)
     width: Optional[int] = None
     negative_prompt: str = ""
-    precision: str = "auto"  # difflab.precision: the dtype of the pipeline's weights (CPU: fp32)
 
     def check(self) -> None:
         if self.scheduler not in SCHEDULERS:
             raise DifflabError(f"unknown scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+
+
+@dataclass
+class GenerateConfig(SDSampling):
+    per_prompt: int = 25
+    batch_size: int = 8
+
+    def check(self) -> None:
+        super().check()
         small = [f"{k} = {getattr(self, k)}" for k in ("per_prompt", "steps", "batch_size") if getattr(self, k) < 1]
         if small:
             raise DifflabError(f"{', '.join(small)}: must be at least 1")

@@ -18,7 +18,7 @@ import torch
 
 from difflab.configs import SD_V1_CONFIG
 from difflab.io import loader_error, read_tensors
-from difflab.precision import resolve
+from difflab.precision import DTYPE_CANDIDATES, Precision
 from difflab.utils import DifflabError, pick_device
 
 # transformers says once per image-processor class that it falls back to PIL without torchvision. difflab never
@@ -64,17 +64,45 @@ def load_pipeline(
     path: str | os.PathLike,
     embeds: Sequence[str | os.PathLike] = (),
     device: str | None = None,
-    precision: str = "auto",
+    precision: Precision | str = "auto",
 ):
-    """The pipeline that generation and composition run: weights in the dtype of the precision policy (`auto`:
-    bf16 on a CUDA GPU that supports it, else fp32), with the learned embeddings in `embeds` added."""
+    """The pipeline that generation and composition run, its weights in `precision`'s dtype (as diffusers holds
+    them), with the learned embeddings in `embeds` added. "auto" on a CPU times a UNet call in fp32 and bf16."""
     from difflab.personalize.embeddings import load_embeddings
 
     dev = pick_device(device)
-    pipe = load_sd(path, device=dev, dtype=resolve(precision, dev).dtype or torch.float32)
+    precision = Precision.parse(precision)
+    if precision.auto and dev.type == "cpu":
+        pipe = load_sd(path, device=dev)
+        precision = pipeline_precision(pipe, precision, dev)
+        precision.cast(pipe)
+    else:
+        precision = precision.settle(dev)
+        pipe = load_sd(path, device=dev, dtype=precision.dtype or torch.float32)
+    print(f"precision: {precision.describe()}", flush=True)
     if embeds:
         load_embeddings(pipe, embeds)
     return pipe
+
+
+def pipeline_precision(pipe, precision: Precision, device: torch.device, batch: int = 2) -> Precision:
+    """Settle `precision` by timing the UNet's guided call (2 x `batch` rows) with its weights in each dtype."""
+    import copy
+
+    unet, cfg = pipe.unet, pipe.unet.config
+    size = cfg.sample_size
+    z = torch.zeros(2 * batch, cfg.in_channels, size, size, device=device)
+    text = torch.zeros(2 * batch, pipe.tokenizer.model_max_length, cfg.cross_attention_dim, device=device)
+    t = torch.full((2 * batch,), 500, device=device)
+    copies = {"fp32": unet}
+
+    def trial(p: Precision) -> None:
+        model = copies.get(p.label) or copies.setdefault(p.label, p.cast(copy.deepcopy(unet)))
+        with torch.inference_mode():
+            model(z.to(model.dtype), t, text.to(model.dtype))
+
+    job = f"SD UNet {cfg.block_out_channels} {size}px batch {2 * batch}"
+    return precision.settle(device, job, trial, DTYPE_CANDIDATES, rounds=3)
 
 
 def _check_folder(path: Path) -> None:

@@ -32,7 +32,7 @@ from difflab.io import (
 )
 from difflab.personalize.embeddings import add_tokens, expand_prompt, save_embeddings
 from difflab.personalize.prompts import TEMPLATES
-from difflab.precision import resolve
+from difflab.precision import Precision
 from difflab.utils import DifflabError, Interrupted, StopRequest, image_grid, pick_device, stream_seed, to_uint8
 
 
@@ -75,7 +75,9 @@ class TextualInversionConfig:
     weight_decay: float = 1e-2
     ema_decay: float = 0.0  # > 0 keeps an EMA of the new rows, saved instead of the raw rows
     flip_p: float = 0.5
-    precision: str = "auto"  # difflab.precision: autocast of the frozen UNet/VAE (CPU auto: fp32)
+    # The frozen UNet and VAE in this dtype, under autocast. "auto" is fp32 on a CPU, untimed: the embedding's
+    # gradient passes through the whole UNet, and a bf16 UNet on a CPU has not been shown to learn as well.
+    precision: Precision = Precision("auto")
     gradient_checkpointing: bool = False
     save_every: int = 500  # embedding snapshots (0: only at the end)
     checkpoint_every: int = 500  # resumable training state (0: only at the end)
@@ -167,7 +169,7 @@ def make_accelerator(cfg: TextualInversionConfig):
     device = pick_device(cfg.device)
     if device.type == "cuda" and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         torch.cuda.set_device(device)  # accelerate runs a single process on the current CUDA device
-    mixed = {"bf16": "bf16", "fp16": "fp16"}.get(resolve(cfg.precision, device).name, "no")
+    mixed = {"bf16": "bf16", "fp16": "fp16"}.get(Precision.parse(cfg.precision).settle(device).name, "no")
     return Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=device.type == "cpu", mixed_precision=mixed)
 
 
