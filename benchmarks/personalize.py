@@ -20,10 +20,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny random SD the tests use
 from _common import write_results  # noqa: E402
-from _sd_tiny import tiny_sd  # noqa: E402
 from difflab.configs import SD_V1_CONFIG  # noqa: E402
+from difflab.minisd.models import MiniSDConfig, random_pipeline  # noqa: E402
 from difflab.personalize.textual_inversion import Concept, TextualInversion, TextualInversionConfig, load_images  # noqa: E402
 from difflab.utils import pick_device  # noqa: E402
 
@@ -116,7 +115,7 @@ def training_rows(images: Path, out: Path, device: str) -> list[list]:
 
 @torch.inference_mode()
 def generation_row(device: str) -> list:
-    pipe = tiny_sd().to(device)
+    pipe = random_pipeline(MiniSDConfig()).to(device)  # the mini stack, random weights
     pipe.set_progress_bar_config(disable=True)
     n, steps, size = 8, 10, 32
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny random SD the tests use
 from _common import best_time, write_results  # noqa: E402
 
 N_IMAGES, STEPS, SIZE = 8, 10, 64
@@ -24,7 +23,7 @@ PROMPT = "a <new1> in a city in a style of <new2>"
 
 
 def main() -> None:
-    from _sd_tiny import tiny_sd
+    from difflab.minisd.models import MiniSDConfig, random_pipeline
     from difflab.personalize.compose import AttentionStore, ComposeConfig, Concept, capture_cross_attention, compose
     from difflab.personalize.embeddings import add_tokens
     from difflab.personalize.generate import (
@@ -38,8 +37,9 @@ def main() -> None:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    pipe = tiny_sd(seed=0)
-    add_tokens(pipe.tokenizer, pipe.text_encoder, {"<new1>": torch.randn(1, 32), "<new2>": torch.randn(1, 32)})
+    pipe = random_pipeline(MiniSDConfig(), seed=0)  # the mini stack, random weights
+    width = pipe.text_encoder.config.hidden_size
+    add_tokens(pipe.tokenizer, pipe.text_encoder, {"<new1>": torch.randn(1, width), "<new2>": torch.randn(1, width)})
     pipe.set_progress_bar_config(disable=True)
     set_scheduler(pipe, "ddim")
     seeds = [image_seed(42, "0", 0, n) for n in range(N_IMAGES)]

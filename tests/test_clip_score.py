@@ -9,13 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _clip_tiny import random_images, save_tiny_clip
-from _report_html import assert_images_fit_page, read_report
 from difflab.utils import DifflabError
 
 
 @pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
+def clip_dir(tmp_path_factory, save_tiny_clip):
     return save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny")
 
 
@@ -41,7 +39,7 @@ def direct_text_embeds(scorer, texts):
         return F.normalize(scorer.model.get_text_features(**tok).pooler_output, dim=-1)
 
 
-def test_scores_equal_direct_computation(scorer):
+def test_scores_equal_direct_computation(scorer, random_images):
     gen, refs = random_images(7, seed=1), random_images(3, seed=2)
     g, r = direct_image_embeds(scorer, gen), direct_image_embeds(scorer, refs)
     t = direct_text_embeds(scorer, ["A dog sitting on a beach at sunset."])
@@ -58,7 +56,7 @@ def test_scores_equal_direct_computation(scorer):
     assert text.shape == (7,)
 
 
-def test_text_score_is_the_models_logits_per_image(clip_dir):
+def test_text_score_is_the_models_logits_per_image(clip_dir, random_images):
     """The grader's text score is `logits_per_image`: the model's own logit scale, 100 only for released CLIPs."""
     from transformers import CLIPImageProcessorPil
 
@@ -89,7 +87,7 @@ def test_select_best_rule():
         select_best(image, text[:3], 2)
 
 
-def make_grading_layout(root, n_gen=7):
+def make_grading_layout(root, n_gen=7, *, random_images):
     spec = {
         "0": {
             "src_image": "dog",
@@ -120,11 +118,11 @@ def make_grading_layout(root, n_gen=7):
     return spec
 
 
-def test_run_score_job(tmp_path, scorer, clip_dir):
+def test_run_score_job(tmp_path, scorer, clip_dir, assert_images_fit_page, random_images, read_report):
     from difflab.personalize.grading import select_best
     from difflab.personalize.score import run_score
 
-    spec = make_grading_layout(tmp_path)
+    spec = make_grading_layout(tmp_path, random_images=random_images)
     results = run_score(
         tmp_path / "input.json", tmp_path / "refs", tmp_path / "gen", clip_dir, tmp_path / "out", device="cpu"
     )
@@ -152,10 +150,16 @@ def test_run_score_job(tmp_path, scorer, clip_dir):
     prompts = list(csv.DictReader(open(tmp_path / "out" / "prompt_scores.csv")))
     assert [p["result"] for p in prompts] == ["PASS", "FAIL", "FAIL"]
     assert len(json.loads((tmp_path / "out" / "prompt_scores.json").read_text())["prompts"]) == 3
-    check_score_report(tmp_path / "out" / "report.html", tmp_path / "refs", results)
+    check_score_report(
+        tmp_path / "out" / "report.html",
+        tmp_path / "refs",
+        results,
+        assert_images_fit_page=assert_images_fit_page,
+        read_report=read_report,
+    )
 
 
-def check_score_report(path, refs_dir, results):
+def check_score_report(path, refs_dir, results, assert_images_fit_page, read_report):
     """Each prompt's section shows its own concept's reference images, captioned as such, right before its
     selected images, best first."""
     report = read_report(path)
@@ -186,10 +190,10 @@ def _thumbnail(path):
     return im
 
 
-def test_score_input_errors(tmp_path, clip_dir):
+def test_score_input_errors(tmp_path, clip_dir, random_images):
     from difflab.personalize.score import run_score
 
-    spec = make_grading_layout(tmp_path, n_gen=2)
+    spec = make_grading_layout(tmp_path, n_gen=2, random_images=random_images)
     broken = dict(spec)
     broken["0"] = {k: v for k, v in spec["0"].items() if k != "prompt_4_clip_eval"}
     (tmp_path / "broken.json").write_text(json.dumps(broken))
@@ -203,12 +207,12 @@ def test_score_input_errors(tmp_path, clip_dir):
         run_score(tmp_path / "input.json", tmp_path / "nope", tmp_path / "gen", clip_dir, tmp_path / "out")
 
 
-def test_score_command(tmp_path, clip_dir):
+def test_score_command(tmp_path, clip_dir, random_images):
     from typer.testing import CliRunner
 
     from difflab.cli import app
 
-    make_grading_layout(tmp_path, n_gen=6)
+    make_grading_layout(tmp_path, n_gen=6, random_images=random_images)
     res = CliRunner().invoke(
         app,
         [

@@ -10,15 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _clip_tiny import random_images, save_tiny_clip
-from _report_html import assert_images_fit_page, read_report
 from difflab.utils import DifflabError
 
 CLASSES = {"0": "willow_tree", "1": "apple", "2": "sea", "3": "pickup_truck", "4": "bee", "5": "cloud"}
 
 
 @pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
+def clip_dir(tmp_path_factory, save_tiny_clip):
     return save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny")
 
 
@@ -29,7 +27,7 @@ def clip(clip_dir):
     return load_clip(clip_dir, "cpu")
 
 
-def make_flat_folder(root: Path, per_class: int = 3) -> tuple[Path, Path]:
+def make_flat_folder(root: Path, per_class: int = 3, *, random_images) -> tuple[Path, Path]:
     images = root / "val"
     images.mkdir(parents=True)
     pics = iter(random_images(len(CLASSES) * per_class, seed=1))
@@ -49,7 +47,7 @@ def zs_config(images, labels, clip_dir, out, **kw):
     )
 
 
-def test_preprocessing_matches_processor():
+def test_preprocessing_matches_processor(random_images):
     from transformers import CLIPImageProcessorPil
 
     from difflab.clip.preprocess import ClipTransform
@@ -66,7 +64,7 @@ def test_preprocessing_matches_processor():
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
 
-def test_predictions_equal_transformers_pipeline(clip):
+def test_predictions_equal_transformers_pipeline(clip, random_images):
     from transformers import pipeline
 
     from difflab.clip.zeroshot import readable_name, zeroshot_classifier
@@ -93,7 +91,7 @@ def test_predictions_equal_transformers_pipeline(clip):
     assert len(set(pred.top1.tolist())) > 1, "random model should not predict one class for all images"
 
 
-def test_ensemble_top5_equals_direct_computation(clip):
+def test_ensemble_top5_equals_direct_computation(clip, random_images):
     from difflab.clip.zeroshot import ENSEMBLE_TEMPLATES, zeroshot_classifier
 
     names = list(CLASSES.values())
@@ -128,12 +126,12 @@ def test_templates_parsing(tmp_path):
         load_templates("no placeholder")
 
 
-def test_report_matches_sklearn_and_cache(tmp_path, clip_dir):
+def test_report_matches_sklearn_and_cache(tmp_path, clip_dir, assert_images_fit_page, random_images, read_report):
     from sklearn.metrics import classification_report
 
     from difflab.clip.evaluate import run_zeroshot
 
-    images, labels = make_flat_folder(tmp_path)
+    images, labels = make_flat_folder(tmp_path, random_images=random_images)
     cache = tmp_path / "cache"
     res = run_zeroshot(zs_config(images, labels, clip_dir, tmp_path / "out", cache_dir=cache))
     assert not res.text_cache_hit and res.n_images == 18
@@ -177,7 +175,7 @@ def test_report_matches_sklearn_and_cache(tmp_path, clip_dir):
     assert [r["pred"] for r in again] == y_pred
 
 
-def test_gallery_wraps_to_fit_the_report(tmp_path):
+def test_gallery_wraps_to_fit_the_report(tmp_path, random_images):
     """Ten images make two rows of five no wider than the report's 1100 px text column, so the browser shows the
     figure unscaled; long captions are wrapped within their cell."""
     from PIL import Image
@@ -195,7 +193,7 @@ def test_gallery_wraps_to_fit_the_report(tmp_path):
     assert Image.open(plot_gallery([], [], tmp_path / "none.png")).size[0] < 400
 
 
-def test_cached_features_invalidated_when_weights_change(tmp_path, clip):
+def test_cached_features_invalidated_when_weights_change(tmp_path, clip, save_tiny_clip):
     from difflab.clip.model import folder_fingerprint
     from difflab.clip.zeroshot import cached_class_embeddings
 
@@ -214,7 +212,7 @@ def test_cached_features_invalidated_when_weights_change(tmp_path, clip):
     )[1]
 
 
-def test_class_subfolders_and_missing_tokenizer(tmp_path):
+def test_class_subfolders_and_missing_tokenizer(tmp_path, random_images, save_tiny_clip):
     from difflab.clip.evaluate import run_zeroshot
 
     model_dir = save_tiny_clip(tmp_path / "bare", with_tokenizer=False, with_processor=False)
@@ -229,11 +227,11 @@ def test_class_subfolders_and_missing_tokenizer(tmp_path):
     assert sorted({r["true"] for r in rows}) == ["bowl", "maple_tree", "rocket"]
 
 
-def test_bad_inputs(tmp_path, clip_dir):
+def test_bad_inputs(tmp_path, clip_dir, random_images):
     from difflab.clip.evaluate import run_zeroshot
     from difflab.clip.model import load_clip
 
-    images, labels = make_flat_folder(tmp_path, per_class=2)
+    images, labels = make_flat_folder(tmp_path, per_class=2, random_images=random_images)
     random_images(1)[0].save(images / "99_0.png")  # class id not in id2label.json
     with pytest.raises(DifflabError, match="99_0.png: class id '99' is not in"):
         run_zeroshot(zs_config(images, labels, clip_dir, tmp_path / "o"))
@@ -278,12 +276,12 @@ def test_bad_inputs(tmp_path, clip_dir):
         load_clip(tmp_path / "nowhere", "cpu")
 
 
-def test_cli_end_to_end(tmp_path, clip_dir):
+def test_cli_end_to_end(tmp_path, clip_dir, random_images):
     from typer.testing import CliRunner
 
     from difflab.cli import app
 
-    images, labels = make_flat_folder(tmp_path, per_class=2)
+    images, labels = make_flat_folder(tmp_path, per_class=2, random_images=random_images)
     out = tmp_path / "out"
     result = CliRunner().invoke(
         app,

@@ -29,8 +29,8 @@ CFG = ComposeConfig(steps=3, height=64, width=64)
 
 
 @pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    from _sd_tiny import tiny_sd
+def sd(tmp_path_factory, tiny_sd):
+
     from difflab.personalize.embeddings import load_embeddings, save_embeddings
 
     root = tmp_path_factory.mktemp("sd")
@@ -178,10 +178,9 @@ def test_compose_with_boxes_uses_them_as_regions(sd):
     assert np.abs(pixels(result.composed) - pixels(found.composed)).mean() > 0.5
 
 
-def test_cli_compose_end_to_end_with_scores(sd, tmp_path):
+def test_cli_compose_end_to_end_with_scores(sd, tmp_path, random_images, save_tiny_clip):
     from typer.testing import CliRunner
 
-    from _clip_tiny import random_images, save_tiny_clip
     from difflab.cli import app
 
     _, model, embeds = sd

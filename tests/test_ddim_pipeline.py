@@ -23,7 +23,6 @@ from difflab.ddim.pipeline import (
 from difflab.io import save_png
 from difflab.nets.face_unet import FaceUNet, FaceUNetConfig, to_diffusers
 from difflab.precision import Precision
-from test_samplers import SPEC, _full_precision
 
 # Layout-independent tests run on a three-level member of the family (16x16 inputs) to stay fast on a CPU;
 # the real six-level layout is checked against diffusers below and in test_face_unet.py.
@@ -55,8 +54,8 @@ def diffusers_dir(tiny_net, tmp_path_factory):
     return path
 
 
-def _diffusers_trajectory(unet, x, eta, steps, seed):
-    sch = _full_precision(DDIMScheduler(**SPEC, clip_sample=True, set_alpha_to_one=False, steps_offset=1))
+def _diffusers_trajectory(unet, x, eta, steps, seed, full_precision, linear_spec):
+    sch = full_precision(DDIMScheduler(**linear_spec, clip_sample=True, set_alpha_to_one=False, steps_offset=1))
     sch.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
     traj = []
@@ -72,11 +71,19 @@ def _diffusers_trajectory(unet, x, eta, steps, seed):
 # same ε-network, our pipeline's trajectory equals diffusers' DDIMScheduler loop; (2) along that trajectory our
 # network equals diffusers' UNet2DModel holding the same weights.
 @pytest.mark.parametrize("eta,steps", [(0.0, 50), (0.6, 10)])
-def test_trajectory_matches_diffusers_ddim_scheduler(diffusers_dir, eta, steps):
+def test_trajectory_matches_diffusers_ddim_scheduler(diffusers_dir, eta, steps, full_precision, linear_spec):
     their_model = load_eps_model(diffusers_dir, "cpu", "fp32")
     assert their_model.kind == "diffusers UNet2DModel"
     x_T = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
-    theirs = _diffusers_trajectory(UNet2DModel.from_pretrained(diffusers_dir).eval(), x_T.clone(), eta, steps, seed=5)
+    theirs = _diffusers_trajectory(
+        UNet2DModel.from_pretrained(diffusers_dir).eval(),
+        x_T.clone(),
+        eta,
+        steps,
+        seed=5,
+        full_precision=full_precision,
+        linear_spec=linear_spec,
+    )
     ours = []
     images = ddim_sample(
         their_model,
@@ -91,12 +98,12 @@ def test_trajectory_matches_diffusers_ddim_scheduler(diffusers_dir, eta, steps):
     assert (images - x_T).abs().mean() > 0.1  # the trajectory went somewhere
 
 
-def test_real_layout_network_matches_diffusers_along_a_trajectory():
+def test_real_layout_network_matches_diffusers_along_a_trajectory(full_precision, linear_spec):
     torch.manual_seed(1)
     net = FaceUNet(FaceUNetConfig(channel=32)).eval()
     unet = to_diffusers(net)
     x_T = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-    traj = _diffusers_trajectory(unet, x_T, 0.0, 5, seed=0)
+    traj = _diffusers_trajectory(unet, x_T, 0.0, 5, seed=0, full_precision=full_precision, linear_spec=linear_spec)
     states = [(801 + 200, x_T)] + [(t - 200, x) for t, x in traj[:-1]]  # (timestep x is fed at, x)
     eps = wrap(net).eps_fn(2)
     with torch.no_grad():

@@ -207,9 +207,18 @@ def test_build_refuses_an_earlier_build_and_resume_keeps_it(stack, tmp_path):
     assert not list(out.glob(".*.tmp"))
 
 
-def test_default_settings_are_fixed_work():
-    s = default_settings()
-    assert all(stage.steps > 0 for stage in (s.clip, s.vae, s.unet, s.clip_vision))
+def test_the_shipped_stack_was_built_with_the_defaults():
+    """The defaults are fixed work, and the stack difflab ships is what `minisd build` makes with them."""
+    from dataclasses import asdict
+
+    from difflab.minisd.prebuilt import PREBUILT
+
+    shipped = json.loads((PREBUILT / "stack.json").read_text())["build"]["config"]
+    defaults = json.loads(json.dumps(asdict(BuildConfig(out=""))))  # tuples as JSON lists
+    assert shipped["train"] == json.loads(json.dumps(asdict(default_settings())))
+    assert shipped["model"] == defaults["model"]
+    for key in ("n_per_domain", "n_pairs", "judge_epochs", "judge_images", "judge_blur"):
+        assert shipped[key] == defaults[key], key
 
 
 class FakeJudge:

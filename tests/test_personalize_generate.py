@@ -42,9 +42,9 @@ SPEC = {
 
 
 @pytest.fixture(scope="module")
-def sd(tmp_path_factory):
+def sd(tmp_path_factory, tiny_sd):
     """A tiny SD saved as a diffusers folder, two learned-embedding files, and the pipeline with both loaded."""
-    from _sd_tiny import tiny_sd
+
     from difflab.personalize.embeddings import load_embeddings, save_embeddings
 
     root = tmp_path_factory.mktemp("sd")
@@ -166,8 +166,7 @@ def test_bad_requests_fail_clearly(sd, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def clip_and_refs(tmp_path_factory):
-    from _clip_tiny import random_images, save_tiny_clip
+def clip_and_refs(tmp_path_factory, random_images, save_tiny_clip):
 
     root = tmp_path_factory.mktemp("clip")
     save_tiny_clip(root / "clip")

@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from _sd_tiny import tiny_sd
 from difflab.cli import app
 from difflab.clip.zeroshot import load_templates
 from difflab.personalize.compose import ComposeConfig
@@ -27,7 +26,7 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_sd):
     root = tmp_path_factory.mktemp("safety")
     tiny_sd(seed=0).save_pretrained(root / "sd")
     (root / "images").mkdir()
@@ -226,7 +225,7 @@ def test_generation_refuses_to_replace_images(setup, tmp_path):
     assert cli(*common, "--seed", "7", "--overwrite")[0] == 0 and image.read_bytes() != before
 
 
-def test_compose_needs_sides_that_halve_exactly():
+def test_compose_needs_sides_that_halve_exactly(tiny_sd):
     from difflab.personalize.compose import check_size, size_multiple
 
     with pytest.raises(DifflabError, match="height 100: compose needs image sides that are multiples of 8"):
@@ -237,7 +236,7 @@ def test_compose_needs_sides_that_halve_exactly():
     assert size_multiple(pipe) == 4
 
 
-def test_latent_ddim_never_clips_samples():
+def test_latent_ddim_never_clips_samples(tiny_sd):
     pipe = tiny_sd(seed=0)
     config = dict(pipe.scheduler.config)
     config.pop("clip_sample", None)  # an SD folder whose PNDM config lacks the key

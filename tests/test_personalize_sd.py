@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from _sd_tiny import tiny_sd
 from difflab.personalize.embeddings import expand_prompt, load_embeddings, read_embeddings, save_embeddings
 from difflab.personalize.prompts import load_input_json
 from difflab.personalize.sd import load_sd
@@ -116,7 +115,7 @@ class TrainerState:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_sd):
     root = tmp_path_factory.mktemp("tiny_sd")
     pipe = tiny_sd(seed=0)
     pipe.save_pretrained(root / "diffusers")

@@ -7,8 +7,6 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from difflab.samplers import cfg, ddim_invert, ddim_timesteps, guided, sample
 from difflab.schedule import NoiseSchedule
 
-SPEC = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, num_train_timesteps=1000)
-
 
 def eps_fn(x, t):
     # A smooth, t-dependent stand-in for a network, so every step's output differs.
@@ -31,9 +29,9 @@ def test_schedules_match_diffusers(kind, dkind, start, end):
     torch.testing.assert_close(ours.alphas_cumprod.float(), theirs.alphas_cumprod, atol=1e-6, rtol=1e-5)
 
 
-def test_q_sample_matches_add_noise():
+def test_q_sample_matches_add_noise(linear_spec):
     sched = NoiseSchedule.make()
-    theirs = DDPMScheduler(**SPEC)
+    theirs = DDPMScheduler(**linear_spec)
     x0, noise = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
     t = torch.tensor([0, 10, 500, 999])
     torch.testing.assert_close(sched.q_sample(x0, t, noise), theirs.add_noise(x0, noise, t), atol=1e-5, rtol=1e-5)
@@ -46,29 +44,18 @@ def test_training_loss_is_zero_for_the_true_noise_and_positive_otherwise():
     assert sched.training_loss(lambda x, t: torch.zeros_like(x), x0, t, noise).item() > 0.5
 
 
-def test_spec_ddim_timesteps():
+def test_spec_ddim_timesteps(linear_spec):
     ts = ddim_timesteps(1000, 50)
     assert ts[0] == 981 and ts[-1] == 1 and len(ts) == 50 and all(a - b == 20 for a, b in zip(ts, ts[1:]))
-    theirs = DDIMScheduler(**SPEC, steps_offset=1)
+    theirs = DDIMScheduler(**linear_spec, steps_offset=1)
     theirs.set_timesteps(50)
     assert ts == theirs.timesteps.tolist()
 
 
-def _full_precision(scheduler):
-    # diffusers keeps ᾱ in float32, and its step coefficients (1 − ᾱ_t/ᾱ_prev, ...) then lose ~1e-4 near
-    # t = 0 to cancellation; ours are formed in float64. Give the oracle our float64 ᾱ (the schedules
-    # themselves are compared above) so that both do exact arithmetic and any difference is a logic error.
-    scheduler.alphas_cumprod = NoiseSchedule.make().alphas_cumprod
-    scheduler.final_alpha_cumprod = (
-        torch.tensor(1.0, dtype=torch.float64)
-        if scheduler.config.get("set_alpha_to_one")
-        else scheduler.alphas_cumprod[0]
+def _diffusers_ddim(x, eta, set_alpha_to_one, steps, seed, full_precision, linear_spec):
+    sch = full_precision(
+        DDIMScheduler(**linear_spec, clip_sample=True, set_alpha_to_one=set_alpha_to_one, steps_offset=1)
     )
-    return scheduler
-
-
-def _diffusers_ddim(x, eta, set_alpha_to_one, steps, seed):
-    sch = _full_precision(DDIMScheduler(**SPEC, clip_sample=True, set_alpha_to_one=set_alpha_to_one, steps_offset=1))
     sch.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
     traj = {}
@@ -80,10 +67,12 @@ def _diffusers_ddim(x, eta, set_alpha_to_one, steps, seed):
 
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("set_alpha_to_one", [False, True])
-def test_ddim_trajectory_matches_diffusers(eta, set_alpha_to_one):
+def test_ddim_trajectory_matches_diffusers(eta, set_alpha_to_one, full_precision, linear_spec):
     sched = NoiseSchedule.make()
     x_T = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    theirs, their_traj = _diffusers_ddim(x_T.clone(), eta, set_alpha_to_one, 50, seed=1)
+    theirs, their_traj = _diffusers_ddim(
+        x_T.clone(), eta, set_alpha_to_one, 50, seed=1, full_precision=full_precision, linear_spec=linear_spec
+    )
     ours = sample(
         eps_fn,
         x_T.clone(),
@@ -101,8 +90,8 @@ def test_ddim_trajectory_matches_diffusers(eta, set_alpha_to_one):
 
 
 @pytest.mark.parametrize("steps", [1000, 50])
-def test_ddpm_trajectory_matches_diffusers(steps):
-    theirs_sch = _full_precision(DDPMScheduler(**SPEC, clip_sample=True, variance_type="fixed_small"))
+def test_ddpm_trajectory_matches_diffusers(steps, full_precision, linear_spec):
+    theirs_sch = full_precision(DDPMScheduler(**linear_spec, clip_sample=True, variance_type="fixed_small"))
     sched = NoiseSchedule.make()
     theirs_sch.set_timesteps(steps)
     x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -185,11 +174,13 @@ def test_min_snr_weighting_matches_its_definition():
 
 @pytest.mark.parametrize("steps", [10, 20])
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
-def test_dpm_solver_pp_2m_trajectory_matches_diffusers(steps, prediction):
+def test_dpm_solver_pp_2m_trajectory_matches_diffusers(steps, prediction, linear_spec):
     from diffusers import DPMSolverMultistepScheduler
 
-    theirs_sch = DPMSolverMultistepScheduler(**SPEC, prediction_type=prediction)  # algorithm dpmsolver++, order 2
-    theirs_sch.alphas_cumprod = NoiseSchedule.make().alphas_cumprod  # float64, as in _full_precision
+    theirs_sch = DPMSolverMultistepScheduler(
+        **linear_spec, prediction_type=prediction
+    )  # algorithm dpmsolver++, order 2
+    theirs_sch.alphas_cumprod = NoiseSchedule.make().alphas_cumprod  # float64, as in full_precision
     theirs_sch.set_timesteps(steps)
     sched = NoiseSchedule.make(prediction=prediction)
     x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -203,8 +194,8 @@ def test_dpm_solver_pp_2m_trajectory_matches_diffusers(steps, prediction):
     assert (ours.images - x).abs().max() <= 2e-6 * x.abs().max()
 
 
-def test_v_prediction_loss_and_conversion_match_diffusers():
-    theirs = DDPMScheduler(**SPEC, prediction_type="v_prediction")
+def test_v_prediction_loss_and_conversion_match_diffusers(linear_spec):
+    theirs = DDPMScheduler(**linear_spec, prediction_type="v_prediction")
     sched = NoiseSchedule.make(prediction="v_prediction")
     x0, noise = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
     t = torch.tensor([0, 10, 500, 999])

@@ -7,7 +7,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from _sd_tiny import tiny_sd
 from difflab.personalize.embeddings import expand_prompt
 from difflab.personalize.sd import load_sd
 from difflab.personalize.textual_inversion import Concept, TextualInversion, TextualInversionConfig
@@ -17,7 +16,7 @@ PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "camera"]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_sd):
     root = tmp_path_factory.mktemp("ti")
     tiny_sd(seed=0).save_pretrained(root / "sd")
     images = root / "images"

@@ -23,7 +23,14 @@ import torch
 
 from difflab.io import load_json, open_run, save_json, write_metadata
 from difflab.minisd import data as mdata
-from difflab.minisd.models import MiniSDConfig, build_clip, build_unet, build_vae, sd_scheduler_config
+from difflab.minisd.models import (
+    MiniSDConfig,
+    assemble_pipeline,
+    build_clip,
+    build_unet,
+    build_vae,
+    text_tower,
+)
 from difflab.minisd.train import StageConfig, TrainSettings
 from difflab.precision import Precision, cpu_name, settle_training
 from difflab.utils import DifflabError, pick_device
@@ -250,30 +257,9 @@ def build_sd_stage(cfg: BuildConfig, out: Path, device) -> dict:
     }
 
 
-def text_tower(clip):
-    """SD's text encoder: the CLIP text tower as a `CLIPTextModel`."""
-    from transformers import CLIPTextModel
-
-    text_encoder = CLIPTextModel(clip.config.text_config)
-    text_encoder.load_state_dict(clip.text_model.state_dict())
-    return text_encoder
-
-
 def save_pipeline(vae, text_encoder, tokenizer, unet, folder: Path) -> None:
     """A diffusers `StableDiffusionPipeline` folder with SD v1's scheduler and no safety checker."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=PNDMScheduler.from_config(sd_scheduler_config()),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder, safe_serialization=True)
+    assemble_pipeline(vae, text_encoder, tokenizer, unet).save_pretrained(folder, safe_serialization=True)
 
 
 def build_judges_stage(cfg: BuildConfig, out: Path, device) -> dict:

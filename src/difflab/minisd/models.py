@@ -99,3 +99,39 @@ def sd_scheduler_config() -> dict:
     from diffusers import PNDMScheduler
 
     return {**PNDMScheduler.load_config(SD_V1_CONFIG / "scheduler"), "prediction_type": "v_prediction"}
+
+
+def text_tower(clip):
+    """SD's text encoder: the CLIP text tower as a `CLIPTextModel`."""
+    from transformers import CLIPTextModel
+
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    text_encoder.load_state_dict(clip.text_model.state_dict())
+    return text_encoder
+
+
+def assemble_pipeline(vae, text_encoder, tokenizer, unet):
+    """A diffusers `StableDiffusionPipeline` of these parts with SD v1's scheduler and no safety checker."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler.from_config(sd_scheduler_config()),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def random_pipeline(cfg: MiniSDConfig, seed: int = 0):
+    """The stack's pipeline with random weights, built by the same code as the trained one: for tests and CPU
+    benchmarks of the data flow, never for images."""
+    import torch
+
+    from difflab.clip.tokenizer import load_clip_tokenizer
+
+    torch.manual_seed(seed)
+    return assemble_pipeline(build_vae(cfg), text_tower(build_clip(cfg)), load_clip_tokenizer(), build_unet(cfg))

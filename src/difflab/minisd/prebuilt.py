@@ -90,7 +90,8 @@ def unpack(out: str | os.PathLike, src: str | os.PathLike = PREBUILT) -> Path:
     from transformers import CLIPConfig, CLIPModel
 
     from difflab.clip.tokenizer import load_clip_tokenizer
-    from difflab.minisd.build import save_clip, save_pipeline, text_tower, write_dir
+    from difflab.minisd.build import save_clip, save_pipeline, write_dir
+    from difflab.minisd.models import text_tower
 
     src, out = Path(src), Path(out)
     if not available(src):
