@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -14,45 +14,56 @@ app = App(help="CLIP zero-shot classification and image/text scoring.", no_args_
 ClipPrecision = precision_option("CPU: fp32 or bf16, timed on a batch of the image encoder on this machine and cached")
 
 
+Images = Annotated[Path, typer.Option("--images", help="Folder of <classid>_<idx>.png files, or of class sub-folders.")]
+Model = Annotated[
+    Path, typer.Option("--model", help="Local CLIP folder in transformers format (config.json + weights).")
+]
+Out = Annotated[Path, typer.Option("--out", help="Output folder for predictions, metrics, figures and report.html.")]
+Labels = Annotated[
+    Optional[Path],
+    typer.Option("--labels", help="id2label.json (class id -> class name); required for the flat layout."),
+]
+Template = Annotated[str, typer.Option("--template", help="Prompt template with one {} for the class name.")]
+Templates = Annotated[
+    Optional[str],
+    typer.Option(
+        "--templates",
+        help=(
+            "'ensemble' for the built-in 18 templates, or a text file with one template per "
+            "line (overrides --template)."
+        ),
+    ),
+]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, max=4096, help="Images per forward pass.")]
+NumWorkers = Annotated[
+    int, typer.Option("--num-workers", min=0, max=64, help="DataLoader worker processes decoding images.")
+]
+CacheDir = Annotated[
+    Optional[Path], typer.Option("--cache-dir", help="Where class text embeddings are cached (default: <out>/.cache).")
+]
+Gallery = Annotated[
+    int, typer.Option("--gallery", min=0, max=1000, help="Number of successful and of failed cases to show.")
+]
+SkipBad = Annotated[
+    bool,
+    typer.Option("--skip-bad", help="Skip unlabelled or unreadable images (listed in the report) instead of failing."),
+]
+
+
 @app.command("zeroshot")
 def zeroshot(
-    images: Path = typer.Option(..., "--images", help="Folder of <classid>_<idx>.png files, or of class sub-folders."),
-    model: Path = typer.Option(
-        ..., "--model", help="Local CLIP folder in transformers format (config.json + weights)."
-    ),
-    out: Path = typer.Option(..., "--out", help="Output folder for predictions, metrics, figures and report.html."),
-    labels: Optional[Path] = typer.Option(
-        None, "--labels", help="id2label.json (class id -> class name); required for the flat layout."
-    ),
-    template: str = typer.Option(
-        ZeroShotConfig.templates, "--template", help="Prompt template with one {} for the class name."
-    ),
-    templates: Optional[str] = typer.Option(
-        None,
-        "--templates",
-        help="'ensemble' for the built-in 18 templates, or a text file with one template per line "
-        "(overrides --template).",
-    ),
-    batch_size: int = typer.Option(
-        ZeroShotConfig.batch_size, "--batch-size", min=1, max=4096, help="Images per forward pass."
-    ),
-    num_workers: int = typer.Option(
-        ZeroShotConfig.num_workers, "--num-workers", min=0, max=64, help="DataLoader worker processes decoding images."
-    ),
+    images: Images = ...,
+    model: Model = ...,
+    out: Out = ...,
+    labels: Labels = None,
+    template: Template = ZeroShotConfig.templates,
+    templates: Templates = None,
+    batch_size: BatchSize = ZeroShotConfig.batch_size,
+    num_workers: NumWorkers = ZeroShotConfig.num_workers,
     device: Device = None,
-    cache_dir: Optional[Path] = typer.Option(
-        None, "--cache-dir", help="Where class text embeddings are cached (default: <out>/.cache)."
-    ),
-    gallery: int = typer.Option(
-        ZeroShotConfig.gallery_size,
-        "--gallery",
-        min=0,
-        max=1000,
-        help="Number of successful and of failed cases to show.",
-    ),
-    skip_bad: bool = typer.Option(
-        False, "--skip-bad", help="Skip unlabelled or unreadable images (listed in the report) instead of failing."
-    ),
+    cache_dir: CacheDir = None,
+    gallery: Gallery = ZeroShotConfig.gallery_size,
+    skip_bad: SkipBad = False,
     precision: ClipPrecision = ZeroShotConfig.precision,
     seed: Seed = ZeroShotConfig.seed,
     overwrite: Overwrite = False,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -30,94 +30,136 @@ DemoPrecision = precision_option(TIMED.format("steps of each stage (training, ju
 JudgePrecision = precision_option(TIMED.format("training steps"))
 
 
-@app.command("train")
-def train_command(
-    data_root: Path = typer.Option(
-        ..., "--data-root", help="Folder containing digits/{mnistm,svhn}/ (train.csv + data/)."
-    ),
-    out: Path = typer.Option(
-        ..., "--out", help="Checkpoint folder: config.json, model.safetensors (EMA), train_state.pt."
-    ),
-    preset: str = typer.Option(
-        TrainConfig.preset, "--preset", help="Network size: 'cpu' (~1.5 M params, for the CPU demo) or 'full' (GPU)."
-    ),
-    steps: int = typer.Option(
-        TrainConfig.steps, "--steps", min=1, help="Optimiser steps in total (a resumed run continues to this count)."
-    ),
-    batch_size: int = typer.Option(
-        TrainConfig.batch_size,
+DataRoot = Annotated[
+    Path, typer.Option("--data-root", help="Folder containing digits/{mnistm,svhn}/ (train.csv + data/).")
+]
+Out = Annotated[
+    Path, typer.Option("--out", help="Checkpoint folder: config.json, model.safetensors (EMA), train_state.pt.")
+]
+Preset = Annotated[
+    str, typer.Option("--preset", help="Network size: 'cpu' (~1.5 M params, for the CPU demo) or 'full' (GPU).")
+]
+Steps = Annotated[
+    int, typer.Option("--steps", min=1, help="Optimiser steps in total (a resumed run continues to this count).")
+]
+BatchSize = Annotated[
+    int,
+    typer.Option(
         "--batch-size",
         min=1,
         max=MAX_BATCH,
         help="Images per step and process (small batches, many steps: best in a short budget).",
     ),
-    lr: float = typer.Option(
-        TrainConfig.lr,
-        "--lr",
-        min=1e-8,
-        max=1.0,
-        help="Peak AdamW learning rate (linear warm-up, cosine decay to lr/10).",
-    ),
-    ema_decay: float = typer.Option(
-        TrainConfig.ema_decay, "--ema-decay", min=0.0, max=1.0, help="Decay of the EMA weights used for sampling."
-    ),
-    p_drop_domain: float = typer.Option(
-        TrainConfig.p_drop_domain,
-        "--p-drop-domain",
-        min=0.0,
-        max=1.0,
-        help="Probability to replace the domain by its null embedding.",
-    ),
-    p_drop_digit: float = typer.Option(
-        TrainConfig.p_drop_digit,
-        "--p-drop-digit",
-        min=0.0,
-        max=1.0,
-        help="Probability to replace the digit by its null embedding.",
-    ),
-    min_snr_gamma: float = typer.Option(
-        TrainConfig.min_snr_gamma, "--min-snr-gamma", min=0.0, help="Min-SNR loss weighting γ, e.g. 5 (0: plain ε-MSE)."
-    ),
-    timestep_sampling: str = typer.Option(
-        TrainConfig.timestep_sampling,
+]
+Lr = Annotated[
+    float,
+    typer.Option("--lr", min=1e-08, max=1.0, help="Peak AdamW learning rate (linear warm-up, cosine decay to lr/10)."),
+]
+EmaDecay = Annotated[
+    float, typer.Option("--ema-decay", min=0.0, max=1.0, help="Decay of the EMA weights used for sampling.")
+]
+PDropDomain = Annotated[
+    float,
+    typer.Option("--p-drop-domain", min=0.0, max=1.0, help="Probability to replace the domain by its null embedding."),
+]
+PDropDigit = Annotated[
+    float,
+    typer.Option("--p-drop-digit", min=0.0, max=1.0, help="Probability to replace the digit by its null embedding."),
+]
+MinSnrGamma = Annotated[
+    float, typer.Option("--min-snr-gamma", min=0.0, help="Min-SNR loss weighting γ, e.g. 5 (0: plain ε-MSE).")
+]
+TimestepSampling = Annotated[
+    str,
+    typer.Option(
         "--timestep-sampling",
-        help="'min-snr': draw t in proportion to its min-SNR weight (same objective, less gradient noise); "
-        "'uniform': every t alike, weighted.",
+        help=(
+            "'min-snr': draw t in proportion to its min-SNR weight (same objective, less "
+            "gradient noise); 'uniform': every t alike, weighted."
+        ),
     ),
-    prediction: str = typer.Option(
-        TrainConfig.default_schedule().prediction,
-        "--prediction",
-        help="What the net predicts: 'v_prediction' or 'epsilon'.",
-    ),
-    timesteps: int = typer.Option(
-        ScheduleConfig.num_steps,
-        "--timesteps",
-        min=2,
-        max=100_000,
-        help="Diffusion steps T of the linear schedule 1e-4..2e-2.",
-    ),
-    save_every: int = typer.Option(
-        TrainConfig.save_every, "--save-every", min=1, help="Write an atomic checkpoint every N steps."
-    ),
-    sample_every: int = typer.Option(
-        TrainConfig.sample_every,
-        "--sample-every",
-        min=0,
-        help="Write a progress grid to <out>/progress/ every N steps (0: never).",
-    ),
-    max_minutes: Optional[float] = typer.Option(
-        None,
+]
+Prediction = Annotated[str, typer.Option("--prediction", help="What the net predicts: 'v_prediction' or 'epsilon'.")]
+Timesteps = Annotated[
+    int, typer.Option("--timesteps", min=2, max=100000, help="Diffusion steps T of the linear schedule 1e-4..2e-2.")
+]
+SaveEvery = Annotated[int, typer.Option("--save-every", min=1, help="Write an atomic checkpoint every N steps.")]
+SampleEvery = Annotated[
+    int,
+    typer.Option("--sample-every", min=0, help="Write a progress grid to <out>/progress/ every N steps (0: never)."),
+]
+MaxMinutes = Annotated[
+    Optional[float],
+    typer.Option(
         "--max-minutes",
         min=0.01,
-        help="Instead of fixed work: fit the step count to this wall-clock budget "
-        "(the model then depends on the machine's speed).",
+        help=(
+            "Instead of fixed work: fit the step count to this wall-clock budget (the model "
+            "then depends on the machine's speed)."
+        ),
     ),
-    resume: bool = typer.Option(False, "--resume", help="Continue from <out>/train_state.pt."),
-    overwrite: bool = typer.Option(
-        False,
+]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue from <out>/train_state.pt.")]
+TrainOverwrite = Annotated[
+    bool,
+    typer.Option(
         "--overwrite",
-        help="Delete the checkpoint in --out and start over (without it, training refuses to replace one).",
+        help=("Delete the checkpoint in --out and start over (without it, training refuses to replace one)."),
     ),
+]
+Ckpt = Annotated[Path, typer.Option("--ckpt", help="Checkpoint folder written by `difflab digits train`.")]
+SampleOut = Annotated[
+    Path, typer.Option("--out", help="Output folder: mnistm/ and svhn/ with {digit}_{NNN}.png, plus figures/.")
+]
+PerDigit = Annotated[int, typer.Option("--per-digit", min=1, max=10000, help="Images per digit and domain.")]
+Method = Annotated[
+    str,
+    typer.Option(
+        "--method",
+        help=(
+            "'ddim' (--steps/--eta), 'dpm++2m' (DPM-Solver++(2M): good in 10-20 steps) or "
+            "'ddpm' (ancestral, all T steps)."
+        ),
+    ),
+]
+SampleSteps = Annotated[int, typer.Option("--steps", min=1, help="DDIM / DPM-Solver++ steps.")]
+Eta = Annotated[
+    float, typer.Option("--eta", min=0.0, max=1.0, help="DDIM stochasticity: 0 deterministic, 1 DDPM-like.")
+]
+GuidanceDigit = Annotated[
+    float, typer.Option("--guidance-digit", min=0.0, max=MAX_GUIDANCE, help="CFG scale of the digit (1: none).")
+]
+GuidanceDomain = Annotated[
+    float, typer.Option("--guidance-domain", min=0.0, max=MAX_GUIDANCE, help="CFG scale of the domain (1: none).")
+]
+SampleBatchSize = Annotated[
+    int, typer.Option("--batch-size", min=1, max=MAX_BATCH, help="Images per batched forward (x2 or x3 with guidance).")
+]
+Figures = Annotated[
+    bool, typer.Option("--figures/--no-figures", help="Also write 10x10 grids and the reverse-process figure.")
+]
+
+
+@app.command("train")
+def train_command(
+    data_root: DataRoot = ...,
+    out: Out = ...,
+    preset: Preset = TrainConfig.preset,
+    steps: Steps = TrainConfig.steps,
+    batch_size: BatchSize = TrainConfig.batch_size,
+    lr: Lr = TrainConfig.lr,
+    ema_decay: EmaDecay = TrainConfig.ema_decay,
+    p_drop_domain: PDropDomain = TrainConfig.p_drop_domain,
+    p_drop_digit: PDropDigit = TrainConfig.p_drop_digit,
+    min_snr_gamma: MinSnrGamma = TrainConfig.min_snr_gamma,
+    timestep_sampling: TimestepSampling = TrainConfig.timestep_sampling,
+    prediction: Prediction = TrainConfig.default_schedule().prediction,
+    timesteps: Timesteps = ScheduleConfig.num_steps,
+    save_every: SaveEvery = TrainConfig.save_every,
+    sample_every: SampleEvery = TrainConfig.sample_every,
+    max_minutes: MaxMinutes = None,
+    resume: Resume = False,
+    overwrite: TrainOverwrite = False,
     seed: Seed = TrainConfig.seed,
     precision: TrainPrecision = TrainConfig.precision,
     device: Device = None,
@@ -154,45 +196,16 @@ def train_command(
 
 @app.command("sample")
 def sample_command(
-    ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint folder written by `difflab digits train`."),
-    out: Path = typer.Option(
-        ..., "--out", help="Output folder: mnistm/ and svhn/ with {digit}_{NNN}.png, plus figures/."
-    ),
-    per_digit: int = typer.Option(PER_DIGIT, "--per-digit", min=1, max=10_000, help="Images per digit and domain."),
-    method: str = typer.Option(
-        SampleConfig.method,
-        "--method",
-        help="'ddim' (--steps/--eta), 'dpm++2m' (DPM-Solver++(2M): good in 10-20 steps) "
-        "or 'ddpm' (ancestral, all T steps).",
-    ),
-    steps: int = typer.Option(SampleConfig.steps, "--steps", min=1, help="DDIM / DPM-Solver++ steps."),
-    eta: float = typer.Option(
-        SampleConfig.eta, "--eta", min=0.0, max=1.0, help="DDIM stochasticity: 0 deterministic, 1 DDPM-like."
-    ),
-    guidance_digit: float = typer.Option(
-        SampleConfig.guidance_digit,
-        "--guidance-digit",
-        min=0.0,
-        max=MAX_GUIDANCE,
-        help="CFG scale of the digit (1: none).",
-    ),
-    guidance_domain: float = typer.Option(
-        SampleConfig.guidance_domain,
-        "--guidance-domain",
-        min=0.0,
-        max=MAX_GUIDANCE,
-        help="CFG scale of the domain (1: none).",
-    ),
-    batch_size: int = typer.Option(
-        SampleConfig.batch_size,
-        "--batch-size",
-        min=1,
-        max=MAX_BATCH,
-        help="Images per batched forward (x2 or x3 with guidance).",
-    ),
-    figures: bool = typer.Option(
-        True, "--figures/--no-figures", help="Also write 10x10 grids and the reverse-process figure."
-    ),
+    ckpt: Ckpt = ...,
+    out: SampleOut = ...,
+    per_digit: PerDigit = PER_DIGIT,
+    method: Method = SampleConfig.method,
+    steps: SampleSteps = SampleConfig.steps,
+    eta: Eta = SampleConfig.eta,
+    guidance_digit: GuidanceDigit = SampleConfig.guidance_digit,
+    guidance_domain: GuidanceDomain = SampleConfig.guidance_domain,
+    batch_size: SampleBatchSize = SampleConfig.batch_size,
+    figures: Figures = True,
     seed: Seed = SampleConfig.seed,
     precision: SamplePrecision = SampleConfig.precision,
     overwrite: Overwrite = False,

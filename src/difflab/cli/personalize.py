@@ -6,7 +6,7 @@ model load, and calls the library."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -31,53 +31,195 @@ SCHEDULER_HELP = f"Sampler: {' or '.join(SCHEDULERS)} (the model's noise schedul
 SIZE_HELP = "Image {} in pixels, a multiple of 8 (default: the model's native size)."
 
 
+Concept = Annotated[
+    List[str],
+    typer.Option(
+        "--concept",
+        help=(
+            "DIR:TOKEN:INIT[:object|style], e.g. textual_inversion/0:<new1>:dog. Repeat for several tokens in one run."
+        ),
+    ),
+]
+Sd = Annotated[Path, typer.Option("--sd", help=SD_HELP)]
+Out = Annotated[Path, typer.Option("--out", help="Output folder (embeddings, checkpoint, report).")]
+NumVectors = Annotated[
+    int, typer.Option(min=1, max=75, help="Vectors per new token (K > 1 adds TOKEN_1..TOKEN_{K-1}).")
+]
+Steps = Annotated[int, typer.Option(min=1, help="Optimizer steps.")]
+Resolution = Annotated[int, typer.Option(min=8, max=4096, help="Training image size (square, a multiple of 8).")]
+CenterCrop = Annotated[
+    bool,
+    typer.Option(
+        "--center-crop/--no-center-crop",
+        help=(
+            "Crop each image to its centre square before resizing (default: squash the whole image, as diffusers does)."
+        ),
+    ),
+]
+BatchSize = Annotated[int, typer.Option(min=1, help="Images per micro-batch (per process).")]
+GradAccum = Annotated[int, typer.Option(min=1, help="Micro-batches per optimizer step.")]
+Lr = Annotated[float, typer.Option(min=1e-08, max=1.0, help="Base learning rate.")]
+ScaleLr = Annotated[bool, typer.Option(help="Multiply lr by grad_accum x batch_size x processes.")]
+EmaDecay = Annotated[
+    float, typer.Option(min=0.0, max=0.99999, help="EMA decay of the learned rows (0: off, e.g. 0.99).")
+]
+GradientCheckpointing = Annotated[bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory.")]
+SaveEvery = Annotated[int, typer.Option(min=0, help="Embedding snapshot every N steps (0: only at the end).")]
+CheckpointEvery = Annotated[int, typer.Option(min=0, help="Resumable checkpoint every N steps (0: only at the end).")]
+ValidateEvery = Annotated[int, typer.Option(min=0, help="Validation images every N steps (0: never).")]
+ValidationPrompt = Annotated[List[str], typer.Option(help="Validation prompt (repeatable); default one per concept.")]
+ValidationSteps = Annotated[int, typer.Option(min=1, max=1000, help="Sampling steps for validation images.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in OUT from its checkpoint.pt.")]
+Prompts = Annotated[
+    Path, typer.Option("--prompts", help="input.json with the concepts and their prompts (course schema).")
+]
+Embeds = Annotated[List[Path], typer.Option("--embeds", help=EMBEDS_HELP)]
+GenerateOut = Annotated[
+    Path, typer.Option("--out", help="Output folder; images go to <out>/<key>/<idx>/source{key}_prompt{idx}_{n}.png.")
+]
+PerPrompt = Annotated[int, typer.Option("--per-prompt", min=1, max=10000, help="Images written per prompt.")]
+Scheduler = Annotated[str, typer.Option("--scheduler", help=SCHEDULER_HELP)]
+GenerateSteps = Annotated[int, typer.Option("--steps", min=1, max=1000, help="Denoising steps.")]
+Guidance = Annotated[float, typer.Option("--guidance", min=0.0, max=100.0, help="Classifier-free guidance scale.")]
+GenerateBatchSize = Annotated[
+    int, typer.Option("--batch-size", min=1, max=1024, help="Images denoised together in one batch.")
+]
+Height = Annotated[Optional[int], typer.Option("--height", min=8, max=4096, help=SIZE_HELP.format("height"))]
+Width = Annotated[Optional[int], typer.Option("--width", min=8, max=4096, help=SIZE_HELP.format("width"))]
+Keys = Annotated[
+    Optional[str], typer.Option("--keys", help="Comma-separated concept keys to generate (default: all), e.g. 0,1.")
+]
+NegativePrompt = Annotated[str, typer.Option("--negative-prompt", help="Negative prompt for classifier-free guidance.")]
+Only = Annotated[
+    Optional[str], typer.Option("--only", help="Regenerate one image KEY/IDX/N (its file is rewritten in place).")
+]
+GenerateResume = Annotated[
+    bool, typer.Option("--resume", help="Keep the images already in --out and make only the missing ones.")
+]
+BestOf = Annotated[
+    Optional[int],
+    typer.Option(
+        "--best-of",
+        min=1,
+        max=10000,
+        help=("Draw this many candidates per prompt and keep the best --per-prompt by CLIP score."),
+    ),
+]
+Clip = Annotated[
+    Optional[Path], typer.Option("--clip", help="CLIP model folder (transformers format) for --best-of scoring.")
+]
+Refs = Annotated[
+    Optional[Path],
+    typer.Option("--refs", help="Reference image root with one <key>/ folder per concept, for --best-of."),
+]
+Prompt = Annotated[
+    str,
+    typer.Option("--prompt", help='The plain multi-concept prompt, e.g. "a <new1> in a city in a style of <new2>".'),
+]
+Concepts = Annotated[
+    List[str],
+    typer.Option(
+        "--concepts",
+        help=("WORDS=PROMPT, repeatable: words of --prompt locating a concept, and the prompt for its region."),
+    ),
+]
+Boxes = Annotated[
+    List[str],
+    typer.Option(
+        "--box",
+        help=(
+            "WORDS=LEFT,TOP,RIGHT,BOTTOM, repeatable: place that concept in this box "
+            "(fractions of the image) instead of where its attention falls; every concept or "
+            "none."
+        ),
+    ),
+]
+ComposeOut = Annotated[
+    Path, typer.Option("--out", help="Output folder for naive/composed images, mask figures and report.html.")
+]
+Background = Annotated[
+    Optional[str],
+    typer.Option("--background", help="Prompt for the area outside every concept region (default: --prompt)."),
+]
+NumImages = Annotated[
+    int, typer.Option("--num-images", min=1, max=10000, help="Images to compose (scores are averaged over them).")
+]
+ComposeSteps = Annotated[int, typer.Option("--steps", min=1, max=1000, help="Denoising steps.")]
+ComposeGuidance = Annotated[
+    float,
+    typer.Option("--guidance", min=0.0, max=100.0, help="Classifier-free guidance scale, applied per region prompt."),
+]
+ComposeHeight = Annotated[
+    Optional[int],
+    typer.Option(
+        "--height",
+        min=64,
+        max=4096,
+        help="Image height in pixels, a multiple of 64 (default: the model's native size).",
+    ),
+]
+ComposeWidth = Annotated[
+    Optional[int],
+    typer.Option(
+        "--width", min=64, max=4096, help="Image width in pixels, a multiple of 64 (default: the model's native size)."
+    ),
+]
+Threshold = Annotated[
+    float,
+    typer.Option(
+        "--threshold",
+        min=0.0,
+        max=1.0,
+        help="A concept owns pixels where its normalised attention wins and exceeds this.",
+    ),
+]
+Smooth = Annotated[
+    float,
+    typer.Option(
+        "--smooth", min=0.0, max=100.0, help="Gaussian sigma (attention-map pixels) applied to the maps; 0 disables."
+    ),
+]
+ComposeNegativePrompt = Annotated[
+    str, typer.Option("--negative-prompt", help="Negative prompt shared by all region prompts.")
+]
+CaptureFraction = Annotated[
+    float,
+    typer.Option(
+        "--capture-fraction",
+        min=0.01,
+        max=1.0,
+        help="Average the attention maps over this first fraction of the steps.",
+    ),
+]
+ComposeClip = Annotated[
+    Optional[Path], typer.Option("--clip", help="CLIP model folder: adds naive vs composed image scores to the report.")
+]
+ComposeRefs = Annotated[
+    List[str], typer.Option("--refs", help="WORDS=DIR, repeatable: reference images of a concept for CLIP scoring.")
+]
+
+
 @app.command("train")
 def train_command(
-    concept: List[str] = typer.Option(
-        ...,
-        "--concept",
-        help="DIR:TOKEN:INIT[:object|style], e.g. "
-        "textual_inversion/0:<new1>:dog. Repeat for several tokens in one run.",
-    ),
-    sd: Path = typer.Option(..., "--sd", help=SD_HELP),
-    out: Path = typer.Option(..., "--out", help="Output folder (embeddings, checkpoint, report)."),
-    num_vectors: int = typer.Option(
-        TIConfig.num_vectors, min=1, max=75, help="Vectors per new token (K > 1 adds TOKEN_1..TOKEN_{K-1})."
-    ),
-    steps: int = typer.Option(TIConfig.steps, min=1, help="Optimizer steps."),
-    resolution: int = typer.Option(
-        TIConfig.resolution, min=8, max=4096, help="Training image size (square, a multiple of 8)."
-    ),
-    center_crop: bool = typer.Option(
-        TIConfig.center_crop,
-        "--center-crop/--no-center-crop",
-        help="Crop each image to its centre square before resizing "
-        "(default: squash the whole image, as diffusers does).",
-    ),
-    batch_size: int = typer.Option(TIConfig.batch_size, min=1, help="Images per micro-batch (per process)."),
-    grad_accum: int = typer.Option(TIConfig.grad_accum, min=1, help="Micro-batches per optimizer step."),
-    lr: float = typer.Option(TIConfig.lr, min=1e-8, max=1.0, help="Base learning rate."),
-    scale_lr: bool = typer.Option(TIConfig.scale_lr, help="Multiply lr by grad_accum x batch_size x processes."),
-    ema_decay: float = typer.Option(
-        TIConfig.ema_decay, min=0.0, max=0.99999, help="EMA decay of the learned rows (0: off, e.g. 0.99)."
-    ),
-    gradient_checkpointing: bool = typer.Option(
-        TIConfig.gradient_checkpointing, "--gradient-checkpointing", help="Trade compute for memory."
-    ),
-    save_every: int = typer.Option(
-        TIConfig.save_every, min=0, help="Embedding snapshot every N steps (0: only at the end)."
-    ),
-    checkpoint_every: int = typer.Option(
-        TIConfig.checkpoint_every, min=0, help="Resumable checkpoint every N steps (0: only at the end)."
-    ),
-    validate_every: int = typer.Option(
-        TIConfig.validate_every, min=0, help="Validation images every N steps (0: never)."
-    ),
-    validation_prompt: List[str] = typer.Option([], help="Validation prompt (repeatable); default one per concept."),
-    validation_steps: int = typer.Option(
-        TIConfig.validation_steps, min=1, max=1000, help="Sampling steps for validation images."
-    ),
-    resume: bool = typer.Option(TIConfig.resume, "--resume", help="Continue the run in OUT from its checkpoint.pt."),
+    concept: Concept = ...,
+    sd: Sd = ...,
+    out: Out = ...,
+    num_vectors: NumVectors = TIConfig.num_vectors,
+    steps: Steps = TIConfig.steps,
+    resolution: Resolution = TIConfig.resolution,
+    center_crop: CenterCrop = TIConfig.center_crop,
+    batch_size: BatchSize = TIConfig.batch_size,
+    grad_accum: GradAccum = TIConfig.grad_accum,
+    lr: Lr = TIConfig.lr,
+    scale_lr: ScaleLr = TIConfig.scale_lr,
+    ema_decay: EmaDecay = TIConfig.ema_decay,
+    gradient_checkpointing: GradientCheckpointing = TIConfig.gradient_checkpointing,
+    save_every: SaveEvery = TIConfig.save_every,
+    checkpoint_every: CheckpointEvery = TIConfig.checkpoint_every,
+    validate_every: ValidateEvery = TIConfig.validate_every,
+    validation_prompt: ValidationPrompt = [],
+    validation_steps: ValidationSteps = TIConfig.validation_steps,
+    resume: Resume = TIConfig.resume,
     overwrite: Overwrite = TIConfig.overwrite,
     seed: Seed = TIConfig.seed,
     precision: TIPrecision = TIConfig.precision,
@@ -115,67 +257,50 @@ def train_command(
     typer.echo(f"embeddings: {path}")
 
 
-def parse_only(only: str) -> tuple[str, int, int]:
+def only_job(spec: dict, only: str):
+    """`--only KEY/IDX/N` -> (the prompt job, N)."""
+    from difflab.personalize.generate import prompt_jobs
+
     parts = only.split("/")
     if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
         raise DifflabError(f"--only {only!r}: expected KEY/IDX/N, e.g. 0/1/7")
-    return parts[0], int(parts[1]), int(parts[2])
+    key, idx, n = parts[0], int(parts[1]), int(parts[2])
+    jobs = [j for j in prompt_jobs(spec, [key]) if j.idx == idx]
+    if not jobs:
+        raise DifflabError(f"--only {only}: concept {key} has no prompt {idx}")
+    return jobs[0], n
+
+
+def clip_scorer(clip: Optional[Path], device: Optional[str]):
+    if clip is None:
+        return None
+    from difflab.clip.score import ClipScorer
+
+    return ClipScorer.from_pretrained(clip, device)
 
 
 @app.command("generate")
 def generate_command(
-    prompts: Path = typer.Option(
-        ..., "--prompts", help="input.json with the concepts and their prompts (course schema)."
-    ),
-    sd: Path = typer.Option(..., "--sd", help=SD_HELP),
-    embeds: List[Path] = typer.Option([], "--embeds", help=EMBEDS_HELP),
-    out: Path = typer.Option(
-        ..., "--out", help="Output folder; images go to <out>/<key>/<idx>/source{key}_prompt{idx}_{n}.png."
-    ),
-    per_prompt: int = typer.Option(
-        GenerateConfig.per_prompt, "--per-prompt", min=1, max=10_000, help="Images written per prompt."
-    ),
-    scheduler: str = typer.Option(GenerateConfig.scheduler, "--scheduler", help=SCHEDULER_HELP),
-    steps: int = typer.Option(GenerateConfig.steps, "--steps", min=1, max=1000, help="Denoising steps."),
-    guidance: float = typer.Option(
-        GenerateConfig.guidance, "--guidance", min=0.0, max=100.0, help="Classifier-free guidance scale."
-    ),
+    prompts: Prompts = ...,
+    sd: Sd = ...,
+    embeds: Embeds = [],
+    out: GenerateOut = ...,
+    per_prompt: PerPrompt = GenerateConfig.per_prompt,
+    scheduler: Scheduler = GenerateConfig.scheduler,
+    steps: GenerateSteps = GenerateConfig.steps,
+    guidance: Guidance = GenerateConfig.guidance,
     seed: Seed = GenerateConfig.seed,
-    batch_size: int = typer.Option(
-        GenerateConfig.batch_size, "--batch-size", min=1, max=1024, help="Images denoised together in one batch."
-    ),
-    height: Optional[int] = typer.Option(
-        GenerateConfig.height, "--height", min=8, max=4096, help=SIZE_HELP.format("height")
-    ),
-    width: Optional[int] = typer.Option(
-        GenerateConfig.width, "--width", min=8, max=4096, help=SIZE_HELP.format("width")
-    ),
-    keys: Optional[str] = typer.Option(
-        None, "--keys", help="Comma-separated concept keys to generate (default: all), e.g. 0,1."
-    ),
-    negative_prompt: str = typer.Option(
-        GenerateConfig.negative_prompt, "--negative-prompt", help="Negative prompt for classifier-free guidance."
-    ),
-    only: Optional[str] = typer.Option(
-        None, "--only", help="Regenerate one image KEY/IDX/N (its file is rewritten in place)."
-    ),
-    resume: bool = typer.Option(
-        False, "--resume", help="Keep the images already in --out and make only the missing ones."
-    ),
+    batch_size: GenerateBatchSize = GenerateConfig.batch_size,
+    height: Height = GenerateConfig.height,
+    width: Width = GenerateConfig.width,
+    keys: Keys = None,
+    negative_prompt: NegativePrompt = GenerateConfig.negative_prompt,
+    only: Only = None,
+    resume: GenerateResume = False,
     overwrite: Overwrite = False,
-    best_of: Optional[int] = typer.Option(
-        None,
-        "--best-of",
-        min=1,
-        max=10_000,
-        help="Draw this many candidates per prompt and keep the best --per-prompt by CLIP score.",
-    ),
-    clip: Optional[Path] = typer.Option(
-        None, "--clip", help="CLIP model folder (transformers format) for --best-of scoring."
-    ),
-    refs: Optional[Path] = typer.Option(
-        None, "--refs", help="Reference image root with one <key>/ folder per concept, for --best-of."
-    ),
+    best_of: BestOf = None,
+    clip: Clip = None,
+    refs: Refs = None,
     precision: SDPrecision = "auto",
     device: Device = None,
 ) -> None:
@@ -198,22 +323,14 @@ def generate_command(
     )
     cfg.check()
     key_list = [k.strip() for k in keys.split(",") if k.strip()] if keys else None
-    jobs = prompt_jobs(spec, key_list)  # unknown keys fail here, before the (slow) model load
+    prompt_jobs(spec, key_list)  # unknown keys fail here, before the (slow) model load
     if only is not None:
         if best_of is not None:
             raise DifflabError("--only regenerates one image of the plain layout; it cannot be combined with --best-of")
-        key, idx, n = parse_only(only)
-        jobs = [j for j in prompt_jobs(spec, [key]) if j.idx == idx]
-        if not jobs:
-            raise DifflabError(f"--only {only}: concept {key} has no prompt {idx}")
-        path = regenerate_one(load_pipeline(sd, embeds, device, precision), jobs[0], n, cfg, out)
-        typer.echo(f"wrote {path}")
+        job, n = only_job(spec, only)
+        typer.echo(f"wrote {regenerate_one(load_pipeline(sd, embeds, device, precision), job, n, cfg, out)}")
         return
-    scorer = None
-    if best_of is not None and clip is not None:
-        from difflab.clip.score import ClipScorer
-
-        scorer = ClipScorer.from_pretrained(clip, device)
+    scorer = clip_scorer(clip, device) if best_of is not None else None
     generate(
         load_pipeline(sd, embeds, device, precision),
         spec,
@@ -250,104 +367,49 @@ def parse_box(words: str, value: str) -> tuple[float, float, float, float]:
     return box
 
 
-@app.command("compose")
-def compose_command(
-    prompt: str = typer.Option(
-        ..., "--prompt", help='The plain multi-concept prompt, e.g. "a <new1> in a city in a style of <new2>".'
-    ),
-    concepts: List[str] = typer.Option(
-        ...,
-        "--concepts",
-        help="WORDS=PROMPT, repeatable: words of --prompt locating a concept, and the prompt for its region.",
-    ),
-    boxes: List[str] = typer.Option(
-        [],
-        "--box",
-        help="WORDS=LEFT,TOP,RIGHT,BOTTOM, repeatable: place that concept in this box (fractions of the image) "
-        "instead of where its attention falls; every concept or none.",
-    ),
-    sd: Path = typer.Option(..., "--sd", help=SD_HELP),
-    embeds: List[Path] = typer.Option([], "--embeds", help=EMBEDS_HELP),
-    out: Path = typer.Option(
-        ..., "--out", help="Output folder for naive/composed images, mask figures and report.html."
-    ),
-    background: Optional[str] = typer.Option(
-        None, "--background", help="Prompt for the area outside every concept region (default: --prompt)."
-    ),
-    seed: Seed = ComposeConfig.seed,
-    num_images: int = typer.Option(
-        ComposeConfig.num_images,
-        "--num-images",
-        min=1,
-        max=10_000,
-        help="Images to compose (scores are averaged over them).",
-    ),
-    steps: int = typer.Option(ComposeConfig.steps, "--steps", min=1, max=1000, help="Denoising steps."),
-    guidance: float = typer.Option(
-        ComposeConfig.guidance,
-        "--guidance",
-        min=0.0,
-        max=100.0,
-        help="Classifier-free guidance scale, applied per region prompt.",
-    ),
-    scheduler: str = typer.Option(ComposeConfig.scheduler, "--scheduler", help=SCHEDULER_HELP),
-    height: Optional[int] = typer.Option(
-        ComposeConfig.height,
-        "--height",
-        min=64,
-        max=4096,
-        help="Image height in pixels, a multiple of 64 (default: the model's native size).",
-    ),
-    width: Optional[int] = typer.Option(
-        ComposeConfig.width,
-        "--width",
-        min=64,
-        max=4096,
-        help="Image width in pixels, a multiple of 64 (default: the model's native size).",
-    ),
-    threshold: float = typer.Option(
-        ComposeConfig.threshold,
-        "--threshold",
-        min=0.0,
-        max=1.0,
-        help="A concept owns pixels where its normalised attention wins and exceeds this.",
-    ),
-    smooth: float = typer.Option(
-        ComposeConfig.smooth,
-        "--smooth",
-        min=0.0,
-        max=100.0,
-        help="Gaussian sigma (attention-map pixels) applied to the maps; 0 disables.",
-    ),
-    negative_prompt: str = typer.Option(
-        ComposeConfig.negative_prompt, "--negative-prompt", help="Negative prompt shared by all region prompts."
-    ),
-    capture_fraction: float = typer.Option(
-        ComposeConfig.capture_fraction,
-        "--capture-fraction",
-        min=0.01,
-        max=1.0,
-        help="Average the attention maps over this first fraction of the steps.",
-    ),
-    clip: Optional[Path] = typer.Option(
-        None, "--clip", help="CLIP model folder: adds naive vs composed image scores to the report."
-    ),
-    refs: List[str] = typer.Option(
-        [], "--refs", help="WORDS=DIR, repeatable: reference images of a concept for CLIP scoring."
-    ),
-    overwrite: Overwrite = False,
-    precision: SDPrecision = "auto",
-    device: Device = None,
-) -> None:
-    """Compose several learned concepts in one image by region-wise denoising, next to the naive prompt."""
-    from difflab.personalize.compose import Region, check_boxes, compose_images
-    from difflab.personalize.sd import load_pipeline
+def parse_regions(concepts: List[str], boxes: List[str]):
+    """`--concepts WORDS=PROMPT` and `--box WORDS=L,T,R,B` -> the regions to compose."""
+    from difflab.personalize.compose import Region, check_boxes
 
     placed = {words: parse_box(words, value) for words, value in parse_pairs(boxes, "--box")}
     regions = [Region(w, p, placed.pop(w, None)) for w, p in parse_pairs(concepts, "--concepts")]
     if placed:
         raise DifflabError(f"--box {', '.join(placed)}: not the WORDS of any --concepts")
     check_boxes(regions)
+    return regions
+
+
+@app.command("compose")
+def compose_command(
+    prompt: Prompt = ...,
+    concepts: Concepts = ...,
+    boxes: Boxes = [],
+    sd: Sd = ...,
+    embeds: Embeds = [],
+    out: ComposeOut = ...,
+    background: Background = None,
+    seed: Seed = ComposeConfig.seed,
+    num_images: NumImages = ComposeConfig.num_images,
+    steps: ComposeSteps = ComposeConfig.steps,
+    guidance: ComposeGuidance = ComposeConfig.guidance,
+    scheduler: Scheduler = ComposeConfig.scheduler,
+    height: ComposeHeight = ComposeConfig.height,
+    width: ComposeWidth = ComposeConfig.width,
+    threshold: Threshold = ComposeConfig.threshold,
+    smooth: Smooth = ComposeConfig.smooth,
+    negative_prompt: ComposeNegativePrompt = ComposeConfig.negative_prompt,
+    capture_fraction: CaptureFraction = ComposeConfig.capture_fraction,
+    clip: ComposeClip = None,
+    refs: ComposeRefs = [],
+    overwrite: Overwrite = False,
+    precision: SDPrecision = "auto",
+    device: Device = None,
+) -> None:
+    """Compose several learned concepts in one image by region-wise denoising, next to the naive prompt."""
+    from difflab.personalize.compose import compose_images
+    from difflab.personalize.sd import load_pipeline
+
+    regions = parse_regions(concepts, boxes)
     ref_pairs = parse_pairs(refs, "--refs")
     if bool(ref_pairs) != (clip is not None):
         raise DifflabError("--clip and --refs go together: a CLIP model folder and WORDS=DIR reference folders")
@@ -365,11 +427,7 @@ def compose_command(
         num_images=num_images,
     )
     cfg.check()
-    scorer = None
-    if clip is not None:
-        from difflab.clip.score import ClipScorer
-
-        scorer = ClipScorer.from_pretrained(clip, device)
+    scorer = clip_scorer(clip, device)
     compose_images(
         load_pipeline(sd, embeds, device, precision),
         prompt,
