@@ -5,6 +5,12 @@ Each stage's model is written as a standard folder (transformers / diffusers `sa
 temporary folder and renamed into place when complete, so an interrupted build leaves no half-written model:
 `build(..., resume=True)` skips the stages whose folder exists and redoes the one that was cut off (the same
 seeded work, hence the same weights on the same machine).
+
+The UNet's forward process (`add_noise`, `get_velocity`) is diffusers' scheduler built from the stack's own
+scheduler config, not difflab's `NoiseSchedule`, on purpose: the stack is sampled by diffusers pipelines whose
+schedulers read that config, and training through the same object keeps the noise it learns to remove identical to
+the noise those samplers assume for any config (scaled-linear betas, v-prediction). difflab's own models (digits,
+DDIM) use `difflab.schedule`, which the tests hold step for step against these diffusers schedulers.
 """
 
 from __future__ import annotations

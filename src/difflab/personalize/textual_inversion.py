@@ -4,6 +4,10 @@ Only the rows of the new tokens change: after every optimizer step all other row
 copied back, so they stay bit-identical. The VAE runs once: each reference image and its mirror image are encoded
 at start-up and every step samples latents from the cached mean/std (what `vae.encode(x).latent_dist.sample()`
 would do each step, without the encoder).
+
+The forward process is the SD folder's own diffusers scheduler (`add_noise`, and `get_velocity` for a v-prediction
+model), not difflab's `NoiseSchedule`: the embedding must be learned under exactly the noise the model's pipeline
+removes, whatever schedule its `scheduler_config.json` names, as diffusers' textual-inversion script does.
 """
 
 from __future__ import annotations
