@@ -89,10 +89,10 @@ def training_rows(images: Path, out: Path, device: str) -> list[list]:
             return vae.encode(x.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
 
     def cached_step():
-        ti.train_step(ti.sample_batch())
+        ti.train_step(ti.data.sample_batch())
 
     def plain_step():
-        batch = ti.sample_batch()
+        batch = ti.data.sample_batch()
         batch["latents"] = encode()
         ti.train_step(batch)
 

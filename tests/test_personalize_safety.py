@@ -258,5 +258,5 @@ def test_images_are_squashed_unless_centre_cropped(setup):
 def test_latent_cache_is_the_same_in_chunks(setup, tmp_path):
     one = TextualInversion(config(setup, tmp_path / "a", vae_batch=1))
     all_ = TextualInversion(config(setup, tmp_path / "b", vae_batch=8))
-    torch.testing.assert_close(one.latent_mean[0], all_.latent_mean[0], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(one.latent_std[0], all_.latent_std[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(one.data.latent_mean[0], all_.data.latent_mean[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(one.data.latent_std[0], all_.data.latent_std[0], atol=1e-5, rtol=1e-4)

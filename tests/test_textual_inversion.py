@@ -52,7 +52,7 @@ def test_training_lowers_loss_and_only_new_rows_change(setup, tmp_path):
     assert new_id == len(original) and torch.equal(ti._embedding()[new_id], init)
 
     torch.manual_seed(0)
-    batch = ti.sample_batch()  # one fixed batch: same latents, noise and timesteps every step
+    batch = ti.data.sample_batch()  # one fixed batch: same latents, noise and timesteps every step
     assert (batch["input_ids"] == new_id).any(dim=1).all()
     with torch.no_grad():
         before = ti.loss(batch).item()
@@ -76,10 +76,10 @@ def test_latent_cache_is_the_vae_posterior(setup, tmp_path):
     with torch.no_grad():
         plain = ti.pipe.vae.encode(x).latent_dist
         mirrored = ti.pipe.vae.encode(x.flip(-1)).latent_dist
-    assert ti.latent_mean[0].shape == (5, 2, 4, 16, 16)
-    torch.testing.assert_close(ti.latent_mean[0][:, 0], plain.mean, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(ti.latent_mean[0][:, 1], mirrored.mean, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(ti.latent_std[0][:, 1], mirrored.std, atol=1e-5, rtol=1e-4)
+    assert ti.data.latent_mean[0].shape == (5, 2, 4, 16, 16)
+    torch.testing.assert_close(ti.data.latent_mean[0][:, 0], plain.mean, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ti.data.latent_mean[0][:, 1], mirrored.mean, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ti.data.latent_std[0][:, 1], mirrored.std, atol=1e-5, rtol=1e-4)
 
 
 def test_two_concepts_multi_vector_files_load_in_diffusers(setup, tmp_path):
@@ -89,7 +89,7 @@ def test_two_concepts_multi_vector_files_load_in_diffusers(setup, tmp_path):
     ]
     ti = make(setup, tmp_path, concepts=concepts, num_vectors=2, lr=0.05, gradient_checkpointing=True)
     assert ti.token_ids == [[49408, 49409], [49410, 49411]]
-    assert (ti.prompt_ids[1] == 49411).any(dim=1).all()  # style captions carry both vectors of <new2>
+    assert (ti.data.prompt_ids[1] == 49411).any(dim=1).all()  # style captions carry both vectors of <new2>
     path = ti.train()
     saved = load_file(path)
     assert list(saved) == ["<new1>", "<new2>"] and saved["<new1>"].shape == (2, 32)
@@ -224,15 +224,15 @@ def test_reference_captions_give_each_image_its_own_prompt(setup, tmp_path):
     write_metadata([{"file_name": k, "text": v} for k, v in texts.items()], folder)
     ti = make(setup, tmp_path, concepts=[Concept(str(folder), "<new1>", "art", "style")], num_vectors=2, batch_size=8)
     order = sorted(texts)  # the images in the order the latents were cached
-    expected = ti._tokenize([expand_prompt(texts[n].replace("{}", "<new1>"), ti.tokens) for n in order])
-    assert torch.equal(ti.caption_ids[0], expected)
-    ti.gen.manual_seed(3)
-    batch = ti.sample_batch()
-    ti.gen.manual_seed(3)
-    torch.randint(1, (8,), generator=ti.gen)  # the concept of each example (one here)
+    expected = ti.data.tokenize([expand_prompt(texts[n].replace("{}", "<new1>"), ti.tokens) for n in order])
+    assert torch.equal(ti.data.caption_ids[0], expected)
+    ti.data.gen.manual_seed(3)
+    batch = ti.data.sample_batch()
+    ti.data.gen.manual_seed(3)
+    torch.randint(1, (8,), generator=ti.data.gen)  # the concept of each example (one here)
     for ids in batch["input_ids"]:  # each example carries the caption of the image it drew
-        i = torch.randint(len(order), (1,), generator=ti.gen).item()
-        torch.rand((), generator=ti.gen), torch.randn(ti.latent_mean[0][i, 0].shape, generator=ti.gen)
+        i = torch.randint(len(order), (1,), generator=ti.data.gen).item()
+        torch.rand((), generator=ti.data.gen), torch.randn(ti.data.latent_mean[0][i, 0].shape, generator=ti.data.gen)
         assert torch.equal(ids, expected[i])
 
     write_metadata([{"file_name": "astronaut.png", "text": "an astronaut, {}"}], folder)

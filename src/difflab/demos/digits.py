@@ -12,9 +12,9 @@ from difflab.digits.classifier import ClassifierTrainConfig, train_classifiers
 from difflab.digits.data import DOMAINS, make_dataset
 from difflab.digits.evaluate import add_quality_section, evaluate_folder, format_quality, format_summary
 from difflab.digits.model import load_digits_model
-from difflab.digits.sample import PER_DIGIT, SampleConfig, digit_grid, reverse_process_strip, write_course_layout
+from difflab.digits.sample import PER_DIGIT, SampleConfig, write_course_layout, write_sample_figures
 from difflab.digits.train import TrainConfig, read_losses, train
-from difflab.io import load_json, open_run, save_png
+from difflab.io import load_json, open_run
 from difflab.precision import Precision, cpu_name
 from difflab.report import HtmlReport
 from difflab.report.plots import plot_loss_curve
@@ -163,17 +163,13 @@ def add_accuracy(report: HtmlReport, result: dict, accs: dict, eval_dir: Path) -
 def add_samples(
     report: HtmlReport, net, schedule, per_domain: dict, sample_cfg: SampleConfig, device, per_digit: int, figures: Path
 ) -> None:
+    grids, strip, strip_ts = write_sample_figures(net, schedule, per_domain, sample_cfg, device, per_digit, figures)
     report.heading("Samples: rows are digits 0-9, columns different noises")
-    for domain, images in per_domain.items():
-        grid = save_png(digit_grid(images, per_digit, columns=min(10, per_digit)), figures / f"grid_{domain}.png")
+    for domain, grid in grids.items():
         report.image(grid, domain, width=360)
-    strip, strip_ts = reverse_process_strip(net, schedule, sample_cfg, device, per_digit=per_digit)
     report.heading("Reverse process of the first 0 of each domain")
-    report.image(
-        save_png(strip, figures / "reverse_process.png"),
-        "t = " + ", ".join(map(str, strip_ts)) + " (rows: " + ", ".join(DOMAINS) + ")",
-        width=480,
-    )
+    caption = "t = " + ", ".join(map(str, strip_ts)) + " (rows: " + ", ".join(DOMAINS) + ")"
+    report.image(strip, caption, width=480)
 
 
 def quick_or_full(out_dir: str, quick: bool, **overrides) -> DemoConfig:

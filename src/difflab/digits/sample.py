@@ -215,12 +215,27 @@ def sample_to_folder(
         per_domain = write_course_layout(net, schedule, run.dir, cfg, device, per_digit)
         strip_ts = None
         if figures:
-            for domain, images in per_domain.items():
-                grid = digit_grid(images, per_digit, columns=min(10, per_digit))
-                save_png(grid, run.dir / "figures" / f"grid_{domain}.png")
-            strip, strip_ts = reverse_process_strip(net, schedule, cfg, device, per_digit=per_digit)
-            save_png(strip, run.dir / "figures" / "reverse_process.png")
+            strip_ts = write_sample_figures(net, schedule, per_domain, cfg, device, per_digit, run.dir / "figures")[-1]
     return sum(len(v) for v in per_domain.values()), strip_ts
+
+
+def write_sample_figures(
+    net: DigitsUNet,
+    schedule: NoiseSchedule,
+    per_domain: dict[str, np.ndarray],
+    cfg: SampleConfig,
+    device: torch.device,
+    per_digit: int,
+    folder: Path,
+) -> tuple[dict[str, Path], Path, list[int]]:
+    """`grid_<domain>.png` (10x10: rows digits, columns noises) and `reverse_process.png` in `folder`; returns the
+    grids' paths, the strip's path and its timesteps."""
+    grids = {
+        domain: save_png(digit_grid(images, per_digit, columns=min(10, per_digit)), folder / f"grid_{domain}.png")
+        for domain, images in per_domain.items()
+    }
+    strip, strip_ts = reverse_process_strip(net, schedule, cfg, device, per_digit=per_digit)
+    return grids, save_png(strip, folder / "reverse_process.png"), strip_ts
 
 
 def progress_grid(net: DigitsUNet, schedule: NoiseSchedule, seed: int) -> np.ndarray:

@@ -184,8 +184,75 @@ def _file_stem(token: str) -> str:
 CHECKPOINT_KEYS = ("step", "tokens", "num_vectors", "rows", "generator", "losses")
 
 
+class ReferenceLatents:
+    """The training data: the VAE posterior of every reference image and its mirror, cached once, the tokenized
+    captions and templates, and the seeded generator that draws each batch."""
+
+    def __init__(self, ti: TextualInversion, images: list[torch.Tensor], captions: list[list[str] | None]):
+        cfg = ti.cfg
+        self.cfg, self.tokenizer, self.vae, self.device = cfg, ti.tokenizer, ti.pipe.vae, ti.device
+        self.num_train_timesteps = ti.noise_scheduler.config.num_train_timesteps
+        self.latent_mean, self.latent_std = self._cache_latents(images)
+        self.prompt_ids = [
+            self.tokenize([expand_prompt(t.format(c.token), ti.tokens) for t in TEMPLATES[c.kind]])
+            for c in cfg.concepts
+        ]
+        self.caption_ids = [
+            self.tokenize([expand_prompt(t, ti.tokens) for t in caps]) if caps else None for caps in captions
+        ]
+        self.gen = torch.Generator().manual_seed(stream_seed(cfg.seed, ti.accelerator.process_index))
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+
+    @torch.inference_mode()
+    def _cache_latents(self, images: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per concept, (N, 2, C, h, w) mean and std of the VAE posterior for each image and its mirror."""
+        vae, means, stds = self.vae, [], []
+        for x in images:
+            both = torch.cat([x, x.flip(-1)])
+            # In chunks: ~60 images at 512 px in one VAE batch would not fit in memory.
+            dists = [
+                vae.encode(both[i : i + self.cfg.vae_batch].to(self.device, vae.dtype)).latent_dist
+                for i in range(0, len(both), self.cfg.vae_batch)
+            ]
+            mean = torch.cat([d.mean.float().cpu() for d in dists])
+            std = torch.cat([d.std.float().cpu() for d in dists])
+            n = len(x)
+            means.append(mean.view(2, n, *mean.shape[1:]).transpose(0, 1).contiguous())
+            stds.append(std.view(2, n, *std.shape[1:]).transpose(0, 1).contiguous())
+        return means, stds
+
+    def sample_batch(self) -> dict[str, torch.Tensor]:
+        """Random concept, image, mirror and caption (the image's own, or a random template) per example; latents
+        drawn from the cached posterior."""
+        b, g = self.cfg.batch_size, self.gen
+        concept = torch.randint(len(self.cfg.concepts), (b,), generator=g).tolist()
+        latents, ids = [], []
+        for c in concept:
+            i = torch.randint(len(self.latent_mean[c]), (1,), generator=g).item()
+            flip = int(torch.rand((), generator=g).item() < self.cfg.flip_p)
+            mean, std = self.latent_mean[c][i, flip], self.latent_std[c][i, flip]
+            latents.append(mean + std * torch.randn(mean.shape, generator=g))
+            if self.caption_ids[c] is not None:
+                ids.append(self.caption_ids[c][i])
+            else:
+                ids.append(self.prompt_ids[c][torch.randint(len(self.prompt_ids[c]), (1,), generator=g).item()])
+        latents = torch.stack(latents) * self.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=g)
+        timesteps = torch.randint(self.num_train_timesteps, (b,), generator=g)
+        return {"latents": latents, "input_ids": torch.stack(ids), "noise": noise, "timesteps": timesteps}
+
+
 class TextualInversion:
-    """Holds the frozen pipeline, the latent cache and the optimizer; `train()` runs the loop."""
+    """The frozen pipeline with the new tokens, the training data and the optimizer of the embedding rows; the loss,
+    one step and `train()`, the loop. Checkpoints, validation grids and the report are the functions below it."""
 
     def __init__(self, cfg: TextualInversionConfig, pipe=None):
         from diffusers import DDPMScheduler
@@ -207,14 +274,7 @@ class TextualInversion:
 
         self._add_tokens()
         self._freeze_all_but_the_embedding()
-        self.latent_mean, self.latent_std = self._cache_latents(images)
-        self.prompt_ids = [
-            self._tokenize([expand_prompt(t.format(c.token), self.tokens) for t in TEMPLATES[c.kind]])
-            for c in cfg.concepts
-        ]
-        self.caption_ids = [
-            self._tokenize([expand_prompt(t, self.tokens) for t in caps]) if caps else None for caps in captions
-        ]
+        self.data = ReferenceLatents(self, images, captions)
 
         procs = self.accelerator.num_processes
         lr = cfg.lr * cfg.grad_accum * cfg.batch_size * procs if cfg.scale_lr else cfg.lr
@@ -224,7 +284,6 @@ class TextualInversion:
         )
         self.text_encoder, self.optimizer = self.accelerator.prepare(self.text_encoder, self.adam)
         self.ema = self._rows().clone() if cfg.ema_decay > 0 else None
-        self.gen = torch.Generator().manual_seed(stream_seed(cfg.seed, self.accelerator.process_index))
         self.step = 0
         self.losses: list[float] = []
 
@@ -263,54 +322,6 @@ class TextualInversion:
         self.frozen_rows = self.text_encoder.get_input_embeddings().weight.detach().clone()
         self.frozen_mask = torch.ones(len(self.frozen_rows), dtype=torch.bool, device=self.device)
         self.frozen_mask[self.new_ids] = False
-
-    # ---- data -------------------------------------------------------------------------------------------
-    def _tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-
-    @torch.inference_mode()
-    def _cache_latents(self, images: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per concept, (N, 2, C, h, w) mean and std of the VAE posterior for each image and its mirror."""
-        vae, means, stds = self.pipe.vae, [], []
-        for x in images:
-            both = torch.cat([x, x.flip(-1)])
-            # In chunks: ~60 images at 512 px in one VAE batch would not fit in memory.
-            dists = [
-                vae.encode(both[i : i + self.cfg.vae_batch].to(self.device, vae.dtype)).latent_dist
-                for i in range(0, len(both), self.cfg.vae_batch)
-            ]
-            mean = torch.cat([d.mean.float().cpu() for d in dists])
-            std = torch.cat([d.std.float().cpu() for d in dists])
-            n = len(x)
-            means.append(mean.view(2, n, *mean.shape[1:]).transpose(0, 1).contiguous())
-            stds.append(std.view(2, n, *std.shape[1:]).transpose(0, 1).contiguous())
-        return means, stds
-
-    def sample_batch(self) -> dict[str, torch.Tensor]:
-        """Random concept, image, mirror and caption (the image's own, or a random template) per example; latents
-        drawn from the cached posterior."""
-        b, g = self.cfg.batch_size, self.gen
-        concept = torch.randint(len(self.cfg.concepts), (b,), generator=g).tolist()
-        latents, ids = [], []
-        for c in concept:
-            i = torch.randint(len(self.latent_mean[c]), (1,), generator=g).item()
-            flip = int(torch.rand((), generator=g).item() < self.cfg.flip_p)
-            mean, std = self.latent_mean[c][i, flip], self.latent_std[c][i, flip]
-            latents.append(mean + std * torch.randn(mean.shape, generator=g))
-            if self.caption_ids[c] is not None:
-                ids.append(self.caption_ids[c][i])
-            else:
-                ids.append(self.prompt_ids[c][torch.randint(len(self.prompt_ids[c]), (1,), generator=g).item()])
-        latents = torch.stack(latents) * self.pipe.vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=g)
-        timesteps = torch.randint(self.noise_scheduler.config.num_train_timesteps, (b,), generator=g)
-        return {"latents": latents, "input_ids": torch.stack(ids), "noise": noise, "timesteps": timesteps}
 
     # ---- model ------------------------------------------------------------------------------------------
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -367,112 +378,19 @@ class TextualInversion:
                 save_embeddings(self.out / "embeds" / f"{_file_stem(token)}.safetensors", {token: vecs})
         return save_embeddings(self.out / name, emb)
 
-    def checkpoint_path(self) -> Path:
-        return self.out / "checkpoint.pt"
-
-    def save_checkpoint(self) -> Path:
-        """Step, rows, EMA, data RNG and the Adam moments of the new rows only (the rest never matter)."""
-        ids = self.new_ids.to(self.device)
-        adam = self.adam.state.get(self.adam.param_groups[0]["params"][0], {})
-        state = {
-            "step": self.step,
-            "tokens": list(self.tokens),
-            "num_vectors": self.cfg.num_vectors,
-            "rows": self._rows().cpu(),
-            "generator": self.gen.get_state(),
-            "losses": torch.tensor(self.losses),
-        }
-        if self.ema is not None:
-            state["ema"] = self.ema.cpu()
-        if adam:
-            state["adam"] = {
-                "step": adam["step"].cpu(),
-                "exp_avg": adam["exp_avg"][ids].cpu(),
-                "exp_avg_sq": adam["exp_avg_sq"][ids].cpu(),
-            }
-        return atomic_write(self.checkpoint_path(), lambda tmp: torch.save(state, tmp))
-
-    def load_checkpoint(self) -> None:
-        path = self.checkpoint_path()
-        state = read_torch(path, "textual-inversion checkpoint")
-        missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
-        if missing:
-            raise DifflabError(f"{path}: not a difflab textual-inversion checkpoint (missing {', '.join(missing)})")
-        if state["tokens"] != list(self.tokens) or state["num_vectors"] != self.cfg.num_vectors:
-            raise DifflabError(
-                f"{path}: checkpoint is for tokens {state['tokens']} x {state['num_vectors']} vectors, "
-                f"not {list(self.tokens)} x {self.cfg.num_vectors}"
-            )
-        ids = self.new_ids.to(self.device)
-        weight = self._embedding()
-        with torch.no_grad():
-            weight[ids] = state["rows"].to(weight.device, weight.dtype)
-        if "adam" in state:
-            p = self.adam.param_groups[0]["params"][0]
-            exp_avg, exp_avg_sq = torch.zeros_like(p), torch.zeros_like(p)
-            exp_avg[ids], exp_avg_sq[ids] = (
-                state["adam"]["exp_avg"].to(p.device),
-                state["adam"]["exp_avg_sq"].to(p.device),
-            )
-            self.adam.state[p] = {"step": state["adam"]["step"], "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-        if self.ema is not None:
-            self.ema = state.get("ema", state["rows"]).to(self.device)
-        self.gen.set_state(state["generator"])
-        self.step, self.losses = state["step"], state["losses"].tolist()
-
-    @torch.inference_mode()
-    def validate(self) -> Path:
-        """A grid of images per validation prompt, sampled with the current embeddings (fixed seed)."""
-        cfg = self.cfg
-        prompts = cfg.validation_prompts or [(TEMPLATES[c.kind][0]).format(c.token) for c in cfg.concepts]
-        self.pipe.set_progress_bar_config(disable=True)
-        rows = []
-        for prompt in prompts:
-            g = torch.Generator(self.device).manual_seed(cfg.seed)
-            with self.accelerator.autocast():
-                images = self.pipe(
-                    prompt,
-                    num_images_per_prompt=cfg.validation_images,
-                    generator=g,
-                    num_inference_steps=cfg.validation_steps,
-                    height=cfg.resolution,
-                    width=cfg.resolution,
-                    output_type="pt",
-                ).images
-            rows.append(to_uint8(images, (0.0, 1.0)))
-        grid = image_grid(np.concatenate(rows), rows=len(prompts), cols=cfg.validation_images)
-        return save_png(grid, self.out / "validation" / f"step{self.step:06d}.png")
-
-    def write_report(self) -> Path:
-        from difflab.report import HtmlReport
-        from difflab.report.plots import plot_loss_curve
-
-        smooth = max(len(self.losses) // 50, 5) if len(self.losses) >= 10 else 0
-        loss_png = plot_loss_curve(range(len(self.losses)), self.losses, self.out / "loss.png", "micro-batch", smooth)
-        report = HtmlReport("Textual inversion")
-        report.table(["setting", "value"], [[k, str(v)] for k, v in asdict(self.cfg).items()])
-        report.text(
-            f"Learned tokens: {', '.join(self.tokens)} ({self.cfg.num_vectors} vector(s) each); "
-            f"{self.step} optimizer steps, effective lr {self.lr:g}."
-        )
-        report.image(str(loss_png), caption="training loss (MSE)")
-        for path in sorted((self.out / "validation").glob("*.png")):
-            report.image(str(path), caption=f"validation, {path.stem}")
-        return report.save(self.out / "report.html")
-
     # ---- loop -------------------------------------------------------------------------------------------
     def train(self, stop: StopRequest | None = None) -> Path:
         """The loop; on a stop request (first Ctrl-C or SIGTERM) it saves a checkpoint and raises `Interrupted`."""
         cfg, acc = self.cfg, self.accelerator
         if cfg.resume:
-            self.load_checkpoint()
+            load_checkpoint(self)
         if acc.is_main_process:
             save_json({**asdict(self.cfg), "lr_effective": self.lr}, self.out / "config.json")
         bar = tqdm(total=cfg.steps, initial=self.step, desc="textual inversion", disable=not acc.is_local_main_process)
         t0 = time.perf_counter()
         while self.step < cfg.steps:
             before = self.step
-            self.losses.append(self.train_step(self.sample_batch()))
+            self.losses.append(self.train_step(self.data.sample_batch()))
             if self.step == before:
                 continue
             bar.update(1)
@@ -482,12 +400,12 @@ class TextualInversion:
                 if cfg.save_every and self.step % cfg.save_every == 0 and not last:
                     self.save_embeddings(f"snapshots/learned_embeds-step{self.step:06d}.safetensors")
                 if cfg.validate_every and (self.step % cfg.validate_every == 0 or last):
-                    self.validate()
+                    validation_grid(self)
                 if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or last:
-                    self.save_checkpoint()
+                    save_checkpoint(self)
             if stop is not None and self._stop_requested(stop):
                 if acc.is_main_process:
-                    self.save_checkpoint()
+                    save_checkpoint(self)
                 acc.wait_for_everyone()
                 raise Interrupted(
                     f"stopped at step {self.step} of {cfg.steps}; checkpoint saved in {self.out}; "
@@ -507,7 +425,7 @@ class TextualInversion:
                 },
                 self.out / "train_log.json",
             )
-            self.write_report()
+            write_report(self)
         return path
 
     def _stop_requested(self, stop: StopRequest) -> bool:
@@ -515,6 +433,100 @@ class TextualInversion:
             return stop.requested
         flag = torch.tensor(float(stop.requested), device=self.device)
         return float(self.accelerator.reduce(flag, "max")) > 0
+
+
+def save_checkpoint(ti: TextualInversion) -> Path:
+    """Step, rows, EMA, data RNG and the Adam moments of the new rows only (the rest never matter)."""
+    ids = ti.new_ids.to(ti.device)
+    adam = ti.adam.state.get(ti.adam.param_groups[0]["params"][0], {})
+    state = {
+        "step": ti.step,
+        "tokens": list(ti.tokens),
+        "num_vectors": ti.cfg.num_vectors,
+        "rows": ti._rows().cpu(),
+        "generator": ti.data.gen.get_state(),
+        "losses": torch.tensor(ti.losses),
+    }
+    if ti.ema is not None:
+        state["ema"] = ti.ema.cpu()
+    if adam:
+        state["adam"] = {
+            "step": adam["step"].cpu(),
+            "exp_avg": adam["exp_avg"][ids].cpu(),
+            "exp_avg_sq": adam["exp_avg_sq"][ids].cpu(),
+        }
+    return atomic_write(ti.out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(ti: TextualInversion) -> None:
+    path = ti.out / "checkpoint.pt"
+    state = read_torch(path, "textual-inversion checkpoint")
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise DifflabError(f"{path}: not a difflab textual-inversion checkpoint (missing {', '.join(missing)})")
+    if state["tokens"] != list(ti.tokens) or state["num_vectors"] != ti.cfg.num_vectors:
+        raise DifflabError(
+            f"{path}: checkpoint is for tokens {state['tokens']} x {state['num_vectors']} vectors, "
+            f"not {list(ti.tokens)} x {ti.cfg.num_vectors}"
+        )
+    ids = ti.new_ids.to(ti.device)
+    weight = ti._embedding()
+    with torch.no_grad():
+        weight[ids] = state["rows"].to(weight.device, weight.dtype)
+    if "adam" in state:
+        p = ti.adam.param_groups[0]["params"][0]
+        exp_avg, exp_avg_sq = torch.zeros_like(p), torch.zeros_like(p)
+        exp_avg[ids], exp_avg_sq[ids] = (
+            state["adam"]["exp_avg"].to(p.device),
+            state["adam"]["exp_avg_sq"].to(p.device),
+        )
+        ti.adam.state[p] = {"step": state["adam"]["step"], "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    if ti.ema is not None:
+        ti.ema = state.get("ema", state["rows"]).to(ti.device)
+    ti.data.gen.set_state(state["generator"])
+    ti.step, ti.losses = state["step"], state["losses"].tolist()
+
+
+@torch.inference_mode()
+def validation_grid(ti: TextualInversion) -> Path:
+    """A grid of images per validation prompt, sampled with the current embeddings (fixed seed)."""
+    cfg = ti.cfg
+    prompts = cfg.validation_prompts or [(TEMPLATES[c.kind][0]).format(c.token) for c in cfg.concepts]
+    ti.pipe.set_progress_bar_config(disable=True)
+    rows = []
+    for prompt in prompts:
+        g = torch.Generator(ti.device).manual_seed(cfg.seed)
+        with ti.accelerator.autocast():
+            images = ti.pipe(
+                prompt,
+                num_images_per_prompt=cfg.validation_images,
+                generator=g,
+                num_inference_steps=cfg.validation_steps,
+                height=cfg.resolution,
+                width=cfg.resolution,
+                output_type="pt",
+            ).images
+        rows.append(to_uint8(images, (0.0, 1.0)))
+    grid = image_grid(np.concatenate(rows), rows=len(prompts), cols=cfg.validation_images)
+    return save_png(grid, ti.out / "validation" / f"step{ti.step:06d}.png")
+
+
+def write_report(ti: TextualInversion) -> Path:
+    from difflab.report import HtmlReport
+    from difflab.report.plots import plot_loss_curve
+
+    smooth = max(len(ti.losses) // 50, 5) if len(ti.losses) >= 10 else 0
+    loss_png = plot_loss_curve(range(len(ti.losses)), ti.losses, ti.out / "loss.png", "micro-batch", smooth)
+    report = HtmlReport("Textual inversion")
+    report.table(["setting", "value"], [[k, str(v)] for k, v in asdict(ti.cfg).items()])
+    report.text(
+        f"Learned tokens: {', '.join(ti.tokens)} ({ti.cfg.num_vectors} vector(s) each); "
+        f"{ti.step} optimizer steps, effective lr {ti.lr:g}."
+    )
+    report.image(str(loss_png), caption="training loss (MSE)")
+    for path in sorted((ti.out / "validation").glob("*.png")):
+        report.image(str(path), caption=f"validation, {path.stem}")
+    return report.save(ti.out / "report.html")
 
 
 def train_textual_inversion(cfg: TextualInversionConfig, pipe=None) -> Path:
