@@ -365,9 +365,51 @@ def compose_images(
 def _compose_images(pipe, prompt, concepts, cfg: ComposeConfig, out: Path, background, scorer, refs) -> None:
     from tqdm.auto import tqdm
 
+    # The references are read first: a bad folder fails before minutes of sampling.
+    ref_embeds = {words: scorer.image_embeds(reference_images(folder)) for words, folder in refs} if scorer else {}
+    seeds = [stream_seed(cfg.seed, i) for i in range(cfg.num_images)]
+    results = [
+        compose(pipe, prompt, concepts, cfg, background=background, seed=seed)
+        for seed in tqdm(seeds, desc="compose", unit="img")
+    ]
+    figures = write_compositions(results, out)
+    header = ["concept", "naive image score", "composed image score", "difference"]
+    rows = composition_scores(scorer, ref_embeds, results) if ref_embeds else []
+    if rows:
+        write_csv(out / "scores.csv", header, [[w, f"{a:.4f}", f"{b:.4f}", f"{d:.4f}"] for w, a, b, d in rows])
+    report = composition_report(prompt, concepts, cfg, background, seeds, results, figures)
+    if rows:
+        report.heading(f"CLIP image score against each concept's references (mean of {cfg.num_images} images)")
+        report.table(header, rows)
+    report.save(out / "report.html")
+
+
+def write_compositions(results: list[Composition], out: Path) -> list[np.ndarray]:
+    """`naive_<i>.png`, `composed_<i>.png` and the mask figure `masks_<i>.png` of each result; returns the figures."""
+    figures = []
+    for i, result in enumerate(results):
+        save_png(np.asarray(result.naive), out / f"naive_{i}.png")
+        save_png(np.asarray(result.composed), out / f"composed_{i}.png")
+        figures.append(masks_figure(result))
+        save_png(figures[-1], out / f"masks_{i}.png")
+    return figures
+
+
+def composition_scores(scorer, ref_embeds: dict, results: list[Composition]) -> list[list]:
+    """Per concept: the mean CLIP image score of the naive and of the composed images against its references."""
+    naive_emb = scorer.image_embeds([r.naive for r in results])
+    composed_emb = scorer.image_embeds([r.composed for r in results])
+    rows = []
+    for words, refs_emb in ref_embeds.items():
+        naive_s = float(scorer.image_score(naive_emb, refs_emb).mean())
+        composed_s = float(scorer.image_score(composed_emb, refs_emb).mean())
+        rows.append([words, naive_s, composed_s, composed_s - naive_s])
+    return rows
+
+
+def composition_report(prompt, concepts, cfg: ComposeConfig, background, seeds, results, figures):
     from difflab.report import HtmlReport
 
-    ref_embeds = {words: scorer.image_embeds(reference_images(folder)) for words, folder in refs} if scorer else {}
     report = HtmlReport("Multi-concept composition: naive prompt vs region-wise denoising")
     report.pre(
         f"prompt: {prompt}\n"
@@ -375,32 +417,14 @@ def _compose_images(pipe, prompt, concepts, cfg: ComposeConfig, out: Path, backg
         + f"\nbackground: {background or prompt}\nsteps={cfg.steps} guidance={cfg.guidance} "
         f"scheduler={cfg.scheduler} threshold={cfg.threshold} smooth={cfg.smooth}"
     )
-    naive_all, composed_all = [], []
-    for i in tqdm(range(cfg.num_images), desc="compose", unit="img"):
-        result = compose(pipe, prompt, concepts, cfg, background=background, seed=stream_seed(cfg.seed, i))
-        save_png(np.asarray(result.naive), out / f"naive_{i}.png")
-        save_png(np.asarray(result.composed), out / f"composed_{i}.png")
-        figure = masks_figure(result)
-        save_png(figure, out / f"masks_{i}.png")
-        report.heading(f"seed {stream_seed(cfg.seed, i)}")
+    source = "box" if concepts[0].box else "attention"
+    for seed, result, figure in zip(seeds, results, figures, strict=True):
+        report.heading(f"seed {seed}")
         report.image(np.asarray(result.naive), caption="naive prompt")
         report.image(np.asarray(result.composed), caption="composed")
-        source = "box" if concepts[0].box else "attention"
         report.image(figure, caption=f"naive | {source} of " + " | ".join(c.words for c in concepts) + " | regions")
-        naive_all.append(result.naive)
-        composed_all.append(result.composed)
-    if len(naive_all) > 1:
+    if len(results) > 1:
         report.heading("All images (top: naive, bottom: composed)")
-        report.image(image_grid(thumbnails(naive_all + composed_all), 2, len(naive_all)))
-    if ref_embeds:
-        naive_emb, composed_emb = scorer.image_embeds(naive_all), scorer.image_embeds(composed_all)
-        rows = []
-        for words, refs_emb in ref_embeds.items():
-            naive_s = float(scorer.image_score(naive_emb, refs_emb).mean())
-            composed_s = float(scorer.image_score(composed_emb, refs_emb).mean())
-            rows.append([words, naive_s, composed_s, composed_s - naive_s])
-        header = ["concept", "naive image score", "composed image score", "difference"]
-        write_csv(out / "scores.csv", header, [[w, f"{a:.4f}", f"{b:.4f}", f"{d:.4f}"] for w, a, b, d in rows])
-        report.heading(f"CLIP image score against each concept's references (mean of {cfg.num_images} images)")
-        report.table(header, rows)
-    report.save(out / "report.html")
+        naive, composed = [r.naive for r in results], [r.composed for r in results]
+        report.image(image_grid(thumbnails(naive + composed), 2, len(results)))
+    return report
