@@ -30,9 +30,20 @@ class SampleConfig:
     eta: float = 1.0
     guidance_digit: float = 6.0  # 1 = no guidance
     guidance_domain: float = 1.0
+    # Guidance only where t / T lies in this range; the rest of the steps use the conditional ε alone.
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
     batch_size: int = 500
     seed: int = 0
     precision: Precision = Precision("auto")
+
+    def interval_steps(self, schedule: NoiseSchedule) -> tuple[int, int] | None:
+        """The guidance interval in timesteps, or None when guidance applies at every step."""
+        lo, hi = self.guidance_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise DifflabError(f"guidance interval ({lo}, {hi}): need 0 <= low <= high <= 1")
+        if (lo, hi) == (0.0, 1.0):
+            return None
+        return round(lo * (schedule.num_steps - 1)), round(hi * (schedule.num_steps - 1))
 
     def timesteps(self, schedule: NoiseSchedule) -> list[int]:
         if self.method == "ddpm":
@@ -46,18 +57,32 @@ class SampleConfig:
 
 
 def guided_digits_eps(
-    net, cond: torch.Tensor, guidance_digit: float, guidance_domain: float, null_cond: tuple[int, int] | None = None
+    net,
+    cond: torch.Tensor,
+    guidance_digit: float,
+    guidance_domain: float,
+    null_cond: tuple[int, int] | None = None,
+    interval: tuple[int, int] | None = None,
 ):
     """ε = ε(∅,∅) + g_dom·(ε(dom,∅) − ε(∅,∅)) + g_dig·(ε(dom,dig) − ε(dom,∅)), in one batched forward.
 
     With g_dom = 1 the (∅,∅) branch drops out; with g_dom = g_dig the (dom,∅) branch does. `null_cond`
-    (the null ids) defaults to `net.null_cond`."""
+    (the null ids) defaults to `net.null_cond`. With `interval` (lo, hi), guidance applies only at timesteps
+    lo <= t <= hi and elsewhere the conditional ε alone is used, one branch (Kynkäänniemi et al. 2024)."""
     null_domain, null_digit = null_cond or net.null_cond
     domain_only = cond.clone()
     domain_only[:, 1] = null_digit
     nothing = torch.tensor([null_domain, null_digit], device=cond.device).expand_as(cond)
     weights = [guidance_digit, guidance_domain - guidance_digit, 1.0 - guidance_domain]
-    return guided(net, [cond, domain_only, nothing], weights)
+    guided_eps = guided(net, [cond, domain_only, nothing], weights)
+    if interval is None:
+        return guided_eps
+    lo, hi = interval
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return guided_eps(x, t) if lo <= int(t[0]) <= hi else net(x, t, cond).float()
+
+    return eps_fn
 
 
 def sampling_precision(net: DigitsUNet, cond: torch.Tensor, cfg: SampleConfig, device: torch.device) -> Precision:
@@ -129,7 +154,12 @@ def generate(
     for start in tqdm(batches, desc=f"sampling {cfg.method}", disable=not progress or len(batches) == 1):
         c = cond[start : start + cfg.batch_size].to(device)
         eps_fn = guided_digits_eps(
-            lambda x, t, cc: model(precision.input(x), t, cc), c, cfg.guidance_digit, cfg.guidance_domain, net.null_cond
+            lambda x, t, cc: model(precision.input(x), t, cc),
+            c,
+            cfg.guidance_digit,
+            cfg.guidance_domain,
+            net.null_cond,
+            cfg.interval_steps(schedule),
         )
         with precision.autocast(device):
             res = sample(

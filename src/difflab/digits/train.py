@@ -79,6 +79,27 @@ class TrainConfig:
         return PRESETS[self.preset]
 
 
+def step_flops(cfg: TrainConfig) -> int:
+    """FLOPs of one training step (forward + backward of the loss at `cfg.batch_size`, fp32) by torch's FLOP
+    counter: the work a recipe costs, whatever the machine's speed. The optimiser and EMA updates are
+    elementwise and not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = DigitsUNet(cfg.net_config())
+    schedule = cfg.schedule.build()
+    size = net.config.image_size
+    x0 = torch.zeros(cfg.batch_size, net.config.in_channels, size, size)
+    t = torch.zeros(cfg.batch_size, dtype=torch.long)
+    cond = torch.zeros(cfg.batch_size, 2, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        schedule.training_loss(lambda x, tt: net(x, tt, cond), x0, t, torch.zeros_like(x0)).backward()
+    return counter.get_total_flops()
+
+
+def training_tflop(cfg: TrainConfig) -> float:
+    return step_flops(cfg) * cfg.steps / 1e12
+
+
 def read_losses(ckpt: str | os.PathLike) -> tuple[list[int], list[float]]:
     """The logged training loss of a checkpoint folder: (steps, mean loss over each log window)."""
     data = load_json(Path(ckpt) / LOSSES_FILE, "loss log")

@@ -1,0 +1,138 @@
+"""The digits job over seeds: recipe x seed x sampler, each seed with its own data, judges, training and sampling
+noise, as `difflab digits demo --seed N` runs them.
+
+For each row: accuracy per domain of the 1,000 digits of the course layout by that seed's judges, each domain's
+Fréchet distance over its floor (an equally large training sample against the held-out split), memorisation,
+network evaluations per image, training TFLOP (torch's FLOP counter) and training seconds. Data, judges and
+checkpoints are kept in benchmarks/.work/digits_seeds/, so a new sampler on old checkpoints costs only sampling.
+
+    python benchmarks/digits_seeds.py --recipes old new --seeds 0 1 2
+    python benchmarks/digits_seeds.py --recipes new --seeds 0 --samplers default ddim25   # one seed, two samplers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, write_results  # noqa: E402
+from difflab.demos.digits import DemoConfig  # noqa: E402
+from difflab.digits.classifier import classifier_path, load_classifier, train_classifiers  # noqa: E402
+from difflab.digits.data import DOMAINS, SPLITS, load_split, make_dataset  # noqa: E402
+from difflab.digits.model import load_digits_model  # noqa: E402
+from difflab.digits.quality import domain_quality  # noqa: E402
+from difflab.digits.sample import PER_DIGIT, SampleConfig, generate, make_conds  # noqa: E402
+from difflab.digits.train import TrainConfig, train, training_tflop  # noqa: E402
+from difflab.utils import to_uint8  # noqa: E402
+
+WORK = Path(__file__).resolve().parent / ".work" / "digits_seeds"
+# The default recipe until this table: 5,000 steps of batch 32, DDIM-25 with η = 1 and digit guidance 6.
+OLD_TRAIN = dict(steps=5000)
+OLD_SAMPLER = SampleConfig(method="ddim", steps=25, eta=1.0, guidance_digit=6.0)
+RECIPES: dict[str, dict] = {"old": OLD_TRAIN, "new": {}}
+SAMPLERS: dict[str, SampleConfig] = {"default": SampleConfig(), "old": OLD_SAMPLER}
+
+
+def data_and_judges(seed: int) -> tuple[Path, Path]:
+    """The demo's data and judges for `seed`, made once."""
+    demo = DemoConfig()
+    data, judges = WORK / f"seed{seed}" / "data", WORK / f"seed{seed}" / "judges"
+    if not (data / "digits" / DOMAINS[-1] / SPLITS["val"]).is_file():
+        make_dataset(data, demo.n_per_domain, demo.n_test_per_domain, seed)
+    if not classifier_path(judges, DOMAINS[-1]).is_file():
+        train_classifiers(data, judges, epochs=demo.classifier_epochs, seed=seed)
+    return data, judges
+
+
+def trained(recipe: str, seed: int, data: Path) -> tuple[Path, TrainConfig, float | None]:
+    """The checkpoint of `recipe` for `seed` (trained now unless kept), its config and the training seconds."""
+    out = WORK / recipe / f"seed{seed}"
+    cfg = TrainConfig(data_root=str(data), out_dir=str(out), seed=seed, **RECIPES[recipe])
+    log = out / "bench_train.json"
+    if not log.is_file():
+        start = time.perf_counter()
+        train(replace(cfg, overwrite=True))
+        log.write_text(json.dumps({"seconds": time.perf_counter() - start}))
+    return out, cfg, json.loads(log.read_text())["seconds"]
+
+
+def judge(ckpt: Path, sampler: SampleConfig, seed: int, data: Path, judges: Path) -> dict:
+    """Accuracy, Fréchet ratio and memorisation of the course layout (50 per digit and domain) drawn with `seed`."""
+    net, schedule, _ = load_digits_model(ckpt, torch.device("cpu"))
+    digits = torch.arange(10).repeat_interleave(PER_DIGIT)
+    cond = torch.cat([make_conds(torch.full_like(digits, d), digits) for d in range(len(DOMAINS))])
+    images = to_uint8(generate(net, schedule, cond, replace(sampler, seed=seed), torch.device("cpu"))[0])
+    n, row = len(digits), {}
+    for i, domain in enumerate(DOMAINS):
+        gen, labels = images[i * n : (i + 1) * n], digits.numpy()
+        model = load_classifier(classifier_path(judges, domain), "cpu")
+        train_x, _ = load_split(data, domain, "train")
+        held_x, held_y = load_split(data, domain, "val")
+        q = domain_quality(model, gen, labels, train_x, held_x, held_y)
+        row[domain] = {
+            "acc": float((model.predict(gen) == labels).mean()),
+            "frechet_ratio": q["frechet_generated_vs_heldout"] / q["frechet_train_vs_heldout"],
+            "frechet": q["frechet_generated_vs_heldout"],
+            "memorisation": q["memorisation_rate"],
+        }
+    row["acc"] = float(np.mean([row[d]["acc"] for d in DOMAINS]))
+    return row
+
+
+def nfe(sampler: SampleConfig) -> int:
+    return 1000 if sampler.method == "ddpm" else sampler.steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--samplers", nargs="+", default=["default"], choices=list(SAMPLERS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--name", default="digits_seeds", help="results file stem")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    path = RESULTS / f"{args.name}.json"
+    rows = {tuple(r[:3]): r for r in json.loads(path.read_text())["rows"]} if path.is_file() else {}
+    for seed in args.seeds:
+        data, judges = data_and_judges(seed)
+        for recipe in args.recipes:
+            ckpt, cfg, seconds = trained(recipe, seed, data)
+            for name in args.samplers:
+                sampler = SAMPLERS[name]
+                r = judge(ckpt, sampler, seed, data, judges)
+                m, s = r["mnistm"], r["svhn"]
+                rows[(recipe, name, seed)] = [
+                    recipe, name, seed, m["acc"], s["acc"], round(r["acc"], 4),
+                    round(m["frechet_ratio"], 2), round(s["frechet_ratio"], 2),
+                    round(m["memorisation"], 3), round(s["memorisation"], 3),
+                    nfe(sampler), round(training_tflop(cfg), 1), round(seconds, 1),
+                ]  # fmt: skip
+                print(rows[(recipe, name, seed)], flush=True)
+    table = sorted(rows.values(), key=lambda r: (r[0], r[1], r[2]))
+    header = [
+        "recipe", "sampler", "seed", "MNIST-M acc", "SVHN acc", "mean acc", "Fréchet ratio MNIST-M",
+        "Fréchet ratio SVHN", "memorised MNIST-M", "memorised SVHN", "NFE / image", "training TFLOP",
+        "training s",
+    ]  # fmt: skip
+    samplers = {k: asdict(v) for k, v in SAMPLERS.items()}
+    note = (
+        "Each seed makes its own data, judges (8 epochs), model and sampling noise, as `difflab digits demo --seed N`; "
+        "1,000 digits (50 per digit and domain). Fréchet ratio: the judge-feature Fréchet distance of the generated "
+        "digits to the held-out split over that of an equal training sample (1.0 = as close as real data). NFE: "
+        "batched network calls per image (all guidance branches in one). Training seconds are wall clock with nothing "
+        f"else running, {args.threads} thread(s). Recipes: {json.dumps(RECIPES)}. Samplers: {json.dumps(samplers)}."
+    )
+    write_results(args.name, header, table, note)
+
+
+if __name__ == "__main__":
+    main()
