@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,52 @@ def test_per_factor_guidance_equals_its_formula():
         e_none = net(x, t, make_conds([nd, nd], [ng, ng]))
         out = guided_digits_eps(net, cond, guidance_digit=4.0, guidance_domain=2.0)(x, t)
     torch.testing.assert_close(out, e_none + 2.0 * (e_dom - e_none) + 4.0 * (e_full - e_dom), atol=1e-5, rtol=1e-5)
+
+
+def test_guidance_in_an_interval_is_the_conditional_outside_it():
+    torch.manual_seed(0)
+    net = DigitsUNet(TINY).eval()
+    x, cond = torch.randn(2, 3, 28, 28), make_conds([0, 1], [4, 7])
+    guided_everywhere = guided_digits_eps(net, cond, 4.0, 1.0)
+    in_interval = guided_digits_eps(net, cond, 4.0, 1.0, interval=(100, 300))
+    with torch.no_grad():
+        for t in (50, 100, 300, 301):
+            tt = torch.tensor([t, t])
+            expected = guided_everywhere(x, tt) if 100 <= t <= 300 else net(x, tt, cond)
+            torch.testing.assert_close(in_interval(x, tt), expected)
+    assert SampleConfig(guidance_interval=(0.2, 0.6)).interval_steps(ScheduleConfig(num_steps=501).build()) == (
+        100,
+        300,
+    )
+    assert SampleConfig().interval_steps(ScheduleConfig().build()) is None
+    with pytest.raises(DifflabError, match="guidance interval"):
+        SampleConfig(guidance_interval=(0.7, 0.2)).interval_steps(ScheduleConfig().build())
+
+
+def test_demo_seeds_reach_the_sampler(tmp_path):
+    from difflab.demos.digits import DemoConfig
+
+    torch.manual_seed(0)
+    ckpt = save_model(tmp_path / "model", DigitsUNet(TINY), ScheduleConfig(num_steps=50))
+    net, schedule, _ = load_digits_model(ckpt)
+    cpu = torch.device("cpu")
+
+    def images(seed: int, folder: str) -> np.ndarray:
+        cfg = DemoConfig(seed=seed, precision="fp32")
+        layout = write_course_layout(net, schedule, tmp_path / folder, replace(cfg.sample_config(), steps=3), cpu, 2)
+        return np.concatenate(list(layout.values()))
+
+    one, two, one_again = images(1, "a"), images(2, "b"), images(1, "c")
+    assert not np.array_equal(one, two)
+    assert np.array_equal(one, one_again)
+
+
+def test_the_default_recipe_is_counted_and_within_its_compute_budget():
+    from difflab.digits.train import step_flops, training_tflop
+
+    cfg = TrainConfig("data", "out")
+    assert step_flops(replace(cfg, batch_size=2 * cfg.batch_size)) == 2 * step_flops(cfg)
+    assert training_tflop(cfg) <= 45.0
 
 
 def _weights(folder):
@@ -174,7 +221,7 @@ def test_course_layout_and_figures(tmp_path):
         names = sorted(p.name for p in (tmp_path / domain).iterdir())
         assert names == sorted(f"{d}_{i:03d}.png" for d in range(10) for i in (1, 2))
         assert images[domain].shape == (20, 28, 28, 3)
-    # Batching does not change images, up to numerics: the noise is drawn once for the whole run, but CPU
+    # Batching does not change images, up to numerics: each image draws its noise from its own generator, but CPU
     # kernels may sum in another order for another batch size (a few pixels then differ by one grey level).
     again = write_course_layout(
         net,
@@ -186,7 +233,7 @@ def test_course_layout_and_figures(tmp_path):
     )
     diff = np.abs(images["svhn"].astype(int) - again["svhn"])
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
-    strip, ts = reverse_process_strip(net, sched, cfg, torch.device("cpu"), per_digit=2)
+    strip, ts = reverse_process_strip(net, sched, cfg, torch.device("cpu"))
     assert strip.shape[0] > 2 * 28 and ts[0] > ts[-1] == 0 and len(ts) == 6
     # The strip's last frame is the layout's first 0 of the first domain.
     np.testing.assert_array_equal(strip[2:30, -30:-2], images["mnistm"][0])
@@ -381,3 +428,37 @@ def test_ctrl_c_saves_a_resumable_checkpoint_and_says_how_to_go_on(data_root, tm
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert torch.load(out / "train_state.pt", weights_only=True)["step"] == step + 2
+
+
+def test_pipeline_draws_the_images_of_digits_sample(tmp_path):
+    from PIL import Image
+
+    from difflab import DigitsPipeline
+    from difflab.digits.pipeline import layout_generators
+
+    torch.manual_seed(0)
+    ckpt = save_model(tmp_path / "model", DigitsUNet(TINY), ScheduleConfig(num_steps=50))
+    args = ["--ckpt", str(ckpt), "--out", str(tmp_path / "s"), "--per-digit", "3", "--steps", "3", "--seed", "5"]
+    r = runner.invoke(app, ["digits", "sample", *args, "--precision", "fp32", "--no-figures"])
+    assert r.exit_code == 0, r.output
+    pipe = DigitsPipeline.from_pretrained(ckpt).to("cpu")
+    out = pipe(
+        domain="svhn",
+        digit=7,
+        num_images=3,
+        num_inference_steps=3,
+        generator=layout_generators(5, "svhn", 7, 3),
+        output_type="np",
+    )
+    ours = np.round(out.images * 255).astype(int)
+    theirs = np.stack([np.asarray(Image.open(tmp_path / "s" / "svhn" / f"7_00{n}.png")) for n in (1, 2, 3)])
+    # The same noises; another batch composition may move a few pixels by one grey level (CPU kernels).
+    diff = np.abs(ours - theirs)
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    pils = pipe(domain=1, digit=[1, 2], num_images=2, num_inference_steps=2).images
+    assert [p.size for p in pils] == [(28, 28)] * 2
+    pt = pipe(num_images=2, num_inference_steps=2, output_type="pt").images
+    assert pt.shape == (2, 3, 28, 28) and 0 <= pt.min() and pt.max() <= 1
+    for bad, match in (({"domain": "mnist"}, "domain"), ({"digit": 10}, "digit"), ({"output_type": "jpg"}, "output")):
+        with pytest.raises(DifflabError, match=match):
+            pipe(num_inference_steps=1, **bad)

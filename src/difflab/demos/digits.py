@@ -37,6 +37,10 @@ class DemoConfig:
     precision: Precision = TrainConfig.precision
     device: str | None = None
 
+    def sample_config(self) -> SampleConfig:
+        """The sampler of the demo: its own settings, with the demo's seed and precision."""
+        return replace(self.sample, precision=self.precision, seed=self.seed)
+
     @classmethod
     def quick(cls, out_dir: str) -> "DemoConfig":
         """A two-minute smoke run: small data, a few hundred steps, few sampling steps. Accuracy is not the point."""
@@ -103,7 +107,7 @@ def _run_demo(cfg: DemoConfig, out: Path) -> Path:
     device = pick_device(cfg.device)
     net, schedule, model_config = load_digits_model(ckpt, device)
     samples, figures = out / "samples", out / "figures"
-    sample_cfg = replace(cfg.sample, precision=cfg.precision, seed=cfg.seed)
+    sample_cfg = cfg.sample_config()
     per_domain = stages.run("sample", write_course_layout, net, schedule, samples, sample_cfg, device, cfg.per_digit)
     result = stages.run("evaluate", evaluate_folder, samples, judges, out / "eval", cfg.device, data_root)
     report = HtmlReport("difflab — conditional digits (DDPM + classifier-free guidance)")
@@ -123,6 +127,7 @@ def _run_demo(cfg: DemoConfig, out: Path) -> Path:
     path = report.save(out / "report.html")
     print(format_summary(result))
     print(format_quality(result))
+    print(f"training compute: {model_config['training_tflop']:.1f} TFLOP ({model_config['steps']} steps)")
     print(f"report: {path.resolve()}")
     return path
 
@@ -136,7 +141,8 @@ def describe_run(report: HtmlReport, cfg: DemoConfig, model_config: dict, judge_
     )
     report.text(
         f"Machine: {cpu_name()}, {torch.get_num_threads()} threads. Diffusion training: "
-        f"{model_config['steps']} steps, {work}; precision {model_config.get('precision', '?')}. "
+        f"{model_config['steps']} steps ({model_config.get('training_tflop', '?')} TFLOP by torch's FLOP counter), "
+        f"{work}; precision {model_config.get('precision', '?')}. "
         f"Judges: precision {judge_meta.get('precision', '?')}."
     )
     report.text(

@@ -102,26 +102,36 @@ def sampling_precision(net: DigitsUNet, cond: torch.Tensor, cfg: SampleConfig, d
     return settle_inference(cfg.precision, device, job, lambda: copy.deepcopy(net), forward)
 
 
-class StepNoise:
-    """The fresh noise of reverse step i for some rows of a run: drawn for all `n_total` images from a
-    generator seeded by (seed, i), then indexed, so a row's noise is the same in any batch."""
+class ImageNoise:
+    """The noise of a batch: x_T first (`initial`), then one draw per stochastic step (`[i]`). With one generator per
+    image, each image draws from its own, so an image is the same in any batch, process or pipeline call; with a
+    single generator the whole batch draws from it, as a diffusers pipeline does."""
 
-    def __init__(self, seed: int, n_total: int, rows: list[int], shape: torch.Size):
-        self.seed, self.n_total, self.rows, self.shape = seed, n_total, rows, tuple(shape)
+    def __init__(self, generators: list[torch.Generator] | torch.Generator, n: int, shape: tuple[int, ...]):
+        if isinstance(generators, list) and len(generators) != n:
+            raise DifflabError(f"{len(generators)} generators for {n} images: give one per image, or one for all")
+        self.generators, self.n, self.shape = generators, n, tuple(shape)
+
+    def initial(self) -> torch.Tensor:
+        return self[0]
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(stream_seed(self.seed, 1 + i, stride=1_000_003))
-        return torch.randn(self.n_total, *self.shape, generator=g)[self.rows]
+        if isinstance(self.generators, list):
+            return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
+        return torch.randn(self.n, *self.shape, generator=self.generators)
+
+
+def image_seed(seed: int, domain: int, digit: int, n: int) -> int:
+    """The seed of image `n` of (domain, digit) in a run seeded `seed` (the course layout, the pipeline)."""
+    return stream_seed(seed, (domain * 100 + digit) * 1_000_000 + n, stride=1_000_000_007)
+
+
+def image_generators(seeds: list[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
 
 
 def make_conds(domains: list[int] | torch.Tensor, digits: list[int] | torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.as_tensor(domains), torch.as_tensor(digits)], dim=1).long()
-
-
-@torch.inference_mode()
-def initial_noise(net: DigitsUNet, n: int, generator: torch.Generator) -> torch.Tensor:
-    size = net.config.image_size
-    return torch.randn(n, net.config.in_channels, size, size, generator=generator)
 
 
 @torch.inference_mode()
@@ -133,18 +143,18 @@ def generate(
     device: torch.device,
     capture: list[int] | None = None,
     progress: bool = True,
-    rows: list[int] | None = None,
+    seeds: list[int] | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Images in [-1, 1] (on CPU) for every row of `cond`, and the captured x_t per timestep.
 
-    All initial noise is drawn at once from `cfg.seed`, and so is each step's fresh noise (η > 0, DDPM), so an
-    image does not depend on the batch size; `rows` picks which of those noises to use (to redo single images
-    of a larger run)."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    n_total = len(cond) if rows is None else max(rows) + 1
-    x_T = initial_noise(net, n_total, g)
-    rows = list(range(n_total)) if rows is None else list(rows)
-    x_T = x_T[rows]
+    Each row draws its noise (x_T, then fresh noise at each stochastic step) from its own generator, seeded by
+    `seeds` (default: a stream of `cfg.seed` per row), so an image does not depend on the batch size or on the
+    other rows. `generator` overrides them: a list gives each row its generator, a single one is shared by all."""
+    if generator is None:
+        seeds = seeds if seeds is not None else [stream_seed(cfg.seed, i, stride=1_000_003) for i in range(len(cond))]
+        generator = image_generators(seeds)
+    shape = (net.config.in_channels, net.config.image_size, net.config.image_size)
     timesteps = cfg.timesteps(schedule)
     # Timed on a slice of a batch: the ranking of the candidates holds, at a fraction of the cost.
     precision = sampling_precision(net, cond[: min(cfg.batch_size, 64)].to(device), cfg, device)
@@ -153,6 +163,8 @@ def generate(
     batches = range(0, len(cond), cfg.batch_size)
     for start in tqdm(batches, desc=f"sampling {cfg.method}", disable=not progress or len(batches) == 1):
         c = cond[start : start + cfg.batch_size].to(device)
+        gens = generator[start : start + cfg.batch_size] if isinstance(generator, list) else generator
+        noise = ImageNoise(gens, len(c), shape)
         eps_fn = guided_digits_eps(
             lambda x, t, cc: model(precision.input(x), t, cc),
             c,
@@ -164,13 +176,13 @@ def generate(
         with precision.autocast(device):
             res = sample(
                 eps_fn,
-                x_T[start : start + cfg.batch_size].to(device),
+                noise.initial().to(device),
                 schedule,
                 timesteps,
                 method=cfg.method,
                 eta=cfg.eta,
                 capture=capture,
-                step_noise=StepNoise(cfg.seed, n_total, rows[start : start + cfg.batch_size], x_T.shape[1:]),
+                step_noise=noise,
                 progress=progress and len(batches) == 1,
             )
         outs.append(res.images.float().clamp(-1, 1).cpu())
@@ -192,7 +204,8 @@ def write_course_layout(
     out = Path(out_dir)
     digits = torch.arange(10).repeat_interleave(per_digit)
     cond = torch.cat([make_conds(torch.full_like(digits, d), digits) for d in range(len(DOMAINS))])
-    images = to_uint8(generate(net, schedule, cond, cfg, device)[0])
+    seeds = [image_seed(cfg.seed, d, k, n) for d in range(len(DOMAINS)) for k in range(10) for n in range(per_digit)]
+    images = to_uint8(generate(net, schedule, cond, cfg, device, seeds=seeds)[0])
     per_domain = {}
     for d, domain in enumerate(DOMAINS):
         block = images[d * len(digits) : (d + 1) * len(digits)]
@@ -215,15 +228,14 @@ def reverse_process_strip(
     device: torch.device,
     digit: int = 0,
     snapshots: int = 6,
-    per_digit: int = PER_DIGIT,
 ) -> tuple[np.ndarray, list[int]]:
     """One row per domain: x_t of the first `digit` image of the course layout at `snapshots` timesteps, T to 0."""
     timesteps = cfg.timesteps(schedule)
     picks = [timesteps[round(i * (len(timesteps) - 1) / (snapshots - 2))] for i in range(snapshots - 1)]
     # The same noises as the first image of `digit` in each domain of `write_course_layout`.
-    rows = [d * 10 * per_digit + digit * per_digit for d in range(len(DOMAINS))]
+    seeds = [image_seed(cfg.seed, d, digit, 0) for d in range(len(DOMAINS))]
     cond = make_conds(list(range(len(DOMAINS))), [digit] * len(DOMAINS))
-    final, traj = generate(net, schedule, cond, cfg, device, capture=picks, progress=False, rows=rows)
+    final, traj = generate(net, schedule, cond, cfg, device, capture=picks, progress=False, seeds=seeds)
     frames = [traj[t].clamp(-1, 1) for t in picks] + [final]
     tiles = np.stack([to_uint8(f) for f in frames], axis=1).reshape(-1, *to_uint8(final).shape[1:])
     return image_grid(tiles, len(DOMAINS), snapshots), picks + [0]
@@ -264,7 +276,7 @@ def write_sample_figures(
         domain: save_png(digit_grid(images, per_digit, columns=min(10, per_digit)), folder / f"grid_{domain}.png")
         for domain, images in per_domain.items()
     }
-    strip, strip_ts = reverse_process_strip(net, schedule, cfg, device, per_digit=per_digit)
+    strip, strip_ts = reverse_process_strip(net, schedule, cfg, device)
     return grids, save_png(strip, folder / "reverse_process.png"), strip_ts
 
 

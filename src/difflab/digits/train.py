@@ -85,7 +85,8 @@ def step_flops(cfg: TrainConfig) -> int:
     elementwise and not counted."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    net = DigitsUNet(cfg.net_config())
+    with torch.random.fork_rng(devices=[]):  # counting leaves the run's random draws as they were
+        net = DigitsUNet(cfg.net_config())
     schedule = cfg.schedule.build()
     size = net.config.image_size
     x0 = torch.zeros(cfg.batch_size, net.config.in_channels, size, size)
@@ -160,6 +161,7 @@ class Run:
     losses: list = field(default_factory=list)  # (step, mean loss of the log window)
     running: list = field(default_factory=list)  # the losses of the log window in progress
     t_density: torch.Tensor | None = None  # where timesteps are drawn from; None: uniformly
+    flops_per_step: int = 0  # counted once by `step_flops`, for each process
 
     @property
     def device(self) -> torch.device:
@@ -186,6 +188,8 @@ def train(cfg: TrainConfig) -> Path:
         run = start_run(cfg, accelerator)
         train_loop(run, stop)
     if accelerator.is_main_process:
+        tflop = load_json(Path(cfg.out_dir) / "config.json")["training_tflop"]
+        print(f"training compute: {tflop:.1f} TFLOP (torch's FLOP counter, forward + backward)", flush=True)
         print(f"checkpoint: {cfg.out_dir}", flush=True)
     return Path(cfg.out_dir)
 
@@ -268,6 +272,7 @@ def start_run(cfg: TrainConfig, accelerator) -> Run:
     g = torch.Generator().manual_seed(stream_seed(cfg.seed, accelerator.process_index, stride=1000))
     run = Run(cfg, accelerator, net, ema, opt, schedule, Precision(), images, conds, g, run_identity(cfg))
     run.t_density = timestep_density(cfg, schedule)
+    run.flops_per_step = step_flops(cfg)
     if cfg.resume:
         path = Path(cfg.out_dir) / STATE_FILE
         run.step, run.losses, run.running = resume_from(
@@ -329,7 +334,13 @@ def save_state(run: Run) -> int:
             "run": run.identity,
         }
         atomic_write(out / STATE_FILE, lambda tmp: torch.save(state, tmp))
-        extra = {"steps": run.step, "train": _jsonable(cfg), "precision": run.precision.describe()}
+        tflop = run.step * run.flops_per_step * run.accelerator.num_processes / 1e12
+        extra = {
+            "steps": run.step,
+            "train": _jsonable(cfg),
+            "precision": run.precision.describe(),
+            "training_tflop": round(tflop, 2),
+        }
         save_model(out, run.ema, cfg.schedule, extra=extra)
         save_json({"steps": [s for s, _ in run.losses], "loss": [v for _, v in run.losses]}, out / LOSSES_FILE)
     return run.step
