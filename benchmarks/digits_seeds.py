@@ -6,8 +6,8 @@ Fréchet distance over its floor (an equally large training sample against the h
 network evaluations per image, training TFLOP (torch's FLOP counter) and training seconds. Data, judges and
 checkpoints are kept in benchmarks/.work/digits_seeds/, so a new sampler on old checkpoints costs only sampling.
 
-    python benchmarks/digits_seeds.py --recipes old new --seeds 0 1 2
-    python benchmarks/digits_seeds.py --recipes new --seeds 0 --samplers default ddim25   # one seed, two samplers
+    python benchmarks/digits_seeds.py --recipes default 45-tflop --seeds 0 1 2 --samplers default ddim-25
+    python benchmarks/digits_seeds.py --seeds 1 --threads 1 --name .part1   # one seed per process, side by side
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from difflab.digits.train import TrainConfig, train, training_tflop  # noqa: E40
 from difflab.utils import to_uint8  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / ".work" / "digits_seeds"
-# The default recipe until this table: 5,000 steps of batch 32, DDIM-25 with η = 1 and digit guidance 6.
-OLD_TRAIN = dict(steps=5000)
+# Training recipes: the default, and the default cut to 45 TFLOP (2,190 steps, 200 warm-up steps).
+RECIPES: dict[str, dict] = {"default": {}, "45-tflop": dict(steps=2190, warmup_steps=200)}
+# The sampler until this table: DDIM-25 with η = 1 and digit guidance 6 at every step.
 OLD_SAMPLER = SampleConfig(method="ddim", steps=25, eta=1.0, guidance_digit=6.0)
-RECIPES: dict[str, dict] = {"old": OLD_TRAIN, "new": {}}
-SAMPLERS: dict[str, SampleConfig] = {"default": SampleConfig(), "old": OLD_SAMPLER}
+SAMPLERS: dict[str, SampleConfig] = {"default": SampleConfig(), "ddim-25": OLD_SAMPLER}
 
 
 def data_and_judges(seed: int) -> tuple[Path, Path]:

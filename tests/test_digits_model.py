@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -287,9 +288,18 @@ def test_cli_train_sample_evaluate(data_root, tiny_preset, tmp_path):
     assert len(list((tmp_path / "out" / "mnistm").glob("*.png"))) == 20
     assert (tmp_path / "out" / "figures" / "grid_svhn.png").is_file()
     train_classifiers(data_root, tmp_path / "clf", epochs=1, device="cpu")
-    r = runner.invoke(app, ["digits", "evaluate", str(tmp_path / "out"), "--classifiers", str(tmp_path / "clf")])
+    evaluate = ["digits", "evaluate", str(tmp_path / "out"), "--classifiers", str(tmp_path / "clf")]
+    r = runner.invoke(app, [*evaluate, "--model", str(ckpt)])
     assert r.exit_code == 0, r.output
     assert "acc = " in r.output and "(correct/total = " in r.output
+    card = ModelCard.load(ckpt / "README.md")
+    assert card.data.library_name == "difflab" and "digits" in card.data.tags and card.data.license == "mit"
+    assert card.data.pipeline_tag == "unconditional-image-generation"
+    assert "TFLOP" in card.text and "DigitsPipeline.from_pretrained" in card.text and (ckpt / "samples.png").is_file()
+    metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    result = json.loads((tmp_path / "out" / "eval" / "metrics.json").read_text())
+    assert metrics["accuracy"] == pytest.approx(result["accuracy"])
+    assert metrics["accuracy_svhn"] == pytest.approx(result["domains"]["svhn"]["accuracy"])
 
 
 def test_two_process_cpu_training(data_root, tmp_path):

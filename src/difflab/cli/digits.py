@@ -336,12 +336,15 @@ def evaluate_command(
         help="Real data (digits/<domain>/train.csv + val.csv) for the "
         "quality measures (default: the data the classifiers were trained on).",
     ),
+    model: Optional[Path] = typer.Option(
+        None, "--model", help="The checkpoint folder the digits came from: its model card gets the metrics."
+    ),
     device: Device = None,
     overwrite: Overwrite = False,
 ):
     """Score generated digits with the per-domain classifiers: MNIST-M acc, SVHN acc and their mean; then
     Fréchet distance, memorisation rate and diversity against the real data."""
-    evaluate_folder(folder, classifiers, out, device, data_root, overwrite)
+    evaluate_folder(folder, classifiers, out, device, data_root, overwrite, model)
 
 
 @app.command("train-classifier")

@@ -109,7 +109,7 @@ def _run_demo(cfg: DemoConfig, out: Path) -> Path:
     samples, figures = out / "samples", out / "figures"
     sample_cfg = cfg.sample_config()
     per_domain = stages.run("sample", write_course_layout, net, schedule, samples, sample_cfg, device, cfg.per_digit)
-    result = stages.run("evaluate", evaluate_folder, samples, judges, out / "eval", cfg.device, data_root)
+    result = stages.run("evaluate", evaluate_folder, samples, judges, out / "eval", cfg.device, data_root, False, ckpt)
     report = HtmlReport("difflab — conditional digits (DDPM + classifier-free guidance)")
     describe_run(report, cfg, model_config, load_json(judges / f"{DOMAINS[0]}.json"))
     add_accuracy(report, result, accs, out / "eval")

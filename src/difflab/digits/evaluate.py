@@ -11,7 +11,7 @@ import numpy as np
 from difflab.digits.classifier import classifier_path, load_classifier
 from difflab.digits.data import DOMAINS, load_split, read_images, split_csv
 from difflab.digits.quality import domain_quality
-from difflab.io import image_files, load_json, open_run, save_json, save_png
+from difflab.io import image_files, load_json, open_run, save_json, save_png, set_card_metrics
 from difflab.report.plots import plot_confusion_matrix
 from difflab.utils import DifflabError, image_grid
 
@@ -59,6 +59,7 @@ def evaluate_folder(
     device: str | None = None,
     data_root: str | os.PathLike | None = None,
     overwrite: bool = False,
+    model_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Classify <folder>/mnistm/*.png and <folder>/svhn/*.png, print the three course lines and write
     per-digit accuracy, confusion matrices, quality measures against the real data (see `quality`),
@@ -68,7 +69,23 @@ def evaluate_folder(
     folder = Path(folder)
     out_dir = Path(out_dir) if out_dir is not None else folder / "eval"
     with open_run(out_dir, "digits evaluate", overwrite=overwrite, staged=True) as run:
-        return _evaluate(folder, classifier_dir, run.dir, device, data_root)
+        result = _evaluate(folder, classifier_dir, run.dir, device, data_root)
+    if model_dir is not None:
+        set_card_metrics(model_dir, "unconditional-image-generation", card_metrics(result))
+    return result
+
+
+def card_metrics(result: dict) -> dict[str, float]:
+    """The numbers a model card lists: accuracy (mean and per domain), and each domain's Fréchet distance over
+    its floor and memorisation rate when measured."""
+    metrics = {"accuracy": result["accuracy"]}
+    for domain, r in result["domains"].items():
+        metrics[f"accuracy_{domain}"] = r["accuracy"]
+        q = r.get("quality")
+        if q:
+            metrics[f"frechet_ratio_{domain}"] = q["frechet_generated_vs_heldout"] / q["frechet_train_vs_heldout"]
+            metrics[f"memorisation_{domain}"] = q["memorisation_rate"]
+    return {k: round(float(v), 4) for k, v in metrics.items()}
 
 
 def _evaluate(folder: Path, classifier_dir, out_dir: Path, device, data_root) -> dict:

@@ -19,9 +19,18 @@ from tqdm.auto import tqdm
 from difflab.digits.data import DOMAINS, load_split
 from difflab.digits.model import STATE_FILE, ScheduleConfig, save_model
 from difflab.digits.sample import progress_grid
-from difflab.io import atomic_write, check_state_dict, load_json, open_run, read_torch, save_json, save_png
+from difflab.io import (
+    atomic_write,
+    check_state_dict,
+    load_json,
+    open_run,
+    read_torch,
+    save_json,
+    save_png,
+    write_model_card,
+)
 from difflab.nets.digits_unet import DigitsUNet, DigitsUNetConfig
-from difflab.precision import Precision, settle_training
+from difflab.precision import Precision, cpu_name, settle_training
 from difflab.schedule import NoiseSchedule
 from difflab.utils import DifflabError, Interrupted, StopRequest, stream_seed
 
@@ -186,12 +195,46 @@ def train(cfg: TrainConfig) -> Path:
     with folder, StopRequest() as stop:
         accelerator.wait_for_everyone()
         run = start_run(cfg, accelerator)
+        start = time.perf_counter()
         train_loop(run, stop)
+        if accelerator.is_main_process:
+            write_card(run, time.perf_counter() - start)
     if accelerator.is_main_process:
         tflop = load_json(Path(cfg.out_dir) / "config.json")["training_tflop"]
         print(f"training compute: {tflop:.1f} TFLOP (torch's FLOP counter, forward + backward)", flush=True)
         print(f"checkpoint: {cfg.out_dir}", flush=True)
     return Path(cfg.out_dir)
+
+
+def write_card(run: Run, seconds: float) -> None:
+    """The model card (README.md) of the checkpoint folder, with a grid of both domains x all digits."""
+    cfg, out = run.cfg, Path(run.cfg.out_dir)
+    save_png(progress_grid(run.ema, run.schedule, cfg.seed), out / "samples.png")
+    config = load_json(out / "config.json")
+    made = {
+        "command": f"`difflab digits train --data-root {cfg.data_root} --out {cfg.out_dir} --steps {cfg.steps} "
+        f"--seed {cfg.seed}`",
+        "data": f"`{cfg.data_root}`",
+        "network": f"preset {cfg.preset}, {sum(p.numel() for p in run.ema.parameters()) / 1e6:.2f} M parameters",
+        "steps x batch": f"{run.step} x {cfg.batch_size} x {run.accelerator.num_processes} process(es)",
+        "training compute": f"{config['training_tflop']} TFLOP (torch's FLOP counter, forward + backward)",
+        "machine": f"{cpu_name()}, {torch.get_num_threads()} threads"
+        if run.device.type == "cpu"
+        else torch.cuda.get_device_name(run.device),
+        "precision": run.precision.describe(),
+        "training time": f"{seconds:.0f} s",
+    }
+    usage = f"""import torch
+from difflab import DigitsPipeline
+
+pipe = DigitsPipeline.from_pretrained("{out}")
+images = pipe(domain="svhn", digit=7, num_images=8, generator=torch.Generator().manual_seed(0)).images"""
+    summary = (
+        "A conditional DDPM for 28x28 digits in two domains (MNIST-M-like and SVHN-like), conditioned on domain and "
+        "digit with per-factor classifier-free guidance. Rows of the image: MNIST-M, SVHN; columns: digits 0-9."
+    )
+    write_model_card(out, "difflab digits DDPM", summary, made, usage, ["diffusion", "ddpm", "digits"],
+                     "unconditional-image-generation", image="samples.png")  # fmt: skip
 
 
 def train_loop(run: Run, stop: StopRequest) -> None:

@@ -1,6 +1,7 @@
 """Every file difflab reads or writes goes through here: one safe reader per kind (checkpoints, JSON, text,
 images, tables) that turns any failure into `<path>: <what is wrong>`, and atomic writers."""
 
+from difflab.io.cards import set_card_metrics, write_model_card
 from difflab.io.checkpoints import (
     check_state_dict,
     loader_error,
@@ -28,6 +29,8 @@ from difflab.io.files import (
 from difflab.io.runs import check_writable, open_run, refuse_existing_file
 
 __all__ = [
+    "set_card_metrics",
+    "write_model_card",
     "IMAGE_SUFFIXES",
     "METADATA",
     "atomic_write",
