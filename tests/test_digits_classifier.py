@@ -161,3 +161,16 @@ def test_evaluate_errors(tmp_path, data_root, classifier_dir):
     (folder / "svhn").rmdir()
     with pytest.raises(DifflabError, match="svhn: folder not found"):
         evaluate_folder(folder, classifier_dir)
+
+
+def test_the_judges_folder_has_a_model_card(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from difflab.digits.classifier import train_classifiers
+    from difflab.digits.data import make_dataset
+
+    make_dataset(tmp_path / "data", n_per_domain=60, n_test_per_domain=20, seed=0)
+    train_classifiers(tmp_path / "data", tmp_path / "judges", epochs=1, device="cpu", precision="fp32")
+    card = ModelCard.load(tmp_path / "judges" / "README.md")
+    assert card.data.pipeline_tag == "image-classification" and card.data.library_name == "difflab"
+    assert f"--out {tmp_path / 'judges'}" in card.text and "load_classifier" in card.text

@@ -21,8 +21,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from difflab.digits.data import DOMAINS, SPLITS, load_split, split_csv
-from difflab.io import atomic_write, check_state_dict, load_json, open_run, read_safetensors, save_json
-from difflab.precision import Precision, settle_training
+from difflab.io import (
+    atomic_write,
+    check_state_dict,
+    load_json,
+    open_run,
+    read_safetensors,
+    save_json,
+    write_model_card,
+)
+from difflab.precision import Precision, cpu_name, settle_training
 from difflab.utils import DifflabError, pick_device, seed_everything
 
 FORMAT = "difflab-digit-classifier"
@@ -264,14 +272,16 @@ def train_classifiers(
     """Train and save one classifier per domain; returns the held-out accuracy of each. The judges land in
     `out_dir` together, once all are trained: a failure leaves earlier judges there whole."""
     with open_run(out_dir, "digits train-classifier", overwrite=overwrite, staged=True) as run:
-        return _train_classifiers(Path(data_root), run.dir, epochs, device, seed, width, domains, precision, augment)
+        tc = ClassifierTrainConfig(epochs=epochs, precision=precision, augment=augment)
+        results, rows, chosen = _train_classifiers(Path(data_root), run.dir, tc, device, seed, width, domains)
+        write_judges_card(run.dir, Path(out_dir), Path(data_root), tc, width, seed, chosen, rows)
+        return results
 
 
-def _train_classifiers(data_root: Path, out_dir: Path, epochs, device, seed, width, domains, precision, augment):
+def _train_classifiers(data_root: Path, out_dir: Path, tc: ClassifierTrainConfig, device, seed, width, domains):
     from difflab.report import HtmlReport
 
     dev = pick_device(device)
-    tc = ClassifierTrainConfig(epochs=epochs, precision=precision, augment=augment)
     chosen = classifier_precision(tc, width, dev)
     print(f"classifier precision: {chosen.describe()}", flush=True)
     results, rows = {}, []
@@ -306,4 +316,27 @@ def _train_classifiers(data_root: Path, out_dir: Path, epochs, device, seed, wid
     report.text(f"Data: {data_root}. One CNN per domain ({json.dumps(asdict(tc))}, width {width}, device {dev}).")
     report.table(["domain", "train images", "held-out images", "held-out accuracy", "train seconds"], rows)
     report.save(out_dir / "report.html")
-    return results
+    return results, rows, chosen
+
+
+def write_judges_card(
+    folder: Path, out_dir: Path, data_root: Path, tc: ClassifierTrainConfig, width, seed, precision, rows
+) -> None:
+    """The judges' model card in `folder` (the run's staging folder), naming `out_dir`, where they will be."""
+    made = {
+        "command": f"`difflab digits train-classifier --data-root {data_root} --out {out_dir} --seed {seed}`",
+        "models": ", ".join(f"`{row[0]}.safetensors` (held-out accuracy {row[3]}, {row[1]} images)" for row in rows),
+        "training": f"{tc.epochs} epochs, width {width}, seed {seed}",
+        "machine": f"{cpu_name()}, {torch.get_num_threads()} threads; precision {precision.describe()}",
+        "training time": " + ".join(f"{row[4]} s" for row in rows),
+    }
+    usage = f"""from difflab.digits.classifier import load_classifier
+
+judge = load_classifier("{out_dir}/svhn.safetensors")
+digits = judge.predict(images)  # uint8 (N, 28, 28, 3) -> (N,) digit per image"""
+    summary = (
+        "One small CNN per domain that reads the digit of a 28x28 image: the judges of the digits job, which "
+        "score generated digits (accuracy) and give the feature space of its Fréchet distance."
+    )
+    write_model_card(folder, "difflab digit judges", summary, made, usage, ["image-classification", "digits"],
+                     "image-classification")  # fmt: skip
