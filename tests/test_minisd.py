@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 from difflab.io import read_metadata, write_metadata
 from difflab.minisd import data as mdata
@@ -195,6 +196,10 @@ def test_stack_loads_in_difflab_diffusers_and_transformers(stack):
     sd_text = pipe.text_encoder.state_dict()
     assert all(torch.equal(v, sd_text[k]) for k, v in clip.model.text_model.state_dict().items())
     assert set(json.loads((out / "judges" / "domain.json").read_text())["classes"]) == {"mnistm", "svhn"}
+    for folder, tag in (("sd", "text-to-image"), ("clip", "zero-shot-image-classification")):
+        card = ModelCard.load(out / folder / "README.md")
+        assert card.data.pipeline_tag == tag and card.data.library_name == "difflab"
+        assert f"--seed {cfg.seed}" in card.text and str(out / folder) in card.text
 
 
 def test_build_refuses_an_earlier_build_and_resume_keeps_it(stack, tmp_path):
@@ -296,6 +301,7 @@ def test_pack_and_unpack_give_the_same_models_in_standard_folders(stack, tmp_pat
 
     packed = prebuilt.pack(stack[0], tmp_path / "packed")
     out = prebuilt.unpack(tmp_path / "unpacked", packed)
+    assert "the stack difflab ships" in ModelCard.load(out / "sd" / "README.md").text
     for part in ("sd/unet/diffusion_pytorch_model.safetensors", "sd/text_encoder/model.safetensors"):
         before, after = load_file(stack[0] / part), load_file(out / part)
         assert before.keys() == after.keys()

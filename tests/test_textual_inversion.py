@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -188,6 +189,10 @@ def test_cli_train_two_steps(setup, tmp_path):
     assert load_file(out / "learned_embeds.safetensors")["<new1>"].shape == (2, 32)
     grid = np.asarray(Image.open(out / "validation" / "step000002.png"))
     assert grid.shape[0] > 32 and grid.std() > 0
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "sd" and card.data.pipeline_tag == "text-to-image"
+    assert "textual-inversion" in card.data.tags and "load_textual_inversion" in card.text
+    assert "(validation/step000002.png)" in card.text
     bad = CliRunner().invoke(
         app, ["personalize", "train", "--concept", "nowhere:<x>:dog", "--sd", str(setup / "sd"), "--out", str(out)]
     )

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflab.io import load_json, open_run, save_json, write_metadata
+from difflab.io import load_json, open_run, save_json, write_metadata, write_model_card
 from difflab.minisd import data as mdata
 from difflab.minisd.models import (
     MiniSDConfig,
@@ -185,17 +185,30 @@ def build_clip_stage(cfg: BuildConfig, out: Path, device) -> dict:
         lambda m, p: m.visual_projection(m.vision_model(pixel_values=px)[1]),
     )
     model, losses = tune_vision(clip, singles, tokenizer, stage, precision, device, cfg.seed)
-    write_dir(out / "clip", lambda tmp: save_clip(model, tokenizer, tmp))
+    made = stage_made(cfg, out, "CLIP vision tuning", stage.steps)
+    write_dir(out / "clip", lambda tmp: save_clip(model, tokenizer, tmp, made))
     return {"precision": precision.describe(), "losses": losses[:: max(1, len(losses) // 200)]}
 
 
-def save_clip(model, tokenizer, folder: Path) -> None:
-    """A transformers CLIP folder: model, tokenizer and the image processor of the model's input size."""
+def save_clip(model, tokenizer, folder: Path, made: dict | None = None) -> None:
+    """A transformers CLIP folder: model, tokenizer and the image processor of the model's input size; with
+    `made` (how it was made) also its model card."""
     from difflab.clip.model import default_processor
 
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     default_processor(model.config.vision_config.image_size).save_pretrained(folder)
+    if made is not None:
+        usage = f"""from transformers import CLIPModel, CLIPProcessor
+
+model = CLIPModel.from_pretrained("{folder.parent / "clip"}")
+processor = CLIPProcessor.from_pretrained("{folder.parent / "clip"}")"""
+        summary = (
+            "The mini stack's CLIP: trained contrastively on captioned digits, then its vision tower tuned; the text "
+            "tower is the mini Stable Diffusion's text encoder. For zero-shot classification and image/text scores."
+        )
+        write_model_card(folder, "difflab mini CLIP", summary, made, usage, ["clip", "digits"],
+                         "zero-shot-image-classification")  # fmt: skip
 
 
 def build_vae_stage(cfg: BuildConfig, out: Path, device) -> dict:
@@ -248,7 +261,8 @@ def build_sd_stage(cfg: BuildConfig, out: Path, device) -> dict:
         lambda m, p: m(p.input(z), t.to(device), c).sample,
     )
     unet, losses = train_unet(sets, captions, row[""], scaling, cfg.model, cfg.train, precision, device, cfg.seed)
-    write_dir(out / "sd", lambda tmp: save_pipeline(vae, text_encoder, tokenizer, unet, tmp))
+    made = stage_made(cfg, out, "UNet", cfg.train.unet.steps)
+    write_dir(out / "sd", lambda tmp: save_pipeline(vae, text_encoder, tokenizer, unet, tmp, made))
     return {
         "precision": precision.describe(),
         "vae_scaling_factor": scaling,
@@ -257,9 +271,30 @@ def build_sd_stage(cfg: BuildConfig, out: Path, device) -> dict:
     }
 
 
-def save_pipeline(vae, text_encoder, tokenizer, unet, folder: Path) -> None:
-    """A diffusers `StableDiffusionPipeline` folder with SD v1's scheduler and no safety checker."""
+def save_pipeline(vae, text_encoder, tokenizer, unet, folder: Path, made: dict | None = None) -> None:
+    """A diffusers `StableDiffusionPipeline` folder with SD v1's scheduler and no safety checker; with `made` (how
+    it was made) also its model card."""
     assemble_pipeline(vae, text_encoder, tokenizer, unet).save_pretrained(folder, safe_serialization=True)
+    if made is not None:
+        usage = f"""from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{folder.parent / "sd"}")
+image = pipe("the number 7 in the style of a photo", height=32, width=32).images[0]"""
+        summary = (
+            "A miniature Stable Diffusion v1 (same component classes: CLIP text encoder, AutoencoderKL, "
+            "UNet2DConditionModel) trained from scratch on captioned digits, 32x32 pixels, for CPU exercises."
+        )
+        write_model_card(folder, "difflab mini Stable Diffusion", summary, made, usage,
+                         ["stable-diffusion", "text-to-image", "digits"], "text-to-image")  # fmt: skip
+
+
+def stage_made(cfg: BuildConfig, out: Path, stage: str, steps: int) -> dict:
+    """How a stage of the stack was made, for its model card."""
+    return {
+        "command": f"`difflab minisd build --out {out} --seed {cfg.seed}`",
+        "stage": f"{stage}: {steps} steps",
+        "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
+    }
 
 
 def build_judges_stage(cfg: BuildConfig, out: Path, device) -> dict:

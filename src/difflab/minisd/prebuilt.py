@@ -105,9 +105,15 @@ def unpack(out: str | os.PathLike, src: str | os.PathLike = PREBUILT) -> Path:
     check_state_dict(unet, parts["unet"], src / WEIGHTS)
     tokenizer = load_clip_tokenizer()
     out.mkdir(parents=True, exist_ok=True)
-    write_dir(out / "clip", lambda tmp: save_clip(clip, tokenizer, tmp))
+    build = (configs.get("build") or {}).get("config", {})
+    made = {
+        "command": f"`difflab personalize demo`: the stack difflab ships, unpacked from {src}",
+        "built with": f"`difflab minisd build --seed {build.get('seed', '?')}`, stage steps "
+        + ", ".join(f"{k} {v.get('steps')}" for k, v in build.get("train", {}).items() if isinstance(v, dict)),
+    }
+    write_dir(out / "clip", lambda tmp: save_clip(clip, tokenizer, tmp, made))
     write_dir(out / "vae", vae.save_pretrained)
-    write_dir(out / "sd", lambda tmp: save_pipeline(vae, text_tower(clip), tokenizer, unet, tmp))
+    write_dir(out / "sd", lambda tmp: save_pipeline(vae, text_tower(clip), tokenizer, unet, tmp, made))
 
     def write_judges(tmp: Path) -> None:
         for name, meta in configs["judges"].items():

@@ -33,6 +33,7 @@ from difflab.io import (
     read_torch,
     save_json,
     save_png,
+    write_model_card,
 )
 from difflab.personalize.embeddings import add_tokens, expand_prompt, save_embeddings
 from difflab.personalize.prompts import TEMPLATES
@@ -426,6 +427,7 @@ class TextualInversion:
                 self.out / "train_log.json",
             )
             write_report(self)
+            write_card(self, time.perf_counter() - t0)
         return path
 
     def _stop_requested(self, stop: StopRequest) -> bool:
@@ -527,6 +529,42 @@ def write_report(ti: TextualInversion) -> Path:
     for path in sorted((ti.out / "validation").glob("*.png")):
         report.image(str(path), caption=f"validation, {path.stem}")
     return report.save(ti.out / "report.html")
+
+
+def write_card(ti: TextualInversion, seconds: float) -> None:
+    """The model card of the learned embeddings, loadable by diffusers' `load_textual_inversion`."""
+    from difflab.precision import cpu_name
+
+    cfg = ti.cfg
+    first = next(iter(ti.tokens))
+    made = {
+        "command": "`difflab personalize train "
+        + " ".join(f"--concept {c.images}:{c.token}:{c.init}:{c.kind}" for c in cfg.concepts)
+        + f" --sd {cfg.sd} --out {cfg.out} --steps {cfg.steps} --seed {cfg.seed}`",
+        "tokens": ", ".join(f"`{t}` ({n} vector(s))" for t, n in ti.tokens.items()),
+        "steps": f"{ti.step} optimizer steps of {cfg.batch_size} x {cfg.grad_accum}, effective lr {ti.lr:g}",
+        "machine": f"{cpu_name()}, {torch.get_num_threads()} threads" if ti.device.type == "cpu" else str(ti.device),
+        "training time": f"{seconds:.0f} s",
+    }
+    validation = sorted((ti.out / "validation").glob("*.png"))
+    usage = f"""from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{cfg.sd}")
+pipe.load_textual_inversion("{ti.out}/embeds/{_file_stem(first)}.safetensors", token="{first}")
+image = pipe("a photo of {first}").images[0]"""
+    summary = (
+        f"Textual-inversion embeddings for {', '.join(ti.tokens)}: new token vectors learned on reference images, "
+        "with the Stable Diffusion model itself unchanged."
+    )
+    image = str(validation[-1].relative_to(ti.out)) if validation else None
+    tags = ["stable-diffusion", "textual-inversion", "text-to-image"]
+    write_model_card(ti.out, "difflab textual inversion", summary, made, usage, tags, "text-to-image",
+                     base_model=_base_model(cfg.sd), image=image)  # fmt: skip
+
+
+def _base_model(sd: str) -> str:
+    """The base model's name for the card: a hub-style id as given, else the local folder's name."""
+    return sd if re.fullmatch(r"[\w.-]+/[\w.-]+", sd) and not Path(sd).exists() else Path(sd).name
 
 
 def train_textual_inversion(cfg: TextualInversionConfig, pipe=None) -> Path:
