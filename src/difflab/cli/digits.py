@@ -17,6 +17,7 @@ from difflab.digits.evaluate import evaluate_folder
 from difflab.digits.model import ScheduleConfig, load_digits_model
 from difflab.digits.sample import PER_DIGIT, SampleConfig, sample_to_folder
 from difflab.digits.train import TrainConfig, train
+from difflab.report.tracking import REPORT_TO_HELP
 from difflab.utils import pick_device
 
 # make_dataset's signature is where the dataset's defaults live.
@@ -84,6 +85,13 @@ Timesteps = Annotated[
     int, typer.Option("--timesteps", min=2, max=100000, help="Diffusion steps T of the linear schedule 1e-4..2e-2.")
 ]
 SaveEvery = Annotated[int, typer.Option("--save-every", min=1, help="Write an atomic checkpoint every N steps.")]
+ReportTo = Annotated[str, typer.Option("--report-to", help=REPORT_TO_HELP + ".")]
+ValidationEvery = Annotated[
+    int,
+    typer.Option(
+        "--validation-every", min=0, help="Log a grid of both domains x all digits to the trackers every N steps."
+    ),
+]
 SampleEvery = Annotated[
     int,
     typer.Option("--sample-every", min=0, help="Write a progress grid to <out>/progress/ every N steps (0: never)."),
@@ -157,6 +165,8 @@ def train_command(
     timesteps: Timesteps = ScheduleConfig.num_steps,
     save_every: SaveEvery = TrainConfig.save_every,
     sample_every: SampleEvery = TrainConfig.sample_every,
+    report_to: ReportTo = TrainConfig.report_to,
+    validation_every: ValidationEvery = TrainConfig.validation_every,
     max_minutes: MaxMinutes = None,
     resume: Resume = False,
     overwrite: TrainOverwrite = False,
@@ -183,6 +193,8 @@ def train_command(
         schedule=replace(TrainConfig.default_schedule(), num_steps=timesteps, prediction=prediction),
         save_every=save_every,
         sample_every=sample_every,
+        report_to=report_to,
+        validation_every=validation_every,
         max_minutes=max_minutes,
         resume=resume,
         overwrite=overwrite,

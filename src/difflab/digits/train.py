@@ -31,11 +31,13 @@ from difflab.io import (
 )
 from difflab.nets.digits_unet import DigitsUNet, DigitsUNetConfig
 from difflab.precision import Precision, cpu_name, settle_training
+from difflab.report.tracking import accelerator_kwargs, flat_config, log_images
 from difflab.schedule import NoiseSchedule
 from difflab.utils import DifflabError, Interrupted, StopRequest, stream_seed
 
 WARMUP_STEPS, TIMING_STEPS, REFIT_EVERY = 5, 20, 100
 LOSSES_FILE = "losses.json"
+TRACKER_PROJECT = "difflab-digits"  # the run name trackers file the training under, in <out>/logs
 
 PRESETS = {
     # For the CPU demo: 1.5 M parameters on 2x2 pixel patches (14x14 and 7x7); why this width: README,
@@ -72,6 +74,8 @@ class TrainConfig:
     save_every: int = 500
     sample_every: int = 0
     log_every: int = 20
+    report_to: str = "none"  # difflab.report.tracking.REPORT_TO
+    validation_every: int = 500  # a validation grid to the trackers every N steps (0: never)
     max_minutes: float | None = None  # a wall-clock budget instead of fixed work: the step count is fitted to it
     device: str | None = None
     precision: Precision = Precision("auto")
@@ -171,6 +175,7 @@ class Run:
     running: list = field(default_factory=list)  # the losses of the log window in progress
     t_density: torch.Tensor | None = None  # where timesteps are drawn from; None: uniformly
     flops_per_step: int = 0  # counted once by `step_flops`, for each process
+    grad_norm: float = 0.0  # of the last step, before clipping
 
     @property
     def device(self) -> torch.device:
@@ -183,7 +188,7 @@ def train(cfg: TrainConfig) -> Path:
     the state after the current step and stops with `Interrupted`."""
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    accelerator = Accelerator(cpu=cfg.device == "cpu", **accelerator_kwargs(cfg.report_to, cfg.out_dir))
     folder = open_run(
         cfg.out_dir,
         "digits train",
@@ -195,8 +200,12 @@ def train(cfg: TrainConfig) -> Path:
     with folder, StopRequest() as stop:
         accelerator.wait_for_everyone()
         run = start_run(cfg, accelerator)
+        accelerator.init_trackers(TRACKER_PROJECT, flat_config({**_jsonable(cfg), "precision": run.precision.label}))
         start = time.perf_counter()
-        train_loop(run, stop)
+        try:
+            train_loop(run, stop)
+        finally:
+            accelerator.end_training()
         if accelerator.is_main_process:
             write_card(run, time.perf_counter() - start)
     if accelerator.is_main_process:
@@ -242,6 +251,7 @@ def train_loop(run: Run, stop: StopRequest) -> None:
     budget, total, saved_at = TimeBudget(cfg.max_minutes, run.step, cfg.steps, run.accelerator), cfg.steps, -1
     stopped = False
     bar = tqdm(total=cfg.steps, initial=run.step, desc="train digits", disable=not main, dynamic_ncols=True)
+    window_start = time.perf_counter()
     run.net.train()
     while run.step < total:
         run.running.append(train_step(run, total))
@@ -249,17 +259,17 @@ def train_loop(run: Run, stop: StopRequest) -> None:
         bar.update(1)
         total = bar.total = budget.fit(run.step, total, bar.write)
         if run.step % cfg.log_every == 0 or run.step == total:
-            bar.set_postfix(loss=f"{close_log_window(run):.4f}", lr=f"{lr_at(run.step, cfg, total):.1e}")
+            loss, lr = close_log_window(run), lr_at(run.step - 1, cfg, total)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}")
+            seconds, window_start = time.perf_counter() - window_start, time.perf_counter()
+            values = {"loss": loss, "lr": lr, "grad_norm": run.grad_norm, "step_time_s": seconds / cfg.log_every}
+            run.accelerator.log(values, step=run.step)
             if budget.spent(run.step):
                 bar.write(f"time budget of {cfg.max_minutes} min reached at step {run.step}; saving")
                 break
         if run.step % cfg.save_every == 0:
             saved_at = save_state(run)
-        if cfg.sample_every and run.step % cfg.sample_every == 0 and main:
-            save_png(
-                progress_grid(run.ema, run.schedule, cfg.seed),
-                Path(cfg.out_dir) / "progress" / f"step_{run.step:06d}.png",
-            )
+        write_progress(run)
         if stop_requested(run, stop):
             stopped = True
             break
@@ -330,6 +340,21 @@ def start_run(cfg: TrainConfig, accelerator) -> Run:
     return run
 
 
+def write_progress(run: Run) -> None:
+    """The grid of both domains x all digits from the EMA weights: a PNG every `sample_every` steps, and to the
+    trackers every `validation_every` steps (main process)."""
+    cfg = run.cfg
+    to_png = bool(cfg.sample_every) and run.step % cfg.sample_every == 0
+    to_trackers = bool(cfg.validation_every) and run.step % cfg.validation_every == 0 and run.accelerator.trackers
+    if not run.accelerator.is_main_process or not (to_png or to_trackers):
+        return
+    grid = progress_grid(run.ema, run.schedule, cfg.seed)
+    if to_png:
+        save_png(grid, Path(cfg.out_dir) / "progress" / f"step_{run.step:06d}.png")
+    if to_trackers:
+        log_images(run.accelerator, "validation", grid, run.step)
+
+
 def train_step(run: Run, total_steps: int) -> float:
     """One optimiser step on a fresh batch (conditions dropped per factor); returns its loss."""
     cfg, g, device = run.cfg, run.g, run.device
@@ -346,7 +371,7 @@ def train_step(run: Run, total_steps: int) -> float:
         )
     run.opt.zero_grad(set_to_none=True)
     run.accelerator.backward(loss)
-    run.accelerator.clip_grad_norm_(run.net.parameters(), 1.0)
+    run.grad_norm = float(run.accelerator.clip_grad_norm_(run.net.parameters(), 1.0))
     run.opt.step()
     ema_update(run.ema, run.accelerator.unwrap_model(run.net), min(cfg.ema_decay, (1 + run.step) / (10 + run.step)))
     return loss.item()
