@@ -271,6 +271,7 @@ def demo_command(
         False, "--overwrite", help="Delete an earlier run in --out first (without it the demo refuses to replace one)."
     ),
     device: Device = None,
+    report_to: ReportTo = DemoConfig.report_to,
 ):
     """The whole digits job on the embedded dataset: make-data, train, train-classifier, sample, evaluate,
     DDIM figures, report."""
@@ -283,6 +284,7 @@ def demo_command(
             seed=seed,
             precision=precision,
             device=device,
+            report_to=report_to,
         ),
         overwrite,
     )

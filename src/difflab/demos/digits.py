@@ -10,14 +10,21 @@ import torch
 
 from difflab.digits.classifier import ClassifierTrainConfig, train_classifiers
 from difflab.digits.data import DOMAINS, make_dataset
-from difflab.digits.evaluate import add_quality_section, evaluate_folder, format_quality, format_summary
+from difflab.digits.evaluate import (
+    add_quality_section,
+    card_metrics,
+    evaluate_folder,
+    format_quality,
+    format_summary,
+)
 from difflab.digits.model import load_digits_model
 from difflab.digits.sample import PER_DIGIT, SampleConfig, write_course_layout, write_sample_figures
-from difflab.digits.train import TrainConfig, read_losses, train
+from difflab.digits.train import TRACKER_PROJECT, TrainConfig, read_losses, train
 from difflab.io import load_json, open_run
 from difflab.precision import Precision, cpu_name
 from difflab.report import HtmlReport
 from difflab.report.plots import plot_loss_curve
+from difflab.report.tracking import log_final_metrics
 from difflab.utils import Stages, pick_device
 
 
@@ -36,6 +43,7 @@ class DemoConfig:
     seed: int = 0
     precision: Precision = TrainConfig.precision
     device: str | None = None
+    report_to: str = TrainConfig.report_to
 
     def sample_config(self) -> SampleConfig:
         """The sampler of the demo: its own settings, with the demo's seed and precision."""
@@ -92,6 +100,7 @@ def _run_demo(cfg: DemoConfig, out: Path) -> Path:
         device=cfg.device,
         precision=cfg.precision,
         save_every=max(100, cfg.train_steps // 4),
+        report_to=cfg.report_to,
     )
     stages.run("train diffusion", train, train_cfg)
     accs = stages.run(
@@ -110,6 +119,8 @@ def _run_demo(cfg: DemoConfig, out: Path) -> Path:
     sample_cfg = cfg.sample_config()
     per_domain = stages.run("sample", write_course_layout, net, schedule, samples, sample_cfg, device, cfg.per_digit)
     result = stages.run("evaluate", evaluate_folder, samples, judges, out / "eval", cfg.device, data_root, False, ckpt)
+    metrics = {f"eval/{k}": v for k, v in card_metrics(result).items()}
+    log_final_metrics(cfg.report_to, ckpt, TRACKER_PROJECT, metrics, model_config["steps"], cfg.device == "cpu")
     report = HtmlReport("difflab — conditional digits (DDPM + classifier-free guidance)")
     describe_run(report, cfg, model_config, load_json(judges / f"{DOMAINS[0]}.json"))
     add_accuracy(report, result, accs, out / "eval")

@@ -70,3 +70,16 @@ def log_images(accelerator, name: str, image: np.ndarray, step: int) -> None:
             import trackio
 
             tracker.log({name: trackio.Image(image)}, step=step)
+
+
+def log_final_metrics(report_to: str, out_dir: str | os.PathLike, project: str, metrics: dict, step: int, cpu: bool):
+    """Metrics measured after training (an evaluation) into the same trackers and run as the training's."""
+    kwargs = accelerator_kwargs(report_to, out_dir)
+    if not kwargs:
+        return
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=cpu, **kwargs)
+    accelerator.init_trackers(project)
+    accelerator.log(metrics, step=step)
+    accelerator.end_training()
