@@ -1,5 +1,7 @@
 """Textual inversion on a tiny random SD v1: learning, frozen rows, latent cache, files, resume, bad input, CLI."""
 
+from importlib.util import find_spec
+
 import numpy as np
 import pytest
 import skimage.data
@@ -183,9 +185,17 @@ def test_cli_train_two_steps(setup, tmp_path):
             "2",
             "--device",
             "cpu",
+            *(["--report-to", "tensorboard"] if find_spec("tensorboard") else []),
         ],
     )
     assert result.exit_code == 0, result.output
+    if find_spec("tensorboard"):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        (run,) = (out / "logs").iterdir()
+        events = EventAccumulator(str(run), size_guidance={"images": 0}).Reload()
+        assert [e.step for e in events.Scalars("loss")] == [1, 2] and "grad_norm" in events.Tags()["scalars"]
+        assert [e.step for e in events.Images("validation")] == [2]
     assert load_file(out / "learned_embeds.safetensors")["<new1>"].shape == (2, 32)
     grid = np.asarray(Image.open(out / "validation" / "step000002.png"))
     assert grid.shape[0] > 32 and grid.std() > 0

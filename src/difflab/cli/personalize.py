@@ -16,6 +16,7 @@ from difflab.personalize.compose import ComposeConfig
 from difflab.personalize.generate import SCHEDULERS, GenerateConfig
 from difflab.personalize.grading import TOP_K
 from difflab.personalize.textual_inversion import TextualInversionConfig as TIConfig
+from difflab.report.tracking import REPORT_TO_HELP
 from difflab.utils import DifflabError
 
 app = App(help="Textual inversion on Stable Diffusion v1.x: train, generate, compose, score.", no_args_is_help=True)
@@ -67,6 +68,7 @@ GradientCheckpointing = Annotated[bool, typer.Option("--gradient-checkpointing",
 SaveEvery = Annotated[int, typer.Option(min=0, help="Embedding snapshot every N steps (0: only at the end).")]
 CheckpointEvery = Annotated[int, typer.Option(min=0, help="Resumable checkpoint every N steps (0: only at the end).")]
 ValidateEvery = Annotated[int, typer.Option(min=0, help="Validation images every N steps (0: never).")]
+ReportTo = Annotated[str, typer.Option("--report-to", help=REPORT_TO_HELP + ".")]
 ValidationPrompt = Annotated[List[str], typer.Option(help="Validation prompt (repeatable); default one per concept.")]
 ValidationSteps = Annotated[int, typer.Option(min=1, max=1000, help="Sampling steps for validation images.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in OUT from its checkpoint.pt.")]
@@ -217,6 +219,7 @@ def train_command(
     save_every: SaveEvery = TIConfig.save_every,
     checkpoint_every: CheckpointEvery = TIConfig.checkpoint_every,
     validate_every: ValidateEvery = TIConfig.validate_every,
+    report_to: ReportTo = TIConfig.report_to,
     validation_prompt: ValidationPrompt = [],
     validation_steps: ValidationSteps = TIConfig.validation_steps,
     resume: Resume = TIConfig.resume,
@@ -246,6 +249,7 @@ def train_command(
         save_every=save_every,
         checkpoint_every=checkpoint_every,
         validate_every=validate_every,
+        report_to=report_to,
         validation_prompts=list(validation_prompt),
         validation_steps=validation_steps,
         resume=resume,

@@ -38,6 +38,7 @@ from difflab.io import (
 from difflab.personalize.embeddings import add_tokens, expand_prompt, save_embeddings
 from difflab.personalize.prompts import TEMPLATES
 from difflab.precision import Precision
+from difflab.report.tracking import accelerator_kwargs, flat_config, log_images
 from difflab.utils import DifflabError, Interrupted, StopRequest, image_grid, pick_device, stream_seed, to_uint8
 
 
@@ -87,6 +88,7 @@ class TextualInversionConfig:
     save_every: int = 500  # embedding snapshots (0: only at the end)
     checkpoint_every: int = 500  # resumable training state (0: only at the end)
     validate_every: int = 0  # validation images (0: never)
+    report_to: str = "none"  # difflab.report.tracking.REPORT_TO
     validation_prompts: list[str] = field(default_factory=list)  # default: one object/style prompt per concept
     validation_images: int = 4
     validation_steps: int = 25
@@ -175,13 +177,19 @@ def make_accelerator(cfg: TextualInversionConfig):
     if device.type == "cuda" and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         torch.cuda.set_device(device)  # accelerate runs a single process on the current CUDA device
     mixed = {"bf16": "bf16", "fp16": "fp16"}.get(Precision.parse(cfg.precision).settle(device).name, "no")
-    return Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=device.type == "cpu", mixed_precision=mixed)
+    return Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum,
+        cpu=device.type == "cpu",
+        mixed_precision=mixed,
+        **accelerator_kwargs(cfg.report_to, cfg.out),
+    )
 
 
 def _file_stem(token: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "", token) or "token"
 
 
+TRACKER_PROJECT = "difflab-textual-inversion"  # the run name trackers file the training under, in <out>/logs
 CHECKPOINT_KEYS = ("step", "tokens", "num_vectors", "rows", "generator", "losses")
 
 
@@ -285,7 +293,7 @@ class TextualInversion:
         )
         self.text_encoder, self.optimizer = self.accelerator.prepare(self.text_encoder, self.adam)
         self.ema = self._rows().clone() if cfg.ema_decay > 0 else None
-        self.step = 0
+        self.step, self.grad_norm = 0, 0.0
         self.losses: list[float] = []
 
     def _add_tokens(self) -> None:
@@ -356,6 +364,9 @@ class TextualInversion:
         with self.accelerator.accumulate(self.text_encoder):
             loss = self.loss(batch)
             self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients:
+                grad = self._embedding().grad
+                self.grad_norm = float(grad[self.new_ids.to(grad.device)].norm()) if grad is not None else 0.0
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self._restore_frozen_rows()
@@ -387,8 +398,16 @@ class TextualInversion:
             load_checkpoint(self)
         if acc.is_main_process:
             save_json({**asdict(self.cfg), "lr_effective": self.lr}, self.out / "config.json")
+        acc.init_trackers(TRACKER_PROJECT, flat_config({**asdict(cfg), "precision": acc.mixed_precision}))
+        try:
+            return self._train_loop(stop)
+        finally:
+            acc.end_training()
+
+    def _train_loop(self, stop: StopRequest | None) -> Path:
+        cfg, acc = self.cfg, self.accelerator
         bar = tqdm(total=cfg.steps, initial=self.step, desc="textual inversion", disable=not acc.is_local_main_process)
-        t0 = time.perf_counter()
+        t0 = last_log = time.perf_counter()
         while self.step < cfg.steps:
             before = self.step
             self.losses.append(self.train_step(self.data.sample_batch()))
@@ -396,12 +415,15 @@ class TextualInversion:
                 continue
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(self.losses[-cfg.grad_accum * 10 :]):.4f}")
+            seconds, last_log = time.perf_counter() - last_log, time.perf_counter()
+            values = {"loss": float(np.mean(self.losses[-cfg.grad_accum :])), "lr": self.lr, "step_time_s": seconds}
+            acc.log({**values, "grad_norm": self.grad_norm}, step=self.step)
             if acc.is_main_process:
                 last = self.step == cfg.steps
                 if cfg.save_every and self.step % cfg.save_every == 0 and not last:
                     self.save_embeddings(f"snapshots/learned_embeds-step{self.step:06d}.safetensors")
                 if cfg.validate_every and (self.step % cfg.validate_every == 0 or last):
-                    validation_grid(self)
+                    log_images(acc, "validation", validation_grid(self), self.step)
                 if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or last:
                     save_checkpoint(self)
             if stop is not None and self._stop_requested(stop):
@@ -490,7 +512,7 @@ def load_checkpoint(ti: TextualInversion) -> None:
 
 
 @torch.inference_mode()
-def validation_grid(ti: TextualInversion) -> Path:
+def validation_grid(ti: TextualInversion) -> np.ndarray:
     """A grid of images per validation prompt, sampled with the current embeddings (fixed seed)."""
     cfg = ti.cfg
     prompts = cfg.validation_prompts or [(TEMPLATES[c.kind][0]).format(c.token) for c in cfg.concepts]
@@ -510,7 +532,8 @@ def validation_grid(ti: TextualInversion) -> Path:
             ).images
         rows.append(to_uint8(images, (0.0, 1.0)))
     grid = image_grid(np.concatenate(rows), rows=len(prompts), cols=cfg.validation_images)
-    return save_png(grid, ti.out / "validation" / f"step{ti.step:06d}.png")
+    save_png(grid, ti.out / "validation" / f"step{ti.step:06d}.png")
+    return grid
 
 
 def write_report(ti: TextualInversion) -> Path:
