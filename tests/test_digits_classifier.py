@@ -164,13 +164,22 @@ def test_evaluate_errors(tmp_path, data_root, classifier_dir):
 
 
 def test_the_judges_folder_has_a_model_card(tmp_path):
+    from importlib.util import find_spec
+
     from huggingface_hub import ModelCard
 
     from difflab.digits.classifier import train_classifiers
     from difflab.digits.data import make_dataset
 
     make_dataset(tmp_path / "data", n_per_domain=60, n_test_per_domain=20, seed=0)
-    train_classifiers(tmp_path / "data", tmp_path / "judges", epochs=1, device="cpu", precision="fp32")
+    track = "tensorboard" if find_spec("tensorboard") else "none"
+    train_classifiers(tmp_path / "data", tmp_path / "judges", epochs=1, device="cpu", precision="fp32", report_to=track)
+    if track == "tensorboard":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        (run,) = (tmp_path / "judges" / "logs").iterdir()
+        tags = EventAccumulator(str(run)).Reload().Tags()["scalars"]
+        assert {"mnistm/held_out_accuracy", "svhn/held_out_accuracy"} <= set(tags)
     card = ModelCard.load(tmp_path / "judges" / "README.md")
     assert card.data.pipeline_tag == "image-classification" and card.data.library_name == "difflab"
     assert f"--out {tmp_path / 'judges'}" in card.text and "load_classifier" in card.text

@@ -383,6 +383,7 @@ def train_classifier_command(
         "(useful for small or real data).",
     ),
     overwrite: Overwrite = False,
+    report_to: ReportTo = "none",
 ):
     """Train the per-domain digit classifiers that judge generated digits; print held-out accuracy. The judges
     replace earlier ones in --out together, and only once all are trained."""
@@ -396,4 +397,5 @@ def train_classifier_command(
         precision=precision,
         augment=augment,
         overwrite=overwrite,
+        report_to=report_to,
     )

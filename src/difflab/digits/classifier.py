@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from difflab.io import (
     write_model_card,
 )
 from difflab.precision import Precision, cpu_name, settle_training
+from difflab.report.tracking import accelerator_kwargs, flat_config
 from difflab.utils import DifflabError, pick_device, seed_everything
 
 FORMAT = "difflab-digit-classifier"
@@ -157,6 +159,7 @@ def train_classifier(
     seed: int = 0,
     precision: Precision | None = None,
     num_classes: int = ClassifierConfig.num_classes,
+    log: Callable[[dict, int], None] | None = None,
 ) -> DigitClassifier:
     """Train one classifier on uint8 (N,28,28,3) images and int labels (0 .. num_classes-1: digits, or domains for
     a style judge); returns it in eval mode. `precision` defaults to resolving `train_config.precision` here."""
@@ -194,6 +197,8 @@ def train_classifier(
             bar.update()
             if bar.n % 20 == 0:  # reading the loss synchronises with the device: not every step
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+                if log is not None:
+                    log({f"{domain}/loss": loss.item(), f"{domain}/lr": sched.get_last_lr()[0]}, bar.n)
     bar.close()
     return model.eval()
 
@@ -268,17 +273,34 @@ def train_classifiers(
     precision: Precision = ClassifierTrainConfig.precision,
     augment: bool = ClassifierTrainConfig.augment,
     overwrite: bool = False,
+    report_to: str = "none",
 ) -> dict[str, float]:
     """Train and save one classifier per domain; returns the held-out accuracy of each. The judges land in
-    `out_dir` together, once all are trained: a failure leaves earlier judges there whole."""
+    `out_dir` together, once all are trained: a failure leaves earlier judges there whole. `report_to` names
+    trackers (difflab.report.tracking) for the loss, learning rate and held-out accuracy."""
+    tracking = accelerator_kwargs(report_to, out_dir)  # checked before any work
     with open_run(out_dir, "digits train-classifier", overwrite=overwrite, staged=True) as run:
         tc = ClassifierTrainConfig(epochs=epochs, precision=precision, augment=augment)
-        results, rows, chosen = _train_classifiers(Path(data_root), run.dir, tc, device, seed, width, domains)
+        accelerator = None
+        if tracking:
+            from accelerate import Accelerator
+
+            accelerator = Accelerator(cpu=device == "cpu", **accelerator_kwargs(report_to, run.dir))
+            accelerator.init_trackers("difflab-judges", flat_config({**asdict(tc), "seed": seed, "width": width}))
+        try:
+            results, rows, chosen = _train_classifiers(
+                Path(data_root), run.dir, tc, device, seed, width, domains, accelerator.log if accelerator else None
+            )
+        finally:
+            if accelerator:
+                accelerator.end_training()
         write_judges_card(run.dir, Path(out_dir), Path(data_root), tc, width, seed, chosen, rows)
         return results
 
 
-def _train_classifiers(data_root: Path, out_dir: Path, tc: ClassifierTrainConfig, device, seed, width, domains):
+def _train_classifiers(
+    data_root: Path, out_dir: Path, tc: ClassifierTrainConfig, device, seed, width, domains, log=None
+):
     from difflab.report import HtmlReport
 
     dev = pick_device(device)
@@ -288,9 +310,11 @@ def _train_classifiers(data_root: Path, out_dir: Path, tc: ClassifierTrainConfig
     for domain in domains:
         images, labels, val_images, val_labels, heldout = _heldout(data_root, domain, tc.val_fraction, seed)
         start = time.perf_counter()
-        model = train_classifier(images, labels, domain, tc, width, dev, seed, chosen)
+        model = train_classifier(images, labels, domain, tc, width, dev, seed, chosen, log=log)
         seconds = time.perf_counter() - start
         acc = accuracy(model, val_images, val_labels)
+        if log is not None:
+            log({f"{domain}/held_out_accuracy": acc}, tc.epochs * math.ceil(len(labels) / tc.batch_size))
         save_classifier(
             model,
             classifier_path(out_dir, domain),
