@@ -29,16 +29,20 @@ from difflab.digits.classifier import classifier_path, load_classifier, train_cl
 from difflab.digits.data import DOMAINS, SPLITS, load_split, make_dataset  # noqa: E402
 from difflab.digits.model import load_digits_model  # noqa: E402
 from difflab.digits.quality import domain_quality  # noqa: E402
-from difflab.digits.sample import PER_DIGIT, SampleConfig, generate, make_conds  # noqa: E402
+from difflab.digits.sample import PER_DIGIT, SampleConfig, course_images  # noqa: E402
 from difflab.digits.train import TrainConfig, train, training_tflop  # noqa: E402
-from difflab.utils import to_uint8  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / ".work" / "digits_seeds"
 # Training recipes: the default, and the default cut to 45 TFLOP (2,190 steps, 200 warm-up steps).
 RECIPES: dict[str, dict] = {"default": {}, "45-tflop": dict(steps=2190, warmup_steps=200)}
 # The sampler until this table: DDIM-25 with η = 1 and digit guidance 6 at every step.
 OLD_SAMPLER = SampleConfig(method="ddim", steps=25, eta=1.0, guidance_digit=6.0)
-SAMPLERS: dict[str, SampleConfig] = {"default": SampleConfig(), "ddim-25": OLD_SAMPLER}
+SAMPLERS: dict[str, SampleConfig] = {
+    "default": SampleConfig(),
+    "ddim-25": OLD_SAMPLER,
+    "dpm-10-interval-0.6-g8": SampleConfig(method="dpm++2m", steps=10, guidance_digit=8, guidance_interval=(0, 0.6)),
+    "dpm-10-interval-0.5-g8": SampleConfig(method="dpm++2m", steps=10, guidance_digit=8, guidance_interval=(0, 0.5)),
+}
 
 
 def data_and_judges(seed: int) -> tuple[Path, Path]:
@@ -67,12 +71,9 @@ def trained(recipe: str, seed: int, data: Path) -> tuple[Path, TrainConfig, floa
 def judge(ckpt: Path, sampler: SampleConfig, seed: int, data: Path, judges: Path) -> dict:
     """Accuracy, Fréchet ratio and memorisation of the course layout (50 per digit and domain) drawn with `seed`."""
     net, schedule, _ = load_digits_model(ckpt, torch.device("cpu"))
-    digits = torch.arange(10).repeat_interleave(PER_DIGIT)
-    cond = torch.cat([make_conds(torch.full_like(digits, d), digits) for d in range(len(DOMAINS))])
-    images = to_uint8(generate(net, schedule, cond, replace(sampler, seed=seed), torch.device("cpu"))[0])
-    n, row = len(digits), {}
-    for i, domain in enumerate(DOMAINS):
-        gen, labels = images[i * n : (i + 1) * n], digits.numpy()
+    per_domain = course_images(net, schedule, replace(sampler, seed=seed), torch.device("cpu"))
+    labels, row = np.arange(10).repeat(PER_DIGIT), {}
+    for domain, gen in per_domain.items():
         model = load_classifier(classifier_path(judges, domain), "cpu")
         train_x, _ = load_split(data, domain, "train")
         held_x, held_y = load_split(data, domain, "val")

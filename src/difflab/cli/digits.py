@@ -9,7 +9,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from difflab.cli.options import MAX_BATCH, MAX_GUIDANCE, TIMED, App, Device, Overwrite, Seed, precision_option
+from difflab.cli.options import (
+    MAX_BATCH,
+    MAX_GUIDANCE,
+    TIMED,
+    App,
+    Device,
+    Overwrite,
+    Seed,
+    parse_floats,
+    precision_option,
+)
 from difflab.demos.digits import DemoConfig, quick_or_full, run_demo
 from difflab.digits.classifier import ClassifierConfig, ClassifierTrainConfig, train_classifiers
 from difflab.digits.data import make_dataset
@@ -18,7 +28,7 @@ from difflab.digits.model import ScheduleConfig, load_digits_model
 from difflab.digits.sample import PER_DIGIT, SampleConfig, sample_to_folder
 from difflab.digits.train import TrainConfig, train
 from difflab.report.tracking import REPORT_TO_HELP
-from difflab.utils import pick_device
+from difflab.utils import DifflabError, pick_device
 
 # make_dataset's signature is where the dataset's defaults live.
 DATASET_DEFAULTS = {k: p.default for k, p in inspect.signature(make_dataset).parameters.items()}
@@ -140,6 +150,13 @@ GuidanceDigit = Annotated[
 GuidanceDomain = Annotated[
     float, typer.Option("--guidance-domain", min=0.0, max=MAX_GUIDANCE, help="CFG scale of the domain (1: none).")
 ]
+GuidanceInterval = Annotated[
+    str,
+    typer.Option(
+        "--guidance-interval",
+        help="LOW,HIGH: guide only where t/T lies in [LOW, HIGH], the conditional ε alone elsewhere (0,1: always).",
+    ),
+]
 SampleBatchSize = Annotated[
     int, typer.Option("--batch-size", min=1, max=MAX_BATCH, help="Images per batched forward (x2 or x3 with guidance).")
 ]
@@ -216,6 +233,7 @@ def sample_command(
     eta: Eta = SampleConfig.eta,
     guidance_digit: GuidanceDigit = SampleConfig.guidance_digit,
     guidance_domain: GuidanceDomain = SampleConfig.guidance_domain,
+    guidance_interval: GuidanceInterval = ",".join(map(str, SampleConfig.guidance_interval)),
     batch_size: SampleBatchSize = SampleConfig.batch_size,
     figures: Figures = True,
     seed: Seed = SampleConfig.seed,
@@ -225,6 +243,9 @@ def sample_command(
 ):
     """Generate the course layout (50 per digit per domain), 10x10 grids and the reverse process of the first 0."""
 
+    interval = parse_floats(guidance_interval, "--guidance-interval", 0.0, 1.0)
+    if len(interval) != 2 or interval[0] > interval[1]:
+        raise DifflabError(f"--guidance-interval {guidance_interval}: expected LOW,HIGH with LOW <= HIGH, e.g. 0,0.6")
     dev = pick_device(device)
     net, schedule, _ = load_digits_model(ckpt, dev)
     cfg = SampleConfig(
@@ -233,6 +254,7 @@ def sample_command(
         eta=eta,
         guidance_digit=guidance_digit,
         guidance_domain=guidance_domain,
+        guidance_interval=(interval[0], interval[1]),
         batch_size=batch_size,
         seed=seed,
         precision=precision,
