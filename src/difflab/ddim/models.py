@@ -106,8 +106,8 @@ def load_eps_model(
                 torch.zeros(4, dtype=torch.long, device=device),
             )
 
-    first = models["fp32"] = _load(path, device, Precision("fp32"), condition)
-    chosen = precision.settle(device, f"ddim {first.kind} {path.name}", trial, rounds=3)
+    # Keyed by the checkpoint, so a cached choice loads the model once, in the precision chosen.
+    chosen = precision.settle(device, f"ddim {path.resolve()}", trial, rounds=3)
     return models.get(chosen.label) or _load(path, device, chosen, condition)
 
 
