@@ -23,6 +23,7 @@ from difflab.digits.data import make_dataset
 from difflab.digits.model import ScheduleConfig, load_digits_model, save_model
 from difflab.digits.sample import (
     SampleConfig,
+    course_name,
     guided_digits_eps,
     make_conds,
     reverse_process_strip,
@@ -300,6 +301,80 @@ def test_cli_train_sample_evaluate(data_root, tiny_preset, tmp_path):
     result = json.loads((tmp_path / "out" / "eval" / "metrics.json").read_text())
     assert metrics["accuracy"] == pytest.approx(result["accuracy"])
     assert metrics["accuracy_svhn"] == pytest.approx(result["domains"]["svhn"]["accuracy"])
+
+
+def launch(args: list[str], processes: int, script: Path | None = None) -> subprocess.CompletedProcess:
+    """`difflab ...` (or a script) in `processes` CPU processes through torch's launcher, one thread each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    target = [str(script)] if script else ["-m", "difflab.cli"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), *target, *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """The results in `folder`, not the run policy's own files (they name the process)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.glob("[!.]*/*")) if p.is_file()}
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path):
+    torch.manual_seed(0)
+    return save_model(tmp_path / "model", DigitsUNet(TINY), ScheduleConfig(num_steps=50))
+
+
+def sample_args(ckpt: Path, out: Path) -> list[str]:
+    options = ["--per-digit", "3", "--steps", "3", "--batch-size", "7", "--precision", "fp32", "--device", "cpu"]
+    return ["digits", "sample", "--ckpt", str(ckpt), "--out", str(out), *options]
+
+
+def test_two_processes_sample_the_same_files_as_one(tiny_ckpt, tmp_path):
+    # One thread per process in both runs: in fp32 another thread count may sum in another order.
+    one = launch(sample_args(tiny_ckpt, tmp_path / "one"), 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = launch(sample_args(tiny_ckpt, tmp_path / "two"), 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("60 images in") == 1  # only the main process reports
+    made = folder_bytes(tmp_path / "one")
+    assert {"mnistm/9_003.png", "figures/grid_svhn.png", "figures/reverse_process.png"} <= set(made)
+    assert folder_bytes(tmp_path / "two").keys() == made.keys()
+    assert folder_bytes(tmp_path / "two") == made
+
+
+def test_sampling_resumes_where_it_stopped(tiny_ckpt, tmp_path):
+    out = tmp_path / "out"
+    assert runner.invoke(app, sample_args(tiny_ckpt, out)).exit_code == 0
+    made = folder_bytes(out)
+    for name in ("mnistm/0_001.png", "svhn/4_002.png", "svhn/9_003.png"):  # a run killed before writing these
+        (out / name).unlink()
+    kept = (out / "mnistm" / "5_001.png").stat().st_mtime_ns
+    r = runner.invoke(app, sample_args(tiny_ckpt, out))
+    assert r.exit_code == 1 and "--resume" in str(r.exception)
+    r = runner.invoke(app, [*sample_args(tiny_ckpt, out), "--resume"])
+    assert r.exit_code == 0, r.output
+    assert folder_bytes(out) == made
+    assert (out / "mnistm" / "5_001.png").stat().st_mtime_ns == kept  # a finished batch is not sampled again
+    r = runner.invoke(app, [*sample_args(tiny_ckpt, out), "--resume", "--guidance-digit", "2"])
+    assert r.exit_code == 1 and "guidance_digit: 6.0 then, 2.0 now" in str(r.exception)
+
+
+def test_processes_that_disagree_on_the_folder_write_nothing(tiny_ckpt, tmp_path):
+    script = tmp_path / "each_its_own_out.py"
+    script.write_text(
+        "import os, sys\n"
+        "from difflab.cli import main\n"
+        "i = sys.argv.index('--out') + 1\n"
+        "sys.argv[i] += os.environ['RANK']\n"
+        "main()\n"
+    )
+    r = launch(sample_args(tiny_ckpt, tmp_path / "out"), 2, script)
+    assert r.returncode != 0
+    assert "the 2 processes disagree on --out" in r.stderr
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_large_layouts_number_their_files_wider():
+    assert course_name(3, 0, 50) == "3_001.png" and course_name(3, 4999, 5000) == "3_5000.png"
+    assert course_name(3, 0, 5000) == "3_0001.png"
 
 
 def test_two_process_cpu_training(data_root, tmp_path):

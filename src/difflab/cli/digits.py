@@ -27,6 +27,7 @@ from difflab.digits.evaluate import evaluate_folder
 from difflab.digits.model import ScheduleConfig, load_digits_model
 from difflab.digits.sample import PER_DIGIT, SampleConfig, sample_to_folder
 from difflab.digits.train import TrainConfig, train
+from difflab.parallel import Processes
 from difflab.report.tracking import REPORT_TO_HELP
 from difflab.utils import DifflabError, pick_device
 
@@ -160,6 +161,10 @@ GuidanceInterval = Annotated[
 SampleBatchSize = Annotated[
     int, typer.Option("--batch-size", min=1, max=MAX_BATCH, help="Images per batched forward (x2 or x3 with guidance).")
 ]
+SampleResume = Annotated[
+    bool,
+    typer.Option("--resume", help="Continue a stopped run in --out: keep its images, make the missing ones."),
+]
 Figures = Annotated[
     bool, typer.Option("--figures/--no-figures", help="Also write 10x10 grids and the reverse-process figure.")
 ]
@@ -238,10 +243,14 @@ def sample_command(
     figures: Figures = True,
     seed: Seed = SampleConfig.seed,
     precision: SamplePrecision = SampleConfig.precision,
+    resume: SampleResume = False,
     overwrite: Overwrite = False,
     device: Device = None,
 ):
-    """Generate the course layout (50 per digit per domain), 10x10 grids and the reverse process of the first 0."""
+    """Generate the course layout (50 per digit per domain), 10x10 grids and the reverse process of the first 0.
+
+    `accelerate launch -m difflab.cli digits sample ...` splits the images between processes; they write the
+    same files as one process."""
 
     interval = parse_floats(guidance_interval, "--guidance-interval", 0.0, 1.0)
     if len(interval) != 2 or interval[0] > interval[1]:
@@ -259,10 +268,12 @@ def sample_command(
         seed=seed,
         precision=precision,
     )
-    count, strip_ts = sample_to_folder(net, schedule, out, cfg, dev, per_digit, figures, overwrite)
-    if figures:
-        typer.echo(f"figures: {out / 'figures'} (reverse process at t = {strip_ts})")
-    typer.echo(f"wrote {count} images to {out}")
+    processes = Processes.launched(dev)
+    count, strip_ts = sample_to_folder(net, schedule, out, cfg, dev, per_digit, figures, overwrite, resume, processes)
+    if processes.is_main:
+        if figures:
+            typer.echo(f"figures: {out / 'figures'} (reverse process at t = {strip_ts})")
+        typer.echo(f"{count} images in {out}")
 
 
 @app.command("demo")

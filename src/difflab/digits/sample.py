@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +12,16 @@ import torch
 from tqdm.auto import tqdm
 
 from difflab.digits.data import DOMAINS
-from difflab.io import open_run, save_png
+from difflab.io import load_json, load_rgb, open_run, save_json, save_png
 from difflab.nets.digits_unet import DigitsUNet
+from difflab.parallel import Processes
 from difflab.precision import Precision, settle_inference
 from difflab.samplers import METHODS, ddim_timesteps, guided, sample
 from difflab.schedule import NoiseSchedule
 from difflab.utils import DifflabError, image_grid, stream_seed, to_uint8
 
 PER_DIGIT = 50  # the course layout: {digit}_{NNN}.png, NNN = 001..050, per domain
+SETTINGS = "sampling.json"  # a `digits sample` run's settings, what --resume continues from
 
 
 @dataclass
@@ -191,6 +194,16 @@ def generate(
     return torch.cat(outs), {t: torch.cat(xs) for t, xs in traj.items()}
 
 
+def course_name(digit: int, n: int, per_digit: int) -> str:
+    """`{digit}_{NNN}.png`, NNN = n + 1 in three figures (more for over 999 images per digit)."""
+    return f"{digit}_{n + 1:0{max(3, len(str(per_digit)))}d}.png"
+
+
+def course_plan(per_digit: int) -> list[tuple[int, int, int]]:
+    """Every image of the layout as (domain, digit, n), in the order they are sampled: domain, then digit."""
+    return [(d, k, n) for d in range(len(DOMAINS)) for k in range(10) for n in range(per_digit)]
+
+
 def write_course_layout(
     net: DigitsUNet,
     schedule: NoiseSchedule,
@@ -198,15 +211,55 @@ def write_course_layout(
     cfg: SampleConfig,
     device: torch.device,
     per_digit: int = PER_DIGIT,
+    processes: Processes | None = None,
+    columns: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """`<out>/mnistm/{d}_{NNN}.png` and `<out>/svhn/...`, NNN = 001..per_digit. Returns the uint8 images
-    per domain, ordered digit-major (all 0s, then all 1s, ...). The caller owns the folder (`open_run`)."""
+    """`<out>/mnistm/{d}_{NNN}.png` and `<out>/svhn/...`, NNN = 001..per_digit; returns the first `columns`
+    (default all) uint8 images of each digit per domain, digit-major. The caller owns the folder (`open_run`).
+
+    The batches are cut from the whole layout and dealt out to the `processes`, so any number of processes
+    samples the same batches and writes the same files, byte for byte. A batch whose files are all there already
+    is kept (a resumed run makes only what is missing)."""
+    processes = processes or Processes()
     out = Path(out_dir)
-    per_domain = course_images(net, schedule, cfg, device, per_digit)
-    for domain, block in per_domain.items():
-        for i, img in enumerate(block):
-            save_png(img, out / domain / f"{i // per_digit}_{i % per_digit + 1:03d}.png")
-    return per_domain
+    plan = course_plan(per_digit)
+    # Timed once, on the main process, so that every process samples in the same precision.
+    first = make_conds([d for d, _, _ in plan[:64]], [k for _, k, _ in plan[:64]]).to(device)
+    precision = processes.from_main(sampling_precision(net, first, cfg, device) if processes.is_main else None)
+    cfg = replace(cfg, precision=precision)
+
+    def path(domain: int, digit: int, n: int) -> Path:
+        return out / DOMAINS[domain] / course_name(digit, n, per_digit)
+
+    batches = [plan[i : i + cfg.batch_size] for i in range(0, len(plan), cfg.batch_size)]
+    mine = processes.share([b for b in batches if not all(path(*image).is_file() for image in b)])
+    where = f" (process 1 of {processes.count})" if processes.count > 1 else ""
+    with tqdm(total=sum(map(len, mine)), desc=f"sampling{where}", unit="img", disable=not processes.is_main) as bar:
+        for batch in mine:
+            cond = make_conds([d for d, _, _ in batch], [k for _, k, _ in batch])
+            seeds = [image_seed(cfg.seed, *image) for image in batch]
+            for image, pixels in zip(
+                batch, to_uint8(generate(net, schedule, cond, cfg, device, progress=False, seeds=seeds)[0])
+            ):
+                save_png(pixels, path(*image))
+            bar.update(len(batch))
+    processes.wait()
+    return read_course_layout(out, per_digit, columns)
+
+
+def read_course_layout(out_dir: str | os.PathLike, per_digit: int, columns: int | None = None) -> dict[str, np.ndarray]:
+    """The first `columns` (default all) images of each digit of a course layout, uint8 per domain, digit-major."""
+    columns = min(columns or per_digit, per_digit)
+    return {
+        domain: np.stack(
+            [
+                np.asarray(load_rgb(Path(out_dir) / domain / course_name(k, n, per_digit)))
+                for k in range(10)
+                for n in range(columns)
+            ]
+        )
+        for domain in DOMAINS
+    }
 
 
 def course_images(
@@ -217,7 +270,7 @@ def course_images(
     digits = torch.arange(10).repeat_interleave(per_digit)
     cond = torch.cat([make_conds(torch.full_like(digits, d), digits) for d in range(len(DOMAINS))])
     seeds = [image_seed(cfg.seed, d, k, n) for d in range(len(DOMAINS)) for k in range(10) for n in range(per_digit)]
-    images = to_uint8(generate(net, schedule, cond, cfg, device, seeds=seeds)[0])
+    images = to_uint8(generate(net, schedule, cond, cfg, device, progress=False, seeds=seeds)[0])
     return {domain: images[d * len(digits) : (d + 1) * len(digits)] for d, domain in enumerate(DOMAINS)}
 
 
@@ -256,15 +309,39 @@ def sample_to_folder(
     per_digit: int = PER_DIGIT,
     figures: bool = True,
     overwrite: bool = False,
+    resume: bool = False,
+    processes: Processes | None = None,
 ) -> tuple[int, list[int] | None]:
-    """The `digits sample` job: the course layout, and with `figures` the 10x10 grids and the reverse process,
-    moved into `out_dir` only once all are written. Returns (images written, the strip's timesteps or None)."""
-    with open_run(out_dir, "digits sample", overwrite=overwrite, staged=True) as run:
-        per_domain = write_course_layout(net, schedule, run.dir, cfg, device, per_digit)
+    """The `digits sample` job: the course layout, and with `figures` the 10x10 grids and the reverse process
+    (main process only). The settings go to `sampling.json` first; `resume` makes the images a killed run did not
+    write, with the same settings. Returns (images in the layout, the strip's timesteps or None)."""
+    processes = processes or Processes()
+    # Not the precision: "auto" may settle otherwise on a resume, and the images' seeds do not depend on it.
+    sampler = {k: v for k, v in asdict(cfg).items() if k != "precision"}
+    settings = json.loads(json.dumps({"per_digit": per_digit, **sampler}))
+    processes.agree("--out and the sampling settings", [str(Path(out_dir).resolve()), settings])
+    main = processes.is_main
+    with open_run(out_dir, "digits sample", overwrite=overwrite, resume=resume, checkpoint=SETTINGS, main=main) as run:
+        if main:
+            keep_settings(run.path / SETTINGS, settings, resume)
+        columns = min(10, per_digit)
+        first = write_course_layout(net, schedule, run.path, cfg, device, per_digit, processes, columns)
         strip_ts = None
-        if figures:
-            strip_ts = write_sample_figures(net, schedule, per_domain, cfg, device, per_digit, run.dir / "figures")[-1]
-    return sum(len(v) for v in per_domain.values()), strip_ts
+        if figures and main:
+            strip_ts = write_sample_figures(net, schedule, first, cfg, device, columns, run.path / "figures")[-1]
+    return len(DOMAINS) * 10 * per_digit, strip_ts
+
+
+def keep_settings(file: Path, settings: dict, resume: bool) -> None:
+    """Write the run's settings; when resuming, first refuse settings other than the earlier run's."""
+    if resume:
+        earlier = load_json(file)
+        changed = [f"{k}: {earlier.get(k)} then, {v} now" for k, v in settings.items() if earlier.get(k) != v]
+        if changed:
+            raise DifflabError(
+                f"{file}: the run was started with other settings ({'; '.join(changed)}); resume with the same"
+            )
+    save_json(settings, file)
 
 
 def write_sample_figures(

@@ -1,0 +1,67 @@
+"""Fixed work split between the processes of `accelerate launch` (or `torchrun`): each process takes its share of
+a list the main process would walk alone, so N processes write what one writes, byte for byte.
+
+Without a launcher (WORLD_SIZE unset or 1) this is one process and accelerate is never imported.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence, TypeVar
+
+import torch
+
+from difflab.utils import DifflabError
+
+T = TypeVar("T")
+
+
+@dataclass
+class Processes:
+    index: int = 0
+    count: int = 1
+    state: Any = None  # accelerate's PartialState when launched
+
+    @classmethod
+    def launched(cls, device: torch.device) -> Processes:
+        """The processes started with this one: one, unless a launcher set WORLD_SIZE."""
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        from accelerate import PartialState
+
+        state = PartialState(cpu=device.type == "cpu")
+        return cls(state.process_index, state.num_processes, state)
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+    def share(self, items: Sequence[T]) -> list[T]:
+        """This process's items: every `count`-th, starting at its index, so the shares interleave evenly."""
+        return list(items[self.index :: self.count])
+
+    def wait(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+    def agree(self, what: str, value: Any) -> None:
+        """Refuse, on every process, when the processes were given different `value`s (say, output folders)."""
+        if self.count == 1:
+            return
+        from accelerate.utils import gather_object
+
+        values = gather_object([value])
+        if any(v != values[0] for v in values):
+            shown = "; ".join(f"process {i}: {v}" for i, v in enumerate(values))
+            raise DifflabError(
+                f"the {self.count} processes disagree on {what} ({shown}); launch them with the same options"
+            )
+
+    def from_main(self, value: T) -> T:
+        """The main process's `value` on every process (a choice made once, such as a timed precision)."""
+        if self.count == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value])[0]
