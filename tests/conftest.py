@@ -6,6 +6,8 @@ import base64
 import io
 import os
 import re
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -209,3 +211,29 @@ def _assert_images_fit_page(report: Report) -> None:
     for declaration in ("max-width:100%", "height:auto", "box-sizing:border-box"):
         assert declaration in rule, rule
     assert all(link.startswith(DATA_URI) for link in report.links)
+
+
+@pytest.fixture(scope="session")
+def launch():
+    """`launch(args, processes, script=None)`: `difflab ARGS` (or a script) in that many CPU processes through torch's
+    launcher, as `accelerate launch` starts them, one thread each."""
+
+    def run(args: list[str], processes: int, script: Path | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        target = [str(script)] if script else ["-m", "difflab.cli"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), *target, *args]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def folder_bytes():
+    """`folder_bytes(folder)`: {relative path: bytes} of the results in a run folder, not the run policy's own
+    hidden files (they name the process)."""
+
+    def read(folder: Path) -> dict[str, bytes]:
+        files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+        return {str(p.relative_to(folder)): p.read_bytes() for p in files if not p.name.startswith(".")}
+
+    return read

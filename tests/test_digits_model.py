@@ -303,19 +303,6 @@ def test_cli_train_sample_evaluate(data_root, tiny_preset, tmp_path):
     assert metrics["accuracy_svhn"] == pytest.approx(result["domains"]["svhn"]["accuracy"])
 
 
-def launch(args: list[str], processes: int, script: Path | None = None) -> subprocess.CompletedProcess:
-    """`difflab ...` (or a script) in `processes` CPU processes through torch's launcher, one thread each."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    target = [str(script)] if script else ["-m", "difflab.cli"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), *target, *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def folder_bytes(folder: Path) -> dict[str, bytes]:
-    """The results in `folder`, not the run policy's own files (they name the process)."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.glob("[!.]*/*")) if p.is_file()}
-
-
 @pytest.fixture
 def tiny_ckpt(tmp_path):
     torch.manual_seed(0)
@@ -327,7 +314,7 @@ def sample_args(ckpt: Path, out: Path) -> list[str]:
     return ["digits", "sample", "--ckpt", str(ckpt), "--out", str(out), *options]
 
 
-def test_two_processes_sample_the_same_files_as_one(tiny_ckpt, tmp_path):
+def test_two_processes_sample_the_same_files_as_one(tiny_ckpt, tmp_path, launch, folder_bytes):
     # One thread per process in both runs: in fp32 another thread count may sum in another order.
     one = launch(sample_args(tiny_ckpt, tmp_path / "one"), 1)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -340,7 +327,7 @@ def test_two_processes_sample_the_same_files_as_one(tiny_ckpt, tmp_path):
     assert folder_bytes(tmp_path / "two") == made
 
 
-def test_sampling_resumes_where_it_stopped(tiny_ckpt, tmp_path):
+def test_sampling_resumes_where_it_stopped(tiny_ckpt, tmp_path, folder_bytes):
     out = tmp_path / "out"
     assert runner.invoke(app, sample_args(tiny_ckpt, out)).exit_code == 0
     made = folder_bytes(out)
@@ -357,7 +344,7 @@ def test_sampling_resumes_where_it_stopped(tiny_ckpt, tmp_path):
     assert r.exit_code == 1 and "guidance_digit: 6.0 then, 2.0 now" in str(r.exception)
 
 
-def test_processes_that_disagree_on_the_folder_write_nothing(tiny_ckpt, tmp_path):
+def test_processes_that_disagree_on_the_folder_write_nothing(tiny_ckpt, tmp_path, launch):
     script = tmp_path / "each_its_own_out.py"
     script.write_text(
         "import os, sys\n"

@@ -21,17 +21,18 @@ T = TypeVar("T")
 class Processes:
     index: int = 0
     count: int = 1
+    device: torch.device = torch.device("cpu")  # this process's device: its own GPU when launched on several
     state: Any = None  # accelerate's PartialState when launched
 
     @classmethod
     def launched(cls, device: torch.device) -> Processes:
-        """The processes started with this one: one, unless a launcher set WORLD_SIZE."""
+        """The processes started with this one, working on `device`: one, unless a launcher set WORLD_SIZE."""
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return cls()
+            return cls(device=device)
         from accelerate import PartialState
 
         state = PartialState(cpu=device.type == "cpu")
-        return cls(state.process_index, state.num_processes, state)
+        return cls(state.process_index, state.num_processes, state.device if device.type == "cuda" else device, state)
 
     @property
     def is_main(self) -> bool:
@@ -47,16 +48,20 @@ class Processes:
 
     def agree(self, what: str, value: Any) -> None:
         """Refuse, on every process, when the processes were given different `value`s (say, output folders)."""
-        if self.count == 1:
-            return
-        from accelerate.utils import gather_object
-
-        values = gather_object([value])
+        values = self.gather([value])
         if any(v != values[0] for v in values):
             shown = "; ".join(f"process {i}: {v}" for i, v in enumerate(values))
             raise DifflabError(
                 f"the {self.count} processes disagree on {what} ({shown}); launch them with the same options"
             )
+
+    def gather(self, items: list[T]) -> list[T]:
+        """Every process's `items`, concatenated in process order, on every process."""
+        if self.count == 1:
+            return items
+        from accelerate.utils import gather_object
+
+        return gather_object(items)
 
     def from_main(self, value: T) -> T:
         """The main process's `value` on every process (a choice made once, such as a timed precision)."""

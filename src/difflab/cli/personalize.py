@@ -12,12 +12,13 @@ import typer
 
 from difflab.cli.options import App, Device, Overwrite, Seed, precision_option
 from difflab.demos.personalize import PersonalizeDemoConfig as DemoConfig
+from difflab.parallel import Processes
 from difflab.personalize.compose import ComposeConfig
 from difflab.personalize.generate import SCHEDULERS, GenerateConfig
 from difflab.personalize.grading import TOP_K
 from difflab.personalize.textual_inversion import TextualInversionConfig as TIConfig
 from difflab.report.tracking import REPORT_TO_HELP
-from difflab.utils import DifflabError
+from difflab.utils import DifflabError, pick_device
 
 app = App(help="Textual inversion on Stable Diffusion v1.x: train, generate, compose, score.", no_args_is_help=True)
 TIPrecision = precision_option("CPU: fp32, untimed")
@@ -308,7 +309,10 @@ def generate_command(
     precision: SDPrecision = "auto",
     device: Device = None,
 ) -> None:
-    """Generate the course output layout for every prompt of input.json with learned concept tokens."""
+    """Generate the course output layout for every prompt of input.json with learned concept tokens.
+
+    `accelerate launch -m difflab.cli personalize generate ...` splits the images between processes; they write
+    the same files as one process."""
     from difflab.personalize.generate import generate, prompt_jobs, regenerate_one
     from difflab.personalize.prompts import load_input_json
     from difflab.personalize.sd import load_pipeline
@@ -334,9 +338,11 @@ def generate_command(
         job, n = only_job(spec, only)
         typer.echo(f"wrote {regenerate_one(load_pipeline(sd, embeds, device, precision), job, n, cfg, out)}")
         return
+    processes = Processes.launched(pick_device(device))
+    device = str(processes.device)
     scorer = clip_scorer(clip, device) if best_of is not None else None
     generate(
-        load_pipeline(sd, embeds, device, precision),
+        load_pipeline(sd, embeds, device, precision, processes),
         spec,
         out,
         cfg,
@@ -346,8 +352,10 @@ def generate_command(
         best_of=best_of,
         scorer=scorer,
         refs=refs,
+        processes=processes,
     )
-    typer.echo(f"wrote {out / 'report.html'}")
+    if processes.is_main:
+        typer.echo(f"wrote {out / 'report.html'}")
 
 
 def parse_pairs(values: List[str], option: str) -> list[tuple[str, str]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from difflab.io import image_files, load_rgb, open_run, save_png, write_csv
+from difflab.parallel import Processes
 from difflab.utils import DifflabError, image_grid
 
 SCHEDULERS = ("ddim", "dpmsolver")
@@ -196,60 +197,86 @@ def generate(
     scorer=None,
     refs: str | os.PathLike | None = None,
     overwrite: bool = False,
+    processes: Processes | None = None,
 ) -> Path:
     """Write the course layout under `out` plus `report.html` (and `best_of_scores.csv` with `best_of`).
 
     Images already in `out` are kept with `resume` (their seeds do not depend on the others), replaced with
     `overwrite`, and otherwise make this refuse. With `best_of`, `scorer` is a `difflab.clip.score.ClipScorer` and
-    `refs` the folder holding `<key>/` reference images.
+    `refs` the folder holding `<key>/` reference images. Several `processes` share the batches and write the same
+    files as one; the main one writes the report.
     """
 
     cfg.check()
     if resume and best_of:
         raise DifflabError("--resume keeps earlier images, but best-of-N ranks all candidates together: choose one")
-    with open_run(out, "personalize generate", overwrite=overwrite, resume=resume, checkpoint=""):
-        return _generate(pipe, spec, Path(out), cfg, prompt_jobs(spec, keys), resume, best_of, scorer, refs)
+    processes = processes or Processes()
+    jobs = prompt_jobs(spec, keys)
+    processes.agree("--out and the generation settings", [str(Path(out).resolve()), asdict(cfg), keys, best_of])
+    main = processes.is_main
+    with open_run(out, "personalize generate", overwrite=overwrite, resume=resume, checkpoint="", main=main):
+        processes.wait()  # the others look for earlier images only once the main process has cleared them
+        picker = BestOf(best_of, cfg, scorer, refs, jobs) if best_of is not None else None
+        write_images(pipe, Path(out), cfg, jobs, picker, processes)
+        if main:
+            write_report(Path(out), cfg, jobs, picker)
+    return Path(out)
 
 
-def _generate(pipe, spec, out: Path, cfg: GenerateConfig, jobs, resume: bool, best_of, scorer, refs) -> Path:
+def work_batches(jobs: list[PromptJob], cfg: GenerateConfig, best_of: int | None) -> list[tuple[PromptJob, range]]:
+    """The batches of the whole layout, (prompt, image numbers), cut the same way for any number of processes;
+    with best-of-N one per prompt, since its candidates are ranked together."""
+    if best_of is not None:
+        return [(job, range(best_of)) for job in jobs]
+    step = cfg.batch_size
+    return [(job, range(s, min(s + step, cfg.per_prompt))) for job in jobs for s in range(0, cfg.per_prompt, step)]
+
+
+def write_images(pipe, out: Path, cfg: GenerateConfig, jobs, picker: BestOf | None, processes: Processes) -> None:
+    """This process's share of the batches whose images are not all in `out` yet."""
     from tqdm.auto import tqdm
 
-    from difflab.report import HtmlReport
-
-    picker = BestOf(best_of, cfg, scorer, refs, jobs) if best_of is not None else None
     check_learned_tokens(pipe, [j.prompt for j in jobs])
     set_scheduler(pipe, cfg.scheduler)
     pipe.set_progress_bar_config(disable=True)
     image_size(pipe, cfg)  # fail on a bad size before any work
+    batches = work_batches(jobs, cfg, picker and picker.n)
+    todo = [(j, ns) for j, ns in batches if picker or not all(image_path(out, j.key, j.idx, n).is_file() for n in ns)]
+    mine = processes.share(todo)
+    embeds = {}
+    with tqdm(total=sum(len(ns) for _, ns in mine), desc="images", unit="img", disable=not processes.is_main) as bar:
+        for job, numbers in mine:
+            if (job.key, job.idx) not in embeds:
+                embeds = {(job.key, job.idx): encode_prompt(pipe, job.prompt, cfg.negative_prompt)}
+            seeds = [image_seed(cfg.seed, job.key, job.idx, n) for n in numbers]
+            images = sample(pipe, embeds[(job.key, job.idx)], seeds, cfg, bar)
+            if picker is not None:
+                images, numbers = picker.keep(job, images), range(cfg.per_prompt)
+            for n, im in zip(numbers, images):
+                save_png(np.asarray(im.convert("RGB")), image_path(out, job.key, job.idx, n))
+    if picker is not None:
+        picker.scores = dict(processes.gather(list(picker.scores.items())))
+    processes.wait()
+
+
+def write_report(out: Path, cfg: GenerateConfig, jobs, picker: BestOf | None) -> None:
+    from difflab.report import HtmlReport
 
     report = HtmlReport("Personalized generation")
     report.pre(
         f"scheduler={cfg.scheduler} steps={cfg.steps} guidance={cfg.guidance} seed={cfg.seed} "
-        f"per_prompt={cfg.per_prompt}" + (f" best_of={best_of}" if best_of else "")
+        f"per_prompt={cfg.per_prompt}" + (f" best_of={picker.n}" if picker else "")
     )
-    n_candidates = best_of or cfg.per_prompt
-    progress = tqdm(total=len(jobs) * n_candidates, desc="images", unit="img")
     for job in jobs:
-        skip = resume and picker is None
-        todo = [n for n in range(n_candidates) if not (skip and image_path(out, job.key, job.idx, n).is_file())]
-        progress.update(n_candidates - len(todo))
-        seeds = [image_seed(cfg.seed, job.key, job.idx, n) for n in todo]
-        images = sample(pipe, encode_prompt(pipe, job.prompt, cfg.negative_prompt), seeds, cfg, progress)
-        if picker is not None:
-            images, todo = picker.keep(job, images), list(range(cfg.per_prompt))
-        for n, im in zip(todo, images):
-            save_png(np.asarray(im.convert("RGB")), image_path(out, job.key, job.idx, n))
-        add_prompt_grid(report, out, job, dict(zip(todo, images)), cfg.per_prompt)
-    progress.close()
+        add_prompt_grid(report, out, job, cfg.per_prompt)
     if picker is not None:
-        picker.write(out / "best_of_scores.csv", report)
+        picker.write(out / "best_of_scores.csv", report, jobs)
     report.save(out / "report.html")
-    return out
 
 
-def add_prompt_grid(report, out: Path, job: PromptJob, made: dict, per_prompt: int) -> None:
-    """A thumbnail grid of a prompt's images; those kept from an earlier run are read back for it."""
-    shown = [made[n] if n in made else load_rgb(image_path(out, job.key, job.idx, n)) for n in range(per_prompt)]
+def add_prompt_grid(report, out: Path, job: PromptJob, per_prompt: int) -> None:
+    """A thumbnail grid of a prompt's images, read back from the layout."""
+    shown = [load_rgb(image_path(out, job.key, job.idx, n)) for n in range(per_prompt)]
     cols = min(5, len(shown))
     report.heading(f"{job.key}/{job.idx}: {job.prompt}")
     report.image(image_grid(thumbnails(shown), -(-len(shown) // cols), cols), caption=f"{len(shown)} images")
@@ -266,7 +293,9 @@ class BestOf:
         missing = [f"{j.key}/{j.idx}" for j in jobs if not j.eval_prompt]
         if missing:
             raise DifflabError(f"--best-of needs prompt_4_clip_eval for every prompt; missing for {', '.join(missing)}")
-        self.cfg, self.scorer, self.rows, self.summary = cfg, scorer, [], []
+        self.n, self.cfg, self.scorer = n, cfg, scorer
+        # (key, idx) -> (one CSV row per candidate, the kept images' mean image and text scores)
+        self.scores: dict[tuple[str, int], tuple[list[list], tuple[float, float]]] = {}
         self.refs = {k: scorer.image_embeds(reference_images(Path(refs) / k)) for k in {j.key for j in jobs}}
 
     def keep(self, job: PromptJob, candidates: list) -> list:
@@ -278,17 +307,19 @@ class BestOf:
         txt_s = self.scorer.text_score(gen, self.scorer.text_embeds([job.eval_prompt]))
         keep = [int(i) for i in select_best(img_s, txt_s, self.cfg.per_prompt)]
         rank = {c: n for n, c in enumerate(keep)}
+        rows = []
         for c in range(len(candidates)):
             seed = image_seed(self.cfg.seed, job.key, job.idx, c)
             combined = img_s[c] + TEXT_WEIGHT * txt_s[c]
-            self.rows.append(
+            rows.append(
                 [job.key, job.idx, c, seed, f"{img_s[c]:.4f}", f"{txt_s[c]:.4f}", f"{combined:.4f}", rank.get(c, "")]
             )
-        self.summary.append([f"{job.key}/{job.idx}", job.prompt, float(img_s[keep].mean()), float(txt_s[keep].mean())])
+        self.scores[(job.key, job.idx)] = (rows, (float(img_s[keep].mean()), float(txt_s[keep].mean())))
         return [candidates[c] for c in keep]
 
-    def write(self, csv_path: Path, report) -> None:
+    def write(self, csv_path: Path, report, jobs: list[PromptJob]) -> None:
         header = ["key", "prompt_idx", "candidate", "seed", "image_score", "text_score", "combined", "kept_as"]
-        write_csv(csv_path, header, self.rows)
+        write_csv(csv_path, header, [row for j in jobs for row in self.scores[(j.key, j.idx)][0]])
         report.heading("CLIP scores of the kept images (mean)")
-        report.table(["prompt", "text", "image score", "text score"], self.summary)
+        summary = [[f"{j.key}/{j.idx}", j.prompt, *self.scores[(j.key, j.idx)][1]] for j in jobs]
+        report.table(["prompt", "text", "image score", "text score"], summary)

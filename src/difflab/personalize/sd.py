@@ -18,6 +18,7 @@ import torch
 
 from difflab.configs import SD_V1_CONFIG
 from difflab.io import loader_error, read_tensors
+from difflab.parallel import Processes
 from difflab.precision import DTYPE_CANDIDATES, Precision
 from difflab.utils import DifflabError, pick_device
 
@@ -65,21 +66,25 @@ def load_pipeline(
     embeds: Sequence[str | os.PathLike] = (),
     device: str | None = None,
     precision: Precision | str = "auto",
+    processes: Processes | None = None,
 ):
     """The pipeline that generation and composition run, its weights in `precision`'s dtype (as diffusers holds
-    them), with the learned embeddings in `embeds` added. "auto" on a CPU times a UNet call in fp32 and bf16."""
+    them), with the learned embeddings in `embeds` added. "auto" on a CPU times a UNet call in fp32 and bf16, on
+    the main one of several `processes`, which all take its choice."""
     from difflab.personalize.embeddings import load_embeddings
 
+    processes = processes or Processes()
     dev = pick_device(device)
     precision = Precision.parse(precision)
     if precision.auto and dev.type == "cpu":
         pipe = load_sd(path, device=dev)
-        precision = pipeline_precision(pipe, precision, dev)
+        precision = processes.from_main(pipeline_precision(pipe, precision, dev) if processes.is_main else None)
         precision.cast(pipe)
     else:
         precision = precision.settle(dev)
         pipe = load_sd(path, device=dev, dtype=precision.dtype or torch.float32)
-    print(f"precision: {precision.describe()}", flush=True)
+    if processes.is_main:
+        print(f"precision: {precision.describe()}", flush=True)
     if embeds:
         load_embeddings(pipe, embeds)
     return pipe
