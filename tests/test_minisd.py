@@ -49,6 +49,7 @@ def stack(tmp_path_factory):
         judge_epochs=1,
         precision="fp32",
         device="cpu",
+        report_to="tensorboard",
     )
     return build(cfg), cfg
 
@@ -202,6 +203,19 @@ def test_stack_loads_in_difflab_diffusers_and_transformers(stack):
         assert f"--seed {cfg.seed}" in card.text and str(out / folder) in card.text
 
 
+def test_build_reports_every_training_stage_to_tensorboard(stack):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run,) = (stack[0] / "logs").iterdir()
+    events = EventAccumulator(str(run), size_guidance={"tensors": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    for stage in ("clip_joint", "vae", "sd", "clip"):
+        assert {f"{stage}/{k}" for k in ("loss", "lr", "grad_norm", "step_time_s")} <= scalars, stage
+        assert [e.step for e in events.Scalars(f"{stage}/loss")] == [2]  # the last step ends the log window
+    assert {"judges/mnistm/loss", "judges/svhn/lr", "judges/domain/loss"} <= scalars
+    assert any(tag.startswith("vae/precision") for tag in events.Tags()["tensors"])  # text: "fp32 (...)"
+
+
 def test_build_refuses_an_earlier_build_and_resume_keeps_it(stack, tmp_path):
     out, cfg = stack
     with pytest.raises(DifflabError, match="holds earlier results of `difflab minisd build`.*--resume"):
@@ -262,7 +276,7 @@ def test_an_interrupted_stage_leaves_no_folder_and_resume_finishes(stack, tmp_pa
     shutil.rmtree(out / "vae")
     shutil.rmtree(out / "sd")
 
-    def cut_off(cfg, out, device):
+    def cut_off(cfg, out, device, log):
         def write(tmp):
             (tmp / "config.json").write_text("{")  # half written
             raise KeyboardInterrupt

@@ -10,6 +10,7 @@ import typer
 from difflab.cli.options import TIMED, App, Device, Overwrite, Seed, precision_option
 from difflab.minisd.build import BuildConfig
 from difflab.minisd.prebuilt import PREBUILT
+from difflab.report.tracking import REPORT_TO_HELP
 from difflab.utils import DifflabError
 
 app = App(help="A miniature Stable Diffusion v1 + CLIP, trained here on the CPU.", no_args_is_help=True)
@@ -38,6 +39,7 @@ def build_command(
     device: Device = None,
     precision: BuildPrecision = DEFAULTS.precision,
     overwrite: Overwrite = False,
+    report_to: Annotated[str, typer.Option("--report-to", help=REPORT_TO_HELP)] = DEFAULTS.report_to,
 ) -> None:
     """Train CLIP, the VAE, the UNet, CLIP's image side and the judges in fixed work; write standard
     diffusers/transformers folders."""
@@ -64,6 +66,7 @@ def build_command(
         precision=precision,
         resume=resume,
         overwrite=overwrite,
+        report_to=report_to,
     )
     cfg.train.clip.steps, cfg.train.vae.steps, cfg.train.unet.steps = clip_steps, vae_steps, unet_steps
     cfg.train.clip_vision.steps = clip_vision_steps

@@ -32,7 +32,7 @@ from difflab.io import (
     write_model_card,
 )
 from difflab.precision import Precision, cpu_name, settle_training
-from difflab.report.tracking import accelerator_kwargs, flat_config
+from difflab.report.tracking import accelerator_kwargs, tracked
 from difflab.utils import DifflabError, pick_device, seed_everything
 
 FORMAT = "difflab-digit-classifier"
@@ -195,7 +195,7 @@ def train_classifier(
             opt.step()
             sched.step()
             bar.update()
-            if bar.n % 20 == 0:  # reading the loss synchronises with the device: not every step
+            if bar.n % 20 == 0 or bar.n == bar.total:  # reading the loss synchronises with the device
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 if log is not None:
                     log({f"{domain}/loss": loss.item(), f"{domain}/lr": sched.get_last_lr()[0]}, bar.n)
@@ -278,22 +278,12 @@ def train_classifiers(
     """Train and save one classifier per domain; returns the held-out accuracy of each. The judges land in
     `out_dir` together, once all are trained: a failure leaves earlier judges there whole. `report_to` names
     trackers (difflab.report.tracking) for the loss, learning rate and held-out accuracy."""
-    tracking = accelerator_kwargs(report_to, out_dir)  # checked before any work
+    accelerator_kwargs(report_to, out_dir)  # the trackers are checked before any work
     with open_run(out_dir, "digits train-classifier", overwrite=overwrite, staged=True) as run:
         tc = ClassifierTrainConfig(epochs=epochs, precision=precision, augment=augment)
-        accelerator = None
-        if tracking:
-            from accelerate import Accelerator
-
-            accelerator = Accelerator(cpu=device == "cpu", **accelerator_kwargs(report_to, run.dir))
-            accelerator.init_trackers("difflab-judges", flat_config({**asdict(tc), "seed": seed, "width": width}))
-        try:
-            results, rows, chosen = _train_classifiers(
-                Path(data_root), run.dir, tc, device, seed, width, domains, accelerator.log if accelerator else None
-            )
-        finally:
-            if accelerator:
-                accelerator.end_training()
+        config = {**asdict(tc), "seed": seed, "width": width}
+        with tracked(report_to, run.dir, "difflab-judges", config, device == "cpu") as log:
+            results, rows, chosen = _train_classifiers(Path(data_root), run.dir, tc, device, seed, width, domains, log)
         write_judges_card(run.dir, Path(out_dir), Path(data_root), tc, width, seed, chosen, rows)
         return results
 

@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +32,9 @@ from difflab.minisd.models import (
     build_vae,
     text_tower,
 )
-from difflab.minisd.train import StageConfig, TrainSettings
+from difflab.minisd.train import Log, StageConfig, TrainSettings
 from difflab.precision import Precision, cpu_name, settle_training
+from difflab.report.tracking import accelerator_kwargs, tracked
 from difflab.utils import DifflabError, pick_device
 
 STAGES = ("data", "clip_joint", "vae", "sd", "clip", "judges")
@@ -68,6 +70,7 @@ class BuildConfig:
     precision: Precision = Precision("auto")
     resume: bool = False
     overwrite: bool = False
+    report_to: str = "none"  # trackers for each training stage's loss, learning rate, gradient norm, step time
 
 
 def stage_dir(out: Path, stage: str) -> Path:
@@ -93,12 +96,16 @@ def write_dir(final: Path, write) -> Path:
 def build(cfg: BuildConfig) -> Path:
     """Build every missing stage into `cfg.out` and return it (`--resume` finishes or reuses an earlier build
     there, `--overwrite` builds it again)."""
-    with open_run(cfg.out, "minisd build", overwrite=cfg.overwrite, resume=cfg.resume, checkpoint=BUILD_LOG):
-        return build_stages(cfg, Path(cfg.out))
-
-
-def build_stages(cfg: BuildConfig, out: Path) -> Path:
+    accelerator_kwargs(cfg.report_to, cfg.out)  # the trackers are checked before any work
     device = pick_device(cfg.device)
+    with open_run(cfg.out, "minisd build", overwrite=cfg.overwrite, resume=cfg.resume, checkpoint=BUILD_LOG):
+        with tracked(cfg.report_to, cfg.out, "difflab-minisd", asdict(cfg), device.type == "cpu") as log:
+            return build_stages(cfg, Path(cfg.out), device, log)
+
+
+def build_stages(cfg: BuildConfig, out: Path, device: torch.device, track: Log | None = None) -> Path:
+    """Every missing stage, in order; `track` (tracked values, step) gets each training stage's values under its
+    name, e.g. `vae/loss`."""
     log = load_json(out / BUILD_LOG) if cfg.resume and (out / BUILD_LOG).is_file() else {}
     log["config"] = asdict(cfg)  # this run's settings; each stage records those it was built with
     log.setdefault("stages", {})
@@ -106,7 +113,8 @@ def build_stages(cfg: BuildConfig, out: Path) -> Path:
         if done(out, stage):
             continue
         start = time.perf_counter()
-        info = STAGE_FUNCS[stage](cfg, out, device) or {}
+        stage_log = None if track is None else partial(_log_stage, track, stage)
+        info = STAGE_FUNCS[stage](cfg, out, device, stage_log) or {}
         info["seconds"] = round(time.perf_counter() - start, 1)
         where = cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device)
         info["machine"] = f"{where}, {torch.get_num_threads()} threads"
@@ -117,8 +125,12 @@ def build_stages(cfg: BuildConfig, out: Path) -> Path:
     return out
 
 
+def _log_stage(log: Log, stage: str, values: dict, step: int) -> None:
+    log({f"{stage}/{k}": v for k, v in values.items()}, step)
+
+
 # ---- stages ---------------------------------------------------------------------------------------------------
-def build_data(cfg: BuildConfig, out: Path, device) -> dict:
+def build_data(cfg: BuildConfig, out: Path, device, log: Log | None = None) -> dict:
     singles = mdata.single_digits(cfg.n_per_domain, cfg.seed)
     pairs = mdata.digit_pairs(singles, cfg.n_pairs, cfg.seed)
 
@@ -138,7 +150,7 @@ def training_sets(cfg: BuildConfig, out: Path) -> tuple[mdata.CaptionedDigits, m
     return groups[(size, size)], groups.get((size, 2 * size))
 
 
-def build_clip_joint_stage(cfg: BuildConfig, out: Path, device) -> dict:
+def build_clip_joint_stage(cfg: BuildConfig, out: Path, device, log: Log | None = None) -> dict:
     from difflab.clip.tokenizer import load_clip_tokenizer
     from difflab.minisd.train import clip_loss, train_clip
 
@@ -156,7 +168,7 @@ def build_clip_joint_stage(cfg: BuildConfig, out: Path, device) -> dict:
     precision = settle_training(
         cfg.precision, device, f"mini-SD CLIP batch {b}", lambda: build_clip(cfg.model), clip_step
     )
-    model, losses = train_clip(singles, tokenizer, cfg.model, cfg.train.clip, precision, device, cfg.seed)
+    model, losses = train_clip(singles, tokenizer, cfg.model, cfg.train.clip, precision, device, cfg.seed, log)
 
     write_dir(out / "clip_joint", lambda tmp: save_clip(model, tokenizer, tmp))
     return {"precision": precision.describe(), "losses": losses[:: max(1, len(losses) // 200)]}
@@ -170,7 +182,7 @@ def load_joint_clip(out: Path):
     return clip, CLIPTokenizer.from_pretrained(out / "clip_joint", local_files_only=True, model_max_length=77)
 
 
-def build_clip_stage(cfg: BuildConfig, out: Path, device) -> dict:
+def build_clip_stage(cfg: BuildConfig, out: Path, device, log: Log | None = None) -> dict:
     from difflab.minisd.train import tune_vision
 
     singles, _ = training_sets(cfg, out)
@@ -184,7 +196,7 @@ def build_clip_stage(cfg: BuildConfig, out: Path, device) -> dict:
         lambda: build_clip(cfg.model),
         lambda m, p: m.visual_projection(m.vision_model(pixel_values=px)[1]),
     )
-    model, losses = tune_vision(clip, singles, tokenizer, stage, precision, device, cfg.seed)
+    model, losses = tune_vision(clip, singles, tokenizer, stage, precision, device, cfg.seed, log)
     made = stage_made(cfg, out, "CLIP vision tuning", stage.steps)
     write_dir(out / "clip", lambda tmp: save_clip(model, tokenizer, tmp, made))
     return {"precision": precision.describe(), "losses": losses[:: max(1, len(losses) // 200)]}
@@ -211,7 +223,7 @@ processor = CLIPProcessor.from_pretrained("{folder.parent / "clip"}")"""
                          "zero-shot-image-classification")  # fmt: skip
 
 
-def build_vae_stage(cfg: BuildConfig, out: Path, device) -> dict:
+def build_vae_stage(cfg: BuildConfig, out: Path, device, log: Log | None = None) -> dict:
     from difflab.minisd.train import train_vae
 
     singles, _ = training_sets(cfg, out)
@@ -223,12 +235,12 @@ def build_vae_stage(cfg: BuildConfig, out: Path, device) -> dict:
         lambda: build_vae(cfg.model),
         lambda m, p: m(p.input(x)).sample,
     )
-    model, losses = train_vae(singles, cfg.model, cfg.train, precision, device, cfg.seed)
+    model, losses = train_vae(singles, cfg.model, cfg.train, precision, device, cfg.seed, log)
     write_dir(out / "vae", model.save_pretrained)
     return {"precision": precision.describe(), "losses": losses[:: max(1, len(losses) // 200)]}
 
 
-def build_sd_stage(cfg: BuildConfig, out: Path, device) -> dict:
+def build_sd_stage(cfg: BuildConfig, out: Path, device, log: Log | None = None) -> dict:
     from diffusers import AutoencoderKL
 
     from difflab.minisd.train import LatentSet, encode_captions, encode_latents, train_unet
@@ -260,7 +272,7 @@ def build_sd_stage(cfg: BuildConfig, out: Path, device) -> dict:
         lambda: build_unet(cfg.model),
         lambda m, p: m(p.input(z), t.to(device), c).sample,
     )
-    unet, losses = train_unet(sets, captions, row[""], scaling, cfg.model, cfg.train, precision, device, cfg.seed)
+    unet, losses = train_unet(sets, captions, row[""], scaling, cfg.model, cfg.train, precision, device, cfg.seed, log)
     made = stage_made(cfg, out, "UNet", cfg.train.unet.steps)
     write_dir(out / "sd", lambda tmp: save_pipeline(vae, text_encoder, tokenizer, unet, tmp, made))
     return {
@@ -297,7 +309,7 @@ def stage_made(cfg: BuildConfig, out: Path, stage: str, steps: int) -> dict:
     }
 
 
-def build_judges_stage(cfg: BuildConfig, out: Path, device) -> dict:
+def build_judges_stage(cfg: BuildConfig, out: Path, device, log: Log | None = None) -> dict:
     from difflab.digits.classifier import (
         ClassifierTrainConfig,
         accuracy,
@@ -318,9 +330,11 @@ def build_judges_stage(cfg: BuildConfig, out: Path, device) -> dict:
 
     def write(tmp: Path) -> None:
         for d in DOMAINS:
-            model = train_classifier(*data[d], d, tc, device=device, seed=cfg.seed)
+            model = train_classifier(*data[d], d, tc, device=device, seed=cfg.seed, log=log)
             save_classifier(model, classifier_path(tmp, d), {"held_out_accuracy": accuracy(model, *held[d])})
-        model = train_classifier(both, which, "domain", tc, device=device, seed=cfg.seed, num_classes=len(DOMAINS))
+        model = train_classifier(
+            both, which, "domain", tc, device=device, seed=cfg.seed, num_classes=len(DOMAINS), log=log
+        )
         save_classifier(
             model,
             tmp / "domain.safetensors",

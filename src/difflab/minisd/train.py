@@ -16,6 +16,7 @@ DDIM) use `difflab.schedule`, which the tests hold step for step against these d
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -67,21 +68,38 @@ def lr_factor(step: int, stage: StageConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+Log = Callable[[dict, int], None]  # `accelerator.log`: values, step
+
+
 def optimize(
-    model, params, stage: StageConfig, loss_fn, precision: Precision, device, desc: str, after_step=None
+    model,
+    params,
+    stage: StageConfig,
+    loss_fn,
+    precision: Precision,
+    device,
+    desc: str,
+    after_step=None,
+    log: Log | None = None,
+    log_every: int = 20,
 ) -> list[float]:
-    """`stage.steps` AdamW steps of `loss_fn(step)` (then `after_step()`, e.g. an EMA update); returns the losses."""
+    """`stage.steps` AdamW steps of `loss_fn(step)` (then `after_step()`, e.g. an EMA update); returns the losses.
+    With `log`, every `log_every` steps: the mean loss, learning rate, gradient norm and seconds per step."""
     opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, stage))
     model.train()
     losses = []
+    if log is not None:
+        log({"precision": precision.describe()}, 0)
+    tick = time.perf_counter()
     bar = tqdm(range(stage.steps), desc=desc, unit="step", leave=False)
     for step in bar:
         with precision.autocast(device):
             loss = loss_fn(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
         if after_step is not None:
@@ -89,6 +107,11 @@ def optimize(
         losses.append(loss.item())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        if log is not None and ((step + 1) % log_every == 0 or step + 1 == stage.steps):
+            seconds, tick = time.perf_counter() - tick, time.perf_counter()
+            done = (step + 1) % log_every or log_every
+            values = {"loss": float(np.mean(losses[-done:])), "lr": lr, "grad_norm": float(grad_norm)}
+            log({**values, "step_time_s": seconds / done}, step + 1)
     model.eval()
     return losses
 
@@ -135,7 +158,9 @@ def caption_truth(data: CaptionedDigits) -> Callable[[torch.Tensor], torch.Tenso
     return truth
 
 
-def train_clip(data: CaptionedDigits, tokenizer, cfg: MiniSDConfig, stage: StageConfig, precision, device, seed):
+def train_clip(
+    data: CaptionedDigits, tokenizer, cfg: MiniSDConfig, stage: StageConfig, precision, device, seed, log=None
+):
     model = build_clip(cfg).to(device)
     tok = tokenizer(data.texts, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
     truth = caption_truth(data)
@@ -151,11 +176,11 @@ def train_clip(data: CaptionedDigits, tokenizer, cfg: MiniSDConfig, stage: Stage
         return clip_loss(out.logits_per_image, truth(idx).to(device))
 
     torch.manual_seed(seed)
-    losses = optimize(model, list(model.parameters()), stage, loss_fn, precision, device, "CLIP")
+    losses = optimize(model, list(model.parameters()), stage, loss_fn, precision, device, "CLIP", log=log)
     return model, losses
 
 
-def tune_vision(clip, data: CaptionedDigits, tokenizer, stage: StageConfig, precision, device, seed):
+def tune_vision(clip, data: CaptionedDigits, tokenizer, stage: StageConfig, precision, device, seed, log=None):
     """Train CLIP's image side (vision tower, both projections, temperature) against its frozen text tower: the
     joint training leaves the small vision tower under-fitted (its training accuracy is as low as its held-out
     one), and the text tower, SD's text encoder, must stay exactly as the UNet learned to read it."""
@@ -183,7 +208,7 @@ def tune_vision(clip, data: CaptionedDigits, tokenizer, stage: StageConfig, prec
 
     params = [p for n, p in clip.named_parameters() if not n.startswith("text_model.")]
     torch.manual_seed(seed)
-    losses = optimize(clip, params, stage, loss_fn, precision, device, "CLIP vision")
+    losses = optimize(clip, params, stage, loss_fn, precision, device, "CLIP vision", log=log)
     return clip, losses
 
 
@@ -195,7 +220,7 @@ def edge_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(dx(recon), dx(x)) + F.l1_loss(dy(recon), dy(x))
 
 
-def train_vae(data: CaptionedDigits, cfg: MiniSDConfig, settings: TrainSettings, precision, device, seed):
+def train_vae(data: CaptionedDigits, cfg: MiniSDConfig, settings: TrainSettings, precision, device, seed, log=None):
     torch.manual_seed(seed)
     model = precision.prepare(build_vae(cfg).to(device))
     stage, g = settings.vae, torch.Generator().manual_seed(seed)
@@ -210,7 +235,7 @@ def train_vae(data: CaptionedDigits, cfg: MiniSDConfig, settings: TrainSettings,
             loss = loss + settings.edge_weight * edge_loss(recon, x)
         return loss
 
-    losses = optimize(model, list(model.parameters()), stage, loss_fn, precision, device, "VAE")
+    losses = optimize(model, list(model.parameters()), stage, loss_fn, precision, device, "VAE", log=log)
     return model, losses
 
 
@@ -257,6 +282,7 @@ def train_unet(
     precision,
     device,
     seed,
+    log=None,
 ):
     """v-prediction (as SD 2) with min-SNR weighting on cached latents, and an EMA of the weights; set 0 every step
     but every `pair_every`-th, which trains on set 1 (two-digit canvases, half the batch: twice the pixels)."""
@@ -292,5 +318,5 @@ def train_unet(
         for e, p in zip(ema.parameters(), model.parameters()):
             e.lerp_(p, 1 - settings.ema_decay)
 
-    losses = optimize(model, list(model.parameters()), stage, loss_fn, precision, device, "UNet", ema_update)
+    losses = optimize(model, list(model.parameters()), stage, loss_fn, precision, device, "UNet", ema_update, log)
     return ema.eval(), losses

@@ -5,7 +5,9 @@ first: TensorBoard and trackio into `<out>/logs`, W&B in offline mode unless an 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -72,14 +74,27 @@ def log_images(accelerator, name: str, image: np.ndarray, step: int) -> None:
             tracker.log({name: trackio.Image(image)}, step=step)
 
 
-def log_final_metrics(report_to: str, out_dir: str | os.PathLike, project: str, metrics: dict, step: int, cpu: bool):
-    """Metrics measured after training (an evaluation) into the same trackers and run as the training's."""
+@contextmanager
+def tracked(
+    report_to: str, out_dir: str | os.PathLike, project: str, config: dict, cpu: bool
+) -> Iterator[Callable[[dict, int], None] | None]:
+    """`accelerator.log` of a tracked run (None when `report_to` is "none"), its config logged, ended on exit."""
     kwargs = accelerator_kwargs(report_to, out_dir)
     if not kwargs:
+        yield None
         return
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=cpu, **kwargs)
-    accelerator.init_trackers(project)
-    accelerator.log(metrics, step=step)
-    accelerator.end_training()
+    accelerator.init_trackers(project, flat_config(config))
+    try:
+        yield accelerator.log
+    finally:
+        accelerator.end_training()
+
+
+def log_final_metrics(report_to: str, out_dir: str | os.PathLike, project: str, metrics: dict, step: int, cpu: bool):
+    """Metrics measured after training (an evaluation) into the same trackers and run as the training's."""
+    with tracked(report_to, out_dir, project, {}, cpu) as log:
+        if log is not None:
+            log(metrics, step)
