@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -156,10 +155,9 @@ def describe_run(report: HtmlReport, cfg: DemoConfig, model_config: dict, judge_
         f"{work}; precision {model_config.get('precision', '?')}. "
         f"Judges: precision {judge_meta.get('precision', '?')}."
     )
-    report.text(
-        f"Net {json.dumps(model_config['net'])}; schedule {json.dumps(model_config['schedule'])}. "
-        f"Sampler: {json.dumps(asdict(cfg.sample))}."
-    )
+    sampler = {k: v for k, v in asdict(cfg.sample_config()).items() if k != "precision"}
+    report.settings("network", model_config["net"]).settings("noise schedule", model_config["schedule"])
+    report.settings("sampler", sampler)
 
 
 def add_accuracy(report: HtmlReport, result: dict, accs: dict, eval_dir: Path) -> None:

@@ -23,7 +23,8 @@ from difflab.minisd import data as mdata
 from difflab.minisd.judges import Judges, both_halves_right, rates
 from difflab.personalize.sd import load_pipeline
 from difflab.precision import Precision
-from difflab.utils import DifflabError, Stages
+from difflab.report import mark
+from difflab.utils import DifflabError, Stages, image_grid
 
 # Concept key (as in input.json) -> (token, the style of its reference images).
 CONCEPTS = (("<new1>", "svhn"), ("<new2>", "mnistm"))
@@ -81,6 +82,10 @@ def style_index(key: str) -> int:
     return DOMAINS.index(CONCEPTS[int(key)][1])
 
 
+def reference_digits(concept: int, n: int) -> list[int]:
+    return [(concept + 2 * i) % 10 for i in range(n)]
+
+
 def write_references(out: Path, n: int, seed: int, captions: bool) -> list[Path]:
     """`n` held-out images of one style per concept folder `<key>/` (digits 0, 2, 4, ... for the first concept,
     1, 3, 5, ... for the second), with `captions` a `metadata.jsonl` naming each image's digit."""
@@ -88,7 +93,7 @@ def write_references(out: Path, n: int, seed: int, captions: bool) -> list[Path]
     folders = []
     for k, (_, domain) in enumerate(CONCEPTS):
         folder = out / str(k)
-        wanted = [(k + 2 * i) % 10 for i in range(n)]
+        wanted = reference_digits(k, n)
         for i, d in enumerate(wanted):
             idx = next(j for j, (dg, dm) in enumerate(zip(held.digits, held.domains)) if dg == (d,) and dm == (domain,))
             save_png(held.images[idx], folder / f"{i:02d}.png")
@@ -147,6 +152,34 @@ def judge_best_of(judges: Judges, results, spec: dict) -> dict:
     return out
 
 
+def token_examples(judges: Judges, out: Path, n_refs: int) -> dict[str, dict[str, tuple[np.ndarray, list[str]]]]:
+    """Per token, for the report: its reference images, the first image of each digit's prompt with the token and
+    the same prompt without it, each captioned with what the judges see (✓: the digit or style wanted)."""
+
+    def judged(images: np.ndarray, digits: list[int], style: int | None) -> tuple[np.ndarray, list[str]]:
+        v = judges(images)
+        captions = [
+            f"{d} {mark(d == want)} · {DOMAINS[s]}" + (f" {mark(s == style)}" if style is not None else "")
+            for d, s, want in zip(v.digit, v.domain, digits)
+        ]
+        return images, captions
+
+    base = np.stack([read_prompt_images(out / "base" / "base" / str(d), 1)[0] for d in range(10)])
+    examples = {}
+    for k, (token, domain) in enumerate(CONCEPTS):
+        style = DOMAINS.index(domain)
+        refs = np.stack([np.asarray(load_rgb(out / "references" / str(k) / f"{i:02d}.png")) for i in range(n_refs)])
+        made = np.stack([read_prompt_images(out / "generated" / str(k) / str(d), 1)[0] for d in range(10)])
+        examples[token] = {
+            f"its {n_refs} reference images ({domain}-style)": judged(
+                refs, [(k + 2 * i) % 10 for i in range(n_refs)], style
+            ),
+            f'"{STYLE_PROMPT.format(d="0…9", token=token)}"': judged(made, list(range(10)), style),
+            f'the same prompts without the token: "{BASE_PROMPT.format(d="0…9")}"': judged(base, list(range(10)), None),
+        }
+    return examples
+
+
 def open_stack(cfg: PersonalizeDemoConfig, out: Path) -> Path:
     """`--stack` must be a finished stack. Without it, <out>/minisd is reused when finished; otherwise the stack
     difflab ships is unpacked there, or (with `from_scratch`, when none is shipped, or to finish a build that
@@ -200,7 +233,7 @@ def _run_demo(cfg: PersonalizeDemoConfig, out: Path) -> dict:
     save_json(metrics, out / "metrics.json")
     from difflab.demos.personalize_report import print_summary, write_report
 
-    write_report(metrics, out)
+    write_report(metrics, out, token_examples(judges, out, cfg.refs_per_concept))
     print_summary(metrics)
     return metrics
 
@@ -341,7 +374,8 @@ def composition(cfg: PersonalizeDemoConfig, pipe, judges: Judges, out: Path) -> 
     both_right = {}
     for name, made in images.items():
         made = np.stack(made)
-        save_png(np.concatenate(list(made[:20:2])), out / f"{name}.png")
+        # The first seed of each prompt, two rows of five: wide enough to read at three times the size.
+        save_png(image_grid(made[:: cfg.compose_seeds][:10], 2, 5), out / f"{name}.png")
         both_right[name] = both_halves_right(judges, made, want, styles).astype(float)
         result[name] = float(both_right[name].mean())
     for name, key in (("composed", "gain"), ("composed_attention", "gain_attention")):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from difflab.report import HtmlReport
+from difflab.report import HtmlReport, mark
 
 GOALS = {"zeroshot_top1": 0.90, "ti_style_rate": 0.90, "ti_digit_accuracy": 0.90}
 
@@ -22,7 +22,7 @@ def effect_rows(m: dict) -> list[list[str]]:
             "CLIP zero-shot top-1, ensemble",
             f"{zs['ensemble']['top1']:.3f}",
             f">= {GOALS['zeroshot_top1']}",
-            str(max(zs["ensemble"]["top1"], zs["one template"]["top1"]) >= GOALS["zeroshot_top1"]),
+            mark(max(zs["ensemble"]["top1"], zs["one template"]["top1"]) >= GOALS["zeroshot_top1"]),
         ],
         ["ensemble gain (top-1)", f"{zs['ensemble_gain_top1']:+.3f}", "reported", ""],
     ]
@@ -35,14 +35,14 @@ def effect_rows(m: dict) -> list[list[str]]:
                 f"{token} style rate ({r['style']})",
                 f"{r['style_rate']:.3f}",
                 f">= {GOALS['ti_style_rate']}",
-                str(r["style_rate"] >= GOALS["ti_style_rate"]),
+                mark(r["style_rate"] >= GOALS["ti_style_rate"]),
             ],
             [f"  base rate without {token}", f"{r['base_style_rate']:.3f}", "~0.5", ""],
             [
                 f"{token} digit accuracy",
                 f"{r['digit_accuracy']:.3f}",
                 f">= {GOALS['ti_digit_accuracy']}",
-                str(r["digit_accuracy"] >= GOALS["ti_digit_accuracy"]),
+                mark(r["digit_accuracy"] >= GOALS["ti_digit_accuracy"]),
             ],
         ]
     for token, r in m["best_of"].items():
@@ -61,7 +61,7 @@ def effect_rows(m: dict) -> list[list[str]]:
             "two concepts, both halves right: compose (boxes) vs naive",
             f"{c['composed']:.3f} vs {c['naive']:.3f} (n={c['n']})",
             "gain > noise",
-            f"{c['gain']:+.3f} ± {c['gain_se']:.3f} ({c['gain'] > 2 * c['gain_se']})",
+            f"{c['gain']:+.3f} ± {c['gain_se']:.3f} {mark(c['gain'] > 2 * c['gain_se'])}",
         ],
         [
             "  compose with regions from cross-attention vs naive",
@@ -78,7 +78,8 @@ def print_summary(m: dict) -> None:
         print(f"{effect}: {value}" + (f"  [goal {goal}: {met}]" if goal and met else ""))
 
 
-def write_report(m: dict, out: Path) -> Path:
+def write_report(m: dict, out: Path, examples: dict) -> Path:
+    """The demo's top page; `examples` (`token_examples`): per token, captioned galleries of what it does."""
     report = HtmlReport("Personalization on the miniature Stable Diffusion + CLIP")
     report.text(
         "Every job below is difflab's own (clip zeroshot, personalize train / generate / score / compose) run on a "
@@ -86,6 +87,25 @@ def write_report(m: dict, out: Path) -> Path:
         "Digit and style are judged by the stack's digit and domain classifiers."
     )
     report.heading("Measured effects").table(["effect", "measured", "goal", "met / gain"], effect_rows(m))
+    report.heading("What each learned token does")
+    report.text("Under each image: the digit and the style the judges see; ✓ where it is the one wanted.")
+    for token, rows in examples.items():
+        report.heading(token, level=3)
+        for title, (images, captions) in rows.items():
+            report.text(title).gallery(images, captions, width=72)
+    report.heading("Composition: two concepts in one image")
+    report.text(
+        "One image per two-digit prompt (the left digit in <new1>'s style, the right one in <new2>'s), from the same "
+        "initial noise in each row."
+    )
+    captions = {
+        "naive": "naive prompt",
+        "composed": "composed, the halves given as boxes",
+        "composed_attention": "composed, regions from cross-attention",
+    }
+    for name, caption in captions.items():
+        if (out / "compose" / f"{name}.png").is_file():
+            report.image(str(out / "compose" / f"{name}.png"), caption=caption, width=960)
     report.heading("Judges (held-out accuracy)").table(
         ["judge", "accuracy"], [[k, f"{v:.4f}"] for k, v in m["judges_held_out"].items()]
     )
@@ -98,14 +118,5 @@ def write_report(m: dict, out: Path) -> Path:
         ("CLIP scores, best-of-N", "score/report.html"),
     ]
     report.heading("The jobs' own reports").table(["job", "report"], [[a, b] for a, b in links if (out / b).is_file()])
-    report.heading("Composition")
-    captions = {
-        "naive": "naive prompt",
-        "composed": "composed, the halves given as boxes",
-        "composed_attention": "composed, regions from cross-attention",
-    }
-    for name, caption in captions.items():
-        if (out / "compose" / f"{name}.png").is_file():
-            report.image(str(out / "compose" / f"{name}.png"), caption=f"{caption}: one image per two-digit prompt")
     report.heading("Time per stage").table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in m["seconds"].items()])
     return report.save(out / "report.html")

@@ -7,7 +7,6 @@ Saved as `<dir>/<domain>.safetensors` + `<dir>/<domain>.json`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -327,7 +326,8 @@ def _train_classifiers(
         results[domain] = acc
         rows.append([domain, len(labels), len(val_labels), f"{acc:.4f}", f"{seconds:.1f}"])
     report = HtmlReport("Digit classifiers")
-    report.text(f"Data: {data_root}. One CNN per domain ({json.dumps(asdict(tc))}, width {width}, device {dev}).")
+    report.text(f"Data: {data_root}. One CNN per domain, on {dev}.")
+    report.settings("training", {**asdict(tc), "precision": chosen.describe(), "width": width})
     report.table(["domain", "train images", "held-out images", "held-out accuracy", "train seconds"], rows)
     report.save(out_dir / "report.html")
     return results, rows, chosen

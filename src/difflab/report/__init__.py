@@ -1,3 +1,3 @@
-from difflab.report.html import HtmlReport
+from difflab.report.html import HtmlReport, mark
 
-__all__ = ["HtmlReport"]
+__all__ = ["HtmlReport", "mark"]

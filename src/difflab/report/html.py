@@ -28,6 +28,9 @@ figcaption{font-size:.85em;color:#444;max-width:320px}
 img{max-width:100%;height:auto;box-sizing:border-box;border:1px solid #ddd}img.px{image-rendering:pixelated}
 pre{background:#f7f7f7;padding:.7em;overflow-x:auto;font-size:.85em}
 .pass{color:#0a7d2c;font-weight:bold}.fail{color:#b00020;font-weight:bold}
+table.kv{display:inline-table;vertical-align:top;margin-right:1.5em}caption{font-weight:bold;text-align:left}
+.gallery{display:flex;flex-wrap:wrap;gap:.3em;align-items:flex-start;margin:.3em 0}
+.gallery figure{margin:0}.gallery figcaption{font-size:.8em}
 """
 
 
@@ -40,6 +43,27 @@ def _png_data_uri(image: str | os.PathLike | np.ndarray | Image.Image) -> str:
         im.save(buf, format="PNG")
         data = buf.getvalue()
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def mark(ok: bool) -> str:
+    return "✓" if ok else "✗"
+
+
+def _cell(v: object) -> str:
+    if isinstance(v, bool):
+        return f'<span class="{"pass" if v else "fail"}">{mark(v)}</span>'
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, (list, tuple)):
+        return html.escape(", ".join(map(str, v)))
+    return html.escape(str(v))
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in values.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 class HtmlReport:
@@ -62,12 +86,28 @@ class HtmlReport:
         return self
 
     def table(self, header: Sequence[str], rows: Sequence[Sequence[object]]) -> "HtmlReport":
-        def cell(v: object) -> str:
-            return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
-
+        """Floats in four decimals, booleans as a green ✓ or a red ✗."""
         head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-        body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+        body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in r) + "</tr>" for r in rows)
         self.parts.append(f"<table><tr>{head}</tr>{body}</table>")
+        return self
+
+    def settings(self, title: str, values: dict) -> "HtmlReport":
+        """A small two-column table of a configuration (nested keys joined with dots); consecutive ones sit side
+        by side."""
+        shown = {k: f"{v:g}" if isinstance(v, float) else v for k, v in _flat(values).items()}
+        rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{_cell(v)}</td></tr>" for k, v in shown.items())
+        self.parts.append(f'<table class="kv"><caption>{html.escape(title)}</caption>{rows}</table>')
+        return self
+
+    def gallery(self, images: Sequence, captions: Sequence[str], width: int) -> "HtmlReport":
+        """A wrapping row of small images, each `width` px wide, pixel-sharp, with its caption."""
+        figures = "".join(
+            f'<figure><img src="{_png_data_uri(im)}" width="{width}" class="px" alt="{html.escape(c)}">'
+            f"<figcaption>{html.escape(c)}</figcaption></figure>"
+            for im, c in zip(images, captions)
+        )
+        self.parts.append(f'<div class="gallery">{figures}</div>')
         return self
 
     def image(self, image, caption: str = "", width: int | None = None, pixelated: bool | None = None) -> "HtmlReport":
