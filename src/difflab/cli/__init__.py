@@ -11,6 +11,7 @@ import sys
 
 import typer
 
+from difflab.cli.app import app_command
 from difflab.cli.clip import app as clip_app
 from difflab.cli.ddim import app as ddim_app
 from difflab.cli.digits import app as digits_app
@@ -29,6 +30,7 @@ app.add_typer(ddim_app, name="ddim")
 app.add_typer(clip_app, name="clip")
 app.add_typer(personalize_app, name="personalize")
 app.add_typer(minisd_app, name="minisd")
+app.command("app")(app_command)
 
 
 def os_error_message(e: OSError) -> str:

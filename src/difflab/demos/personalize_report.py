@@ -95,8 +95,8 @@ def write_report(m: dict, out: Path, examples: dict) -> Path:
             report.text(title).gallery(images, captions, width=72)
     report.heading("Composition: two concepts in one image")
     report.text(
-        "One image per two-digit prompt (the left digit in <new1>'s style, the right one in <new2>'s), from the same "
-        "initial noise in each row."
+        "Ten two-digit prompts (the left digit in <new1>'s style, the right one in <new2>'s), one image each; every "
+        "strip has the same prompt and initial noise in the same place."
     )
     captions = {
         "naive": "naive prompt",

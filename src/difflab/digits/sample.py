@@ -280,6 +280,12 @@ def digit_grid(per_domain_images: np.ndarray, per_digit: int, columns: int = 10)
     return image_grid(np.concatenate(rows), 10, columns)
 
 
+def snapshot_timesteps(cfg: SampleConfig, schedule: NoiseSchedule, snapshots: int = 6) -> list[int]:
+    """`snapshots - 1` of the sampler's timesteps, evenly from the first to the last (x_0 makes the last frame)."""
+    timesteps = cfg.timesteps(schedule)
+    return [timesteps[round(i * (len(timesteps) - 1) / (snapshots - 2))] for i in range(snapshots - 1)]
+
+
 def reverse_process_strip(
     net: DigitsUNet,
     schedule: NoiseSchedule,
@@ -289,8 +295,7 @@ def reverse_process_strip(
     snapshots: int = 6,
 ) -> tuple[np.ndarray, list[int]]:
     """One row per domain: x_t of the first `digit` image of the course layout at `snapshots` timesteps, T to 0."""
-    timesteps = cfg.timesteps(schedule)
-    picks = [timesteps[round(i * (len(timesteps) - 1) / (snapshots - 2))] for i in range(snapshots - 1)]
+    picks = snapshot_timesteps(cfg, schedule, snapshots)
     # The same noises as the first image of `digit` in each domain of `write_course_layout`.
     seeds = [image_seed(cfg.seed, d, digit, 0) for d in range(len(DOMAINS))]
     cond = make_conds(list(range(len(DOMAINS))), [digit] * len(DOMAINS))
