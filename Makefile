@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-quick demo-personalize minisd-stack test bench clean
+.PHONY: demo demo-quick demo-personalize minisd-stack app test test-browser bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,10 +34,20 @@ minisd-stack: $(STAMP)
 	$(BIN)/difflab minisd build --out runs/minisd --resume
 	$(BIN)/difflab minisd pack runs/minisd --overwrite
 
+# The local web app on http://127.0.0.1:7860 (the digits tab uses `make demo`'s model when there is one).
+app: $(STAMP)
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[app]"
+	$(BIN)/difflab app
+
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+# The app driven in the system's headless Chromium (apt-get install chromium); skipped, saying so, without one.
+test-browser: $(STAMP)
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[test,browser]"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m browser -rs tests/test_app_browser.py
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run_all.py

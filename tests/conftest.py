@@ -237,3 +237,43 @@ def folder_bytes():
         return {str(p.relative_to(folder)): p.read_bytes() for p in files if not p.name.startswith(".")}
 
     return read
+
+
+@pytest.fixture(scope="session")
+def tiny_app(tmp_path_factory, tiny_sd, save_tiny_clip, random_images):
+    """`difflab app` served on a free port of 127.0.0.1 with tiny models: a digits model and its judges
+    (`root/run/model`, `root/run/classifiers`), an SD with <new1> and <new2>, a CLIP, reference images. Has `url`
+    and `root`."""
+    pytest.importorskip("gradio", reason="the [app] extra is not installed")
+    import socket
+    from types import SimpleNamespace
+
+    from difflab.app.models import AppConfig
+    from difflab.app.ui import serve
+    from difflab.digits.classifier import ClassifierConfig, DigitClassifier, classifier_path, save_classifier
+    from difflab.digits.data import DOMAINS
+    from difflab.digits.model import ScheduleConfig, save_model
+    from difflab.io import save_png
+    from difflab.nets.digits_unet import DigitsUNet, DigitsUNetConfig
+    from difflab.personalize.embeddings import save_embeddings
+
+    root = tmp_path_factory.mktemp("app")
+    torch.manual_seed(0)
+    save_model(root / "run" / "model", DigitsUNet(DigitsUNetConfig(channels=(8, 16, 16), emb_dim=32)), ScheduleConfig())
+    for d in DOMAINS:
+        save_classifier(DigitClassifier(ClassifierConfig(d, width=8)), classifier_path(root / "run" / "classifiers", d))
+    tiny_sd(seed=0).save_pretrained(root / "sd")
+    embeds = [save_embeddings(root / f"new{i}.safetensors", {f"<new{i}>": torch.randn(1, 32)}) for i in (1, 2)]
+    _save_tiny_clip(root / "clip")
+    for key in ("0", "1"):
+        for i, im in enumerate(_random_images(3, seed=int(key))):
+            save_png(np.asarray(im.convert("RGB")), root / "refs" / key / f"{i}.png")
+    cfg = AppConfig(
+        root / "run" / "model", None, root / "sd", root / "clip", None, embeds, root / "refs", "cpu", "fp32"
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app, url = serve(cfg, port, block=False)
+    yield SimpleNamespace(url=url, root=root)
+    app.close()

@@ -37,10 +37,9 @@ def whole(name: str, value: float, low: int, high: int) -> int:
     return int(value)
 
 
-def enlarge(image: np.ndarray, side: int = 112) -> np.ndarray:
-    """Small images blown up by whole pixels (no smoothing), to about `side` pixels high."""
-    k = max(1, side // image.shape[0])
-    return image.repeat(k, axis=0).repeat(k, axis=1)
+def enlarge(image: np.ndarray, factor: int = 4) -> np.ndarray:
+    """A small image (or grid) blown up by whole pixels, so the browser shows it sharp."""
+    return image.repeat(factor, axis=0).repeat(factor, axis=1)
 
 
 # ---- digits ---------------------------------------------------------------------------------------------------
@@ -262,9 +261,10 @@ def personalize(
         (f"image {float(image_s[n]):.1f} · " if image_s is not None else "") + f"text {float(text_s[n]):.1f}"
         for n in range(count)
     ]
-    pixels = [enlarge(np.asarray(im.convert("RGB")), 128) for im in images]
-    where = f"references of {', '.join(tokens)}" if refs else "no reference images known for these tokens"
-    return list(zip(pixels, captions)), f"Image score: 100 x cosine to the {where}. Text score against {text!r}."
+    pixels = [enlarge(np.asarray(im.convert("RGB"))) for im in images]
+    # Backticks: the page renders Markdown, where a bare <new1> would be taken for an HTML tag.
+    where = f"references of {', '.join(f'`{t}`' for t in tokens)}" if refs else "no references known for these tokens"
+    return list(zip(pixels, captions)), f"Image score: 100 x cosine to the {where}. Text score against `{text}`."
 
 
 def parse_box(text: str) -> tuple[float, float, float, float]:
@@ -306,10 +306,10 @@ def compose(
     )
     regions = [Region(p, p, box) for p, box in zip((left, right), boxes)]
     result = compose(pipe, f"{left} next to {right}", regions, cfg)
-    naive = enlarge(np.asarray(result.naive.convert("RGB")), 192)
-    composed = Image.fromarray(enlarge(np.asarray(result.composed.convert("RGB")), 192))
+    naive = enlarge(np.asarray(result.naive.convert("RGB")), 6)
+    composed = Image.fromarray(enlarge(np.asarray(result.composed.convert("RGB")), 6))
     draw = ImageDraw.Draw(composed)
     for (x0, y0, x1, y1), colour in zip(boxes, ("#e63c3c", "#3c78e6")):
         w, h = composed.size
         draw.rectangle([x0 * w, y0 * h, x1 * w - 1, y1 * h - 1], outline=colour, width=3)
-    return naive, np.asarray(composed), f"naive prompt: {left!r} next to {right!r}"
+    return naive, np.asarray(composed), f"naive prompt: `{left} next to {right}`"

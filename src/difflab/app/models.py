@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from difflab.precision import Precision
 from difflab.utils import DifflabError, pick_device
 
 DIGITS_DEMO = Path("runs/demo")
@@ -32,6 +33,7 @@ class AppConfig:
     embeds: list[Path] = field(default_factory=list)  # default: what the personalization demo trained
     references: Path | None = None  # <key>/ image folders; default: the personalization demo's
     device: str | None = None
+    precision: Precision | str = "auto"  # the digits sampler's, as `digits sample --precision`
 
     def __post_init__(self) -> None:
         self.digits_model = self.digits_model or DIGITS_DEMO / "model"
@@ -65,8 +67,10 @@ class Models:
                 "--digits-model FOLDER (any `difflab digits train` output)"
             )
         from difflab.digits.pipeline import DigitsPipeline
+        from difflab.digits.sample import SampleConfig
 
-        return self._once("digits", lambda: DigitsPipeline.from_pretrained(path).to(self.device))
+        config = SampleConfig(precision=Precision.parse(self.cfg.precision))
+        return self._once("digits", lambda: DigitsPipeline.from_pretrained(path, config).to(self.device))
 
     def judges(self) -> dict | None:
         """The digits classifiers per domain, or None when there are none beside the model."""

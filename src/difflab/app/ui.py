@@ -24,7 +24,7 @@ TEMPLATES = "\n".join(
         "a good photo of the number {}.",
     ]
 )
-CSS = "footer{display:none!important} .verdict p{font-size:.95em}"
+CSS = "footer{display:none!important}"
 
 
 def endpoint(models: Models, fn):
@@ -70,11 +70,11 @@ def digits_tab(models: Models, cfg: AppConfig) -> None:
             eta = gr.Slider(0, 1, value=s.eta, step=0.05, label="η (ddim)")
             seed = gr.Number(value=s.seed, precision=0, label="seed (as digits sample --seed)")
             count = gr.Slider(1, handlers.MAX_IMAGES, value=10, step=1, label="images")
-            go = gr.Button("Generate", variant="primary")
+            go = gr.Button("Generate", variant="primary", elem_id="digits-go")
         with gr.Column(scale=2):
-            grid = gr.Gallery(label="images, with the judge's verdict", columns=5, height="auto", object_fit="contain")
-            strip = gr.Image(label="reverse process of the first image", type="numpy")
-            verdict = gr.Markdown(elem_classes="verdict")
+            grid = gr.Gallery(label="images, with the judge's verdict", columns=5, height="auto", format="png")
+            strip = gr.Image(label="reverse process of the first image", type="numpy", format="png")
+            verdict = gr.Markdown(elem_id="digits-note")
     inputs = [domain, digit, g_digit, g_domain, method, steps, eta, seed, count]
     go.click(endpoint(models, handlers.digits), inputs, [grid, strip, verdict], api_name="digits")
 
@@ -94,12 +94,12 @@ def ddim_tab(models: Models) -> None:
                 noise_a = gr.File(label="noise A", file_types=[".pt"], type="filepath")
                 noise_b = gr.File(label="noise B", file_types=[".pt"], type="filepath")
             alpha = gr.Slider(0, 1, value=0.5, step=0.05, label="α (A to B)")
-            go = gr.Button("Sample", variant="primary")
+            go = gr.Button("Sample", variant="primary", elem_id="ddim-go")
         with gr.Column(scale=2):
-            etas = gr.Image(label="η = 0, 0.25, 0.5, 0.75, 1 from noise A", type="numpy")
-            strips = gr.Image(label="lerp (top) and slerp (bottom), α = 0 ... 1", type="numpy")
-            pair = gr.Image(label="at α: lerp, slerp", type="numpy")
-            note = gr.Markdown()
+            etas = gr.Image(label="η = 0, 0.25, 0.5, 0.75, 1 from noise A", type="numpy", format="png")
+            strips = gr.Image(label="lerp (top) and slerp (bottom), α = 0 ... 1", type="numpy", format="png")
+            pair = gr.Image(label="at α: lerp, slerp", type="numpy", format="png")
+            note = gr.Markdown(elem_id="ddim-note")
     views = endpoint(models, handlers.ddim_views)
     inputs = [domain, digit, guidance, seed_a, seed_b, noise_a, noise_b, steps, alpha]
     go.click(views, inputs, [etas, strips, pair, note], api_name="ddim")
@@ -107,10 +107,10 @@ def ddim_tab(models: Models) -> None:
     gr.Markdown("### Inversion")
     with gr.Row():
         with gr.Column(scale=1, min_width=260):
-            image = gr.Image(label="an image (resized to the model's size)", type="numpy")
+            image = gr.Image(label="an image (resized to the model's size)", type="numpy", format="png")
             invert = gr.Button("Invert and reconstruct", variant="primary")
         with gr.Column(scale=2):
-            both = gr.Image(label="the image, its reconstruction from x_T", type="numpy")
+            both = gr.Image(label="the image, its reconstruction from x_T", type="numpy", format="png")
             mse = gr.Markdown()
     invert.click(
         endpoint(models, handlers.ddim_invert), [domain, digit, guidance, image, steps], [both, mse], api_name="invert"
@@ -120,16 +120,16 @@ def ddim_tab(models: Models) -> None:
 def clip_tab(models: Models) -> None:
     with gr.Row():
         with gr.Column(scale=1, min_width=260):
-            image = gr.Image(label="image", type="numpy")
+            image = gr.Image(label="image", type="numpy", format="png", elem_id="clip-image")
             gr.Examples(example_digits(), inputs=[image], label="or pick a held-out digit")
             classes = gr.Textbox(DIGIT_NAMES, lines=2, label="class names (commas or one per line)")
             id2label = gr.File(label="or an id2label.json", file_types=[".json"], type="filepath")
             templates = gr.Textbox(TEMPLATES, lines=5, label="templates, one per line (the first alone vs all)")
-            go = gr.Button("Classify", variant="primary")
+            go = gr.Button("Classify", variant="primary", elem_id="clip-go")
         with gr.Column(scale=1):
             one = gr.Label(num_top_classes=5, label="one template")
             ensemble = gr.Label(num_top_classes=5, label="ensemble of the templates")
-            note = gr.Markdown()
+            note = gr.Markdown(elem_id="clip-note")
     go.click(
         endpoint(models, handlers.clip_top5),
         [image, classes, id2label, templates],
@@ -147,10 +147,10 @@ def personalize_tab(models: Models) -> None:
             steps = gr.Slider(1, 100, value=25, step=1, label="steps")
             guidance = gr.Slider(0, 15, value=7.5, step=0.5, label="guidance")
             seed = gr.Number(value=0, precision=0, label="seed")
-            go = gr.Button("Generate", variant="primary")
+            go = gr.Button("Generate", variant="primary", elem_id="personalize-go")
         with gr.Column(scale=2):
-            images = gr.Gallery(label="images: CLIP image and text scores", columns=4, height="auto")
-            note = gr.Markdown()
+            images = gr.Gallery(label="images: CLIP image and text scores", columns=4, height="auto", format="png")
+            note = gr.Markdown(elem_id="personalize-note")
     go.click(
         endpoint(models, handlers.personalize),
         [prompt, score_text, count, steps, guidance, seed],
@@ -166,8 +166,8 @@ def personalize_tab(models: Models) -> None:
             right_box = gr.Textbox("0.5,0,1,1", label="its box")
             compose = gr.Button("Compose", variant="primary")
         with gr.Column(scale=2):
-            naive = gr.Image(label='naive prompt "LEFT next to RIGHT"', type="numpy")
-            composed = gr.Image(label="composed: each box denoised with its own prompt", type="numpy")
+            naive = gr.Image(label='naive prompt "LEFT next to RIGHT"', type="numpy", format="png")
+            composed = gr.Image(label="composed: each box denoised with its own prompt", type="numpy", format="png")
             note2 = gr.Markdown()
     compose.click(
         endpoint(models, handlers.compose),
@@ -185,7 +185,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             digits_tab(models, cfg)
         with gr.Tab("DDIM"):
             ddim_tab(models)
-        with gr.Tab("CLIP zero-shot"):
+        with gr.Tab("CLIP"):
             clip_tab(models)
         with gr.Tab("Personalize"):
             personalize_tab(models)

@@ -7,9 +7,11 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from difflab.cli.options import Device
+from difflab.cli.options import TIMED, Device, precision_option
+from difflab.digits.sample import SampleConfig
 
 ModelPath = Optional[Path]
+DigitsPrecision = precision_option(TIMED.format("guided forwards of the digits model"))
 
 
 def app_command(
@@ -29,6 +31,7 @@ def app_command(
         ModelPath, typer.Option("--references", help="<key>/ reference image folders, for the CLIP image score.")
     ] = None,
     port: Annotated[int, typer.Option("--port", min=1024, max=65535, help="Port on 127.0.0.1.")] = 7860,
+    precision: DigitsPrecision = SampleConfig.precision,
     device: Device = None,
 ) -> None:
     """Serve a local web app (127.0.0.1, no share link, no analytics) with a tab per job: digits, DDIM, CLIP
@@ -39,5 +42,5 @@ def app_command(
     from difflab.app.models import AppConfig
     from difflab.app.ui import serve
 
-    cfg = AppConfig(digits_model, judges, sd, clip, None, list(embeds), references, device)
+    cfg = AppConfig(digits_model, judges, sd, clip, None, list(embeds), references, device, precision)
     serve(cfg, port)
