@@ -25,7 +25,7 @@ def test_every_tab_answers_in_the_browser(browser, tiny_app, tmp_path, random_im
     random_images(1)[0].convert("RGB").save(image)
     page = browser.new_page()
     seconds = click_through(page, tiny_app.url, str(image), width, shots=tmp_path)
-    assert set(seconds) == {"Digits", "DDIM", "CLIP", "Personalize"}
-    for tab in ("digits", "ddim", "personalize"):
+    assert set(seconds) == {"digits", "ddim", "invert", "clip", "personalize", "compose"}
+    for tab in ("digits", "ddim", "clip", "personalize"):
         assert (tmp_path / f"app_{tab}_{width}.png").stat().st_size > 10_000
     page.close()

@@ -7,12 +7,16 @@ import shutil
 import time
 from pathlib import Path
 
-# Per tab: its button and the note that fills in when the answer is on the page.
+# Per tab, its buttons in order: (an image input to fill first or None, the button, the note that fills in when the
+# answer is on the page, a word of that answer).
 TABS = {
-    "Digits": ("digits-go", "digits-note", "judge reads"),
-    "DDIM": ("ddim-go", "ddim-note", "lerp"),
-    "CLIP": ("clip-go", "clip-note", "classes"),
-    "Personalize": ("personalize-go", "personalize-note", "Text score"),
+    "Digits": [(None, "digits-go", "digits-note", "judge reads")],
+    "DDIM": [(None, "ddim-go", "ddim-note", "lerp"), ("ddim-image", "invert-go", "invert-note", "MSE")],
+    "CLIP": [("clip-image", "clip-go", "clip-note", "classes")],
+    "Personalize": [
+        (None, "personalize-go", "personalize-note", "Text score"),
+        (None, "compose-go", "compose-note", "naive"),
+    ],
 }
 
 
@@ -28,24 +32,26 @@ def launch(playwright):
 
 
 def click_through(page, url: str, image: str, width: int = 1280, shots: Path | None = None) -> dict[str, float]:
-    """Open every tab at `width` px, give the CLIP tab `image`, press the tab's button and wait for its answer;
-    with `shots`, a full-page screenshot per tab. Returns the seconds from the click to the answer, per tab."""
+    """Open every tab at `width` px, press its buttons (uploading `image` where one is needed) and wait for each
+    answer; with `shots`, a full-page screenshot per tab. Returns the seconds from each click to its answer."""
     from playwright.sync_api import expect
 
     page.set_viewport_size({"width": width, "height": 1000})
     page.goto(url)
     page.locator("#digits-go").wait_for()
     seconds = {}
-    for tab, (button, note, answer) in TABS.items():
+    for tab, steps in TABS.items():
         open_tab(page, tab)
-        if tab == "CLIP":
-            page.locator("#clip-image input[type=file]").set_input_files(image)
-            page.locator("#clip-image img").first.wait_for()
-        start = time.perf_counter()
-        page.locator(f"#{button}").click()
-        expect(page.locator(f"#{note}")).to_contain_text(answer, timeout=120_000)
-        seconds[tab] = time.perf_counter() - start  # the note comes in the same update as the images
+        for upload, button, note, answer in steps:
+            if upload is not None:
+                page.locator(f"#{upload} input[type=file]").set_input_files(image)
+                page.locator(f"#{upload} img").first.wait_for()
+            start = time.perf_counter()
+            page.locator(f"#{button}").click()
+            expect(page.locator(f"#{note}")).to_contain_text(answer, timeout=120_000)
+            seconds[button.removesuffix("-go")] = time.perf_counter() - start  # the note comes with the images
         if shots is not None:
+            page.wait_for_function("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
             page.screenshot(path=str(shots / f"app_{tab.lower()}_{width}.png"), full_page=True)
     return seconds
 

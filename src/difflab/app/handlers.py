@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 from difflab.app.models import Models
 from difflab.digits.data import DOMAINS
@@ -147,8 +148,8 @@ def ddim_views(
     cfg = ddim_config(steps)
     alpha = check_range("alpha", alpha, 0, 1)
     a, b = ddim_noises(models, model, (seed_a, seed_b), (noise_a, noise_b))
-    etas = eta_grid(model, a, ETAS, cfg, progress=False)[0]
-    strips = interpolate(model, a, b, ["lerp", "slerp"], [*ALPHAS, alpha], cfg, progress=False)
+    etas = eta_grid(model, a, ETAS, cfg)[0]  # the steps' progress bars show on the page
+    strips = interpolate(model, a, b, ["lerp", "slerp"], [*ALPHAS, alpha], cfg)
     rows = np.stack([minmax_uint8(strips[m][: len(ALPHAS)]) for m in ("lerp", "slerp")])
     pair = np.stack([minmax_uint8(strips[m][-1:])[0] for m in ("lerp", "slerp")])
     ends = float((a.norm() + b.norm()) / 2)
@@ -176,7 +177,7 @@ def ddim_invert(
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "image.png"
         resized.save(path)
-        result = invert_image(model, path, config=ddim_config(steps), progress=False)
+        result = invert_image(model, path, config=ddim_config(steps))
     pair = np.stack([np.asarray(resized), to_uint8(result.reconstruction.clamp(-1, 1))[0]])
     return enlarge(image_grid(pair, 1, 2)), f"MSE (0-255) of the reconstruction: {result.mse:.2f}"
 
@@ -250,7 +251,8 @@ def personalize(
         batch_size=count,
     )
     seeds = [image_seed(cfg.seed, "app", 0, n) for n in range(count)]
-    images = sample(pipe, encode_prompt(pipe, prompt), seeds, cfg)
+    with tqdm(total=count, desc="images", unit="img") as bar:  # the page shows it
+        images = sample(pipe, encode_prompt(pipe, prompt), seeds, cfg, bar)
     scorer = models.scorer()
     made = scorer.image_embeds(images)
     text = (score_text or "").strip() or re.sub(r"<[^<>\s]+>", "", prompt)

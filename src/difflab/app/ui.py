@@ -72,7 +72,9 @@ def digits_tab(models: Models, cfg: AppConfig) -> None:
             count = gr.Slider(1, handlers.MAX_IMAGES, value=10, step=1, label="images")
             go = gr.Button("Generate", variant="primary", elem_id="digits-go")
         with gr.Column(scale=2):
-            grid = gr.Gallery(label="images, with the judge's verdict", columns=5, height="auto", format="png")
+            grid = gr.Gallery(
+                label="images, with the judge's verdict", columns=5, height="auto", object_fit="contain", format="png"
+            )
             strip = gr.Image(label="reverse process of the first image", type="numpy", format="png")
             verdict = gr.Markdown(elem_id="digits-note")
     inputs = [domain, digit, g_digit, g_domain, method, steps, eta, seed, count]
@@ -107,11 +109,13 @@ def ddim_tab(models: Models) -> None:
     gr.Markdown("### Inversion")
     with gr.Row():
         with gr.Column(scale=1, min_width=260):
-            image = gr.Image(label="an image (resized to the model's size)", type="numpy", format="png")
-            invert = gr.Button("Invert and reconstruct", variant="primary")
+            image = gr.Image(
+                label="an image (resized to the model's size)", type="numpy", format="png", elem_id="ddim-image"
+            )
+            invert = gr.Button("Invert and reconstruct", variant="primary", elem_id="invert-go")
         with gr.Column(scale=2):
             both = gr.Image(label="the image, its reconstruction from x_T", type="numpy", format="png")
-            mse = gr.Markdown()
+            mse = gr.Markdown(elem_id="invert-note")
     invert.click(
         endpoint(models, handlers.ddim_invert), [domain, digit, guidance, image, steps], [both, mse], api_name="invert"
     )
@@ -149,7 +153,9 @@ def personalize_tab(models: Models) -> None:
             seed = gr.Number(value=0, precision=0, label="seed")
             go = gr.Button("Generate", variant="primary", elem_id="personalize-go")
         with gr.Column(scale=2):
-            images = gr.Gallery(label="images: CLIP image and text scores", columns=4, height="auto", format="png")
+            images = gr.Gallery(
+                label="images: CLIP image and text scores", columns=4, height="auto", object_fit="contain", format="png"
+            )
             note = gr.Markdown(elem_id="personalize-note")
     go.click(
         endpoint(models, handlers.personalize),
@@ -164,11 +170,11 @@ def personalize_tab(models: Models) -> None:
             left_box = gr.Textbox("0,0,0.5,1", label="its box (left,top,right,bottom)")
             right = gr.Textbox("the number 5 in the style of <new2>", label="right concept")
             right_box = gr.Textbox("0.5,0,1,1", label="its box")
-            compose = gr.Button("Compose", variant="primary")
+            compose = gr.Button("Compose", variant="primary", elem_id="compose-go")
         with gr.Column(scale=2):
             naive = gr.Image(label='naive prompt "LEFT next to RIGHT"', type="numpy", format="png")
             composed = gr.Image(label="composed: each box denoised with its own prompt", type="numpy", format="png")
-            note2 = gr.Markdown()
+            note2 = gr.Markdown(elem_id="compose-note")
     compose.click(
         endpoint(models, handlers.compose),
         [left, right, left_box, right_box, steps, guidance, seed],
