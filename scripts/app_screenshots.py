@@ -17,7 +17,7 @@ import torch
 
 from difflab.app.browse import click_through, launch, system_browser
 from difflab.app.models import AppConfig
-from difflab.app.ui import serve
+from difflab.app.ui import example_digits, serve
 
 OUT = Path("docs/app")
 
@@ -36,17 +36,14 @@ def main() -> None:
     if system_browser() is None:
         sys.exit("no Chromium: apt-get install chromium")
     OUT.mkdir(parents=True, exist_ok=True)
-    example = OUT / "example_digit.png"
-    from difflab.app.ui import example_digits
-
-    example.write_bytes(Path(example_digits(1)[0]).read_bytes())
+    example = example_digits(1)[0]  # a held-out digit, uploaded to the CLIP tab and inverted in the DDIM tab
     app, url = serve(AppConfig(), 7861, block=False)
     timings = {}
     with sync_playwright() as playwright:
         browser = launch(playwright)
         for attempt, width in (("first (loads the models)", 1280), ("again", 1280), ("phone", 390)):
             page = browser.new_page()
-            timings[f"{attempt}, {width} px"] = click_through(page, url, str(example), width, shots=OUT)
+            timings[f"{attempt}, {width} px"] = click_through(page, url, example, width, shots=OUT)
             page.close()
         browser.close()
     app.close()

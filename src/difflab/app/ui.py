@@ -24,7 +24,10 @@ TEMPLATES = "\n".join(
         "a good photo of the number {}.",
     ]
 )
-CSS = "footer{display:none!important}"
+# On a phone five thumbnails a row overflow the gallery: three, each shrinking to fit.
+CSS = """footer{display:none!important}
+@media (max-width: 640px){#digits-gallery .grid-container,#personalize-gallery .grid-container{
+grid-template-columns:repeat(3,minmax(0,1fr))!important}}"""
 
 
 def endpoint(models: Models, fn):
@@ -73,7 +76,12 @@ def digits_tab(models: Models, cfg: AppConfig) -> None:
             go = gr.Button("Generate", variant="primary", elem_id="digits-go")
         with gr.Column(scale=2):
             grid = gr.Gallery(
-                label="images, with the judge's verdict", columns=5, height="auto", object_fit="contain", format="png"
+                elem_id="digits-gallery",
+                label="images, with the judge's verdict",
+                columns=5,
+                height="auto",
+                object_fit="contain",
+                format="png",
             )
             strip = gr.Image(label="reverse process of the first image", type="numpy", format="png")
             verdict = gr.Markdown(elem_id="digits-note")
@@ -154,7 +162,12 @@ def personalize_tab(models: Models) -> None:
             go = gr.Button("Generate", variant="primary", elem_id="personalize-go")
         with gr.Column(scale=2):
             images = gr.Gallery(
-                label="images: CLIP image and text scores", columns=4, height="auto", object_fit="contain", format="png"
+                elem_id="personalize-gallery",
+                label="images: CLIP image and text scores",
+                columns=4,
+                height="auto",
+                object_fit="contain",
+                format="png",
             )
             note = gr.Markdown(elem_id="personalize-note")
     go.click(
