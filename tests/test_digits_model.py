@@ -200,8 +200,19 @@ def test_wrong_checkpoints_are_rejected(tmp_path):
     save_model(tmp_path / "ok", DigitsUNet(TINY), ScheduleConfig())
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text(json.dumps({"model": "face_unet"}))
-    with pytest.raises(DifflabError, match="not a difflab digits checkpoint"):
+    with pytest.raises(DifflabError, match="not a difflab digits model; it describes model 'face_unet'"):
         load_digits_model(tmp_path / "other")
+    # from_pretrained on another kind of model folder names what it found there.
+    from difflab import DigitsPipeline
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    with pytest.raises(DifflabError, match="it describes _class_name 'UNet2DModel'"):
+        DigitsPipeline.from_pretrained(tmp_path / "unet")
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "model_index.json").write_text("{}")
+    with pytest.raises(DifflabError, match="holds a diffusers pipeline"):
+        DigitsPipeline.from_pretrained(tmp_path / "sd")
     # Weights of another shape under a matching config: the keys that differ are named.
     shutil.copytree(tmp_path / "ok", tmp_path / "mixed")
     cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
@@ -551,3 +562,13 @@ def test_training_reports_to_tensorboard(data_root, tiny_preset, tmp_path):
     assert [e.step for e in events.Images("validation")] == [2, 4]
     bad = runner.invoke(app, ["digits", "train", *args, "--report-to", "mlflow"])
     assert isinstance(bad.exception, DifflabError) and "--report-to 'mlflow'" in str(bad.exception)
+
+
+def test_a_model_card_that_does_not_parse_is_rewritten_and_the_user_told(tmp_path, capsys):
+    from difflab.io.cards import set_card_metrics
+
+    (tmp_path / "README.md").write_text("---\nlicense: [mit\n---\n# my notes\n\nkept text\n")
+    set_card_metrics(tmp_path, "unconditional-image-generation", {"accuracy": 0.99})
+    assert "not a readable model card" in capsys.readouterr().out
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.eval_results[0].metric_value == 0.99 and "kept text" in card.text

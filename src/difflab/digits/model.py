@@ -48,6 +48,17 @@ def save_model(
     return out
 
 
+def model_kind(config: object) -> str:
+    """What a config.json describes, in its own words: difflab's `model`, diffusers' `_class_name`, transformers'
+    `model_type`."""
+    if isinstance(config, dict):
+        for key in ("model", "_class_name", "model_type"):
+            if config.get(key):
+                return f"{key} {config[key]!r}"
+        return "no model kind (no model, _class_name or model_type key)"
+    return f"a JSON {type(config).__name__}"
+
+
 def load_digits_model(
     path: str | os.PathLike, device: torch.device | str = "cpu"
 ) -> tuple[DigitsUNet, NoiseSchedule, dict]:
@@ -55,10 +66,11 @@ def load_digits_model(
     path = Path(path)
     if path.is_file():
         path = path.parent
+    if not (path / CONFIG_FILE).is_file() and (path / "model_index.json").is_file():
+        raise DifflabError(f"{path}: holds a diffusers pipeline (model_index.json), not a difflab digits model")
     config = load_json(path / CONFIG_FILE)
     if not isinstance(config, dict) or config.get("model") != MODEL_TYPE:
-        found = config.get("model") if isinstance(config, dict) else type(config).__name__
-        raise DifflabError(f"{path / CONFIG_FILE}: not a difflab digits checkpoint (model={found!r})")
+        raise DifflabError(f"{path / CONFIG_FILE}: not a difflab digits model; it describes {model_kind(config)}")
     weights = path / WEIGHTS_FILE
     state = read_safetensors(weights, "weights")
     try:

@@ -47,13 +47,21 @@ def write_model_card(
 
 def set_card_metrics(folder: str | os.PathLike, task: str, metrics: dict[str, float], dataset: str = DATASET) -> None:
     """Put `metrics` into the card's `model-index` (replacing earlier ones); a folder without a card is left as it
-    is."""
-    from huggingface_hub import EvalResult, ModelCard
+    is, a card whose metadata does not parse is rewritten around its text, and the user is told."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     path = Path(folder) / CARD
     if not path.is_file():
         return
-    card = ModelCard.load(path)
+    try:
+        card = ModelCard.load(path)
+    except Exception as e:  # broken YAML or model-index: huggingface_hub raises several kinds
+        text = path.read_text(encoding="utf-8", errors="replace")
+        body = text.split("---", 2)[2] if text.startswith("---") and text.count("---") >= 2 else text
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"{path}: not a readable model card ({reason}); rewritten with fresh metadata, its text kept", flush=True)
+        data = ModelCardData(library_name="difflab", license="mit", tags=["difflab"], model_name=Path(folder).name)
+        card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
     card.data.eval_results = [
         EvalResult(task_type=task, dataset_type="difflab-digits", dataset_name=dataset, metric_type=k, metric_value=v)
         for k, v in metrics.items()
