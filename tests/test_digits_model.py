@@ -572,3 +572,23 @@ def test_a_model_card_that_does_not_parse_is_rewritten_and_the_user_told(tmp_pat
     assert "not a readable model card" in capsys.readouterr().out
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.eval_results[0].metric_value == 0.99 and "kept text" in card.text
+
+
+def test_pipeline_takes_a_diffusers_scheduler(tmp_path):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from difflab import DigitsPipeline
+
+    torch.manual_seed(0)
+    pipe = DigitsPipeline.from_pretrained(save_model(tmp_path / "m", DigitsUNet(TINY), ScheduleConfig()))
+    pipe.config = replace(pipe.config, precision="fp32")
+    ddim = DDIMScheduler.from_config(pipe.scheduler_config())
+    ours = pipe(digit=3, num_images=2, num_inference_steps=10, eta=0.0, method="ddim", output_type="pt",
+                generator=torch.Generator().manual_seed(1)).images  # fmt: skip
+    theirs = pipe(digit=3, num_images=2, num_inference_steps=10, output_type="pt", scheduler=ddim,
+                  generator=torch.Generator().manual_seed(1)).images  # fmt: skip
+    # Within about one grey level: diffusers forms its step coefficients in float32, difflab in float64.
+    assert torch.allclose(ours, theirs, atol=1 / 255), (ours - theirs).abs().max()
+    dpm = DPMSolverMultistepScheduler.from_config(pipe.scheduler_config())
+    out = pipe(digit=3, num_images=2, num_inference_steps=8, output_type="np", scheduler=dpm).images
+    assert out.shape == (2, 28, 28, 3) and np.isfinite(out).all()

@@ -19,7 +19,15 @@ from PIL import Image
 
 from difflab.digits.data import DOMAINS
 from difflab.digits.model import load_digits_model
-from difflab.digits.sample import SampleConfig, generate, image_generators, image_seed, make_conds
+from difflab.digits.sample import (
+    ImageNoise,
+    SampleConfig,
+    generate,
+    guided_digits_eps,
+    image_generators,
+    image_seed,
+    make_conds,
+)
 from difflab.nets.digits_unet import DigitsUNet
 from difflab.schedule import NoiseSchedule
 from difflab.utils import DifflabError, pick_device, to_uint8
@@ -66,9 +74,12 @@ class DigitsPipeline:
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         method: str | None = None,
+        scheduler=None,
     ) -> DigitsPipelineOutput:
         """`num_images` digits (one `digit` for all, or one per image) in `domain` ("mnistm"/"svhn" or its index).
-        Unset sampler settings come from `self.config` (the `digits sample` defaults)."""
+        Unset sampler settings come from `self.config` (the `digits sample` defaults). A diffusers `scheduler`
+        (built from `scheduler_config()`) replaces difflab's sampler; its own stochastic steps, if any, draw from
+        `generator` when it is a single one."""
         d = self._domain(domain)
         digits = [digit] * num_images if isinstance(digit, int) else list(digit)
         if len(digits) != num_images or not all(0 <= k < self.net.config.num_digits for k in digits):
@@ -80,8 +91,35 @@ class DigitsPipeline:
             raise DifflabError(f"{len(generator)} generators for {num_images} images: give one per image, or one")
         generator = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
         cond = make_conds([d] * num_images, digits)
+        if scheduler is not None:
+            return DigitsPipelineOutput(self._output(self._scheduled(scheduler, cond, cfg, generator), output_type))
         images, _ = generate(self.net, self.schedule, cond, cfg, self.device, progress=False, generator=generator)
         return DigitsPipelineOutput(self._output(images, output_type))
+
+    def scheduler_config(self) -> dict:
+        """The model's noise schedule for diffusers, with difflab's sampling conventions (x_0 clipped to [-1, 1],
+        timesteps offset by 1): `DDIMScheduler.from_config(pipe.scheduler_config())` steps as `method="ddim"`."""
+        return {
+            "num_train_timesteps": self.schedule.num_steps,
+            "trained_betas": self.schedule.betas.tolist(),
+            "prediction_type": self.schedule.prediction,
+            "clip_sample": True,
+            "steps_offset": 1,
+        }
+
+    @torch.inference_mode()
+    def _scheduled(self, scheduler, cond: torch.Tensor, cfg: SampleConfig, generator) -> torch.Tensor:
+        """The guided ε of difflab, stepped by a diffusers scheduler, in float32."""
+        c = cond.to(self.device)
+        eps = guided_digits_eps(self.net, c, cfg.guidance_digit, cfg.guidance_domain, self.net.null_cond)
+        shape = (self.net.config.in_channels, self.net.config.image_size, self.net.config.image_size)
+        x = ImageNoise(generator, len(c), shape).initial().to(self.device) * scheduler.init_noise_sigma
+        scheduler.set_timesteps(cfg.steps)
+        step_generator = generator if isinstance(generator, torch.Generator) else None
+        for t in scheduler.timesteps:
+            e = eps(scheduler.scale_model_input(x, t), t.expand(len(c)).to(self.device))
+            x = scheduler.step(e, t, x, generator=step_generator).prev_sample
+        return x.cpu()
 
     def _domain(self, domain: str | int) -> int:
         if isinstance(domain, str):
