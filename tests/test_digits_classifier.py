@@ -180,6 +180,7 @@ def test_the_judges_folder_has_a_model_card(tmp_path):
         (run,) = (tmp_path / "judges" / "logs").iterdir()
         tags = EventAccumulator(str(run)).Reload().Tags()["scalars"]
         assert {"mnistm/held_out_accuracy", "svhn/held_out_accuracy"} <= set(tags)
+        assert {f"svhn/{k}" for k in ("loss", "lr", "grad_norm", "step_time_s")} <= set(tags)
     card = ModelCard.load(tmp_path / "judges" / "README.md")
     assert card.data.pipeline_tag == "image-classification" and card.data.library_name == "difflab"
     assert f"--out {tmp_path / 'judges'}" in card.text and "load_classifier" in card.text

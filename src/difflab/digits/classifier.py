@@ -148,6 +148,9 @@ def accuracy(model: DigitClassifier, images: np.ndarray, labels: np.ndarray) -> 
     return float((model.predict(images) == labels).mean())
 
 
+LOG_EVERY = 20  # steps between the loss, learning rate, gradient norm and step time sent to `log`
+
+
 def train_classifier(
     train_images: np.ndarray,
     train_labels: np.ndarray,
@@ -177,6 +180,7 @@ def train_classifier(
     )
     model.train()
     bar = tqdm(total=tc.epochs * steps_per_epoch, desc=f"classifier {domain}", unit="step", leave=False)
+    tick = time.perf_counter()
     for _ in range(tc.epochs):
         order = torch.randperm(len(images), generator=gen)
         for i in range(steps_per_epoch):
@@ -191,13 +195,24 @@ def train_classifier(
                 loss = F.cross_entropy(model(x), labels[idx], label_smoothing=tc.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            logging = bar.n + 1 == bar.total or (bar.n + 1) % LOG_EVERY == 0  # a read synchronises with the device
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf) if logging and log else None
+            lr = sched.get_last_lr()[0]
             opt.step()
             sched.step()
             bar.update()
-            if bar.n % 20 == 0 or bar.n == bar.total:  # reading the loss synchronises with the device
+            if logging:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 if log is not None:
-                    log({f"{domain}/loss": loss.item(), f"{domain}/lr": sched.get_last_lr()[0]}, bar.n)
+                    seconds, tick = time.perf_counter() - tick, time.perf_counter()
+                    done = bar.n % LOG_EVERY or LOG_EVERY
+                    values = {
+                        "loss": loss.item(),
+                        "lr": lr,
+                        "grad_norm": float(grad_norm),
+                        "step_time_s": seconds / done,
+                    }
+                    log({f"{domain}/{k}": v for k, v in values.items()}, bar.n)
     bar.close()
     return model.eval()
 
