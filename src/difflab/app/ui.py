@@ -46,6 +46,11 @@ def endpoint(models: Models, fn):
     return run
 
 
+def gallery(elem_id: str, label: str, columns: int) -> gr.Gallery:
+    """Captioned images, whole (not cropped), as lossless PNG so the served pixels are the computed ones."""
+    return gr.Gallery(elem_id=elem_id, label=label, columns=columns, height="auto", object_fit="contain", format="png")
+
+
 def example_digits(n: int = 3) -> list[str]:
     """A few held-out digits of each style as PNG files, to pick in the CLIP tab."""
     from difflab.minisd.data import single_digits
@@ -75,14 +80,7 @@ def digits_tab(models: Models, cfg: AppConfig) -> None:
             count = gr.Slider(1, handlers.MAX_IMAGES, value=10, step=1, label="images")
             go = gr.Button("Generate", variant="primary", elem_id="digits-go")
         with gr.Column(scale=2):
-            grid = gr.Gallery(
-                elem_id="digits-gallery",
-                label="images, with the judge's verdict",
-                columns=5,
-                height="auto",
-                object_fit="contain",
-                format="png",
-            )
+            grid = gallery("digits-gallery", "images, with the judge's verdict", columns=5)
             strip = gr.Image(label="reverse process of the first image", type="numpy", format="png")
             verdict = gr.Markdown(elem_id="digits-note")
     inputs = [domain, digit, g_digit, g_domain, method, steps, eta, seed, count]
@@ -161,14 +159,7 @@ def personalize_tab(models: Models) -> None:
             seed = gr.Number(value=0, precision=0, label="seed")
             go = gr.Button("Generate", variant="primary", elem_id="personalize-go")
         with gr.Column(scale=2):
-            images = gr.Gallery(
-                elem_id="personalize-gallery",
-                label="images: CLIP image and text scores",
-                columns=4,
-                height="auto",
-                object_fit="contain",
-                format="png",
-            )
+            images = gallery("personalize-gallery", "images: CLIP image and text scores", columns=4)
             note = gr.Markdown(elem_id="personalize-note")
     go.click(
         endpoint(models, handlers.personalize),
