@@ -243,13 +243,13 @@ def write_images(pipe, out: Path, cfg: GenerateConfig, jobs, picker: BestOf | No
     batches = work_batches(jobs, cfg, picker and picker.n)
     todo = [(j, ns) for j, ns in batches if picker or not all(image_path(out, j.key, j.idx, n).is_file() for n in ns)]
     mine = processes.share(todo)
-    embeds = {}
+    encoded, embeds = None, None  # a prompt's text embeddings, computed once for its consecutive batches
     with tqdm(total=sum(len(ns) for _, ns in mine), desc="images", unit="img", disable=not processes.is_main) as bar:
         for job, numbers in mine:
-            if (job.key, job.idx) not in embeds:
-                embeds = {(job.key, job.idx): encode_prompt(pipe, job.prompt, cfg.negative_prompt)}
+            if job != encoded:
+                encoded, embeds = job, encode_prompt(pipe, job.prompt, cfg.negative_prompt)
             seeds = [image_seed(cfg.seed, job.key, job.idx, n) for n in numbers]
-            images = sample(pipe, embeds[(job.key, job.idx)], seeds, cfg, bar)
+            images = sample(pipe, embeds, seeds, cfg, bar)
             if picker is not None:
                 images, numbers = picker.keep(job, images), range(cfg.per_prompt)
             for n, im in zip(numbers, images):
