@@ -33,8 +33,18 @@ from difflab.digits.sample import PER_DIGIT, SampleConfig, course_images  # noqa
 from difflab.digits.train import TrainConfig, train, training_tflop  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / ".work" / "digits_seeds"
-# Training recipes: the default, and the default cut to 45 TFLOP (2,190 steps, 200 warm-up steps).
-RECIPES: dict[str, dict] = {"default": {}, "45-tflop": dict(steps=2190, warmup_steps=200)}
+# Training recipes: the default, the default cut to 45 TFLOP (2,190 steps, 200 warm-up steps), and 45-TFLOP
+# variants of batch size and peak learning rate (results/digits_45tflop.md).
+RECIPES: dict[str, dict] = {
+    "default": {},
+    "45-tflop": dict(steps=2190, warmup_steps=200),
+    "45-tflop-lr2e-3": dict(steps=2190, warmup_steps=200, lr=2e-3),
+    "45-tflop-b16": dict(steps=4380, batch_size=16, warmup_steps=200),
+    "45-tflop-b16-lr2e-3": dict(steps=4380, batch_size=16, warmup_steps=200, lr=2e-3),
+    "45-tflop-b16-lr1e-3": dict(steps=4380, batch_size=16, warmup_steps=200, lr=1e-3),
+    "45-tflop-b8-lr1e-3": dict(steps=8760, batch_size=8, warmup_steps=400, lr=1e-3),
+    "45-tflop-b8-lr2e-3": dict(steps=8760, batch_size=8, warmup_steps=400, lr=2e-3),
+}
 # The sampler until this table: DDIM-25 with η = 1 and digit guidance 6 at every step.
 OLD_SAMPLER = SampleConfig(method="ddim", steps=25, eta=1.0, guidance_digit=6.0)
 SAMPLERS: dict[str, SampleConfig] = {
@@ -94,7 +104,7 @@ def nfe(sampler: SampleConfig) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--recipes", nargs="+", default=["default", "45-tflop"], choices=list(RECIPES))
     parser.add_argument("--samplers", nargs="+", default=["default"], choices=list(SAMPLERS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
