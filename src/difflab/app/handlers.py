@@ -99,7 +99,7 @@ def digits(
 
 
 # ---- DDIM -----------------------------------------------------------------------------------------------------
-def ddim_noises(models: Models, model, seeds: tuple[float, float], files: tuple[str | None, str | None]):
+def ddim_noises(model, seeds: tuple[float, float], files: tuple[str | None, str | None]):
     """Two noises: from the user's files where given, else drawn as `ddim sample --noise-seed S --num-noises 1`."""
     from difflab.ddim.noise import load_noise
     from difflab.ddim.pipeline import draw_noises
@@ -147,7 +147,7 @@ def ddim_views(
     model = ddim_model(models, domain, digit, guidance)
     cfg = ddim_config(steps)
     alpha = check_range("alpha", alpha, 0, 1)
-    a, b = ddim_noises(models, model, (seed_a, seed_b), (noise_a, noise_b))
+    a, b = ddim_noises(model, (seed_a, seed_b), (noise_a, noise_b))
     etas = eta_grid(model, a, ETAS, cfg)[0]  # the steps' progress bars show on the page
     strips = interpolate(model, a, b, ["lerp", "slerp"], [*ALPHAS, alpha], cfg)
     rows = np.stack([minmax_uint8(strips[m][: len(ALPHAS)]) for m in ("lerp", "slerp")])

@@ -83,7 +83,8 @@ class Models:
         return self._once("judges", lambda: {d: load_classifier(classifier_path(folder, d), "cpu") for d in DOMAINS})
 
     def eps(self, domain: int, digit: int, guidance: float):
-        """The digits model as DDIM's ε-model for one condition (each kept: a few MB)."""
+        """The digits model as DDIM's ε-model for one condition (each kept: a few MB), in fp32: the tab compares
+        images made from nearby noises, where a lower precision's rounding would add differences of its own."""
         from difflab.ddim.models import DigitsCondition, load_eps_model
 
         self.digits()  # the same message when there is no model
