@@ -255,7 +255,8 @@ def sample_command(
     interval = parse_floats(guidance_interval, "--guidance-interval", 0.0, 1.0)
     if len(interval) != 2 or interval[0] > interval[1]:
         raise DifflabError(f"--guidance-interval {guidance_interval}: expected LOW,HIGH with LOW <= HIGH, e.g. 0,0.6")
-    dev = pick_device(device)
+    processes = Processes.launched(pick_device(device))
+    dev = processes.device  # each launched process its own GPU
     net, schedule, _ = load_digits_model(ckpt, dev)
     cfg = SampleConfig(
         method=method,
@@ -268,7 +269,6 @@ def sample_command(
         seed=seed,
         precision=precision,
     )
-    processes = Processes.launched(dev)
     count, strip_ts = sample_to_folder(net, schedule, out, cfg, dev, per_digit, figures, overwrite, resume, processes)
     if processes.is_main:
         if figures:
