@@ -43,6 +43,7 @@ RECIPES: dict[str, dict] = {
     "45-tflop-b16-lr2e-3": dict(steps=4380, batch_size=16, warmup_steps=200, lr=2e-3),
     "45-tflop-b16-lr1e-3": dict(steps=4380, batch_size=16, warmup_steps=200, lr=1e-3),
     "45-tflop-b16-lr2e-3-warmup800": dict(steps=4380, batch_size=16, warmup_steps=800, lr=2e-3),
+    "45-tflop-b16-lr2e-3-ema995": dict(steps=4380, batch_size=16, warmup_steps=200, lr=2e-3, ema_decay=0.995),
     "45-tflop-b8-lr1e-3": dict(steps=8760, batch_size=8, warmup_steps=400, lr=1e-3),
     "45-tflop-b8-lr2e-3": dict(steps=8760, batch_size=8, warmup_steps=400, lr=2e-3),
 }
