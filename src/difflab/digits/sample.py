@@ -204,6 +204,11 @@ def course_plan(per_digit: int) -> list[tuple[int, int, int]]:
     return [(d, k, n) for d in range(len(DOMAINS)) for k in range(10) for n in range(per_digit)]
 
 
+def plan_conds(images: list[tuple[int, int, int]]) -> torch.Tensor:
+    """The (domain, digit) conditions of some images of the plan."""
+    return make_conds([d for d, _, _ in images], [k for _, k, _ in images])
+
+
 def write_course_layout(
     net: DigitsUNet,
     schedule: NoiseSchedule,
@@ -224,7 +229,7 @@ def write_course_layout(
     out = Path(out_dir)
     plan = course_plan(per_digit)
     # Timed once, on the main process, so that every process samples in the same precision.
-    first = make_conds([d for d, _, _ in plan[:64]], [k for _, k, _ in plan[:64]]).to(device)
+    first = plan_conds(plan[:64]).to(device)
     precision = processes.from_main(sampling_precision(net, first, cfg, device) if processes.is_main else None)
     cfg = replace(cfg, precision=precision)
 
@@ -236,11 +241,9 @@ def write_course_layout(
     where = f" (process 1 of {processes.count})" if processes.count > 1 else ""
     with tqdm(total=sum(map(len, mine)), desc=f"sampling{where}", unit="img", disable=not processes.is_main) as bar:
         for batch in mine:
-            cond = make_conds([d for d, _, _ in batch], [k for _, k, _ in batch])
             seeds = [image_seed(cfg.seed, *image) for image in batch]
-            for image, pixels in zip(
-                batch, to_uint8(generate(net, schedule, cond, cfg, device, progress=False, seeds=seeds)[0])
-            ):
+            images, _ = generate(net, schedule, plan_conds(batch), cfg, device, progress=False, seeds=seeds)
+            for image, pixels in zip(batch, to_uint8(images)):
                 save_png(pixels, path(*image))
             bar.update(len(batch))
     processes.wait()
@@ -267,11 +270,11 @@ def course_images(
 ) -> dict[str, np.ndarray]:
     """The course layout's images without writing them: uint8 per domain, digit-major, image n of (domain, digit)
     drawn from `image_seed(cfg.seed, domain, digit, n)`."""
-    digits = torch.arange(10).repeat_interleave(per_digit)
-    cond = torch.cat([make_conds(torch.full_like(digits, d), digits) for d in range(len(DOMAINS))])
-    seeds = [image_seed(cfg.seed, d, k, n) for d in range(len(DOMAINS)) for k in range(10) for n in range(per_digit)]
-    images = to_uint8(generate(net, schedule, cond, cfg, device, progress=False, seeds=seeds)[0])
-    return {domain: images[d * len(digits) : (d + 1) * len(digits)] for d, domain in enumerate(DOMAINS)}
+    plan = course_plan(per_digit)
+    seeds = [image_seed(cfg.seed, *image) for image in plan]
+    images = to_uint8(generate(net, schedule, plan_conds(plan), cfg, device, progress=False, seeds=seeds)[0])
+    per_domain = 10 * per_digit
+    return {domain: images[d * per_domain : (d + 1) * per_domain] for d, domain in enumerate(DOMAINS)}
 
 
 def digit_grid(per_domain_images: np.ndarray, per_digit: int, columns: int = 10) -> np.ndarray:
