@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from difflab.app.models import Models
 from difflab.digits.data import DOMAINS
-from difflab.io import load_json
 from difflab.report import mark
 from difflab.utils import DifflabError, image_grid, to_uint8
 
@@ -186,11 +185,11 @@ def ddim_invert(
 def class_names(text: str, id2label: str | None) -> list[str]:
     """Class names from an `id2label.json` (ordered by id) or from the text (commas or lines)."""
     if id2label:
-        mapping = load_json(id2label)
-        if not isinstance(mapping, dict) or not mapping:
-            raise DifflabError(f"{Path(id2label).name}: expected a non-empty {{id: label}} object")
+        from difflab.clip.data import load_id2label
+
+        mapping = load_id2label(id2label)
         try:
-            return [str(mapping[k]) for k in sorted(mapping, key=int)]
+            return [mapping[k] for k in sorted(mapping, key=int)]
         except ValueError:
             raise DifflabError(f"{Path(id2label).name}: ids must be whole numbers") from None
     names = [n.strip() for n in re.split(r"[,\n]", text or "") if n.strip()]
