@@ -30,7 +30,7 @@ from difflab.digits.data import DOMAINS, SPLITS, load_split, make_dataset  # noq
 from difflab.digits.model import load_digits_model  # noqa: E402
 from difflab.digits.quality import domain_quality  # noqa: E402
 from difflab.digits.sample import PER_DIGIT, SampleConfig, course_images  # noqa: E402
-from difflab.digits.train import TrainConfig, train, training_tflop  # noqa: E402
+from difflab.digits.train import PRESETS, TrainConfig, step_flops, train, training_tflop  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / ".work" / "digits_seeds"
 # Training recipes: the default, the default cut to 45 TFLOP (2,190 steps, 200 warm-up steps), and 45-TFLOP
@@ -46,6 +46,66 @@ RECIPES: dict[str, dict] = {
     "45-tflop-b16-lr2e-3-ema995": dict(steps=4380, batch_size=16, warmup_steps=200, lr=2e-3, ema_decay=0.995),
     "45-tflop-b8-lr1e-3": dict(steps=8760, batch_size=8, warmup_steps=400, lr=1e-3),
     "45-tflop-b8-lr2e-3": dict(steps=8760, batch_size=8, warmup_steps=400, lr=2e-3),
+    # Round 3: the steps are fitted to 45 TFLOP by the FLOP counter ("tflop"), "net" changes the cpu preset.
+    "45-tflop-b16-convfirst": dict(
+        tflop=45, batch_size=16, warmup_steps=200, lr=2e-3, ema_decay=0.995, net=dict(conv_before_upsample=True)
+    ),
+    "45-tflop-b16-convfirst-snr1": dict(
+        tflop=45,
+        batch_size=16,
+        warmup_steps=200,
+        lr=2e-3,
+        ema_decay=0.995,
+        min_snr_gamma=1.0,
+        net=dict(conv_before_upsample=True),
+    ),
+    "45-tflop-b16-convfirst-snr0.5": dict(
+        tflop=45,
+        batch_size=16,
+        warmup_steps=200,
+        lr=2e-3,
+        ema_decay=0.995,
+        min_snr_gamma=0.5,
+        net=dict(conv_before_upsample=True),
+    ),
+    "45-tflop-b16-convfirst-snr0.5-lr3e-3": dict(
+        tflop=45,
+        batch_size=16,
+        warmup_steps=200,
+        lr=3e-3,
+        ema_decay=0.995,
+        min_snr_gamma=0.5,
+        net=dict(conv_before_upsample=True),
+    ),
+    "70-tflop-b16-convfirst-snr0.5": dict(
+        tflop=70,
+        batch_size=16,
+        warmup_steps=200,
+        lr=2e-3,
+        ema_decay=0.995,
+        min_snr_gamma=0.5,
+        net=dict(conv_before_upsample=True),
+    ),
+    "45-tflop-b16-convfirst-snr0.5-beta2-0.95": dict(
+        tflop=45,
+        batch_size=16,
+        warmup_steps=200,
+        lr=2e-3,
+        ema_decay=0.995,
+        min_snr_gamma=0.5,
+        adam_beta2=0.95,
+        net=dict(conv_before_upsample=True),
+    ),
+    "45-tflop-b16-snr0.5": dict(tflop=45, batch_size=16, warmup_steps=200, lr=2e-3, ema_decay=0.995, min_snr_gamma=0.5),
+    "45-tflop-b16-convfirst-snr0.2": dict(
+        tflop=45,
+        batch_size=16,
+        warmup_steps=200,
+        lr=2e-3,
+        ema_decay=0.995,
+        min_snr_gamma=0.2,
+        net=dict(conv_before_upsample=True),
+    ),
 }
 # The sampler until this table: DDIM-25 with η = 1 and digit guidance 6 at every step.
 OLD_SAMPLER = SampleConfig(method="ddim", steps=25, eta=1.0, guidance_digit=6.0)
@@ -68,10 +128,22 @@ def data_and_judges(seed: int) -> tuple[Path, Path]:
     return data, judges
 
 
+def recipe_config(recipe: str, **kwargs) -> TrainConfig:
+    """The TrainConfig of `recipe`: its "net" changes go into a preset of the recipe's name, its "tflop" budget
+    becomes the most steps that fit it."""
+    changes = dict(RECIPES[recipe])
+    if "net" in changes:
+        PRESETS[recipe] = replace(PRESETS["cpu"], **changes.pop("net"))
+        changes["preset"] = recipe
+    budget = changes.pop("tflop", None)
+    cfg = TrainConfig(**kwargs, **changes)
+    return replace(cfg, steps=int(budget * 1e12 // step_flops(cfg))) if budget else cfg
+
+
 def trained(recipe: str, seed: int, data: Path) -> tuple[Path, TrainConfig, float | None]:
     """The checkpoint of `recipe` for `seed` (trained now unless kept), its config and the training seconds."""
     out = WORK / recipe / f"seed{seed}"
-    cfg = TrainConfig(data_root=str(data), out_dir=str(out), seed=seed, **RECIPES[recipe])
+    cfg = recipe_config(recipe, data_root=str(data), out_dir=str(out), seed=seed)
     log = out / "bench_train.json"
     if not log.is_file():
         start = time.perf_counter()

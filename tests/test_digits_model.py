@@ -61,6 +61,20 @@ def test_net_shapes_and_null_condition():
     assert not torch.allclose(net(x, t, make_conds([0] * 3, [1] * 3)), net(x, t, make_conds([0] * 3, [2] * 3)))
 
 
+def test_conv_before_upsample_is_cheaper_and_keeps_the_shapes():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, t, cond = torch.randn(2, 3, 28, 28), torch.tensor([0, 499]), make_conds([0, 1], [3, 10])
+
+    def forward_flops(config: DigitsUNetConfig) -> int:
+        with FlopCounterMode(display=False) as counter:
+            assert DigitsUNet(config)(x, t, cond).shape == x.shape
+        return counter.get_total_flops()
+
+    after = DigitsUNetConfig(channels=(16, 32), patch=2, emb_dim=32)
+    assert forward_flops(replace(after, conv_before_upsample=True)) < 0.9 * forward_flops(after)
+
+
 def test_per_factor_guidance_equals_its_formula():
     torch.manual_seed(0)
     net = DigitsUNet(TINY).eval()

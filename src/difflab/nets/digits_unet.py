@@ -27,6 +27,9 @@ class DigitsUNetConfig:
     attention: bool = True
     dropout: float = 0.0
     patch: int = 1  # 2: the UNet runs on 2x2 pixel patches (14x14x12 for 28x28x3), a quarter of the cost
+    # True: each upsampling convolution runs before the upsample, at the lower resolution, and narrows to the next
+    # level's channels: a quarter of its cost and a narrower input for the next block
+    conv_before_upsample: bool = False
 
     def to_dict(self) -> dict:
         return {**asdict(self), "channels": list(self.channels)}
@@ -114,9 +117,11 @@ class DigitsUNet(nn.Module):
                 self.up.append(ResBlock(c + skips.pop(), c_out, e, cfg.dropout))
                 c = c_out
             if level > 0:
-                self.up.append(
-                    nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1))
-                )
+                c_up = chans[level - 1] if cfg.conv_before_upsample else c
+                conv, upsample = nn.Conv2d(c, c_up, 3, padding=1), nn.Upsample(scale_factor=2, mode="nearest")
+                layers = (conv, upsample) if cfg.conv_before_upsample else (upsample, conv)
+                self.up.append(nn.Sequential(*layers))
+                c = c_up
         self.out = nn.Sequential(_norm(c), nn.SiLU(), nn.Conv2d(c, cfg.in_channels * cfg.patch**2, 3, padding=1))
 
     @property
