@@ -33,8 +33,12 @@ from difflab.digits.sample import PER_DIGIT, SampleConfig, course_images  # noqa
 from difflab.digits.train import PRESETS, TrainConfig, step_flops, train, training_tflop  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / ".work" / "digits_seeds"
-# Training recipes: the default, the default cut to 45 TFLOP (2,190 steps, 200 warm-up steps), and 45-TFLOP
-# variants of batch size and peak learning rate (results/digits_45tflop.md).
+# Training recipes: the default, the default cut to 45 TFLOP (2,190 steps, 200 warm-up steps), its 45-TFLOP variants
+# of batch size and peak learning rate, and round 3 (results/digits_45tflop*.md): batch 16 at LR 2e-3, 200 warm-up
+# steps, EMA 0.995, timesteps drawn with γ = 0.5, the upsampling conv before the upsample ("b16-convfirst-snr0.5"),
+# and its variants; "tflop": the most steps that fit that budget by the FLOP counter.
+ROUND3 = dict(batch_size=16, lr=2e-3, warmup_steps=200, ema_decay=0.995, min_snr_gamma=0.5,
+              net=dict(conv_before_upsample=True))  # fmt: skip
 RECIPES: dict[str, dict] = {
     "default": {},
     "45-tflop": dict(steps=2190, warmup_steps=200),
@@ -46,66 +50,18 @@ RECIPES: dict[str, dict] = {
     "45-tflop-b16-lr2e-3-ema995": dict(steps=4380, batch_size=16, warmup_steps=200, lr=2e-3, ema_decay=0.995),
     "45-tflop-b8-lr1e-3": dict(steps=8760, batch_size=8, warmup_steps=400, lr=1e-3),
     "45-tflop-b8-lr2e-3": dict(steps=8760, batch_size=8, warmup_steps=400, lr=2e-3),
-    # Round 3: the steps are fitted to 45 TFLOP by the FLOP counter ("tflop"), "net" changes the cpu preset.
-    "45-tflop-b16-convfirst": dict(
-        tflop=45, batch_size=16, warmup_steps=200, lr=2e-3, ema_decay=0.995, net=dict(conv_before_upsample=True)
-    ),
-    "45-tflop-b16-convfirst-snr1": dict(
-        tflop=45,
-        batch_size=16,
-        warmup_steps=200,
-        lr=2e-3,
-        ema_decay=0.995,
-        min_snr_gamma=1.0,
-        net=dict(conv_before_upsample=True),
-    ),
-    "45-tflop-b16-convfirst-snr0.5": dict(
-        tflop=45,
-        batch_size=16,
-        warmup_steps=200,
-        lr=2e-3,
-        ema_decay=0.995,
-        min_snr_gamma=0.5,
-        net=dict(conv_before_upsample=True),
-    ),
-    "45-tflop-b16-convfirst-snr0.5-lr3e-3": dict(
-        tflop=45,
-        batch_size=16,
-        warmup_steps=200,
-        lr=3e-3,
-        ema_decay=0.995,
-        min_snr_gamma=0.5,
-        net=dict(conv_before_upsample=True),
-    ),
-    "70-tflop-b16-convfirst-snr0.5": dict(
-        tflop=70,
-        batch_size=16,
-        warmup_steps=200,
-        lr=2e-3,
-        ema_decay=0.995,
-        min_snr_gamma=0.5,
-        net=dict(conv_before_upsample=True),
-    ),
-    "45-tflop-b16-convfirst-snr0.5-beta2-0.95": dict(
-        tflop=45,
-        batch_size=16,
-        warmup_steps=200,
-        lr=2e-3,
-        ema_decay=0.995,
-        min_snr_gamma=0.5,
-        adam_beta2=0.95,
-        net=dict(conv_before_upsample=True),
-    ),
-    "45-tflop-b16-snr0.5": dict(tflop=45, batch_size=16, warmup_steps=200, lr=2e-3, ema_decay=0.995, min_snr_gamma=0.5),
-    "45-tflop-b16-convfirst-snr0.2": dict(
-        tflop=45,
-        batch_size=16,
-        warmup_steps=200,
-        lr=2e-3,
-        ema_decay=0.995,
-        min_snr_gamma=0.2,
-        net=dict(conv_before_upsample=True),
-    ),
+    "45-tflop-b16-convfirst": dict(ROUND3, tflop=45, min_snr_gamma=5.0),
+    "45-tflop-b16-convfirst-snr1": dict(ROUND3, tflop=45, min_snr_gamma=1.0),
+    "45-tflop-b16-convfirst-snr0.5": dict(ROUND3, tflop=45),
+    "45-tflop-b16-convfirst-snr0.2": dict(ROUND3, tflop=45, min_snr_gamma=0.2),
+    "45-tflop-b16-convfirst-snr0.5-lr3e-3": dict(ROUND3, tflop=45, lr=3e-3),
+    "45-tflop-b16-convfirst-snr0.5-beta2-0.95": dict(ROUND3, tflop=45, adam_beta2=0.95),
+    "45-tflop-b16-snr0.5": dict(ROUND3, tflop=45, net=dict(conv_before_upsample=False)),
+    "45-tflop-b32-lr4e-3-convfirst-snr0.5": dict(ROUND3, tflop=45, batch_size=32, lr=4e-3),
+    "45-tflop-b12-lr1.5e-3-convfirst-snr0.5": dict(ROUND3, tflop=45, batch_size=12, lr=1.5e-3),
+    "45-tflop-b8-lr1e-3-convfirst-snr0.5": dict(ROUND3, tflop=45, batch_size=8, lr=1e-3, warmup_steps=400),
+    "70-tflop-b16-convfirst-snr0.5": dict(ROUND3, tflop=70),
+    "80-tflop-b16-convfirst-snr0.5": dict(ROUND3, tflop=80),
 }
 # The sampler until this table: DDIM-25 with η = 1 and digit guidance 6 at every step.
 OLD_SAMPLER = SampleConfig(method="ddim", steps=25, eta=1.0, guidance_digit=6.0)
