@@ -61,6 +61,7 @@ RECIPES: dict[str, dict] = {
     "45-tflop-b12-lr1.5e-3-convfirst-snr0.5": dict(ROUND3, tflop=45, batch_size=12, lr=1.5e-3),
     "45-tflop-b8-lr1e-3-convfirst-snr0.5": dict(ROUND3, tflop=45, batch_size=8, lr=1e-3, warmup_steps=400),
     "60-tflop-b8-lr1e-3-convfirst-snr0.5": dict(ROUND3, tflop=60, batch_size=8, lr=1e-3, warmup_steps=400),
+    "70-tflop-b8-lr1e-3-convfirst-snr0.5": dict(ROUND3, tflop=70, batch_size=8, lr=1e-3, warmup_steps=400),
     "70-tflop-b16-convfirst-snr0.5": dict(ROUND3, tflop=70),
     "80-tflop-b16-convfirst-snr0.5": dict(ROUND3, tflop=80),
 }
