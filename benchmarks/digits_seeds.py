@@ -33,23 +33,29 @@ from difflab.digits.sample import PER_DIGIT, SampleConfig, course_images  # noqa
 from difflab.digits.train import PRESETS, TrainConfig, step_flops, train, training_tflop  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / ".work" / "digits_seeds"
-# Training recipes: the default, the default cut to 45 TFLOP (2,190 steps, 200 warm-up steps), its 45-TFLOP variants
-# of batch size and peak learning rate, and round 3 (results/digits_45tflop*.md): batch 16 at LR 2e-3, 200 warm-up
-# steps, EMA 0.995, timesteps drawn with γ = 0.5, the upsampling conv before the upsample ("b16-convfirst-snr0.5"),
-# and its variants; "tflop": the most steps that fit that budget by the FLOP counter.
+# Training recipes: the default, the old default (102.5 TFLOP until the seed table) and its cut to 45 TFLOP (2,190
+# steps, 200 warm-up steps) with variants of batch size and peak learning rate, and round 3
+# (results/digits_45tflop*.md): batch 16 at LR 2e-3, 200 warm-up steps, EMA 0.995, timesteps drawn with γ = 0.5, the
+# upsampling conv before the upsample ("b16-convfirst-snr0.5"), and its variants; "tflop": the most steps that fit
+# that budget by the FLOP counter.
+OLD_DEFAULT = dict(steps=5000, batch_size=32, lr=4e-3, warmup_steps=500, ema_decay=0.999, min_snr_gamma=5.0,
+                   net=dict(conv_before_upsample=False))  # fmt: skip
 ROUND3 = dict(batch_size=16, lr=2e-3, warmup_steps=200, ema_decay=0.995, min_snr_gamma=0.5,
               net=dict(conv_before_upsample=True))  # fmt: skip
 RECIPES: dict[str, dict] = {
     "default": {},
-    "45-tflop": dict(steps=2190, warmup_steps=200),
-    "45-tflop-lr2e-3": dict(steps=2190, warmup_steps=200, lr=2e-3),
-    "45-tflop-b16": dict(steps=4380, batch_size=16, warmup_steps=200),
-    "45-tflop-b16-lr2e-3": dict(steps=4380, batch_size=16, warmup_steps=200, lr=2e-3),
-    "45-tflop-b16-lr1e-3": dict(steps=4380, batch_size=16, warmup_steps=200, lr=1e-3),
-    "45-tflop-b16-lr2e-3-warmup800": dict(steps=4380, batch_size=16, warmup_steps=800, lr=2e-3),
-    "45-tflop-b16-lr2e-3-ema995": dict(steps=4380, batch_size=16, warmup_steps=200, lr=2e-3, ema_decay=0.995),
-    "45-tflop-b8-lr1e-3": dict(steps=8760, batch_size=8, warmup_steps=400, lr=1e-3),
-    "45-tflop-b8-lr2e-3": dict(steps=8760, batch_size=8, warmup_steps=400, lr=2e-3),
+    "old-default": OLD_DEFAULT,
+    "45-tflop": dict(OLD_DEFAULT, steps=2190, warmup_steps=200),
+    "45-tflop-lr2e-3": dict(OLD_DEFAULT, steps=2190, warmup_steps=200, lr=2e-3),
+    "45-tflop-b16": dict(OLD_DEFAULT, steps=4380, batch_size=16, warmup_steps=200),
+    "45-tflop-b16-lr2e-3": dict(OLD_DEFAULT, steps=4380, batch_size=16, warmup_steps=200, lr=2e-3),
+    "45-tflop-b16-lr1e-3": dict(OLD_DEFAULT, steps=4380, batch_size=16, warmup_steps=200, lr=1e-3),
+    "45-tflop-b16-lr2e-3-warmup800": dict(OLD_DEFAULT, steps=4380, batch_size=16, warmup_steps=800, lr=2e-3),
+    "45-tflop-b16-lr2e-3-ema995": dict(
+        OLD_DEFAULT, steps=4380, batch_size=16, warmup_steps=200, lr=2e-3, ema_decay=0.995
+    ),  # fmt: skip
+    "45-tflop-b8-lr1e-3": dict(OLD_DEFAULT, steps=8760, batch_size=8, warmup_steps=400, lr=1e-3),
+    "45-tflop-b8-lr2e-3": dict(OLD_DEFAULT, steps=8760, batch_size=8, warmup_steps=400, lr=2e-3),
     "45-tflop-b16-convfirst": dict(ROUND3, tflop=45, min_snr_gamma=5.0),
     "45-tflop-b16-convfirst-snr1": dict(ROUND3, tflop=45, min_snr_gamma=1.0),
     "45-tflop-b16-convfirst-snr0.5": dict(ROUND3, tflop=45),
@@ -62,16 +68,26 @@ RECIPES: dict[str, dict] = {
     "45-tflop-b8-lr1e-3-convfirst-snr0.5": dict(ROUND3, tflop=45, batch_size=8, lr=1e-3, warmup_steps=400),
     "60-tflop-b8-lr1e-3-convfirst-snr0.5": dict(ROUND3, tflop=60, batch_size=8, lr=1e-3, warmup_steps=400),
     "70-tflop-b8-lr1e-3-convfirst-snr0.5": dict(ROUND3, tflop=70, batch_size=8, lr=1e-3, warmup_steps=400),
+    "50-tflop-b16-convfirst-snr0.5": dict(ROUND3, tflop=50),
+    "60-tflop-b16-convfirst-snr0.5": dict(ROUND3, tflop=60),
     "70-tflop-b16-convfirst-snr0.5": dict(ROUND3, tflop=70),
     "80-tflop-b16-convfirst-snr0.5": dict(ROUND3, tflop=80),
 }
-# The sampler until this table: DDIM-25 with η = 1 and digit guidance 6 at every step.
-OLD_SAMPLER = SampleConfig(method="ddim", steps=25, eta=1.0, guidance_digit=6.0)
+# The sampler until the seed table: DDIM-25 with η = 1 from "leading" timesteps and digit guidance 6 at every step;
+# then DPM-Solver++(2M) in 10 steps, until DDIM-10 with η = 1 from "trailing" timesteps.
+OLD_SAMPLER = SampleConfig(method="ddim", steps=25, eta=1.0, spacing="leading", guidance_digit=6.0)
+DPM_10 = SampleConfig(method="dpm++2m", steps=10, guidance_digit=6.0)
 SAMPLERS: dict[str, SampleConfig] = {
     "default": SampleConfig(),
     "ddim-25": OLD_SAMPLER,
-    "dpm-10-interval-0.6-g8": SampleConfig(method="dpm++2m", steps=10, guidance_digit=8, guidance_interval=(0, 0.6)),
-    "dpm-10-interval-0.5-g8": SampleConfig(method="dpm++2m", steps=10, guidance_digit=8, guidance_interval=(0, 0.5)),
+    "dpm-10": DPM_10,
+    "ddim-10-g5": SampleConfig(guidance_digit=5.0),
+    "ddim-10-eta0.5": SampleConfig(method="ddim", steps=10, eta=0.5),
+    "ddim-10-eta0.75": SampleConfig(method="ddim", steps=10, eta=0.75),
+    "dpm-10-g7": replace(DPM_10, guidance_digit=7.0),
+    "dpm-10-interval-0.8": replace(DPM_10, guidance_interval=(0, 0.8)),
+    "dpm-10-interval-0.6-g8": replace(DPM_10, guidance_digit=8, guidance_interval=(0, 0.6)),
+    "dpm-10-interval-0.5-g8": replace(DPM_10, guidance_digit=8, guidance_interval=(0, 0.5)),
 }
 
 
@@ -141,6 +157,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--name", default="digits_seeds", help="results file stem")
+    parser.add_argument("--note", default="", help="appended to the results' note, e.g. how the checkpoints trained")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = RESULTS / f"{args.name}.json"
@@ -171,8 +188,9 @@ def main() -> None:
         "Each seed makes its own data, judges (8 epochs), model and sampling noise, as `difflab digits demo --seed N`; "
         "1,000 digits (50 per digit and domain). Fréchet ratio: the judge-feature Fréchet distance of the generated "
         "digits to the held-out split over that of an equal training sample (1.0 = as close as real data). NFE: "
-        "batched network calls per image (all guidance branches in one). Training seconds are wall clock with nothing "
-        f"else running, {args.threads} thread(s). Recipes: {json.dumps(RECIPES)}. Samplers: {json.dumps(samplers)}."
+        "batched network calls per image (all guidance branches in one). Training seconds: the wall clock of the run "
+        f"that made the checkpoint, nothing else running. {args.note} Recipes: {json.dumps(RECIPES)}. "
+        f"Samplers: {json.dumps(samplers)}."
     )
     write_results(args.name, header, table, note)
 

@@ -109,6 +109,14 @@ def test_guidance_in_an_interval_is_the_conditional_outside_it():
         SampleConfig(guidance_interval=(0.7, 0.2)).interval_steps(ScheduleConfig().build())
 
 
+def test_sampler_timesteps_follow_the_spacing():
+    schedule = ScheduleConfig(num_steps=500).build()
+    assert SampleConfig(method="ddim", steps=10).timesteps(schedule)[:2] == [499, 449]
+    assert SampleConfig(method="ddim", steps=10, spacing="leading").timesteps(schedule)[:2] == [451, 401]
+    with pytest.raises(DifflabError, match="unknown spacing 'middle'"):
+        SampleConfig(spacing="middle").timesteps(schedule)
+
+
 def test_demo_seeds_reach_the_sampler(tmp_path):
     from difflab.demos.digits import DemoConfig
 
@@ -132,7 +140,7 @@ def test_the_default_recipe_costs_what_the_readme_says():
 
     cfg = TrainConfig("data", "out")
     assert step_flops(replace(cfg, batch_size=2 * cfg.batch_size)) == 2 * step_flops(cfg)
-    assert round(step_flops(cfg) / 1e9, 1) == 20.5 and round(training_tflop(cfg), 1) == 102.5
+    assert round(step_flops(cfg) / 1e9, 2) == 4.23 and round(training_tflop(cfg), 1) == 60.0
 
 
 def _weights(folder):
@@ -596,6 +604,12 @@ def test_pipeline_takes_a_diffusers_scheduler(tmp_path):
     torch.manual_seed(0)
     pipe = DigitsPipeline.from_pretrained(save_model(tmp_path / "m", DigitsUNet(TINY), ScheduleConfig()))
     pipe.config = replace(pipe.config, precision="fp32")
+    trailing = DDIMScheduler.from_config(pipe.scheduler_config())
+    trailing.set_timesteps(10)
+    assert trailing.timesteps.tolist() == pipe.config.timesteps(pipe.schedule)
+    # From t = T-1 on this random tiny net, float32 rounding grows to several grey levels in a few steps; the
+    # leading timesteps keep the comparison of the wiring within one.
+    pipe.config = replace(pipe.config, spacing="leading")
     ddim = DDIMScheduler.from_config(pipe.scheduler_config())
     ours = pipe(digit=3, num_images=2, num_inference_steps=10, eta=0.0, method="ddim", output_type="pt",
                 generator=torch.Generator().manual_seed(1)).images  # fmt: skip

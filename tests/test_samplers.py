@@ -50,11 +50,16 @@ def test_spec_ddim_timesteps(linear_spec):
     theirs = DDIMScheduler(**linear_spec, steps_offset=1)
     theirs.set_timesteps(50)
     assert ts == theirs.timesteps.tolist()
+    trailing = DDIMScheduler(**linear_spec, timestep_spacing="trailing")
+    trailing.set_timesteps(10)
+    assert ddim_timesteps(1000, 10, "trailing") == trailing.timesteps.tolist() == list(range(999, 0, -100))
 
 
-def _diffusers_ddim(x, eta, set_alpha_to_one, steps, seed, full_precision, linear_spec):
+def _diffusers_ddim(x, eta, set_alpha_to_one, steps, seed, full_precision, linear_spec, spacing="leading"):
     sch = full_precision(
-        DDIMScheduler(**linear_spec, clip_sample=True, set_alpha_to_one=set_alpha_to_one, steps_offset=1)
+        DDIMScheduler(
+            **linear_spec, clip_sample=True, set_alpha_to_one=set_alpha_to_one, steps_offset=1, timestep_spacing=spacing
+        )
     )
     sch.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
@@ -67,17 +72,18 @@ def _diffusers_ddim(x, eta, set_alpha_to_one, steps, seed, full_precision, linea
 
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("set_alpha_to_one", [False, True])
-def test_ddim_trajectory_matches_diffusers(eta, set_alpha_to_one, full_precision, linear_spec):
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_ddim_trajectory_matches_diffusers(eta, set_alpha_to_one, spacing, full_precision, linear_spec):
     sched = NoiseSchedule.make()
     x_T = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     theirs, their_traj = _diffusers_ddim(
-        x_T.clone(), eta, set_alpha_to_one, 50, seed=1, full_precision=full_precision, linear_spec=linear_spec
+        x_T.clone(), eta, set_alpha_to_one, 50, 1, full_precision, linear_spec, spacing
     )
     ours = sample(
         eps_fn,
         x_T.clone(),
         sched,
-        ddim_timesteps(1000, 50),
+        ddim_timesteps(1000, 50, spacing),
         method="ddim",
         eta=eta,
         final_alpha=1.0 if set_alpha_to_one else None,

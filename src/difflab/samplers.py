@@ -18,6 +18,8 @@ from tqdm.auto import tqdm
 
 from difflab.schedule import EpsFn, NoiseSchedule
 
+SPACINGS = ("leading", "trailing", "linspace")
+
 
 def ddim_timesteps(num_train_steps: int, num_steps: int, spacing: str = "leading", offset: int = 1) -> list[int]:
     """Descending timesteps for a `num_steps`-step sampler.

@@ -145,6 +145,14 @@ SampleSteps = Annotated[int, typer.Option("--steps", min=1, help="DDIM / DPM-Sol
 Eta = Annotated[
     float, typer.Option("--eta", min=0.0, max=1.0, help="DDIM stochasticity: 0 deterministic, 1 DDPM-like.")
 ]
+Spacing = Annotated[
+    str,
+    typer.Option(
+        "--spacing",
+        help="Where the --steps timesteps fall: 'trailing' (from T-1 down), 'leading' (diffusers' DDIM default) "
+        "or 'linspace'.",
+    ),
+]
 GuidanceDigit = Annotated[
     float, typer.Option("--guidance-digit", min=0.0, max=MAX_GUIDANCE, help="CFG scale of the digit (1: none).")
 ]
@@ -236,6 +244,7 @@ def sample_command(
     method: Method = SampleConfig.method,
     steps: SampleSteps = SampleConfig.steps,
     eta: Eta = SampleConfig.eta,
+    spacing: Spacing = SampleConfig.spacing,
     guidance_digit: GuidanceDigit = SampleConfig.guidance_digit,
     guidance_domain: GuidanceDomain = SampleConfig.guidance_domain,
     guidance_interval: GuidanceInterval = ",".join(map(str, SampleConfig.guidance_interval)),
@@ -262,6 +271,7 @@ def sample_command(
         method=method,
         steps=steps,
         eta=eta,
+        spacing=spacing,
         guidance_digit=guidance_digit,
         guidance_domain=guidance_domain,
         guidance_interval=(interval[0], interval[1]),

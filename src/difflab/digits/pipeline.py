@@ -98,12 +98,14 @@ class DigitsPipeline:
 
     def scheduler_config(self) -> dict:
         """The model's noise schedule for diffusers, with difflab's sampling conventions (x_0 clipped to [-1, 1],
-        timesteps offset by 1): `DDIMScheduler.from_config(pipe.scheduler_config())` steps as `method="ddim"`."""
+        the timestep spacing of `self.config`, "leading" offset by 1): `DDIMScheduler.from_config(
+        pipe.scheduler_config())` steps as `method="ddim"`."""
         return {
             "num_train_timesteps": self.schedule.num_steps,
             "trained_betas": self.schedule.betas.tolist(),
             "prediction_type": self.schedule.prediction,
             "clip_sample": True,
+            "timestep_spacing": self.config.spacing,
             "steps_offset": 1,
         }
 

@@ -34,6 +34,10 @@ class DigitsUNetConfig:
     def to_dict(self) -> dict:
         return {**asdict(self), "channels": list(self.channels)}
 
+    def shape_name(self) -> str:
+        """What sets a step's speed, e.g. "(48, 96) patch 2 conv-first": the key of a cached precision choice."""
+        return f"{self.channels} patch {self.patch}" + (" conv-first" if self.conv_before_upsample else "")
+
     @classmethod
     def from_dict(cls, d: dict) -> "DigitsUNetConfig":
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
