@@ -42,6 +42,7 @@ OLD_DEFAULT = dict(steps=5000, batch_size=32, lr=4e-3, warmup_steps=500, ema_dec
                    net=dict(conv_before_upsample=False))  # fmt: skip
 ROUND3 = dict(batch_size=16, lr=2e-3, warmup_steps=200, ema_decay=0.995, min_snr_gamma=0.5,
               net=dict(conv_before_upsample=True))  # fmt: skip
+B8 = dict(ROUND3, batch_size=8, lr=1e-3, warmup_steps=400)  # round 3 at batch 8: the default since the seed table
 RECIPES: dict[str, dict] = {
     "default": {},
     "old-default": OLD_DEFAULT,
@@ -65,9 +66,11 @@ RECIPES: dict[str, dict] = {
     "45-tflop-b16-snr0.5": dict(ROUND3, tflop=45, net=dict(conv_before_upsample=False)),
     "45-tflop-b32-lr4e-3-convfirst-snr0.5": dict(ROUND3, tflop=45, batch_size=32, lr=4e-3),
     "45-tflop-b12-lr1.5e-3-convfirst-snr0.5": dict(ROUND3, tflop=45, batch_size=12, lr=1.5e-3),
-    "45-tflop-b8-lr1e-3-convfirst-snr0.5": dict(ROUND3, tflop=45, batch_size=8, lr=1e-3, warmup_steps=400),
-    "60-tflop-b8-lr1e-3-convfirst-snr0.5": dict(ROUND3, tflop=60, batch_size=8, lr=1e-3, warmup_steps=400),
-    "70-tflop-b8-lr1e-3-convfirst-snr0.5": dict(ROUND3, tflop=70, batch_size=8, lr=1e-3, warmup_steps=400),
+    "45-tflop-b8-lr1e-3-convfirst-snr0.5": dict(B8, tflop=45),
+    "45-tflop-b8-lr1e-3-convfirst-snr0.5-c48x128": dict(B8, tflop=45, net=dict(B8["net"], channels=(48, 128))),
+    "45-tflop-b8-lr1e-3-convfirst-snr0.5-c32x128": dict(B8, tflop=45, net=dict(B8["net"], channels=(32, 128))),
+    "60-tflop-b8-lr1e-3-convfirst-snr0.5": dict(B8, tflop=60),
+    "70-tflop-b8-lr1e-3-convfirst-snr0.5": dict(B8, tflop=70),
     "50-tflop-b16-convfirst-snr0.5": dict(ROUND3, tflop=50),
     "60-tflop-b16-convfirst-snr0.5": dict(ROUND3, tflop=60),
     "70-tflop-b16-convfirst-snr0.5": dict(ROUND3, tflop=70),

@@ -489,10 +489,15 @@ def test_bad_options_and_configs_give_one_line(data_root, tmp_path):
         r = runner.invoke(app, ["digits", "train", "--data-root", str(data_root), "--out", str(tmp_path / "x"), *args])
         assert r.exit_code != 0 and message in (r.output + str(r.exception)), (args, r.output)
     save_model(tmp_path / "m", DigitsUNet(TINY), ScheduleConfig())
-    r = runner.invoke(
-        app, ["digits", "sample", "--ckpt", str(tmp_path / "m"), "--out", str(tmp_path / "o"), "--steps", "1000"]
-    )
-    assert isinstance(r.exception, DifflabError) and "1..500" in str(r.exception)
+    sample = ["digits", "sample", "--ckpt", str(tmp_path / "m"), "--out", str(tmp_path / "o")]
+    for args, message in (
+        (["--steps", "1000"], "1..500"),
+        (["--spacing", "middle"], "unknown spacing 'middle'"),
+        (["--method", "euler"], "unknown sampler 'euler'"),
+    ):
+        r = runner.invoke(app, [*sample, *args])
+        assert isinstance(r.exception, DifflabError) and message in str(r.exception), args
+        assert not (tmp_path / "o").exists(), args  # refused before the output folder is made
     r = runner.invoke(
         app, ["digits", "sample", "--ckpt", str(tmp_path / "m"), "--out", str(tmp_path / "o"), "--eta", "-1"]
     )

@@ -329,6 +329,9 @@ def sample_to_folder(
     (main process only). The settings go to `sampling.json` first; `resume` makes the images a killed run did not
     write, with the same settings. Returns (images in the layout, the strip's timesteps or None)."""
     processes = processes or Processes()
+    # Bad settings fail here, before --out is touched.
+    cfg.timesteps(schedule)
+    cfg.interval_steps(schedule)
     # Not the precision: "auto" may settle otherwise on a resume, and the images' seeds do not depend on it.
     sampler = {k: v for k, v in asdict(cfg).items() if k != "precision"}
     settings = json.loads(json.dumps({"per_digit": per_digit, **sampler}))
