@@ -85,6 +85,8 @@ SAMPLERS: dict[str, SampleConfig] = {
     "ddim-25": OLD_SAMPLER,
     "dpm-10": DPM_10,
     "ddim-10-g5": SampleConfig(guidance_digit=5.0),
+    "ddim-10-g7": SampleConfig(guidance_digit=7.0),
+    "ddim-10-g8": SampleConfig(guidance_digit=8.0),
     "ddim-10-eta0.5": SampleConfig(method="ddim", steps=10, eta=0.5),
     "ddim-10-eta0.75": SampleConfig(method="ddim", steps=10, eta=0.75),
     "dpm-10-g7": replace(DPM_10, guidance_digit=7.0),
