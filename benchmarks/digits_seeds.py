@@ -72,6 +72,7 @@ RECIPES: dict[str, dict] = {
     "60-tflop-b8-lr1e-3-convfirst-snr0.5": dict(B8, tflop=60),
     "70-tflop-b8-lr1e-3-convfirst-snr0.5": dict(B8, tflop=70),
     "50-tflop-b16-convfirst-snr0.5": dict(ROUND3, tflop=50),
+    "60-tflop-b12-lr1.5e-3-convfirst-snr0.5": dict(ROUND3, tflop=60, batch_size=12, lr=1.5e-3, warmup_steps=300),
     "60-tflop-b16-convfirst-snr0.5": dict(ROUND3, tflop=60),
     "70-tflop-b16-convfirst-snr0.5": dict(ROUND3, tflop=70),
     "80-tflop-b16-convfirst-snr0.5": dict(ROUND3, tflop=80),
