@@ -67,6 +67,8 @@ RECIPES: dict[str, dict] = {
     "45-tflop-b32-lr4e-3-convfirst-snr0.5": dict(ROUND3, tflop=45, batch_size=32, lr=4e-3),
     "45-tflop-b12-lr1.5e-3-convfirst-snr0.5": dict(ROUND3, tflop=45, batch_size=12, lr=1.5e-3),
     "45-tflop-b8-lr1e-3-convfirst-snr0.5": dict(B8, tflop=45),
+    "45-tflop-b8-lr1.5e-3-convfirst-snr0.5": dict(B8, tflop=45, lr=1.5e-3),
+    "45-tflop-b8-lr1e-3-convfirst-snr0.5-pdigit0.1": dict(B8, tflop=45, p_drop_digit=0.1),
     "45-tflop-b8-lr1e-3-convfirst-snr0.5-c48x128": dict(B8, tflop=45, net=dict(B8["net"], channels=(48, 128))),
     "45-tflop-b8-lr1e-3-convfirst-snr0.5-c32x128": dict(B8, tflop=45, net=dict(B8["net"], channels=(32, 128))),
     "60-tflop-b8-lr1e-3-convfirst-snr0.5": dict(B8, tflop=60),
