@@ -37,12 +37,13 @@ WORK = Path(__file__).resolve().parent / ".work" / "digits_seeds"
 # steps, 200 warm-up steps) with variants of batch size and peak learning rate, and round 3
 # (results/digits_45tflop*.md): batch 16 at LR 2e-3, 200 warm-up steps, EMA 0.995, timesteps drawn with γ = 0.5, the
 # upsampling conv before the upsample ("b16-convfirst-snr0.5"), and its variants; "tflop": the most steps that fit
-# that budget by the FLOP counter.
+# that budget by the FLOP counter. Round 5 (results/digits_45tflop_round5.md): the digit dropped at p = 0.1 and
+# longer EMAs; "60-tflop-b16-convfirst-snr0.5-pdigit0.1-ema999" is the default since.
 OLD_DEFAULT = dict(steps=5000, batch_size=32, lr=4e-3, warmup_steps=500, ema_decay=0.999, min_snr_gamma=5.0,
-                   net=dict(conv_before_upsample=False))  # fmt: skip
-ROUND3 = dict(batch_size=16, lr=2e-3, warmup_steps=200, ema_decay=0.995, min_snr_gamma=0.5,
+                   p_drop_digit=0.15, net=dict(conv_before_upsample=False))  # fmt: skip
+ROUND3 = dict(batch_size=16, lr=2e-3, warmup_steps=200, ema_decay=0.995, min_snr_gamma=0.5, p_drop_digit=0.15,
               net=dict(conv_before_upsample=True))  # fmt: skip
-B8 = dict(ROUND3, batch_size=8, lr=1e-3, warmup_steps=400)  # round 3 at batch 8: the default since the seed table
+B8 = dict(ROUND3, batch_size=8, lr=1e-3, warmup_steps=400)  # round 3 at batch 8: the default of the first seed table
 RECIPES: dict[str, dict] = {
     "default": {},
     "old-default": OLD_DEFAULT,
@@ -69,6 +70,16 @@ RECIPES: dict[str, dict] = {
     "45-tflop-b8-lr1e-3-convfirst-snr0.5": dict(B8, tflop=45),
     "45-tflop-b8-lr1.5e-3-convfirst-snr0.5": dict(B8, tflop=45, lr=1.5e-3),
     "45-tflop-b8-lr1e-3-convfirst-snr0.5-pdigit0.1": dict(B8, tflop=45, p_drop_digit=0.1),
+    "45-tflop-b8-lr1e-3-convfirst-snr0.5-pdigit0.05": dict(B8, tflop=45, p_drop_digit=0.05),
+    "45-tflop-b8-lr1e-3-convfirst-snr0.5-pdigit0.1-pdomain0.05": dict(
+        B8, tflop=45, p_drop_digit=0.1, p_drop_domain=0.05
+    ),
+    "45-tflop-b8-lr1e-3-convfirst-snr0.5-pdigit0.1-ema998": dict(B8, tflop=45, p_drop_digit=0.1, ema_decay=0.998),
+    "45-tflop-b8-lr1e-3-convfirst-snr0.5-pdigit0.1-ema999": dict(B8, tflop=45, p_drop_digit=0.1, ema_decay=0.999),
+    "45-tflop-b8-lr1e-3-convfirst-snr0.5-pdigit0.1-ema9995": dict(B8, tflop=45, p_drop_digit=0.1, ema_decay=0.9995),
+    "45-tflop-b8-lr1e-3-convfirst-snr0.5-pdigit0.1-ema999-lrfinal0": dict(
+        B8, tflop=45, p_drop_digit=0.1, ema_decay=0.999, lr_final=0.0
+    ),
     "45-tflop-b8-lr1e-3-convfirst-snr0.5-c48x128": dict(B8, tflop=45, net=dict(B8["net"], channels=(48, 128))),
     "45-tflop-b8-lr1e-3-convfirst-snr0.5-c32x128": dict(B8, tflop=45, net=dict(B8["net"], channels=(32, 128))),
     "60-tflop-b8-lr1e-3-convfirst-snr0.5": dict(B8, tflop=60),
@@ -76,6 +87,9 @@ RECIPES: dict[str, dict] = {
     "50-tflop-b16-convfirst-snr0.5": dict(ROUND3, tflop=50),
     "60-tflop-b12-lr1.5e-3-convfirst-snr0.5": dict(ROUND3, tflop=60, batch_size=12, lr=1.5e-3, warmup_steps=300),
     "60-tflop-b16-convfirst-snr0.5": dict(ROUND3, tflop=60),
+    "45-tflop-b16-convfirst-snr0.5-pdigit0.1-ema999": dict(ROUND3, tflop=45, p_drop_digit=0.1, ema_decay=0.999),
+    "50-tflop-b16-convfirst-snr0.5-pdigit0.1-ema999": dict(ROUND3, tflop=50, p_drop_digit=0.1, ema_decay=0.999),
+    "60-tflop-b16-convfirst-snr0.5-pdigit0.1-ema999": dict(ROUND3, tflop=60, p_drop_digit=0.1, ema_decay=0.999),
     "70-tflop-b16-convfirst-snr0.5": dict(ROUND3, tflop=70),
     "80-tflop-b16-convfirst-snr0.5": dict(ROUND3, tflop=80),
 }
@@ -87,6 +101,8 @@ SAMPLERS: dict[str, SampleConfig] = {
     "default": SampleConfig(),
     "ddim-25": OLD_SAMPLER,
     "dpm-10": DPM_10,
+    "ddim-10-g1": SampleConfig(guidance_digit=1.0),
+    "ddim-10-g3": SampleConfig(guidance_digit=3.0),
     "ddim-10-g5": SampleConfig(guidance_digit=5.0),
     "ddim-10-g7": SampleConfig(guidance_digit=7.0),
     "ddim-10-g8": SampleConfig(guidance_digit=8.0),

@@ -140,7 +140,17 @@ def test_the_default_recipe_costs_what_the_readme_says():
 
     cfg = TrainConfig("data", "out")
     assert step_flops(replace(cfg, batch_size=2 * cfg.batch_size)) == 2 * step_flops(cfg)
-    assert round(step_flops(cfg) / 1e9, 2) == 4.23 and round(training_tflop(cfg), 1) == 60.0
+    assert round(step_flops(cfg) / 1e9, 2) == 8.45 and round(training_tflop(cfg), 1) == 60.0
+
+
+def test_learning_rate_warms_up_then_decays_to_its_final_fraction():
+    from difflab.digits.train import lr_at
+
+    cfg = TrainConfig("data", "out", steps=1000, lr=2e-3, warmup_steps=100, lr_final=0.25)
+    assert lr_at(0, cfg) == pytest.approx(2e-5) and lr_at(99, cfg) == pytest.approx(2e-3)
+    assert lr_at(550, cfg) == pytest.approx(2e-3 * (0.25 + 0.75 / 2))
+    assert lr_at(1000, cfg) == pytest.approx(5e-4) and lr_at(500, cfg, total_steps=500) == pytest.approx(5e-4)
+    assert lr_at(1000, replace(cfg, lr_final=0.0)) == 0.0
 
 
 def _weights(folder):

@@ -55,7 +55,7 @@ class DemoConfig:
             out_dir=out_dir,
             n_per_domain=1000,
             n_test_per_domain=200,
-            train_steps=600,
+            train_steps=300,
             classifier_epochs=2,
             sample=SampleConfig(steps=10),
             per_digit=5,
