@@ -108,6 +108,9 @@ SAMPLERS: dict[str, SampleConfig] = {
     "ddim-10-g8": SampleConfig(guidance_digit=8.0),
     "ddim-10-eta0.5": SampleConfig(method="ddim", steps=10, eta=0.5),
     "ddim-10-eta0.75": SampleConfig(method="ddim", steps=10, eta=0.75),
+    "ddim-10-interval-0.8": SampleConfig(guidance_interval=(0, 0.8)),
+    "ddim-10-interval-0.2-0.8-g8": SampleConfig(guidance_digit=8.0, guidance_interval=(0.2, 0.8)),
+    "ddim-10-interval-0.6-g8": SampleConfig(guidance_digit=8.0, guidance_interval=(0, 0.6)),
     "dpm-10-g7": replace(DPM_10, guidance_digit=7.0),
     "dpm-10-interval-0.8": replace(DPM_10, guidance_interval=(0, 0.8)),
     "dpm-10-interval-0.6-g8": replace(DPM_10, guidance_digit=8, guidance_interval=(0, 0.6)),
@@ -153,6 +156,11 @@ def trained(recipe: str, seed: int, data: Path) -> tuple[Path, TrainConfig, floa
 def judge(ckpt: Path, sampler: SampleConfig, seed: int, data: Path, judges: Path) -> dict:
     """Accuracy, Fréchet ratio and memorisation of the course layout (50 per digit and domain) drawn with `seed`."""
     net, schedule, _ = load_digits_model(ckpt, torch.device("cpu"))
+    return judge_net(net, schedule, sampler, seed, data, judges)
+
+
+def judge_net(net, schedule, sampler: SampleConfig, seed: int, data: Path, judges: Path) -> dict:
+    """`judge` for a network in hand (e.g. one combined with a guiding network)."""
     per_domain = course_images(net, schedule, replace(sampler, seed=seed), torch.device("cpu"))
     labels, row = np.arange(10).repeat(PER_DIGIT), {}
     for domain, gen in per_domain.items():
