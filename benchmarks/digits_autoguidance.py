@@ -1,6 +1,7 @@
 """Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself") on the digits models:
-the default 60-TFLOP model guided by the 45-TFLOP model of the same recipe and seed, with digit guidance on top,
-against digit guidance alone. Data, judges and checkpoints are those of digits_seeds.py (trained there if missing).
+the AdamW 60-TFLOP model (the default until Muon) guided by the 45-TFLOP model of the same recipe and seed, with
+digit guidance on top, against digit guidance alone. Data, judges and checkpoints are those of digits_seeds.py
+(trained there if missing).
 
     python benchmarks/digits_autoguidance.py --seeds 0 1 2
 """
@@ -19,7 +20,8 @@ from difflab.digits.model import load_digits_model  # noqa: E402
 from difflab.digits.sample import SampleConfig  # noqa: E402
 from digits_seeds import data_and_judges, judge_net, trained  # noqa: E402
 
-GUIDE_RECIPE = "45-tflop-b16-convfirst-snr0.5-pdigit0.1-ema999"  # the default recipe stopped at 45 TFLOP
+MODEL_RECIPE = "60-tflop-b16-convfirst-snr0.5-pdigit0.1-ema999"
+GUIDE_RECIPE = "45-tflop-b16-convfirst-snr0.5-pdigit0.1-ema999"  # the same recipe stopped at 45 TFLOP
 # (autoguidance weight, digit guidance); weight 1 is the guiding model unused
 SETTINGS = [(1.0, 6.0), (1.5, 4.5), (1.5, 5.5), (2.0, 3.0), (2.0, 4.5)]
 
@@ -49,7 +51,7 @@ def main() -> None:
     cpu, rows = torch.device("cpu"), []
     for seed in args.seeds:
         data, judges = data_and_judges(seed)
-        good, schedule, _ = load_digits_model(trained("default", seed, data)[0], cpu)
+        good, schedule, _ = load_digits_model(trained(MODEL_RECIPE, seed, data)[0], cpu)
         bad, _, _ = load_digits_model(trained(GUIDE_RECIPE, seed, data)[0], cpu)
         for weight, digit in SETTINGS:
             sampler = SampleConfig(guidance_digit=digit, precision="fp32")
@@ -65,8 +67,8 @@ def main() -> None:
         "Fréchet ratio MNIST-M", "Fréchet ratio SVHN", "memorised MNIST-M", "memorised SVHN",
     ]  # fmt: skip
     note = (
-        "DDIM-10, η = 1, trailing timesteps, fp32; 1,000 digits per row judged as in digits_seeds.md. Weight 1: the "
-        f"default model alone (10 network calls per image); above 1 the guiding model ({GUIDE_RECIPE}, 45 TFLOP "
+        f"DDIM-10, η = 1, trailing timesteps, fp32; 1,000 digits per row judged as in digits_seeds.md. Weight 1: the "
+        f"{MODEL_RECIPE} model alone (10 network calls per image); above 1 the guiding model ({GUIDE_RECIPE}, 45 TFLOP "
         "more training) adds a forward per step, 20 calls per image."
     )
     write_results("digits_autoguidance", header, sorted(rows, key=lambda r: (r[1], r[2], r[0])), note)

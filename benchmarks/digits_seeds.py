@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -40,9 +41,9 @@ WORK = Path(__file__).resolve().parent / ".work" / "digits_seeds"
 # that budget by the FLOP counter. Round 5 (results/digits_45tflop_round5.md): the digit dropped at p = 0.1 and
 # longer EMAs; "60-tflop-b16-convfirst-snr0.5-pdigit0.1-ema999" is the default since.
 OLD_DEFAULT = dict(steps=5000, batch_size=32, lr=4e-3, warmup_steps=500, ema_decay=0.999, min_snr_gamma=5.0,
-                   p_drop_digit=0.15, net=dict(conv_before_upsample=False))  # fmt: skip
+                   p_drop_digit=0.15, optimizer="adamw", net=dict(conv_before_upsample=False))  # fmt: skip
 ROUND3 = dict(batch_size=16, lr=2e-3, warmup_steps=200, ema_decay=0.995, min_snr_gamma=0.5, p_drop_digit=0.15,
-              net=dict(conv_before_upsample=True))  # fmt: skip
+              optimizer="adamw", net=dict(conv_before_upsample=True))  # fmt: skip
 B8 = dict(ROUND3, batch_size=8, lr=1e-3, warmup_steps=400)  # round 3 at batch 8: the default of the first seed table
 RECIPES: dict[str, dict] = {
     "default": {},
@@ -91,6 +92,21 @@ RECIPES: dict[str, dict] = {
     "50-tflop-b16-convfirst-snr0.5-pdigit0.1-ema999": dict(ROUND3, tflop=50, p_drop_digit=0.1, ema_decay=0.999),
     "60-tflop-b16-convfirst-snr0.5-pdigit0.1-ema999": dict(ROUND3, tflop=60, p_drop_digit=0.1, ema_decay=0.999),
     "70-tflop-b16-convfirst-snr0.5": dict(ROUND3, tflop=70),
+    "45-tflop-b16-convfirst-snr0.5-pdigit0.1-ema999-muon": dict(
+        ROUND3, tflop=45, p_drop_digit=0.1, ema_decay=0.999, optimizer="muon"
+    ),
+    "45-tflop-b16-convfirst-snr0.5-pdigit0.1-ema999-muon-convs": dict(
+        ROUND3, tflop=45, p_drop_digit=0.1, ema_decay=0.999, optimizer="muon", muon_convs_only=True
+    ),
+    "45-tflop-b16-convfirst-snr0.5-pdigit0.1-ema999-muon-lr3e-3": dict(
+        ROUND3, tflop=45, p_drop_digit=0.1, ema_decay=0.999, optimizer="muon", lr=3e-3
+    ),
+    "45-tflop-b16-convfirst-snr0.5-pdigit0.1-ema999-muon-lr2.5e-3": dict(
+        ROUND3, tflop=45, p_drop_digit=0.1, ema_decay=0.999, optimizer="muon", lr=2.5e-3
+    ),
+    "60-tflop-b16-convfirst-snr0.5-pdigit0.1-ema999-muon": dict(
+        ROUND3, tflop=60, p_drop_digit=0.1, ema_decay=0.999, optimizer="muon"
+    ),
     "80-tflop-b16-convfirst-snr0.5": dict(ROUND3, tflop=80),
 }
 # The sampler until the seed table: DDIM-25 with η = 1 from "leading" timesteps and digit guidance 6 at every step;
@@ -133,6 +149,7 @@ def recipe_config(recipe: str, **kwargs) -> TrainConfig:
     """The TrainConfig of `recipe`: its "net" changes go into a preset of the recipe's name, its "tflop" budget
     becomes the most steps that fit it."""
     changes = dict(RECIPES[recipe])
+    changes.pop("muon_convs_only", None)
     if "net" in changes:
         PRESETS[recipe] = replace(PRESETS["cpu"], **changes.pop("net"))
         changes["preset"] = recipe
@@ -141,16 +158,37 @@ def recipe_config(recipe: str, **kwargs) -> TrainConfig:
     return replace(cfg, steps=int(budget * 1e12 // step_flops(cfg))) if budget else cfg
 
 
-def trained(recipe: str, seed: int, data: Path) -> tuple[Path, TrainConfig, float | None]:
-    """The checkpoint of `recipe` for `seed` (trained now unless kept), its config and the training seconds."""
+def trained(recipe: str, seed: int, data: Path) -> tuple[Path, float, float]:
+    """The checkpoint of `recipe` for `seed` (trained now unless kept), its training TFLOP and seconds."""
     out = WORK / recipe / f"seed{seed}"
-    cfg = recipe_config(recipe, data_root=str(data), out_dir=str(out), seed=seed)
-    log = out / "bench_train.json"
-    if not log.is_file():
-        start = time.perf_counter()
-        train(replace(cfg, overwrite=True))
-        log.write_text(json.dumps({"seconds": time.perf_counter() - start}))
-    return out, cfg, json.loads(log.read_text())["seconds"]
+    with muon_layers(recipe):
+        cfg = recipe_config(recipe, data_root=str(data), out_dir=str(out), seed=seed)
+        log = out / "bench_train.json"
+        if not log.is_file():
+            start = time.perf_counter()
+            train(replace(cfg, overwrite=True))
+            log.write_text(json.dumps({"seconds": time.perf_counter() - start}))
+        tflop = training_tflop(cfg)
+    return out, tflop, json.loads(log.read_text())["seconds"]
+
+
+@contextmanager
+def muon_layers(recipe: str):
+    """Round 6's probe `muon_convs_only`: Muon for the conv kernels alone, the linear layers (time MLP, FiLM) to
+    AdamW, which saves a third of Muon's FLOPs; training and its FLOP count both see the split."""
+    import difflab.digits.train as training
+
+    every = training.hidden_matrices
+
+    def convs_only(net, outer):
+        muon, rest = every(net, outer)
+        return [p for p in muon if p.ndim == 4], rest + [p for p in muon if p.ndim != 4]
+
+    training.hidden_matrices = convs_only if RECIPES[recipe].get("muon_convs_only") else every
+    try:
+        yield
+    finally:
+        training.hidden_matrices = every
 
 
 def judge(ckpt: Path, sampler: SampleConfig, seed: int, data: Path, judges: Path) -> dict:
@@ -197,7 +235,7 @@ def main() -> None:
     for seed in args.seeds:
         data, judges = data_and_judges(seed)
         for recipe in args.recipes:
-            ckpt, cfg, seconds = trained(recipe, seed, data)
+            ckpt, tflop, seconds = trained(recipe, seed, data)
             for name in args.samplers:
                 sampler = SAMPLERS[name]
                 r = judge(ckpt, sampler, seed, data, judges)
@@ -206,7 +244,7 @@ def main() -> None:
                     recipe, name, seed, m["acc"], s["acc"], round(r["acc"], 4),
                     round(m["frechet_ratio"], 2), round(s["frechet_ratio"], 2),
                     round(m["memorisation"], 3), round(s["memorisation"], 3),
-                    nfe(sampler), round(training_tflop(cfg), 1), round(seconds, 1),
+                    nfe(sampler), round(tflop, 1), round(seconds, 1),
                 ]  # fmt: skip
                 print(rows[(recipe, name, seed)], flush=True)
     table = sorted(rows.values(), key=lambda r: (r[0], r[1], r[2]))

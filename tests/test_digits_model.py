@@ -139,8 +139,11 @@ def test_the_default_recipe_costs_what_the_readme_says():
     from difflab.digits.train import step_flops, training_tflop
 
     cfg = TrainConfig("data", "out")
-    assert step_flops(replace(cfg, batch_size=2 * cfg.batch_size)) == 2 * step_flops(cfg)
-    assert round(step_flops(cfg) / 1e9, 2) == 8.45 and round(training_tflop(cfg), 1) == 60.0
+    adamw, double = replace(cfg, optimizer="adamw"), 2 * cfg.batch_size
+    assert step_flops(replace(adamw, batch_size=double)) == 2 * step_flops(adamw)
+    # Muon's Newton-Schulz work is per weight matrix, not per image
+    assert step_flops(replace(cfg, batch_size=double)) - step_flops(cfg) == step_flops(adamw)
+    assert round(step_flops(cfg) / 1e9, 2) == 9.97 and round(training_tflop(cfg), 1) == 45.0
 
 
 def test_learning_rate_warms_up_then_decays_to_its_final_fraction():
@@ -165,10 +168,14 @@ def kill(net, schedule, seed):
     raise Killed
 
 
-def test_training_lowers_loss_saves_atomically_and_resumes_exactly(data_root, tiny_preset, tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_training_lowers_loss_saves_atomically_and_resumes_exactly(
+    data_root, tiny_preset, tmp_path, monkeypatch, optimizer
+):
     common = dict(
         data_root=str(data_root),
         preset=tiny_preset,
+        optimizer=optimizer,
         batch_size=16,
         lr=2e-3,
         warmup_steps=2,
@@ -480,6 +487,8 @@ def test_earlier_work_is_never_replaced_and_resume_must_match(data_root, tiny_pr
         train(TrainConfig(steps=4, resume=True, schedule=other, **common))
     with pytest.raises(DifflabError, match="the run was started with seed = 0, not 1"):
         train(TrainConfig(steps=4, resume=True, seed=1, **common))
+    with pytest.raises(DifflabError, match='the run was started with optimizer = "muon", not "adamw"'):
+        train(TrainConfig(steps=4, resume=True, optimizer="adamw", **common))
     train(TrainConfig(steps=3, overwrite=True, **common))
     assert json.loads((tmp_path / "run" / "config.json").read_text())["steps"] == 3
     for bad, message in ((torch.zeros(3), "missing net, ema"), ({"net": {}, "ema": {}}, "missing opt")):
@@ -494,6 +503,7 @@ def test_bad_options_and_configs_give_one_line(data_root, tmp_path):
         (["--timesteps", "0"], "timesteps"),
         (["--prediction", "x0"], "unknown prediction 'x0'"),
         (["--timestep-sampling", "lognormal"], "unknown timestep sampling 'lognormal'"),
+        (["--optimizer", "sgd"], "unknown optimizer 'sgd'; choose one of adamw, muon"),
         (["--min-snr-gamma", "0"], "needs a min-SNR γ (--min-snr-gamma > 0); without one, pass --timestep-sampling"),
     ):
         r = runner.invoke(app, ["digits", "train", "--data-root", str(data_root), "--out", str(tmp_path / "x"), *args])

@@ -1,5 +1,5 @@
 """Imports point one way: cli -> app, demos -> areas -> core (schedule, samplers, precision, parallel, utils, nets,
-configs, io, report). Every import in the package is read, those inside functions too."""
+configs, io, report, optim). Every import in the package is read, those inside functions too."""
 
 import ast
 from pathlib import Path
@@ -8,7 +8,7 @@ import difflab
 
 PACKAGE = Path(difflab.__file__).parent
 AREAS = ("digits", "ddim", "clip", "personalize", "minisd")
-CORE = ("schedule", "samplers", "precision", "parallel", "utils", "nets", "configs", "io", "report")
+CORE = ("schedule", "samplers", "precision", "parallel", "utils", "nets", "configs", "io", "report", "optim")
 
 
 def imports() -> dict[str, set[str]]:

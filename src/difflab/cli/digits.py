@@ -65,7 +65,14 @@ BatchSize = Annotated[
 ]
 Lr = Annotated[
     float,
-    typer.Option("--lr", min=1e-08, max=1.0, help="Peak AdamW learning rate (linear warm-up, cosine decay to lr/10)."),
+    typer.Option("--lr", min=1e-08, max=1.0, help="Peak learning rate (linear warm-up, cosine decay to lr/10)."),
+]
+Optimizer = Annotated[
+    str,
+    typer.Option(
+        "--optimizer",
+        help="'adamw', or 'muon': Muon for the hidden convs and matrices, AdamW for the rest (both at --lr).",
+    ),
 ]
 EmaDecay = Annotated[
     float, typer.Option("--ema-decay", min=0.0, max=1.0, help="Decay of the EMA weights used for sampling.")
@@ -186,6 +193,7 @@ def train_command(
     steps: Steps = TrainConfig.steps,
     batch_size: BatchSize = TrainConfig.batch_size,
     lr: Lr = TrainConfig.lr,
+    optimizer: Optimizer = TrainConfig.optimizer,
     ema_decay: EmaDecay = TrainConfig.ema_decay,
     p_drop_domain: PDropDomain = TrainConfig.p_drop_domain,
     p_drop_digit: PDropDigit = TrainConfig.p_drop_digit,
@@ -215,6 +223,7 @@ def train_command(
         steps=steps,
         batch_size=batch_size,
         lr=lr,
+        optimizer=optimizer,
         ema_decay=ema_decay,
         p_drop_domain=p_drop_domain,
         p_drop_digit=p_drop_digit,

@@ -151,7 +151,8 @@ def describe_run(report: HtmlReport, cfg: DemoConfig, model_config: dict, judge_
     )
     report.text(
         f"Machine: {cpu_name()}, {torch.get_num_threads()} threads. Diffusion training: "
-        f"{model_config['steps']} steps ({model_config.get('training_tflop', '?')} TFLOP by torch's FLOP counter), "
+        f"{model_config['steps']} steps of {model_config.get('train', {}).get('optimizer', 'adamw')} "
+        f"({model_config.get('training_tflop', '?')} TFLOP by torch's FLOP counter), "
         f"{work}; precision {model_config.get('precision', '?')}. "
         f"Judges: precision {judge_meta.get('precision', '?')}."
     )
