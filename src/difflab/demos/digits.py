@@ -18,7 +18,7 @@ from difflab.digits.evaluate import (
 )
 from difflab.digits.model import load_digits_model
 from difflab.digits.sample import PER_DIGIT, SampleConfig, write_course_layout, write_sample_figures
-from difflab.digits.train import TRACKER_PROJECT, TrainConfig, read_losses, train
+from difflab.digits.train import OPTIMIZERS, TRACKER_PROJECT, TrainConfig, read_losses, train
 from difflab.io import load_json, open_run
 from difflab.precision import Precision, cpu_name
 from difflab.report import HtmlReport
@@ -151,7 +151,7 @@ def describe_run(report: HtmlReport, cfg: DemoConfig, model_config: dict, judge_
     )
     report.text(
         f"Machine: {cpu_name()}, {torch.get_num_threads()} threads. Diffusion training: "
-        f"{model_config['steps']} steps of {model_config.get('train', {}).get('optimizer', 'adamw')} "
+        f"{model_config['steps']} {OPTIMIZERS[model_config.get('train', {}).get('optimizer', 'adamw')]} steps "
         f"({model_config.get('training_tflop', '?')} TFLOP by torch's FLOP counter), "
         f"{work}; precision {model_config.get('precision', '?')}. "
         f"Judges: precision {judge_meta.get('precision', '?')}."

@@ -101,7 +101,7 @@ class TrainConfig:
         return PRESETS[self.preset]
 
 
-OPTIMIZERS = ("adamw", "muon")
+OPTIMIZERS = {"adamw": "AdamW", "muon": "Muon"}  # the choices, and how reports name them
 
 
 def make_optimizer(net: DigitsUNet, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -252,6 +252,7 @@ def write_card(run: Run, seconds: float) -> None:
         "data": f"`{cfg.data_root}`",
         "network": f"preset {cfg.preset}, {sum(p.numel() for p in run.ema.parameters()) / 1e6:.2f} M parameters",
         "steps x batch": f"{run.step} x {cfg.batch_size} x {run.accelerator.num_processes} process(es)",
+        "optimizer": f"{OPTIMIZERS[cfg.optimizer]}, peak learning rate {cfg.lr:g}",
         "training compute": f"{config['training_tflop']} TFLOP (torch's FLOP counter: forward, backward, optimiser)",
         "machine": f"{cpu_name()}, {torch.get_num_threads()} threads"
         if run.device.type == "cpu"
