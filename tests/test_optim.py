@@ -28,11 +28,21 @@ def test_muon_steps_match_torch_muon(shape):
     assert (moved - moved_ref).norm() < 0.03 * moved_ref.norm()
 
 
-def test_a_conv_kernel_is_orthogonalised_as_its_flattened_matrix():
-    kernel = torch.randn(96, 48, 3, 3, dtype=torch.float64)
-    flat = orthogonalize(kernel.reshape(96, -1))
-    torch.testing.assert_close(orthogonalize(kernel).reshape(96, -1), flat)
-    singular = torch.linalg.svdvals(flat)
+def test_a_conv_kernel_steps_as_torch_muon_steps_its_flattened_matrix():
+    torch.manual_seed(0)
+    kernel = torch.nn.Parameter(torch.randn(96, 48, 3, 3))
+    flat = torch.nn.Parameter(kernel.detach().reshape(96, -1).clone())
+    opt = MuonAdamW([kernel], [], lr=0.01)
+    reference = torch.optim.Muon([flat], lr=0.01, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
+    start = flat.detach().clone()
+    for _ in range(2):
+        kernel.grad = torch.randn(96, 48, 3, 3)
+        flat.grad = kernel.grad.reshape(96, -1).clone()
+        opt.step()
+        reference.step()
+    moved, moved_ref = kernel.detach().reshape(96, -1) - start, flat.detach() - start
+    assert (moved - moved_ref).norm() < 0.03 * moved_ref.norm()
+    singular = torch.linalg.svdvals(orthogonalize(kernel.grad.double()).reshape(96, -1))
     assert singular.min() > 0.6 and singular.max() < 1.25
 
 
