@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from sklearn.metrics import accuracy_score
 
-from difflab.digits.classifier import ClassifierConfig, DigitClassifier, save_classifier
+from difflab.digits.classifier import ClassifierConfig, DigitClassifier, load_classifier, save_classifier
 from difflab.digits.data import DOMAINS, load_split, make_dataset
 from difflab.digits.evaluate import evaluate_folder
 from difflab.digits.quality import domain_quality, frechet_distance, nearest_distances
@@ -89,6 +90,11 @@ def test_evaluate_reports_quality(tmp_path, data_root, judge_dir, capsys):
         assert q["memorisation_rate"] == 1.0  # these "generated" images are training images
         assert q == result["domains"][domain]["quality"]
         assert (folder / "eval" / f"closest_{domain}.png").is_file()
+        # The reference a generator as good as the data would score: the judge on the real held-out split.
+        held, held_labels = load_split(data_root, domain, "val")
+        judge = load_classifier(judge_dir / f"{domain}.safetensors")
+        assert q["heldout_accuracy"] == pytest.approx(accuracy_score(held_labels, judge.predict(held)))
+        assert f"real held-out digits score acc = {q['heldout_accuracy']:.4f}" in printed
     assert "memorisation = 100.0 %" in printed and "Fréchet distance" in printed
     assert "Quality beyond accuracy" in (folder / "eval" / "report.html").read_text()
     # Without the real data the accuracy is still reported, and the printout says what was skipped.
@@ -110,6 +116,7 @@ def test_a_diversity_that_cannot_be_measured_is_said_so_not_a_crash():
         "frechet_train_vs_heldout": 1.0,
         "memorisation_rate": 0.0,
         "diversity_ratio": None,
+        "heldout_accuracy": 0.97,
     }
     text = format_quality({"domains": {"mnistm": {"quality": quality}}})
     assert "diversity = not measurable (it needs at least 2 images of a digit" in text

@@ -182,7 +182,8 @@ def format_quality(result: dict) -> str:
         lines.append(
             f"{DOMAIN_NAMES[domain]}: Fréchet distance (judge features) = {q['frechet_generated_vs_heldout']:.2f} "
             f"(train vs held-out floor {q['frechet_train_vs_heldout']:.2f}); memorisation = "
-            f"{100 * q['memorisation_rate']:.1f} % (real held-out: 5 %); diversity = {diversity_text(q)}"
+            f"{100 * q['memorisation_rate']:.1f} % (real held-out: 5 %); diversity = {diversity_text(q)}; "
+            f"real held-out digits score acc = {q['heldout_accuracy']:.4f}"
         )
     if not lines:
         return (
@@ -208,6 +209,7 @@ def add_quality_section(report, result: dict, eval_dir: Path) -> None:
             f"{q['frechet_train_vs_heldout']:.2f}",
             f"{100 * q['memorisation_rate']:.1f} %",
             diversity_text(q),
+            f"{q['heldout_accuracy']:.4f}",
         ]
         for d, r in result["domains"].items()
         if (q := r.get("quality"))
@@ -220,7 +222,9 @@ def add_quality_section(report, result: dict, eval_dir: Path) -> None:
         "the floor is the same distance for an equally large sample of real training images. "
         "Memorisation: generated images whose nearest training image (pixel L2) is closer than the 5th "
         "percentile of held-out-to-training distances (5 % for real unseen images). Diversity: mean "
-        "pairwise feature distance within each digit, generated over real held-out (1 = as diverse)."
+        "pairwise feature distance within each digit, generated over real held-out (1 = as diverse). The judge's "
+        "accuracy on the real held-out images is what a generator as good as the data would score: generated digits "
+        "that score higher are clearer than the real ones, and further from them in the judge's features."
     )
     report.table(
         [
@@ -229,6 +233,7 @@ def add_quality_section(report, result: dict, eval_dir: Path) -> None:
             "Fréchet floor (train vs held-out)",
             "memorisation rate",
             "diversity ratio",
+            "judge accuracy on real held-out",
         ],
         rows,
     )

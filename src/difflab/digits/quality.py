@@ -7,12 +7,17 @@ generated digits of each domain are also compared with real held-out ones.
 - Memorisation rate: the fraction of generated images whose nearest training image (pixel L2) is closer
   than the 5th percentile of held-out-to-training nearest distances, i.e. 5 % for real unseen images.
 - Diversity per digit: mean pairwise feature distance of generated images over that of held-out images.
+- The judge's accuracy on the real held-out images: what a generator indistinguishable from the real data
+  would score. Where it is below the generated digits' accuracy, the generator draws clearer digits than the
+  data has, and that distance shows in the Fréchet distance.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from difflab.digits.classifier import accuracy
 
 MEMORISATION_PERCENTILE = 5.0
 
@@ -59,7 +64,7 @@ def domain_quality(
     seed: int = 0,
     gallery: int = 8,
 ) -> dict:
-    """All three measures for one domain; `judge` is the domain's `DigitClassifier` (its `embed`)."""
+    """All the measures for one domain; `judge` is the domain's `DigitClassifier`."""
     rng = np.random.default_rng(seed)
     train_sample = train[rng.choice(len(train), size=min(len(generated), len(train)), replace=False)]
     gen_feats, held_feats = judge.embed(generated), judge.embed(heldout)
@@ -77,6 +82,7 @@ def domain_quality(
     return {
         "frechet_generated_vs_heldout": frechet_distance(gen_feats, held_feats),
         "frechet_train_vs_heldout": frechet_distance(judge.embed(train_sample), held_feats),
+        "heldout_accuracy": accuracy(judge, heldout, heldout_labels),
         "n_generated": int(len(generated)),
         "n_heldout": int(len(heldout)),
         "n_train": int(len(train)),
