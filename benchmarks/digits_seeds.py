@@ -32,6 +32,7 @@ from difflab.digits.model import load_digits_model  # noqa: E402
 from difflab.digits.quality import domain_quality  # noqa: E402
 from difflab.digits.sample import PER_DIGIT, SampleConfig, course_images  # noqa: E402
 from difflab.digits.train import PRESETS, TrainConfig, step_flops, train  # noqa: E402
+from difflab.schedule import NoiseSchedule  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / ".work" / "digits_seeds"
 # Training recipes: the default, the old default (102.5 TFLOP until the seed table) and its cut to 45 TFLOP (2,190
@@ -108,28 +109,26 @@ RECIPES: dict[str, dict] = {
         ROUND3, tflop=60, p_drop_digit=0.1, ema_decay=0.999, optimizer="muon"
     ),
     "80-tflop-b16-convfirst-snr0.5": dict(ROUND3, tflop=80),
+    "default-wfloor0.05": dict(min_snr_floor=0.05),
+    "default-wfloor0.1": dict(min_snr_floor=0.1),
 }
 # The sampler until the seed table: DDIM-25 with η = 1 from "leading" timesteps and digit guidance 6 at every step;
-# then DPM-Solver++(2M) in 10 steps, until DDIM-10 with η = 1 from "trailing" timesteps.
-OLD_SAMPLER = SampleConfig(method="ddim", steps=25, eta=1.0, spacing="leading", guidance_digit=6.0)
-DPM_10 = SampleConfig(method="dpm++2m", steps=10, guidance_digit=6.0)
+# then DPM-Solver++(2M) in 10 steps, then DDIM-10 with η = 1 from "trailing" timesteps, first with digit guidance 6,
+# then 5. The names below keep the guidance they were measured with.
+DDIM_10 = SampleConfig(method="ddim", steps=10, eta=1.0, spacing="trailing", guidance_digit=6.0)
+OLD_SAMPLER = replace(DDIM_10, steps=25, spacing="leading")
+DPM_10 = replace(DDIM_10, method="dpm++2m")
 SAMPLERS: dict[str, SampleConfig] = {
     "default": SampleConfig(),
+    "ddim-10-g6": DDIM_10,
     "ddim-25": OLD_SAMPLER,
     "dpm-10": DPM_10,
-    "ddim-10-g1": SampleConfig(guidance_digit=1.0),
-    "ddim-10-g2": SampleConfig(guidance_digit=2.0),
-    "ddim-10-g3": SampleConfig(guidance_digit=3.0),
-    "ddim-10-g4": SampleConfig(guidance_digit=4.0),
-    "ddim-10-g5": SampleConfig(guidance_digit=5.0),
-    "ddim-10-g5.5": SampleConfig(guidance_digit=5.5),
-    "ddim-10-g7": SampleConfig(guidance_digit=7.0),
-    "ddim-10-g8": SampleConfig(guidance_digit=8.0),
-    "ddim-10-eta0.5": SampleConfig(method="ddim", steps=10, eta=0.5),
-    "ddim-10-eta0.75": SampleConfig(method="ddim", steps=10, eta=0.75),
-    "ddim-10-interval-0.8": SampleConfig(guidance_interval=(0, 0.8)),
-    "ddim-10-interval-0.2-0.8-g8": SampleConfig(guidance_digit=8.0, guidance_interval=(0.2, 0.8)),
-    "ddim-10-interval-0.6-g8": SampleConfig(guidance_digit=8.0, guidance_interval=(0, 0.6)),
+    **{f"ddim-10-g{g:g}": replace(DDIM_10, guidance_digit=g) for g in (1.0, 2.0, 3.0, 4.0, 5.0, 5.5, 7.0, 8.0)},
+    "ddim-10-eta0.5": replace(DDIM_10, eta=0.5),
+    "ddim-10-eta0.75": replace(DDIM_10, eta=0.75),
+    "ddim-10-interval-0.8": replace(DDIM_10, guidance_interval=(0, 0.8)),
+    "ddim-10-interval-0.2-0.8-g8": replace(DDIM_10, guidance_digit=8.0, guidance_interval=(0.2, 0.8)),
+    "ddim-10-interval-0.6-g8": replace(DDIM_10, guidance_digit=8.0, guidance_interval=(0, 0.6)),
     "dpm-10-g7": replace(DPM_10, guidance_digit=7.0),
     "dpm-10-interval-0.8": replace(DPM_10, guidance_interval=(0, 0.8)),
     "dpm-10-interval-0.6-g8": replace(DPM_10, guidance_digit=8, guidance_interval=(0, 0.6)),
@@ -153,6 +152,7 @@ def recipe_config(recipe: str, **kwargs) -> TrainConfig:
     becomes the most steps that fit it."""
     changes = dict(RECIPES[recipe])
     changes.pop("muon_convs_only", None)
+    changes.pop("min_snr_floor", None)
     if "net" in changes:
         PRESETS[recipe] = replace(PRESETS["cpu"], **changes.pop("net"))
         changes["preset"] = recipe
@@ -166,7 +166,7 @@ def trained(recipe: str, seed: int, data: Path) -> tuple[Path, float, float]:
     out = WORK / recipe / f"seed{seed}"
     log = out / "bench_train.json"
     if not log.is_file():
-        with muon_layers(recipe):
+        with muon_layers(recipe), min_snr_floor(recipe):
             cfg = recipe_config(recipe, data_root=str(data), out_dir=str(out), seed=seed)
             start = time.perf_counter()
             train(replace(cfg, overwrite=True))
@@ -192,6 +192,21 @@ def muon_layers(recipe: str):
         yield
     finally:
         training.hidden_matrices = every
+
+
+@contextmanager
+def min_snr_floor(recipe: str):
+    """Round 7's probe `min_snr_floor`: the min-SNR loss weight raised to at least this value, so the nearly pure
+    noise and nearly clean timesteps that the 10-step sampler starts and ends on are trained more (the timestep
+    density follows the weight)."""
+    floor = RECIPES[recipe].get("min_snr_floor")
+    weight = NoiseSchedule.min_snr_weight
+    if floor:
+        NoiseSchedule.min_snr_weight = lambda self, t, gamma: weight(self, t, gamma).clamp(min=floor)
+    try:
+        yield
+    finally:
+        NoiseSchedule.min_snr_weight = weight
 
 
 def judge(ckpt: Path, sampler: SampleConfig, seed: int, data: Path, judges: Path) -> dict:
