@@ -391,7 +391,7 @@ def test_sampling_resumes_where_it_stopped(tiny_ckpt, tmp_path, folder_bytes):
     assert folder_bytes(out) == made
     assert (out / "mnistm" / "5_001.png").stat().st_mtime_ns == kept  # a finished batch is not sampled again
     r = runner.invoke(app, [*sample_args(tiny_ckpt, out), "--resume", "--guidance-digit", "2"])
-    assert r.exit_code == 1 and "guidance_digit: 6.0 then, 2.0 now" in str(r.exception)
+    assert r.exit_code == 1 and "guidance_digit: 5.0 then, 2.0 now" in str(r.exception)
 
 
 def test_processes_that_disagree_on_the_folder_write_nothing(tiny_ckpt, tmp_path, launch):
