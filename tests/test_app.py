@@ -37,7 +37,7 @@ def test_digits_tab_gives_the_cli_images_with_verdicts(client, tiny_app, tmp_pat
     ckpt = tiny_app.root / "run" / "model"
     args = ["digits", "sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "cli"), "--per-digit", "4"]
     more = ["--method", DIGITS["method"], "--steps", "3", "--seed", "5", "--precision", "fp32", "--device", "cpu"]
-    more.append("--no-figures")
+    more += ["--guidance-digit", str(DIGITS["guidance_digit"]), "--no-figures"]
     assert CliRunner().invoke(cli, [*args, *more]).exit_code == 0
     for n, item in enumerate(gallery):
         cli_image = np.asarray(Image.open(tmp_path / "cli" / "svhn" / f"7_{n + 1:03d}.png")).astype(int)
