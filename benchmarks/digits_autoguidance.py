@@ -8,7 +8,6 @@ digit guidance on top, against digit guidance alone. Data, judges and checkpoint
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 from difflab.digits.model import load_digits_model  # noqa: E402
 from difflab.digits.sample import SampleConfig  # noqa: E402
-from digits_seeds import data_and_judges, judge_net, trained  # noqa: E402
+from digits_seeds import data_and_judges, judge_net, seed_arguments, trained  # noqa: E402
 
 MODEL_RECIPE = "60-tflop-b16-convfirst-snr0.5-pdigit0.1-ema999"
 GUIDE_RECIPE = "45-tflop-b16-convfirst-snr0.5-pdigit0.1-ema999"  # the same recipe stopped at 45 TFLOP
@@ -43,11 +42,7 @@ class AutoGuided(torch.nn.Module):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = seed_arguments(__doc__.splitlines()[0])
     cpu, rows = torch.device("cpu"), []
     for seed in args.seeds:
         data, judges = data_and_judges(seed)

@@ -7,26 +7,19 @@ and checkpoints are those of digits_seeds.py (trained there if missing).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 from difflab.digits.sample import SampleConfig  # noqa: E402
-from digits_seeds import data_and_judges, judge, trained  # noqa: E402
+from digits_seeds import data_and_judges, judge, seed_arguments, trained  # noqa: E402
 
 GUIDANCE = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = seed_arguments(__doc__.splitlines()[0])
     rows = []
     for seed in args.seeds:
         data, judges = data_and_judges(seed)

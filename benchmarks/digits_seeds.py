@@ -111,6 +111,8 @@ RECIPES: dict[str, dict] = {
     "80-tflop-b16-convfirst-snr0.5": dict(ROUND3, tflop=80),
     "default-wfloor0.05": dict(min_snr_floor=0.05),
     "default-wfloor0.1": dict(min_snr_floor=0.1),
+    "default-zsnr": dict(zero_terminal_snr=True),
+    "default-zsnr-wfloor0.05": dict(zero_terminal_snr=True, min_snr_floor=0.05),
 }
 # The sampler until the seed table: DDIM-25 with η = 1 from "leading" timesteps and digit guidance 6 at every step;
 # then DPM-Solver++(2M) in 10 steps, then DDIM-10 with η = 1 from "trailing" timesteps, first with digit guidance 6,
@@ -153,6 +155,7 @@ def recipe_config(recipe: str, **kwargs) -> TrainConfig:
     changes = dict(RECIPES[recipe])
     changes.pop("muon_convs_only", None)
     changes.pop("min_snr_floor", None)
+    changes.pop("zero_terminal_snr", None)
     if "net" in changes:
         PRESETS[recipe] = replace(PRESETS["cpu"], **changes.pop("net"))
         changes["preset"] = recipe
@@ -209,6 +212,29 @@ def min_snr_floor(recipe: str):
         NoiseSchedule.min_snr_weight = weight
 
 
+@contextmanager
+def zero_terminal_snr(recipe: str):
+    """Round 7's probe `zero_terminal_snr` (Lin et al. 2023): the schedule's √ᾱ shifted and scaled so that x_T holds
+    none of the image (√ᾱ_T = 1e-4 rather than 0, as the samplers divide by √ᾱ), for training and sampling alike."""
+    import difflab.schedule as schedule
+
+    make = schedule.make_betas
+
+    def rescaled(*args, **kwargs):
+        root = torch.cumprod(1 - make(*args, **kwargs), 0).sqrt()
+        root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+        root[-1] = 1e-4
+        alpha_bar = root**2
+        return 1 - torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+
+    if RECIPES[recipe].get("zero_terminal_snr"):
+        schedule.make_betas = rescaled
+    try:
+        yield
+    finally:
+        schedule.make_betas = make
+
+
 def judge(ckpt: Path, sampler: SampleConfig, seed: int, data: Path, judges: Path) -> dict:
     """Accuracy, Fréchet ratio and memorisation of the course layout (50 per digit and domain) drawn with `seed`."""
     net, schedule, _ = load_digits_model(ckpt, torch.device("cpu"))
@@ -235,6 +261,16 @@ def judge_net(net, schedule, sampler: SampleConfig, seed: int, data: Path, judge
     return row
 
 
+def seed_arguments(description: str) -> argparse.Namespace:
+    """`--seeds` and `--threads` for the scripts that reuse this one's seeds; the thread count is set here."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
+
+
 def nfe(sampler: SampleConfig) -> int:
     return 1000 if sampler.method == "ddpm" else sampler.steps
 
@@ -254,18 +290,19 @@ def main() -> None:
     for seed in args.seeds:
         data, judges = data_and_judges(seed)
         for recipe in args.recipes:
-            ckpt, tflop, seconds = trained(recipe, seed, data)
-            for name in args.samplers:
-                sampler = SAMPLERS[name]
-                r = judge(ckpt, sampler, seed, data, judges)
-                m, s = r["mnistm"], r["svhn"]
-                rows[(recipe, name, seed)] = [
-                    recipe, name, seed, m["acc"], s["acc"], round(r["acc"], 4),
-                    round(m["frechet_ratio"], 2), round(s["frechet_ratio"], 2),
-                    round(m["memorisation"], 3), round(s["memorisation"], 3),
-                    nfe(sampler), round(tflop, 1), round(seconds, 1),
-                ]  # fmt: skip
-                print(rows[(recipe, name, seed)], flush=True)
+            with zero_terminal_snr(recipe):
+                ckpt, tflop, seconds = trained(recipe, seed, data)
+                for name in args.samplers:
+                    sampler = SAMPLERS[name]
+                    r = judge(ckpt, sampler, seed, data, judges)
+                    m, s = r["mnistm"], r["svhn"]
+                    rows[(recipe, name, seed)] = [
+                        recipe, name, seed, m["acc"], s["acc"], round(r["acc"], 4),
+                        round(m["frechet_ratio"], 2), round(s["frechet_ratio"], 2),
+                        round(m["memorisation"], 3), round(s["memorisation"], 3),
+                        nfe(sampler), round(tflop, 1), round(seconds, 1),
+                    ]  # fmt: skip
+                    print(rows[(recipe, name, seed)], flush=True)
     table = sorted(rows.values(), key=lambda r: (r[0], r[1], r[2]))
     header = [
         "recipe", "sampler", "seed", "MNIST-M acc", "SVHN acc", "mean acc", "Fréchet ratio MNIST-M",
