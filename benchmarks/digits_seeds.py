@@ -125,7 +125,7 @@ SAMPLERS: dict[str, SampleConfig] = {
     "ddim-10-g6": DDIM_10,
     "ddim-25": OLD_SAMPLER,
     "dpm-10": DPM_10,
-    **{f"ddim-10-g{g:g}": replace(DDIM_10, guidance_digit=g) for g in (1.0, 2.0, 3.0, 4.0, 5.0, 5.5, 7.0, 8.0)},
+    **{f"ddim-10-g{g:g}": replace(DDIM_10, guidance_digit=g) for g in (1.0, 2.0, 3.0, 4.0, 4.5, 5.0, 5.5, 7.0, 8.0)},
     "ddim-10-eta0.5": replace(DDIM_10, eta=0.5),
     "ddim-10-eta0.75": replace(DDIM_10, eta=0.75),
     "ddim-10-interval-0.8": replace(DDIM_10, guidance_interval=(0, 0.8)),
