@@ -391,7 +391,7 @@ def test_sampling_resumes_where_it_stopped(tiny_ckpt, tmp_path, folder_bytes):
     assert folder_bytes(out) == made
     assert (out / "mnistm" / "5_001.png").stat().st_mtime_ns == kept  # a finished batch is not sampled again
     r = runner.invoke(app, [*sample_args(tiny_ckpt, out), "--resume", "--guidance-digit", "2"])
-    assert r.exit_code == 1 and "guidance_digit: 5.0 then, 2.0 now" in str(r.exception)
+    assert r.exit_code == 1 and "guidance_digit: 5.5 then, 2.0 now" in str(r.exception)
 
 
 def test_processes_that_disagree_on_the_folder_write_nothing(tiny_ckpt, tmp_path, launch):
@@ -628,7 +628,9 @@ def test_pipeline_takes_a_diffusers_scheduler(tmp_path):
 
     torch.manual_seed(0)
     pipe = DigitsPipeline.from_pretrained(save_model(tmp_path / "m", DigitsUNet(TINY), ScheduleConfig()))
-    pipe.config = replace(pipe.config, precision="fp32")
+    # Guidance pinned: on this random net float32 rounding grows with the guidance scale and the step count, and the
+    # tolerance below is set for guidance 6 (the comparison is of the scheduler wiring, not of a default).
+    pipe.config = replace(pipe.config, precision="fp32", guidance_digit=6.0)
     trailing = DDIMScheduler.from_config(pipe.scheduler_config())
     trailing.set_timesteps(10)
     assert trailing.timesteps.tolist() == pipe.config.timesteps(pipe.schedule)
