@@ -169,7 +169,7 @@ def trained(recipe: str, seed: int, data: Path) -> tuple[Path, float, float]:
     out = WORK / recipe / f"seed{seed}"
     log = out / "bench_train.json"
     if not log.is_file():
-        with muon_layers(recipe), min_snr_floor(recipe):
+        with muon_layers(recipe), min_snr_floor(recipe), zero_terminal_snr(recipe):
             cfg = recipe_config(recipe, data_root=str(data), out_dir=str(out), seed=seed)
             start = time.perf_counter()
             train(replace(cfg, overwrite=True))
@@ -227,7 +227,9 @@ def zero_terminal_snr(recipe: str):
         alpha_bar = root**2
         return 1 - torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
 
-    if RECIPES[recipe].get("zero_terminal_snr"):
+    rescaled.zero_snr = True
+    # Once is enough: main() keeps it on from training to judging, and trained() turns it on for other callers.
+    if RECIPES[recipe].get("zero_terminal_snr") and not getattr(make, "zero_snr", False):
         schedule.make_betas = rescaled
     try:
         yield
