@@ -111,8 +111,8 @@ RECIPES: dict[str, dict] = {
     "80-tflop-b16-convfirst-snr0.5": dict(ROUND3, tflop=80),
     "default-wfloor0.05": dict(min_snr_floor=0.05),
     "default-wfloor0.1": dict(min_snr_floor=0.1),
-    "default-zsnr": dict(zero_terminal_snr=True),
-    "default-zsnr-wfloor0.05": dict(zero_terminal_snr=True, min_snr_floor=0.05),
+    "default-zsnr": dict(schedule=dict(rescale_betas_zero_snr=True)),
+    "default-zsnr-wfloor0.05": dict(schedule=dict(rescale_betas_zero_snr=True), min_snr_floor=0.05),
 }
 # The sampler until the seed table: DDIM-25 with η = 1 from "leading" timesteps and digit guidance 6 at every step;
 # then DPM-Solver++(2M) in 10 steps, then DDIM-10 with η = 1 from "trailing" timesteps, first with digit guidance 6,
@@ -150,12 +150,13 @@ def data_and_judges(seed: int) -> tuple[Path, Path]:
 
 
 def recipe_config(recipe: str, **kwargs) -> TrainConfig:
-    """The TrainConfig of `recipe`: its "net" changes go into a preset of the recipe's name, its "tflop" budget
-    becomes the most steps that fit it."""
+    """The TrainConfig of `recipe`: its "net" changes go into a preset of the recipe's name, its "schedule" changes
+    into the default schedule, its "tflop" budget becomes the most steps that fit it."""
     changes = dict(RECIPES[recipe])
     changes.pop("muon_convs_only", None)
     changes.pop("min_snr_floor", None)
-    changes.pop("zero_terminal_snr", None)
+    if "schedule" in changes:
+        changes["schedule"] = replace(TrainConfig.default_schedule(), **changes["schedule"])
     if "net" in changes:
         PRESETS[recipe] = replace(PRESETS["cpu"], **changes.pop("net"))
         changes["preset"] = recipe
@@ -169,7 +170,7 @@ def trained(recipe: str, seed: int, data: Path) -> tuple[Path, float, float]:
     out = WORK / recipe / f"seed{seed}"
     log = out / "bench_train.json"
     if not log.is_file():
-        with muon_layers(recipe), min_snr_floor(recipe), zero_terminal_snr(recipe):
+        with muon_layers(recipe), min_snr_floor(recipe):
             cfg = recipe_config(recipe, data_root=str(data), out_dir=str(out), seed=seed)
             start = time.perf_counter()
             train(replace(cfg, overwrite=True))
@@ -210,31 +211,6 @@ def min_snr_floor(recipe: str):
         yield
     finally:
         NoiseSchedule.min_snr_weight = weight
-
-
-@contextmanager
-def zero_terminal_snr(recipe: str):
-    """Round 7's probe `zero_terminal_snr` (Lin et al. 2023): the schedule's √ᾱ shifted and scaled so that x_T holds
-    none of the image (√ᾱ_T = 1e-4 rather than 0, as the samplers divide by √ᾱ), for training and sampling alike."""
-    import difflab.schedule as schedule
-
-    make = schedule.make_betas
-
-    def rescaled(*args, **kwargs):
-        root = torch.cumprod(1 - make(*args, **kwargs), 0).sqrt()
-        root = (root - root[-1]) * root[0] / (root[0] - root[-1])
-        root[-1] = 1e-4
-        alpha_bar = root**2
-        return 1 - torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
-
-    rescaled.zero_snr = True
-    # Once is enough: main() keeps it on from training to judging, and trained() turns it on for other callers.
-    if RECIPES[recipe].get("zero_terminal_snr") and not getattr(make, "zero_snr", False):
-        schedule.make_betas = rescaled
-    try:
-        yield
-    finally:
-        schedule.make_betas = make
 
 
 def judge(ckpt: Path, sampler: SampleConfig, seed: int, data: Path, judges: Path) -> dict:
@@ -292,19 +268,18 @@ def main() -> None:
     for seed in args.seeds:
         data, judges = data_and_judges(seed)
         for recipe in args.recipes:
-            with zero_terminal_snr(recipe):
-                ckpt, tflop, seconds = trained(recipe, seed, data)
-                for name in args.samplers:
-                    sampler = SAMPLERS[name]
-                    r = judge(ckpt, sampler, seed, data, judges)
-                    m, s = r["mnistm"], r["svhn"]
-                    rows[(recipe, name, seed)] = [
-                        recipe, name, seed, m["acc"], s["acc"], round(r["acc"], 4),
-                        round(m["frechet_ratio"], 2), round(s["frechet_ratio"], 2),
-                        round(m["memorisation"], 3), round(s["memorisation"], 3),
-                        nfe(sampler), round(tflop, 1), round(seconds, 1),
-                    ]  # fmt: skip
-                    print(rows[(recipe, name, seed)], flush=True)
+            ckpt, tflop, seconds = trained(recipe, seed, data)
+            for name in args.samplers:
+                sampler = SAMPLERS[name]
+                r = judge(ckpt, sampler, seed, data, judges)
+                m, s = r["mnistm"], r["svhn"]
+                rows[(recipe, name, seed)] = [
+                    recipe, name, seed, m["acc"], s["acc"], round(r["acc"], 4),
+                    round(m["frechet_ratio"], 2), round(s["frechet_ratio"], 2),
+                    round(m["memorisation"], 3), round(s["memorisation"], 3),
+                    nfe(sampler), round(tflop, 1), round(seconds, 1),
+                ]  # fmt: skip
+                print(rows[(recipe, name, seed)], flush=True)
     table = sorted(rows.values(), key=lambda r: (r[0], r[1], r[2]))
     header = [
         "recipe", "sampler", "seed", "MNIST-M acc", "SVHN acc", "mean acc", "Fréchet ratio MNIST-M",

@@ -497,11 +497,25 @@ def test_earlier_work_is_never_replaced_and_resume_must_match(data_root, tiny_pr
             train(TrainConfig(steps=4, resume=True, **common))
 
 
+def test_a_zero_terminal_snr_model_trains_saves_and_samples(data_root, tiny_preset, tmp_path):
+    from difflab import DigitsPipeline
+
+    r = runner.invoke(app, ["digits", "train", "--data-root", str(data_root), "--out", str(tmp_path / "m"),
+                            "--preset", tiny_preset, "--steps", "2", "--batch-size", "4", "--precision", "fp32",
+                            "--zero-terminal-snr"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    pipe = DigitsPipeline.from_pretrained(tmp_path / "m")
+    assert pipe.schedule.alphas_cumprod[-1] == 0 and pipe.config.timesteps(pipe.schedule)[0] == 499
+    images = pipe(digit=[1, 2], num_images=2, num_inference_steps=4, output_type="pt").images
+    assert torch.isfinite(images).all() and images.std() > 0
+
+
 def test_bad_options_and_configs_give_one_line(data_root, tmp_path):
     for args, message in (
         (["--save-every", "0"], "save-every"),
         (["--timesteps", "0"], "timesteps"),
         (["--prediction", "x0"], "unknown prediction 'x0'"),
+        (["--zero-terminal-snr", "--prediction", "epsilon"], "a zero terminal SNR schedule needs v_prediction"),
         (["--timestep-sampling", "lognormal"], "unknown timestep sampling 'lognormal'"),
         (["--optimizer", "sgd"], "unknown optimizer 'sgd'; choose one of adamw, muon"),
         (["--min-snr-gamma", "0"], "needs a min-SNR γ (--min-snr-gamma > 0); without one, pass --timestep-sampling"),

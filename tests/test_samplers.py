@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from difflab.samplers import cfg, ddim_invert, ddim_timesteps, guided, sample
+from difflab.samplers import cfg, ddim_invert, ddim_step, ddim_timesteps, guided, sample
 from difflab.schedule import NoiseSchedule
 
 
@@ -231,3 +231,65 @@ def test_timesteps_drawn_by_min_snr_weight_keep_the_expected_loss(prediction):
     g = torch.Generator().manual_seed(0)
     draws = sched.sample_timesteps(20000, generator=g, density=density)
     torch.testing.assert_close(torch.bincount(draws, minlength=50) / 20000, density, atol=0.01, rtol=0)
+
+
+def test_zero_terminal_snr_schedule_matches_diffusers(linear_spec):
+    ours = NoiseSchedule.make("linear", 1000, 1e-4, 0.02, "v_prediction", zero_terminal_snr=True)
+    theirs = DDIMScheduler(**linear_spec, rescale_betas_zero_snr=True).alphas_cumprod
+    torch.testing.assert_close(ours.alphas_cumprod.float(), theirs, atol=1e-7, rtol=1e-5)
+    assert theirs[-1] == ours.alphas_cumprod[-1] == 0
+    assert NoiseSchedule.make().alphas_cumprod[-1] > 4e-5  # what the rescale removes: x_T keeps some of the image
+    with pytest.raises(ValueError, match="v_prediction"):
+        NoiseSchedule.make(zero_terminal_snr=True)
+
+
+def _zero_snr_trajectories(scheduler, method, eta, steps):
+    """(ours, theirs): x_t before each step and the images, on the zero-terminal-SNR schedule, v-prediction."""
+    scheduler.set_timesteps(steps)
+    sched = NoiseSchedule.make("linear", 1000, 1e-4, 0.02, "v_prediction", zero_terminal_snr=True)
+    x_T = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    ts = scheduler.timesteps.tolist()
+    ours = sample(eps_fn, x_T.clone(), sched, ts, method=method, eta=eta, generator=torch.Generator().manual_seed(1),
+                  capture="all")  # fmt: skip
+    x, g, theirs = x_T.clone(), torch.Generator().manual_seed(1), {}
+    for t in scheduler.timesteps:
+        theirs[int(t)] = x
+        kwargs = {"eta": eta} if method == "ddim" else {}
+        x = scheduler.step(eps_fn(x, t.repeat(3)), t, x, generator=g, **kwargs).prev_sample
+    theirs[-1] = x
+    return ours.trajectory, theirs
+
+
+def test_ddim_on_a_zero_terminal_snr_schedule_matches_diffusers(linear_spec):
+    # The first step is at ᾱ = 0, where x̂_0 = −v: a sampler that formed x̂_0 from ε would divide by zero.
+    scheduler = DDIMScheduler(
+        **linear_spec, rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"
+    )
+    ours, theirs = _zero_snr_trajectories(scheduler, "ddim", 0.0, 10)
+    assert next(iter(theirs)) == 999
+    for t, x in theirs.items():
+        assert (ours[t] - x).abs().max() <= 1e-5, t
+
+
+def test_stochastic_ddim_from_zero_snr_forgets_x_T():
+    # η = 1 from ᾱ_t = 0 leaves no room for the ε direction: x_prev = √ᾱ_prev x̂_0 + √(1−ᾱ_prev) z. (diffusers'
+    # DDIM gives NaN here: its 1 − ᾱ_prev − σ² rounds below zero in float32.)
+    sched = NoiseSchedule.make("linear", 1000, 1e-4, 0.02, "v_prediction", zero_terminal_snr=True)
+    x_T, v, z = (torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    x0 = sched.v_to_x0(x_T, 999, v)
+    torch.testing.assert_close(x0, -v)
+    x_prev, _ = ddim_step(sched, sched.to_eps(x_T, 999, v), x_T, 999, 899, eta=1.0, noise=z, x0=x0)
+    ab = float(sched.alphas_cumprod[899])
+    torch.testing.assert_close(x_prev, ab**0.5 * x0.clamp(-1, 1) + (1 - ab) ** 0.5 * z)
+
+
+def test_dpm_solver_on_a_zero_terminal_snr_schedule_matches_diffusers(linear_spec):
+    from diffusers import DPMSolverMultistepScheduler
+
+    scheduler = DPMSolverMultistepScheduler(
+        **linear_spec, rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"
+    )
+    ours, theirs = _zero_snr_trajectories(scheduler, "dpm++2m", 0.0, 10)
+    for t, x in theirs.items():
+        # diffusers steps from ᾱ_T = 2^-24 (its floor), difflab from 0 with λ floored alike: x̂_0 differs by 2^-12 x_T
+        assert ((ours[t] - x).abs().max() / x.abs().max()).item() <= 1e-3, t

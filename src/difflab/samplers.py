@@ -5,6 +5,8 @@ Conventions follow diffusers so results can be compared number for number:
 - DDPM uses the posterior q(x_{t'} | x_t, x̂_0) with "fixed_small" variance; x̂_0 optionally clipped.
 - DDIM uses the unclipped ε for the direction term even when x̂_0 is clipped, and σ_t(η) of Song et al.
 - A step whose previous timestep is < 0 uses ᾱ_prev = `final_alpha` (1, or ᾱ_0 as in the HW2 spec).
+- A step takes x̂_0 from the network where it predicts v, and forms it from ε otherwise; so a zero-terminal-SNR
+  schedule (ᾱ_T = 0, where ε is x_T itself) samples as diffusers' DDIM does.
 """
 
 from __future__ import annotations
@@ -67,10 +69,12 @@ def ddim_step(
     noise: torch.Tensor | None = None,
     clip_x0: bool = True,
     final_alpha: float | None = 1.0,
+    x0: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM step x_t -> x_{t_prev}; returns (x_prev, x̂_0). `final_alpha=None` means ᾱ_0."""
+    """One DDIM step x_t -> x_{t_prev}; returns (x_prev, x̂_0). `final_alpha=None` means ᾱ_0. `x0`: x̂_0 as the
+    network gave it (v-prediction); by default it is formed from ε."""
     ab_t, ab_prev = _alpha_bar(schedule, t, 1.0), _alpha_bar(schedule, t_prev, final_alpha)
-    x0 = _predict_x0(x_t, eps, ab_t)
+    x0 = _predict_x0(x_t, eps, ab_t) if x0 is None else x0
     if clip_x0:
         x0 = x0.clamp(-1, 1)
     sigma = eta * ((1 - ab_prev) / (1 - ab_t)) ** 0.5 * (1 - ab_t / ab_prev) ** 0.5
@@ -90,11 +94,13 @@ def ddpm_step(
     t_prev: int,
     noise: torch.Tensor | None = None,
     clip_x0: bool = True,
+    x0: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One ancestral step from the posterior q(x_{t_prev} | x_t, x̂_0); t_prev may skip steps."""
+    """One ancestral step from the posterior q(x_{t_prev} | x_t, x̂_0); t_prev may skip steps. `x0` as in
+    `ddim_step`."""
     ab_t, ab_prev = _alpha_bar(schedule, t, 1.0), _alpha_bar(schedule, t_prev, 1.0)
     beta_t = 1 - ab_t / ab_prev
-    x0 = _predict_x0(x_t, eps, ab_t)
+    x0 = _predict_x0(x_t, eps, ab_t) if x0 is None else x0
     if clip_x0:
         x0 = x0.clamp(-1, 1)
     mean = (ab_prev**0.5 * beta_t / (1 - ab_t)) * x0 + ((1 - beta_t) ** 0.5 * (1 - ab_prev) / (1 - ab_t)) * x_t
@@ -106,7 +112,9 @@ def ddpm_step(
 
 
 def _half_log_snr(ab: float) -> float:
-    """λ = log(α/σ) = ½ log(ᾱ / (1 − ᾱ)), the time variable of DPM-Solver."""
+    """λ = log(α/σ) = ½ log(ᾱ / (1 − ᾱ)), the time variable of DPM-Solver. ᾱ is floored at 2^-24, where
+    diffusers' DPM-Solver floors a zero-terminal-SNR schedule's ᾱ_T = 0 (λ = −∞) too."""
+    ab = max(ab, 2.0**-24)
     return 0.5 * math.log(ab / (1 - ab))
 
 
@@ -117,13 +125,14 @@ def dpmpp_2m_step(
     t: int,
     t_prev: int,
     previous: tuple[int, torch.Tensor] | None = None,
+    x0: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DPM-Solver++(2M) step x_t -> x_{t_prev} (Lu et al., 2022; diffusers' DPMSolverMultistepScheduler with
     its defaults: data prediction, midpoint, first order at the first and at the last step, which goes to
     σ = 0). `previous` = (the timestep before t, the x̂_0 predicted there) enables the second-order
-    correction; returns (x_prev, x̂_0)."""
+    correction; returns (x_prev, x̂_0). `x0` as in `ddim_step`."""
     ab_t = _alpha_bar(schedule, t, 1.0)
-    x0 = _predict_x0(x_t, eps, ab_t)
+    x0 = _predict_x0(x_t, eps, ab_t) if x0 is None else x0
     ab_prev = _alpha_bar(schedule, t_prev, 1.0)
     if ab_prev >= 1.0:  # the final step to σ = 0 lands on x̂_0 itself
         return x0, x0
@@ -148,10 +157,13 @@ def ddim_invert_step(
     return ab_next**0.5 * x0 + (1 - ab_next) ** 0.5 * eps
 
 
-def _eps(model_fn: EpsFn, schedule: NoiseSchedule, x: torch.Tensor, t: int) -> torch.Tensor:
-    """ε at x_t for a network that predicts what `schedule.prediction` says (ε or v)."""
+def _predict(
+    model_fn: EpsFn, schedule: NoiseSchedule, x: torch.Tensor, t: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ε at x_t for a network that predicts what `schedule.prediction` says (ε or v), and x̂_0 where it predicts v."""
     out = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).to(x.dtype)
-    return schedule.to_eps(x, t, out)
+    x0 = schedule.v_to_x0(x, t, out) if schedule.prediction == "v_prediction" else None
+    return schedule.to_eps(x, t, out), x0
 
 
 METHODS = ("ddim", "ddpm", "dpm++2m")
@@ -200,7 +212,7 @@ def sample(
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         if t in keep:
             result.trajectory[t] = x.detach().float().cpu()
-        eps = _eps(eps_fn, schedule, x, t)
+        eps, x0 = _predict(eps_fn, schedule, x, t)
         noise = None
         if stochastic and (method == "ddim" or t > 0):
             noise = (
@@ -208,12 +220,12 @@ def sample(
             )
             noise = noise.to(x.device, x.dtype)
         if method == "ddim":
-            x, _ = ddim_step(schedule, eps, x, t, t_prev, eta, noise, clip_x0, final_alpha)
+            x, _ = ddim_step(schedule, eps, x, t, t_prev, eta, noise, clip_x0, final_alpha, x0)
         elif method == "dpm++2m":
-            x, x0 = dpmpp_2m_step(schedule, eps, x, t, t_prev, previous)
+            x, x0 = dpmpp_2m_step(schedule, eps, x, t, t_prev, previous, x0)
             previous = (t, x0)
         else:
-            x, _ = ddpm_step(schedule, eps, x, t, t_prev, noise, clip_x0)
+            x, _ = ddpm_step(schedule, eps, x, t, t_prev, noise, clip_x0, x0)
         if on_step is not None:
             on_step(i, t, x)
     if keep:
@@ -232,7 +244,7 @@ def ddim_invert(
     t_cur = -1
     for t_next in tqdm(ascending, desc="ddim inversion", disable=not progress, leave=False):
         # The sampler will use ε(x_{t_next}, t_next) for this step; x_{t_next} is unknown yet, so x_t stands in.
-        eps = _eps(eps_fn, schedule, x, t_next)
+        eps, _ = _predict(eps_fn, schedule, x, t_next)
         x = ddim_invert_step(schedule, eps, x, t_cur, t_next)
         t_cur = t_next
     return x

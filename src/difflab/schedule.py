@@ -1,5 +1,5 @@
-"""The diffusion math, written once: noise schedules, the forward process, the ε / v training loss with min-SNR
-weighting and its timestep density, and v -> ε.
+"""The diffusion math, written once: noise schedules (optionally rescaled to zero terminal SNR), the forward
+process, the ε / v training loss with min-SNR weighting and its timestep density, and v -> ε, v -> x̂_0.
 
 Everything that needs ᾱ_t (training, every sampler, inversion) reads it from a `NoiseSchedule`.
 Schedules are computed in float64 and cast where used, so long products stay exact.
@@ -41,6 +41,17 @@ def make_betas(
     raise ValueError(f"unknown schedule {kind!r}; choose one of {', '.join(SCHEDULE_KINDS)}")
 
 
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas whose √ᾱ_t is shifted to end at 0 and scaled to keep √ᾱ_1 (Lin et al. 2023, "Common diffusion noise
+    schedules and sample steps are flawed", Algorithm 1), so that x_T holds none of the image, as the pure noise
+    that sampling starts from holds none: ᾱ_T = 0, β_T = 1."""
+    root = torch.cumprod(1.0 - betas.to(torch.float64), dim=0).sqrt()
+    first, last = root[0].item(), root[-1].item()
+    alpha_bar = ((root - last) * first / (first - last)) ** 2
+    alpha_bar[-1] = 0.0  # exactly, not a rounding residue
+    return 1.0 - torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+
+
 @dataclass(frozen=True)
 class NoiseSchedule:
     """β_t and ᾱ_t, and what the network predicts (as diffusers' schedulers carry `prediction_type`)."""
@@ -51,8 +62,9 @@ class NoiseSchedule:
 
     def __post_init__(self) -> None:
         betas = self.betas.to(torch.float64)
-        if betas.ndim != 1 or not bool(((betas > 0) & (betas < 1)).all()):
-            raise ValueError("betas must be a 1-D tensor with values in (0, 1)")
+        # β = 1 (ᾱ = 0: x_t is pure noise) only at the last step, as in a zero-terminal-SNR schedule
+        if betas.ndim != 1 or not bool(((betas[:-1] > 0) & (betas[:-1] < 1)).all() and 0 < betas[-1] <= 1):
+            raise ValueError("betas must be a 1-D tensor with values in (0, 1), the last in (0, 1]")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {self.prediction!r}; choose one of {', '.join(PREDICTIONS)}")
         object.__setattr__(self, "betas", betas)
@@ -66,8 +78,16 @@ class NoiseSchedule:
         beta_start: float = 1e-4,
         beta_end: float = 2e-2,
         prediction: str = "epsilon",
+        zero_terminal_snr: bool = False,
     ) -> "NoiseSchedule":
-        return cls(make_betas(kind, num_steps, beta_start, beta_end), prediction)
+        """`zero_terminal_snr` rescales the betas (`rescale_zero_terminal_snr`); it needs v-prediction, since at
+        SNR 0 the ε target is x_T itself and the network's ε says nothing about x_0."""
+        betas = make_betas(kind, num_steps, beta_start, beta_end)
+        if zero_terminal_snr:
+            if prediction != "v_prediction":
+                raise ValueError(f"a zero terminal SNR schedule needs v_prediction, not {prediction!r}")
+            betas = rescale_zero_terminal_snr(betas)
+        return cls(betas, prediction)
 
     @property
     def num_steps(self) -> int:
@@ -97,6 +117,12 @@ class NoiseSchedule:
             return output
         ab = self.alpha_bar(t, x_t)
         return ab.sqrt() * output + (1 - ab).sqrt() * x_t
+
+    def v_to_x0(self, x_t: torch.Tensor, t: torch.Tensor | int, v: torch.Tensor) -> torch.Tensor:
+        """x̂_0 = √ᾱ_t x_t − √(1−ᾱ_t) v, exact also at ᾱ_t = 0, where the ε implied by v is x_t itself and says
+        nothing of x_0."""
+        ab = self.alpha_bar(t, x_t)
+        return ab.sqrt() * x_t - (1 - ab).sqrt() * v
 
     def sample_timesteps(
         self,

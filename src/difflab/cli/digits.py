@@ -99,6 +99,14 @@ TimestepSampling = Annotated[
     ),
 ]
 Prediction = Annotated[str, typer.Option("--prediction", help="What the net predicts: 'v_prediction' or 'epsilon'.")]
+ZeroTerminalSnr = Annotated[
+    bool,
+    typer.Option(
+        "--zero-terminal-snr/--no-zero-terminal-snr",
+        help="Rescale the schedule so that x_T holds none of the image, as the noise that sampling starts from "
+        "(Lin et al. 2023; needs v-prediction).",
+    ),
+]
 Timesteps = Annotated[
     int, typer.Option("--timesteps", min=2, max=100000, help="Diffusion steps T of the linear schedule 1e-4..2e-2.")
 ]
@@ -200,6 +208,7 @@ def train_command(
     min_snr_gamma: MinSnrGamma = TrainConfig.min_snr_gamma,
     timestep_sampling: TimestepSampling = TrainConfig.timestep_sampling,
     prediction: Prediction = TrainConfig.default_schedule().prediction,
+    zero_terminal_snr: ZeroTerminalSnr = ScheduleConfig.rescale_betas_zero_snr,
     timesteps: Timesteps = ScheduleConfig.num_steps,
     save_every: SaveEvery = TrainConfig.save_every,
     sample_every: SampleEvery = TrainConfig.sample_every,
@@ -229,7 +238,12 @@ def train_command(
         p_drop_digit=p_drop_digit,
         min_snr_gamma=min_snr_gamma or None,
         timestep_sampling=timestep_sampling,
-        schedule=replace(TrainConfig.default_schedule(), num_steps=timesteps, prediction=prediction),
+        schedule=replace(
+            TrainConfig.default_schedule(),
+            num_steps=timesteps,
+            prediction=prediction,
+            rescale_betas_zero_snr=zero_terminal_snr,
+        ),
         save_every=save_every,
         sample_every=sample_every,
         report_to=report_to,

@@ -30,9 +30,13 @@ class ScheduleConfig:
     beta_start: float = 1e-4
     beta_end: float = 2e-2
     prediction: str = "epsilon"
+    # diffusers' name: √ᾱ rescaled so that x_T is pure noise, as at sampling (`schedule.rescale_zero_terminal_snr`)
+    rescale_betas_zero_snr: bool = False
 
     def build(self) -> NoiseSchedule:
-        return NoiseSchedule.make(self.kind, self.num_steps, self.beta_start, self.beta_end, self.prediction)
+        return NoiseSchedule.make(
+            self.kind, self.num_steps, self.beta_start, self.beta_end, self.prediction, self.rescale_betas_zero_snr
+        )
 
 
 def save_model(
