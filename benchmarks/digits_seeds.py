@@ -113,6 +113,8 @@ RECIPES: dict[str, dict] = {
     "default-wfloor0.1": dict(min_snr_floor=0.1),
     "default-zsnr": dict(schedule=dict(rescale_betas_zero_snr=True)),
     "default-zsnr-wfloor0.05": dict(schedule=dict(rescale_betas_zero_snr=True), min_snr_floor=0.05),
+    "default-zsnr-gamma0.25": dict(schedule=dict(rescale_betas_zero_snr=True), min_snr_gamma=0.25),
+    "default-zsnr-gamma1": dict(schedule=dict(rescale_betas_zero_snr=True), min_snr_gamma=1.0),
 }
 # The sampler until the seed table: DDIM-25 with η = 1 from "leading" timesteps and digit guidance 6 at every step;
 # then DPM-Solver++(2M) in 10 steps, then DDIM-10 with η = 1 from "trailing" timesteps, first with digit guidance 6,
@@ -125,9 +127,14 @@ SAMPLERS: dict[str, SampleConfig] = {
     "ddim-10-g6": DDIM_10,
     "ddim-25": OLD_SAMPLER,
     "dpm-10": DPM_10,
-    **{f"ddim-10-g{g:g}": replace(DDIM_10, guidance_digit=g) for g in (1.0, 2.0, 3.0, 4.0, 4.5, 5.0, 5.5, 7.0, 8.0)},
+    **{f"ddim-10-g{g:g}": replace(DDIM_10, guidance_digit=g) for g in (1, 2, 3, 3.5, 4, 4.5, 5, 5.5, 7, 8)},
     "ddim-10-eta0.5": replace(DDIM_10, eta=0.5),
     "ddim-10-eta0.75": replace(DDIM_10, eta=0.75),
+    **{
+        f"ddim-10-eta{e:g}-g{g:g}": replace(DDIM_10, eta=e, guidance_digit=g)
+        for e, g in ((0, 3), (0, 4), (0.25, 4), (0.5, 3.5), (0.5, 4))
+    },
+    **{f"dpm-10-g{g:g}": replace(DPM_10, guidance_digit=g) for g in (3, 4, 5)},
     "ddim-10-interval-0.8": replace(DDIM_10, guidance_interval=(0, 0.8)),
     "ddim-10-interval-0.2-0.8-g8": replace(DDIM_10, guidance_digit=8.0, guidance_interval=(0.2, 0.8)),
     "ddim-10-interval-0.6-g8": replace(DDIM_10, guidance_digit=8.0, guidance_interval=(0, 0.6)),

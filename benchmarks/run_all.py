@@ -17,7 +17,8 @@ def main() -> int:
         print(f"== {script}", flush=True)
         if subprocess.call([sys.executable, str(HERE / script)]) != 0:
             failed.append(script)
-    tables = sorted((HERE / "results").glob("*.md"))
+    # Names starting with "." are scratch runs (`--name .x`, ignored by git): they stay out of the gathered tables.
+    tables = sorted(p for p in (HERE / "results").glob("*.md") if not p.name.startswith("."))
     body = "\n".join(p.read_text() for p in tables if p.name != "README.md")
     (HERE / "results" / "README.md").write_text("# Benchmark results\n\nWritten by `make bench`.\n\n" + body)
     if failed:
