@@ -498,6 +498,8 @@ def test_earlier_work_is_never_replaced_and_resume_must_match(data_root, tiny_pr
 
 
 def test_a_zero_terminal_snr_model_trains_saves_and_samples(data_root, tiny_preset, tmp_path):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
     from difflab import DigitsPipeline
 
     r = runner.invoke(app, ["digits", "train", "--data-root", str(data_root), "--out", str(tmp_path / "m"),
@@ -508,6 +510,10 @@ def test_a_zero_terminal_snr_model_trains_saves_and_samples(data_root, tiny_pres
     assert pipe.schedule.alphas_cumprod[-1] == 0 and pipe.config.timesteps(pipe.schedule)[0] == 499
     images = pipe(digit=[1, 2], num_images=2, num_inference_steps=4, output_type="pt").images
     assert torch.isfinite(images).all() and images.std() > 0
+    for scheduler in (DDIMScheduler, DPMSolverMultistepScheduler):  # both step from ᾱ_T = 0 once configured for it
+        scheduler = scheduler.from_config(pipe.scheduler_config())
+        out = pipe(digit=[1, 2], num_images=2, num_inference_steps=4, output_type="pt", scheduler=scheduler).images
+        assert torch.isfinite(out).all(), type(scheduler).__name__
 
 
 def test_bad_options_and_configs_give_one_line(data_root, tmp_path):
