@@ -642,7 +642,7 @@ def test_a_model_card_that_does_not_parse_is_rewritten_and_the_user_told(tmp_pat
 
 
 def test_pipeline_takes_a_diffusers_scheduler(tmp_path):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
     from difflab import DigitsPipeline
 
@@ -664,6 +664,7 @@ def test_pipeline_takes_a_diffusers_scheduler(tmp_path):
                   generator=torch.Generator().manual_seed(1)).images  # fmt: skip
     # Within about one grey level: diffusers forms its step coefficients in float32, difflab in float64.
     assert torch.allclose(ours, theirs, atol=1 / 255), (ours - theirs).abs().max()
-    dpm = DPMSolverMultistepScheduler.from_config(pipe.scheduler_config())
-    out = pipe(digit=3, num_images=2, num_inference_steps=8, output_type="np", scheduler=dpm).images
-    assert out.shape == (2, 28, 28, 3) and np.isfinite(out).all()
+    for other in (DPMSolverMultistepScheduler, UniPCMultistepScheduler):  # UniPC's step takes no generator
+        scheduler = other.from_config(pipe.scheduler_config())
+        out = pipe(digit=3, num_images=2, num_inference_steps=8, output_type="np", scheduler=scheduler).images
+        assert out.shape == (2, 28, 28, 3) and np.isfinite(out).all()

@@ -10,6 +10,7 @@ the model folder. `digits sample --seed S` draws image n of (domain, digit) from
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, replace
 
@@ -120,10 +121,13 @@ class DigitsPipeline:
         shape = (self.net.config.in_channels, self.net.config.image_size, self.net.config.image_size)
         x = ImageNoise(generator, len(c), shape).initial().to(self.device) * scheduler.init_noise_sigma
         scheduler.set_timesteps(cfg.steps)
-        step_generator = generator if isinstance(generator, torch.Generator) else None
+        # As diffusers' pipelines do: only a scheduler whose step draws noise takes a generator (UniPC's takes none).
+        step_kwargs = {}
+        if "generator" in inspect.signature(scheduler.step).parameters and isinstance(generator, torch.Generator):
+            step_kwargs["generator"] = generator
         for t in scheduler.timesteps:
             e = eps(scheduler.scale_model_input(x, t), t.expand(len(c)).to(self.device))
-            x = scheduler.step(e, t, x, generator=step_generator).prev_sample
+            x = scheduler.step(e, t, x, **step_kwargs).prev_sample
         return x.cpu()
 
     def _domain(self, domain: str | int) -> int:
