@@ -115,6 +115,7 @@ RECIPES: dict[str, dict] = {
     "default-zsnr-wfloor0.05": dict(schedule=dict(rescale_betas_zero_snr=True), min_snr_floor=0.05),
     "default-zsnr-gamma0.25": dict(schedule=dict(rescale_betas_zero_snr=True), min_snr_gamma=0.25),
     "default-zsnr-gamma1": dict(schedule=dict(rescale_betas_zero_snr=True), min_snr_gamma=1.0),
+    "default-zsnr-pdigit0.15": dict(schedule=dict(rescale_betas_zero_snr=True), p_drop_digit=0.15),
 }
 # The sampler until the seed table: DDIM-25 with η = 1 from "leading" timesteps and digit guidance 6 at every step;
 # then DPM-Solver++(2M) in 10 steps, then DDIM-10 with η = 1 from "trailing" timesteps, first with digit guidance 6,

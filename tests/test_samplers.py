@@ -239,8 +239,9 @@ def test_zero_terminal_snr_schedule_matches_diffusers(linear_spec):
     torch.testing.assert_close(ours.alphas_cumprod.float(), theirs, atol=1e-7, rtol=1e-5)
     assert theirs[-1] == ours.alphas_cumprod[-1] == 0
     assert NoiseSchedule.make().alphas_cumprod[-1] > 4e-5  # what the rescale removes: x_T keeps some of the image
-    with pytest.raises(ValueError, match="v_prediction"):
-        NoiseSchedule.make(zero_terminal_snr=True)
+    for refused in (lambda: NoiseSchedule.make(zero_terminal_snr=True), lambda: NoiseSchedule(ours.betas)):
+        with pytest.raises(ValueError, match="needs v_prediction, not 'epsilon'"):
+            refused()
 
 
 def _zero_snr_trajectories(scheduler, method, eta, steps):

@@ -67,6 +67,9 @@ class NoiseSchedule:
             raise ValueError("betas must be a 1-D tensor with values in (0, 1), the last in (0, 1]")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {self.prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+        # At SNR 0 the ε target is x_t itself: an ε-network's output says nothing about x_0 there.
+        if betas[-1] == 1 and self.prediction != "v_prediction":
+            raise ValueError(f"a zero terminal SNR schedule needs v_prediction, not {self.prediction!r}")
         object.__setattr__(self, "betas", betas)
         object.__setattr__(self, "alphas_cumprod", torch.cumprod(1.0 - betas, dim=0))
 
@@ -80,14 +83,9 @@ class NoiseSchedule:
         prediction: str = "epsilon",
         zero_terminal_snr: bool = False,
     ) -> "NoiseSchedule":
-        """`zero_terminal_snr` rescales the betas (`rescale_zero_terminal_snr`); it needs v-prediction, since at
-        SNR 0 the ε target is x_T itself and the network's ε says nothing about x_0."""
+        """`zero_terminal_snr` rescales the betas (`rescale_zero_terminal_snr`); it needs v-prediction."""
         betas = make_betas(kind, num_steps, beta_start, beta_end)
-        if zero_terminal_snr:
-            if prediction != "v_prediction":
-                raise ValueError(f"a zero terminal SNR schedule needs v_prediction, not {prediction!r}")
-            betas = rescale_zero_terminal_snr(betas)
-        return cls(betas, prediction)
+        return cls(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas, prediction)
 
     @property
     def num_steps(self) -> int:
