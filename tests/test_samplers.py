@@ -244,19 +244,16 @@ def test_zero_terminal_snr_schedule_matches_diffusers(linear_spec):
             refused()
 
 
-def _zero_snr_trajectories(scheduler, method, eta, steps):
-    """(ours, theirs): x_t before each step and the images, on the zero-terminal-SNR schedule, v-prediction."""
+def _zero_snr_trajectories(scheduler, method, steps):
+    """(ours, theirs): x_t before each deterministic step and the images, on the zero-terminal-SNR schedule."""
     scheduler.set_timesteps(steps)
     sched = NoiseSchedule.make("linear", 1000, 1e-4, 0.02, "v_prediction", zero_terminal_snr=True)
     x_T = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    ts = scheduler.timesteps.tolist()
-    ours = sample(eps_fn, x_T.clone(), sched, ts, method=method, eta=eta, generator=torch.Generator().manual_seed(1),
-                  capture="all")  # fmt: skip
-    x, g, theirs = x_T.clone(), torch.Generator().manual_seed(1), {}
+    ours = sample(eps_fn, x_T.clone(), sched, scheduler.timesteps.tolist(), method=method, capture="all")
+    x, theirs = x_T.clone(), {}
     for t in scheduler.timesteps:
         theirs[int(t)] = x
-        kwargs = {"eta": eta} if method == "ddim" else {}
-        x = scheduler.step(eps_fn(x, t.repeat(3)), t, x, generator=g, **kwargs).prev_sample
+        x = scheduler.step(eps_fn(x, t.repeat(3)), t, x).prev_sample
     theirs[-1] = x
     return ours.trajectory, theirs
 
@@ -266,7 +263,7 @@ def test_ddim_on_a_zero_terminal_snr_schedule_matches_diffusers(linear_spec):
     scheduler = DDIMScheduler(
         **linear_spec, rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"
     )
-    ours, theirs = _zero_snr_trajectories(scheduler, "ddim", 0.0, 10)
+    ours, theirs = _zero_snr_trajectories(scheduler, "ddim", 10)
     assert next(iter(theirs)) == 999
     for t, x in theirs.items():
         assert (ours[t] - x).abs().max() <= 1e-5, t
@@ -290,7 +287,7 @@ def test_dpm_solver_on_a_zero_terminal_snr_schedule_matches_diffusers(linear_spe
     scheduler = DPMSolverMultistepScheduler(
         **linear_spec, rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"
     )
-    ours, theirs = _zero_snr_trajectories(scheduler, "dpm++2m", 0.0, 10)
+    ours, theirs = _zero_snr_trajectories(scheduler, "dpm++2m", 10)
     for t, x in theirs.items():
         # diffusers steps from ᾱ_T = 2^-24 (its floor), difflab from 0 with λ floored alike: x̂_0 differs by 2^-12 x_T
         assert ((ours[t] - x).abs().max() / x.abs().max()).item() <= 1e-3, t
