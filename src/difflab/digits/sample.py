@@ -28,7 +28,7 @@ SETTINGS = "sampling.json"  # a `digits sample` run's settings, what --resume co
 class SampleConfig:
     # DDIM in 10 steps with η = 1 and digit guidance 5.5: fresh noise at every step corrects the few-step error that
     # a deterministic solver keeps. Guidance 5.5 rather than 6 keeps every seed measured at or above 0.995 and moves
-    # the images closer to the real ones; 5 left one demo seed at 0.994 (README, "The digits model").
+    # the images closer to the real ones; 5 left one demo seed below it (README, "The digits model").
     method: str = "ddim"  # "ddim", "dpm++2m" or "ddpm" (ancestral over all T steps)
     steps: int = 10  # DDIM / DPM-Solver++ steps; ignored by ddpm
     eta: float = 1.0  # DDIM only
