@@ -67,11 +67,11 @@ class NoiseSchedule:
             raise ValueError("betas must be a 1-D tensor with values in (0, 1), the last in (0, 1]")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {self.prediction!r}; choose one of {', '.join(PREDICTIONS)}")
-        # At SNR 0 the ε target is x_t itself: an ε-network's output says nothing about x_0 there.
-        if betas[-1] == 1 and self.prediction != "v_prediction":
-            raise ValueError(f"a zero terminal SNR schedule needs v_prediction, not {self.prediction!r}")
         object.__setattr__(self, "betas", betas)
         object.__setattr__(self, "alphas_cumprod", torch.cumprod(1.0 - betas, dim=0))
+        # At SNR 0 the ε target is x_t itself: an ε-network's output says nothing about x_0 there.
+        if self.zero_terminal_snr and self.prediction != "v_prediction":
+            raise ValueError(f"a zero terminal SNR schedule needs v_prediction, not {self.prediction!r}")
 
     @classmethod
     def make(
@@ -86,6 +86,11 @@ class NoiseSchedule:
         """`zero_terminal_snr` rescales the betas (`rescale_zero_terminal_snr`); it needs v-prediction."""
         betas = make_betas(kind, num_steps, beta_start, beta_end)
         return cls(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas, prediction)
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        """Whether x_T is pure noise: ᾱ_T = 0 (β_T = 1)."""
+        return bool(self.alphas_cumprod[-1] == 0)
 
     @property
     def num_steps(self) -> int:

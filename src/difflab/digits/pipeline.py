@@ -107,7 +107,7 @@ class DigitsPipeline:
             "prediction_type": self.schedule.prediction,
             # On a zero-terminal-SNR schedule diffusers' rescale changes no beta, but it turns on DPM-Solver's floor
             # under ᾱ_T = 0, without which its first step divides by zero.
-            "rescale_betas_zero_snr": bool(self.schedule.alphas_cumprod[-1] == 0),
+            "rescale_betas_zero_snr": self.schedule.zero_terminal_snr,
             "clip_sample": True,
             "timestep_spacing": self.config.spacing,
             "steps_offset": 1,
