@@ -228,6 +228,25 @@ def launch():
 
 
 @pytest.fixture(scope="session")
+def folder_state():
+    """`folder_state(folder)`: every entry under a folder, hidden ones and the folder itself included, with its bytes
+    (files), modification time and mode: what a refused command must leave exactly as it was."""
+
+    def read(folder: Path) -> dict[str, tuple]:
+        state = {".": ("folder", folder.stat().st_mtime_ns, folder.stat().st_mode)}
+        for p in sorted(folder.rglob("*")):
+            st = p.lstat()
+            state[str(p.relative_to(folder))] = (
+                p.read_bytes() if p.is_file() else "folder",
+                st.st_mtime_ns,
+                st.st_mode,
+            )
+        return state
+
+    return read
+
+
+@pytest.fixture(scope="session")
 def folder_bytes():
     """`folder_bytes(folder)`: {relative path: bytes} of the results in a run folder, not the run policy's own
     hidden files (they name the process)."""

@@ -472,3 +472,65 @@ def test_mse_json_is_not_replaced_unasked(files, tmp_path):
     assert "already exists" in error_of(run("mse", "--pred", pred, "--gt", pred, "--json", tmp_path / "mse.json"))
     assert (tmp_path / "mse.json").read_text() == "earlier"
     assert run("mse", "--pred", pred, "--gt", pred, "--json", tmp_path / "mse.json", "--overwrite").exit_code == 0
+
+
+def _course_reference(files, full_precision, linear_spec) -> dict[str, np.ndarray]:
+    """The course's ground truth, computed elsewhere: diffusers' DDIM (η = 0, 50 steps) driving the face UNet in
+    fp32, each image min-max stretched to 0-255. A random net is chaotic, so the noises are batched as the wrapper
+    batches them: fp32 then agrees to rounding, and bf16 does not."""
+    from diffusers import DDIMScheduler
+
+    from difflab.nets.face_unet import face_unet_from_state_dict
+
+    net = face_unet_from_state_dict(torch.load(files / "UNet.pt", weights_only=True)).eval()
+    scheduler = full_precision(DDIMScheduler(**linear_spec, clip_sample=True, set_alpha_to_one=False, steps_offset=1))
+    scheduler.set_timesteps(50)
+    names = ("00", "01")
+    x = torch.cat([torch.load(files / "noise" / f"{n}.pt", weights_only=True).reshape(1, 3, 32, 32) for n in names])
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(net(x, t.repeat(len(x))), t, x, eta=0.0).prev_sample
+    images = {}
+    for name, image in zip(names, x):
+        v = image.permute(1, 2, 0).double().numpy()
+        images[name] = np.floor(255 * (v - v.min()) / (v.max() - v.min()) + 0.5)
+    return images
+
+
+def test_the_course_wrapper_reproduces_the_fp32_reference_whatever_the_precision_cache_holds(
+    files, tmp_path, full_precision, linear_spec
+):
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from difflab.precision import cpu_name
+
+    # A cache that says bf16 + channels-last for DDIM under every key an earlier difflab or this one could use.
+    choice = {"name": "bf16", "channels_last": True, "timings_ms": {}, "errors": {}, "tolerance": 1.0}
+    jobs = ("ddim", f"ddim {(files / 'UNet.pt').resolve()}")
+    cache = {f"{cpu_name()} | torch {torch.__version__} | {n} threads | {j}": choice for n in (1, 2, 4) for j in jobs}
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "precision.json").write_text(json.dumps(cache))
+    env = {**os.environ, "DIFFLAB_CACHE": str(tmp_path / "cache")}
+    script = Path(__file__).resolve().parents[1] / "scripts" / "hw2_2.sh"
+    reference = _course_reference(files, full_precision, linear_spec)
+
+    def course_mse(out: Path) -> list[float]:
+        return [float(((np.asarray(Image.open(out / f"{n}.png"), dtype=np.float64) - reference[n]) ** 2).mean())
+                for n in ("00", "01")]  # fmt: skip
+
+    done = subprocess.run(["bash", script, files / "noise", tmp_path / "out", files / "UNet.pt"], env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert max(course_mse(tmp_path / "out")) < 1
+    # The same command in `auto` and, asked for, in bf16: the instrument tells the two apart.
+    r = run("sample", "--noise-dir", files / "noise", "--ckpt", files / "UNet.pt", "--out", tmp_path / "auto",
+            "--eta", 0, "--steps", 50, "--device", "cpu")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert max(course_mse(tmp_path / "auto")) < 1
+    r = run("sample", "--noise-dir", files / "noise", "--ckpt", files / "UNet.pt", "--out", tmp_path / "bf16",
+            "--eta", 0, "--steps", 50, "--device", "cpu", "--precision", "bf16")  # fmt: skip
+    assert r.exit_code == 0 and "may drift from an fp32 reference" in r.output
+    assert max(course_mse(tmp_path / "bf16")) > 1

@@ -465,7 +465,7 @@ def test_time_budget_shortens_the_run_and_saves(data_root, tiny_preset, tmp_path
     assert config["steps"] == 21  # fitted after the 20 timing steps; the budget is long spent by then
 
 
-def test_earlier_work_is_never_replaced_and_resume_must_match(data_root, tiny_preset, tmp_path):
+def test_earlier_work_is_never_replaced_and_resume_must_match(data_root, tiny_preset, tmp_path, folder_state):
     common = dict(
         data_root=str(data_root),
         preset=tiny_preset,
@@ -475,26 +475,40 @@ def test_earlier_work_is_never_replaced_and_resume_must_match(data_root, tiny_pr
         precision="fp32",
         out_dir=str(tmp_path / "run"),
     )
+    run = tmp_path / "run"
     train(TrainConfig(steps=2, **common))
-    before = (tmp_path / "run" / "train_state.pt").read_bytes()
-    (tmp_path / "run" / ".model.safetensors.x1.tmp").write_bytes(b"left by a killed save")
+    (run / ".model.safetensors.x1.tmp").write_bytes(b"left by a killed save")
+    state = folder_state(run)
     with pytest.raises(DifflabError, match="holds earlier results of `difflab digits train` .*--resume.*--overwrite"):
         train(TrainConfig(steps=2, **common))
-    assert (tmp_path / "run" / "train_state.pt").read_bytes() == before
-    assert not list((tmp_path / "run").glob(".*.tmp"))  # stale temp files are cleared
+    assert folder_state(run) == state  # a refused run touches nothing, not even stale temp files
     other = ScheduleConfig(num_steps=100, prediction="v_prediction")
-    with pytest.raises(DifflabError, match='schedule = .*"num_steps": 500.*resume with the same options'):
-        train(TrainConfig(steps=4, resume=True, schedule=other, **common))
-    with pytest.raises(DifflabError, match="the run was started with seed = 0, not 1"):
-        train(TrainConfig(steps=4, resume=True, seed=1, **common))
-    with pytest.raises(DifflabError, match='the run was started with optimizer = "muon", not "adamw"'):
-        train(TrainConfig(steps=4, resume=True, optimizer="adamw", **common))
+    refusals = [
+        ({"schedule": other}, 'schedule = .*"num_steps": 500.*resume with the same options'),
+        ({"seed": 1}, "the run was started with seed = 0, not 1"),
+        ({"optimizer": "adamw"}, 'the run was started with optimizer = "muon", not "adamw"'),
+    ]
+    for options, message in refusals:
+        with pytest.raises(DifflabError, match=message):
+            train(TrainConfig(**{"steps": 4, "resume": True, **common, **options}))
+        assert folder_state(run) == state
     train(TrainConfig(steps=3, overwrite=True, **common))
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["steps"] == 3
-    for bad, message in ((torch.zeros(3), "missing net, ema"), ({"net": {}, "ema": {}}, "missing opt")):
-        torch.save(bad, tmp_path / "run" / "train_state.pt")
+    assert json.loads((run / "config.json").read_text())["steps"] == 3
+    assert not list(run.glob(".*.tmp"))  # an accepted run clears them
+    for bad, message in (
+        (torch.zeros(3), "missing net, ema"),
+        ({"net": {}, "ema": {}}, "missing opt"),
+        (b"", "not a readable training state"),
+        (b"PK\x03\x04 truncated", "not a readable training state"),
+    ):
+        if isinstance(bad, bytes):
+            (run / "train_state.pt").write_bytes(bad)
+        else:
+            torch.save(bad, run / "train_state.pt")
+        state = folder_state(run)
         with pytest.raises(DifflabError, match=message):
             train(TrainConfig(steps=4, resume=True, **common))
+        assert folder_state(run) == state
 
 
 def test_a_zero_terminal_snr_model_trains_saves_and_samples(data_root, tiny_preset, tmp_path):

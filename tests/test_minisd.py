@@ -379,19 +379,23 @@ def test_demo_unpacks_the_shipped_stack_and_reuses_it(stack, tmp_path, monkeypat
 
 
 def test_stage_precision_is_measured_on_a_cpu(tmp_path, monkeypatch):
+    from difflab.minisd.build import TOLERANCE
     from difflab.minisd.models import build_vae
     from difflab.precision import CANDIDATES, native_bf16, settle_training
 
     monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path))
-    x = torch.zeros(2, 3, 32, 32)
+    x = torch.randn(2, 3, 32, 32)
 
     def settle():
         cpu = torch.device("cpu")
-        return settle_training("auto", cpu, "VAE test", lambda: build_vae(TINY), lambda m, p: m(p.input(x)).sample)
+        return settle_training(
+            "auto", cpu, "VAE test", lambda: build_vae(TINY), lambda m, p: m(p.input(x)).sample, tolerance=TOLERANCE
+        )
 
     chosen = settle()
     expected = {c.label for c in CANDIDATES if native_bf16() or c.dtype is None}
-    assert chosen.how == "measured" and set(chosen.timings_ms) == expected
+    assert chosen.how == "measured" and set(chosen.timings_ms) == expected == set(chosen.errors)
+    assert chosen.errors[chosen.label] <= TOLERANCE and chosen.errors["fp32+channels_last"] < 1e-4
     again = settle()
     assert again.how == "cached" and again.label == chosen.label
 

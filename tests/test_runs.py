@@ -3,7 +3,6 @@ files, --resume needing a checkpoint, staging, the lock between two real process
 
 import errno
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from difflab.io import open_run, refuse_existing_file
-from difflab.io.runs import LOCK, MARKER
+from difflab.io.runs import MARKER, OLD_LOCK
 from difflab.utils import DifflabError
 
 
@@ -44,7 +43,7 @@ def test_another_commands_run_is_refused_and_its_own_is_replaced_only_when_asked
             pass
     (tmp_path / "run" / "notes.txt").write_text("the user's own")  # added later: not the run's
     with open_run(tmp_path / "run", "digits sample", overwrite=True) as run:
-        assert sorted(p.name for p in run.dir.iterdir() if p.name not in (MARKER, LOCK)) == ["notes.txt"]
+        assert sorted(p.name for p in run.dir.iterdir() if p.name != MARKER) == ["notes.txt"]
         (run.dir / "c.png").write_text("c")
     assert json.loads((tmp_path / "run" / MARKER).read_text())["files"] == ["c.png"]
 
@@ -73,7 +72,7 @@ def test_a_staged_run_that_fails_leaves_the_earlier_results_whole(tmp_path):
     assert [(tmp_path / f).read_text() for f in ("mnistm.json", "svhn.json")] == ["old", "old"]
     with open_run(tmp_path, "digits train-classifier", overwrite=True, staged=True) as run:
         (run.dir / "mnistm.json").write_text("new")
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name not in (MARKER, LOCK)) == ["mnistm.json"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != MARKER) == ["mnistm.json"]
 
 
 HOLD = textwrap.dedent(
@@ -87,19 +86,62 @@ HOLD = textwrap.dedent(
 )
 
 
-def test_a_second_run_into_the_same_folder_is_refused_and_a_killed_ones_lock_taken_over(tmp_path):
+def test_a_second_run_into_the_same_folder_is_refused_and_a_killed_ones_folder_taken_over(tmp_path, folder_state):
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
+        before = folder_state(tmp_path)
         with pytest.raises(DifflabError, match=f"in use by process {holder.pid} \\(difflab digits sample\\)"):
-            with open_run(tmp_path, "digits sample"):
+            with open_run(tmp_path, "digits sample", overwrite=True):
                 pass
+        assert folder_state(tmp_path) == before
     finally:
         holder.kill()
         holder.wait()
-    assert (tmp_path / LOCK).exists()  # left behind by the killed process
-    with open_run(tmp_path, "digits sample", overwrite=True):
-        assert (tmp_path / LOCK).read_text() == f"process {os.getpid()} (difflab digits sample)"
+    with open_run(tmp_path, "digits sample", overwrite=True) as run:
+        (run.dir / "a.png").write_text("a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MARKER, "a.png"]  # no lock file: the folder is locked
+
+
+@pytest.mark.parametrize(
+    "earlier, command, options",
+    [
+        ("foreign", "digits train", {}),
+        ("foreign", "digits train", {"overwrite": True}),
+        ("foreign", "digits train", {"resume": True, "checkpoint": "train_state.pt"}),
+        ("foreign", "ddim export-diffusers", {"staged": True}),
+        ("digits sample", "ddim sample", {"overwrite": True, "staged": True}),
+        ("digits train", "digits train", {"checkpoint": "train_state.pt"}),
+        ("digits make-data", "digits make-data", {"staged": True}),
+        ("digits train", "digits train", {"resume": True, "checkpoint": "missing.pt"}),
+    ],
+)
+def test_a_refused_claim_leaves_the_folder_byte_for_byte_as_it_was(tmp_path, folder_state, earlier, command, options):
+    folder = tmp_path / "run"
+    if earlier == "foreign":
+        folder.mkdir()
+        (folder / "config.json").write_text('{"_class_name": "UNet2DModel"}')
+    else:
+        write_run(folder, earlier, files=("a.png", "train_state.pt"))
+        (folder / ".a.png.x1.tmp").write_bytes(b"left by a killed save")  # difflab's own leftovers stay too
+        (folder / OLD_LOCK).write_text("process 1 (difflab 0.x)")
+    before = folder_state(folder)
+    with pytest.raises(DifflabError):
+        with open_run(folder, command, **options):
+            pass
+    assert folder_state(folder) == before
+
+
+def test_an_accepted_run_clears_leftovers_and_a_resume_keeps_an_unchanged_marker(tmp_path, folder_state):
+    write_run(tmp_path, "digits train", files=("train_state.pt",))
+    (tmp_path / OLD_LOCK).write_text("process 1 (difflab 0.x)")
+    (tmp_path / ".train_state.pt.x1.tmp").write_bytes(b"left by a killed save")
+    marker = (tmp_path / MARKER).stat().st_mtime_ns
+    with pytest.raises(DifflabError, match="truncated"):  # the job refuses the checkpoint after the claim
+        with open_run(tmp_path, "digits train", resume=True, checkpoint="train_state.pt"):
+            raise DifflabError("train_state.pt: truncated")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MARKER, "train_state.pt"]
+    assert (tmp_path / MARKER).stat().st_mtime_ns == marker
 
 
 def test_odd_output_paths_are_one_line_errors_before_any_work(tmp_path):

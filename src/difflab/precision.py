@@ -2,14 +2,24 @@
 
 The CLI turns `--precision` into a `Precision` once (`Precision.parse`) and hands it down; the job that runs it
 calls `settle` once, with what it would run, and uses the answer throughout.
-- "fp32": plain float32; "bf16" / "fp16": that dtype (fp16 needs CUDA).
-- "auto": on CUDA, bf16 where the GPU supports it, else fp32. On a CPU nothing is assumed, because the same
-  choice goes opposite ways on machines of the same kind (benchmarks/results/precision.md): `settle` times a few
-  steps of each candidate (fp32 / bf16, and contiguous / channels-last where the job allows it) on the machine at
-  hand and keeps the fastest, if it beats plain fp32 by a clear margin. The answer is cached per CPU model and
-  instruction set, torch version, thread count and job, so later runs on the machine skip the timing and make the
-  same choice whatever the load then. A CPU without bf16 instructions emulates bf16 many times slower than fp32:
-  bf16 is not timed at all there, and any candidate whose first call is far slower than fp32's is dropped.
+- "fp32": plain float32 (IEEE on CUDA too: TF32 is off inside `autocast`); "bf16" / "fp16": that dtype (fp16
+  needs CUDA).
+- "auto": the fastest precision whose result stays within the job's tolerance of fp32's. The rule:
+  - Each job states a `tolerance` beside itself: the largest relative error ‖out − out_fp32‖ / ‖out_fp32‖ of its
+    trial's output (one guided ε, one training step's gradient) that it accepts from a lower precision.
+  - `REFERENCE` (0) marks a job whose output a user checks against a computation made elsewhere (DDIM from noise
+    files, inversion, the course's MSE): "auto" is fp32 there on every device, untimed, because many deterministic
+    steps in bf16 are not what the reference was computed with. A job that gives no trial is treated the same.
+  - On a CPU nothing else is assumed, because the same choice goes opposite ways on machines of the same kind
+    (benchmarks/results/precision.md). The trial runs every candidate (fp32 / bf16, contiguous / channels-last
+    where the job allows it) once from the same random state, drops those outside the tolerance, times the rest
+    interleaved and keeps the fastest if it beats plain fp32 by a clear margin. The answer, the timings, the
+    errors and the tolerance are cached per CPU model and instruction set, torch version, thread count and job,
+    so later runs on the machine make the same choice whatever the load then. A CPU without bf16 instructions
+    emulates bf16 many times slower than fp32: bf16 is not tried there, and any candidate whose first call is far
+    slower than fp32's is not timed further.
+  - On CUDA bf16 is faster wherever the GPU supports it, so nothing is timed: the trial compares bf16's output
+    with fp32's and bf16 is kept when it is within the tolerance.
 Most jobs autocast to the dtype (`autocast`, `prepare`, `input`); Stable Diffusion pipelines hold their weights
 in it instead (`cast`), as diffusers does.
 """
@@ -32,25 +42,29 @@ from difflab.io import save_json
 from difflab.utils import DifflabError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+REFERENCE = 0.0  # the tolerance of a job checked against a computation made elsewhere: "auto" is fp32 there
 # A lower precision or another memory format must beat plain fp32 by this much: results then do not flip
 # between runs on a machine whose two options are about as fast.
 MARGIN = 0.10
 # A candidate whose warm-up call takes this many times fp32's cannot win; timing it further only costs minutes.
 PRUNE = 4.0
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+Trial = Callable[["Precision"], torch.Tensor]
 
 
 def precision_help(auto: str) -> str:
     """The help of one command's --precision, saying what "auto" does there."""
-    return f"auto ({auto}; CUDA: bf16 where supported), fp32, bf16 or fp16 (CUDA only)."
+    return f"auto ({auto}), fp32, bf16 or fp16 (CUDA only)."
 
 
 @dataclass(frozen=True)
 class Precision:
     name: str = "fp32"  # one of PRECISIONS; "auto" until `settle` picks one
     channels_last: bool = False
-    how: str = "requested"  # "requested", "measured", "cached", "CUDA default" or "default"
+    how: str = "requested"  # "requested", "reference job", "untried", "measured", "cached" or "checked on CUDA"
     timings_ms: dict[str, float] = field(default_factory=dict, compare=False)
+    errors: dict[str, float] = field(default_factory=dict, compare=False)  # relative error against fp32's output
+    tolerance: float | None = field(default=None, compare=False)
 
     @classmethod
     def parse(cls, value: str | Precision) -> Precision:
@@ -77,22 +91,29 @@ class Precision:
         self,
         device: torch.device,
         job: str = "",
-        trial: Callable[[Precision], object] | None = None,
+        trial: Trial | None = None,
         candidates: tuple[Precision, ...] | None = None,
         rounds: int = 5,
+        tolerance: float = REFERENCE,
     ) -> Precision:
-        """The precision to run `job` in. "auto" on a CPU with a `trial` (one representative step run in the
-        given precision) times the `candidates` interleaved (median of `rounds`) unless the answer is cached;
-        without a trial it is fp32."""
+        """The precision to run `job` in. "auto" with a `trial` (one representative step run in the given
+        precision, returning its output) and a `tolerance` above REFERENCE tries the `candidates` as the module
+        says; otherwise it is fp32."""
         if self.name == "fp16" and device.type != "cuda":
             raise DifflabError("fp16 needs CUDA; use bf16 or fp32 on CPU")
         if not self.auto:
             return self
+        if tolerance < 0:
+            raise ValueError(f"tolerance {tolerance} is negative")
+        if tolerance == REFERENCE:
+            return Precision("fp32", how="reference job")
+        if trial is None:
+            return Precision("fp32", how="untried")
         if device.type == "cuda":
-            return Precision("bf16" if torch.cuda.is_bf16_supported() else "fp32", how="CUDA default")
-        if trial is None or device.type != "cpu":
-            return Precision("fp32", how="default")
-        return _measured(device, job, trial, candidates or CANDIDATES, rounds)
+            return _checked_on_cuda(trial, tolerance)
+        if device.type != "cpu":
+            return Precision("fp32", how="untried")
+        return _measured(job, trial, candidates or CANDIDATES, rounds, tolerance)
 
     @property
     def label(self) -> str:
@@ -103,7 +124,7 @@ class Precision:
 
     def autocast(self, device: torch.device):
         if self.dtype is None:
-            return contextlib.nullcontext()
+            return _ieee_fp32() if device.type == "cuda" else contextlib.nullcontext()
         return torch.autocast(device.type, dtype=self.dtype)
 
     def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -116,11 +137,33 @@ class Precision:
         text = f"{self.label} ({self.how})"
         if self.timings_ms:
             text += ": " + ", ".join(f"{k} {v:.1f} ms" for k, v in self.timings_ms.items())
+        if self.errors:
+            shown = ", ".join(f"{k} {v:.2%}" for k, v in self.errors.items() if k != "fp32")
+            text += f"; error against fp32: {shown} (tolerance {self.tolerance:.2%})"
         return text
 
 
 CANDIDATES = (Precision("fp32"), Precision("bf16"), Precision("fp32", True), Precision("bf16", True))
 DTYPE_CANDIDATES = CANDIDATES[:2]  # for a job that cannot change its model's memory format
+
+
+@contextlib.contextmanager
+def _ieee_fp32():
+    """cuDNN convolutions run in TF32 by default on recent GPUs (a 10-bit mantissa, like fp16's): fp32 means fp32."""
+    cudnn = torch.backends.cudnn
+    with cudnn.flags(
+        enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False
+    ):
+        yield
+
+
+def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    """‖out − reference‖ / ‖reference‖ in float64: how far a candidate's output is from fp32's."""
+    out, reference = out.detach().double(), reference.detach().double()
+    if out.shape != reference.shape:
+        raise ValueError(f"trial outputs differ in shape: {tuple(out.shape)} against {tuple(reference.shape)}")
+    error = (out - reference).norm() / reference.norm().clamp_min(1e-30)
+    return float(error) if torch.isfinite(error) else float("inf")
 
 
 def native_bf16() -> bool:
@@ -130,85 +173,139 @@ def native_bf16() -> bool:
     return any(f() for f in found if f is not None) or all(f is None for f in found)
 
 
-def _measured(
-    device: torch.device, job: str, trial: Callable[[Precision], object], candidates, rounds: int
-) -> Precision:
+def _checked_on_cuda(trial: Trial, tolerance: float) -> Precision:
+    if not torch.cuda.is_bf16_supported():
+        return Precision("fp32", how="CUDA without bf16")
+    _, errors = measure(trial, DTYPE_CANDIDATES, rounds=0)
+    name = "bf16" if errors["bf16"] <= tolerance else "fp32"
+    return Precision(name, how="checked on CUDA", errors=errors, tolerance=tolerance)
+
+
+def _measured(job: str, trial: Trial, candidates: tuple[Precision, ...], rounds: int, tolerance: float) -> Precision:
     key = f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {job}"
     cache = _read_cache()
     hit = cache.get(key)
-    if isinstance(hit, dict) and hit.get("name") in _DTYPES and isinstance(hit.get("channels_last"), bool):
-        return Precision(hit["name"], hit["channels_last"], "cached", hit.get("timings_ms") or {})
+    if (
+        isinstance(hit, dict)
+        and hit.get("name") in _DTYPES
+        and isinstance(hit.get("channels_last"), bool)
+        and hit.get("tolerance") == tolerance
+    ):
+        timings, errors = hit.get("timings_ms") or {}, hit.get("errors") or {}
+        return Precision(hit["name"], hit["channels_last"], "cached", timings, errors, tolerance)
     if not native_bf16():
         candidates = tuple(c for c in candidates if c.dtype is None)
-    timings = measure(trial, candidates, rounds)
-    best = min(candidates, key=lambda c: timings[c.label])
+    timings, errors = measure(trial, candidates, rounds, tolerance)
+    within = [c for c in candidates if errors[c.label] <= tolerance]
+    best = min(within, key=lambda c: timings[c.label], default=CANDIDATES[0])
     if timings[best.label] > (1 - MARGIN) * timings[CANDIDATES[0].label]:
         best = CANDIDATES[0]
-    chosen = Precision(best.name, best.channels_last, "measured", {k: round(v, 2) for k, v in timings.items()})
-    cache[key] = {"name": chosen.name, "channels_last": chosen.channels_last, "timings_ms": chosen.timings_ms}
-    with contextlib.suppress(OSError):  # a read-only home only costs the timing next time
+    chosen = Precision(
+        best.name,
+        best.channels_last,
+        "measured",
+        {k: round(v, 2) for k, v in timings.items()},
+        {k: float(f"{v:.3g}") for k, v in errors.items()},
+        tolerance,
+    )
+    cache[key] = {
+        "name": chosen.name,
+        "channels_last": chosen.channels_last,
+        "timings_ms": chosen.timings_ms,
+        "errors": chosen.errors,
+        "tolerance": tolerance,
+    }
+    with contextlib.suppress(OSError):  # a read-only home only costs the trial next time
         save_json(cache, cache_path())
     return chosen
 
 
-def settle_training(
-    precision: Precision | str, device: torch.device, job: str, make_model, loss, candidates=None
-) -> Precision:
-    """`settle` for a training job: the trial is one forward + backward step of a throw-away model per candidate
-    (`make_model()`, then `loss(model, candidate)` runs the forward pass), so the run's own weights stay untouched."""
+def _training_trial(device: torch.device, make_model, loss) -> Trial:
+    """One forward + backward step of a throw-away model per candidate (`make_model()`, then `loss(model,
+    candidate)` runs the forward pass); its output is the gradient, what the step would apply. The run's own
+    weights stay untouched."""
     models: dict[str, torch.nn.Module] = {}
 
-    def trial(p: Precision) -> None:
+    def trial(p: Precision) -> torch.Tensor:
         if p.label not in models:
-            models[p.label] = p.prepare(make_model().to(device))
+            with torch.random.fork_rng(devices=[]):  # every candidate starts from the same weights
+                torch.manual_seed(0)
+                models[p.label] = p.prepare(make_model().to(device))
         model = models[p.label]
         with p.autocast(device):
             loss(model, p).float().mean().backward()
+        grads = [q.grad.flatten() for q in model.parameters() if q.grad is not None]
         model.zero_grad(set_to_none=True)
+        return torch.cat(grads)
 
-    return Precision.parse(precision).settle(device, job, trial, candidates)
+    return trial
+
+
+def settle_training(
+    precision: Precision | str,
+    device: torch.device,
+    job: str,
+    make_model,
+    loss,
+    candidates=None,
+    tolerance: float = REFERENCE,
+) -> Precision:
+    """`settle` for a training job, the trial being one training step's gradient (`_training_trial`)."""
+    trial = _training_trial(device, make_model, loss)
+    return Precision.parse(precision).settle(device, job, trial, candidates, tolerance=tolerance)
 
 
 def settle_inference(
-    precision: Precision | str, device: torch.device, job: str, make_model, forward, candidates=None, rounds: int = 3
+    precision: Precision | str,
+    device: torch.device,
+    job: str,
+    make_model,
+    forward,
+    candidates=None,
+    rounds: int = 3,
+    tolerance: float = REFERENCE,
 ) -> Precision:
-    """`settle` for an inference job: the trial is `forward(model, candidate)` on `make_model()` prepared for each
-    candidate, in inference mode."""
+    """`settle` for an inference job: the trial is `forward(model, candidate)` (returning its output) on
+    `make_model()` prepared for each candidate, in inference mode."""
     models: dict[str, torch.nn.Module] = {}
 
-    def trial(p: Precision) -> None:
+    def trial(p: Precision) -> torch.Tensor:
         if p.label not in models:
             models[p.label] = p.prepare(make_model())
         with torch.inference_mode(), p.autocast(device):
-            forward(models[p.label], p)
+            return forward(models[p.label], p)
 
-    return Precision.parse(precision).settle(device, job, trial, candidates, rounds)
+    return Precision.parse(precision).settle(device, job, trial, candidates, rounds, tolerance)
 
 
 def measure(
-    trial: Callable[[Precision], object], candidates: tuple[Precision, ...], rounds: int = 5
-) -> dict[str, float]:
-    """Median milliseconds of `trial` per candidate, interleaved so that a load change hits all alike. The
-    global RNG is restored afterwards, so measuring or not leaves the job's random draws unchanged. A
-    candidate whose warm-up call takes PRUNE times the first candidate's is reported by that call alone."""
+    trial: Trial, candidates: tuple[Precision, ...], rounds: int = 5, tolerance: float = float("inf")
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median milliseconds of `trial` per candidate, and each candidate's relative error against the first one's
+    (fp32's) output. Every candidate's warm-up call starts from the same random state and gives the output
+    compared; then the candidates are timed interleaved, so that a load change hits all alike. The global RNG is
+    restored afterwards, so trying or not leaves the job's random draws unchanged. A candidate outside the
+    `tolerance`, or whose warm-up call takes PRUNE times the first candidate's, is reported by that call alone."""
     times: dict[str, list[float]] = {c.label: [] for c in candidates}
+    outputs: dict[str, torch.Tensor] = {}
     with torch.random.fork_rng(devices=[]):
         for c in candidates:  # warm-up: first calls pick kernels and allocate
-            times[c.label].append(_timed(trial, c))
+            torch.manual_seed(0)
+            outputs[c.label] = _timed(trial, c, times)
+        errors = {label: relative_error(out, outputs[candidates[0].label]) for label, out in outputs.items()}
         first = times[candidates[0].label][0]
-        kept = [c for c in candidates if times[c.label][0] <= PRUNE * first]
-        for c in kept:
-            times[c.label].clear()
+        kept = [c for c in candidates if times[c.label][0] <= PRUNE * first and errors[c.label] <= tolerance]
         for _ in range(rounds):
             for c in kept:
-                times[c.label].append(_timed(trial, c))
-    return {k: statistics.median(v) for k, v in times.items()}
+                _timed(trial, c, times)
+    return {k: statistics.median(v[1:] or v) for k, v in times.items()}, errors
 
 
-def _timed(trial: Callable[[Precision], object], c: Precision) -> float:
+def _timed(trial: Trial, c: Precision, times: dict[str, list[float]]) -> torch.Tensor:
     start = time.perf_counter()
-    trial(c)
-    return 1000 * (time.perf_counter() - start)
+    out = trial(c)
+    times[c.label].append(1000 * (time.perf_counter() - start))
+    return out
 
 
 def cpu_name() -> str:

@@ -7,11 +7,11 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from difflab.cli.options import TIMED, Device, precision_option
-from difflab.digits.sample import SampleConfig
+from difflab.cli.options import Device, checked, precision_option
+from difflab.digits.sample import SAMPLE_TOLERANCE, SampleConfig
 
 ModelPath = Optional[Path]
-DigitsPrecision = precision_option(TIMED.format("guided forwards of the digits model"))
+DigitsPrecision = precision_option(checked("a guided ε of the digits model", SAMPLE_TOLERANCE))
 
 
 def app_command(

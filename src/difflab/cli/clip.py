@@ -7,11 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from difflab.cli.options import App, Device, Overwrite, Seed, precision_option
-from difflab.clip.evaluate import ZeroShotConfig
+from difflab.cli.options import App, Device, Overwrite, Seed, checked, precision_option
+from difflab.clip.evaluate import TOLERANCE, ZeroShotConfig
 
 app = App(help="CLIP zero-shot classification and image/text scoring.", no_args_is_help=True)
-ClipPrecision = precision_option("CPU: fp32 or bf16, timed on a batch of the image encoder on this machine and cached")
+ClipPrecision = precision_option(checked("a batch of image embeddings", TOLERANCE, "fp32 or bf16"))
 
 
 Images = Annotated[Path, typer.Option("--images", help="Folder of <classid>_<idx>.png files, or of class sub-folders.")]

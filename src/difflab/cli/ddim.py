@@ -10,6 +10,7 @@ import typer
 from difflab.cli.options import (
     MAX_BATCH,
     MAX_GUIDANCE,
+    REFERENCE_HELP,
     SEED_MAX,
     App,
     Device,
@@ -25,9 +26,7 @@ from difflab.utils import DifflabError
 app = App(
     help="DDIM sampling, eta grids, interpolation, inversion and MSE (face UNet and others).", no_args_is_help=True
 )
-EpsPrecision = precision_option(
-    "CPU: fp32 or bf16, contiguous or channels-last, timed on a few ε-network calls on this machine and cached"
-)
+EpsPrecision = precision_option(f"{REFERENCE_HELP} (`difflab ddim precision-check` measures how far)")
 
 ALPHAS = tuple(i / 10 for i in range(11))  # the course's interpolation strip; one batch denoises it whole
 # Options several commands share: written once, defaults from DDIMConfig.
@@ -80,6 +79,15 @@ Guidance = Annotated[
 ]
 
 
+def _eps_model(ckpt: Path, device, precision, condition=None):
+    from difflab.ddim.models import load_eps_model
+
+    if precision.name in ("bf16", "fp16"):
+        typer.echo(f"note: {precision} results may drift from an fp32 reference (see `difflab ddim precision-check`)",
+                   err=True)  # fmt: skip
+    return load_eps_model(ckpt, device, precision, condition=condition)
+
+
 def _digits_condition(domain: Optional[str], digit: Optional[int], guidance: float):
     from difflab.ddim.models import DigitsCondition
     from difflab.digits.data import DOMAINS
@@ -122,10 +130,9 @@ def sample_cmd(
 ):
     """Denoise every noise file (or seeded noises) with DDIM and write one PNG per noise (same stem), min-max
     normalised per image."""
-    from difflab.ddim.models import load_eps_model
     from difflab.ddim.pipeline import sample_noise_folder, sample_seeded
 
-    model = load_eps_model(ckpt, device, precision, condition=_digits_condition(domain, digit, guidance))
+    model = _eps_model(ckpt, device, precision, _digits_condition(domain, digit, guidance))
     config = DDIMConfig(steps=steps, eta=eta, batch_size=batch_size, seed=seed)
     with open_run(out, "ddim sample", overwrite=overwrite, staged=True) as run:
         if noise_dir is None:
@@ -156,14 +163,13 @@ def eta_grid_cmd(
 ):
     """Figure: the same noises sampled with several η values (rows = noises, columns = η)."""
     from difflab.ddim.figures import eta_grid_figure
-    from difflab.ddim.models import load_eps_model
     from difflab.ddim.noise import load_noises
     from difflab.ddim.pipeline import draw_noises, eta_grid
     from difflab.report import HtmlReport
 
     names = [n.strip() for n in noises.split(",") if n.strip()]
     eta_values = parse_floats(etas, "--etas", 0.0, 1.0)
-    model = load_eps_model(ckpt, device, precision, condition=_digits_condition(domain, digit, guidance))
+    model = _eps_model(ckpt, device, precision, _digits_condition(domain, digit, guidance))
     with open_run(out, "ddim eta-grid", overwrite=overwrite, staged=True) as run:
         if noise_dir is None:
             x = draw_noises(model, names, noise_seed, run.dir / "noise", size)
@@ -201,7 +207,6 @@ def interpolate_cmd(
 ):
     """Figure: η = 0 images of noises interpolated between two files, by lerp and/or slerp."""
     from difflab.ddim.figures import interpolation_figure
-    from difflab.ddim.models import load_eps_model
     from difflab.ddim.noise import load_noise
     from difflab.ddim.pipeline import draw_noises, interpolate
     from difflab.report import HtmlReport
@@ -212,7 +217,7 @@ def interpolate_cmd(
         raise DifflabError("--a and --b go together (or leave both out to draw two noises from --noise-seed)")
     methods = ["lerp", "slerp"] if method == "both" else [method]
     alpha_values = parse_floats(alphas, "--alphas", 0.0, 1.0)
-    model = load_eps_model(ckpt, device, precision, condition=_digits_condition(domain, digit, guidance))
+    model = _eps_model(ckpt, device, precision, _digits_condition(domain, digit, guidance))
     with open_run(out, "ddim interpolate", overwrite=overwrite, staged=True) as run:
         if a is None:
             x0, x1 = draw_noises(model, ["00", "01"], noise_seed, run.dir / "noise", size).split(1)
@@ -263,11 +268,10 @@ def invert_cmd(
     overwrite: Overwrite = False,
 ):
     """DDIM inversion: find the x_T that η = 0 DDIM turns back into the image; reports the reconstruction MSE."""
-    from difflab.ddim.models import load_eps_model
     from difflab.ddim.pipeline import invert_image
 
     refuse_existing_file(out, overwrite)
-    model = load_eps_model(ckpt, device, precision)
+    model = _eps_model(ckpt, device, precision)
     result = invert_image(model, image, out, DDIMConfig(steps=steps))
     typer.echo(
         f"wrote {out}; reconstruction MSE = {result.mse:.4f} "

@@ -12,21 +12,21 @@ import typer
 from difflab.cli.options import (
     MAX_BATCH,
     MAX_GUIDANCE,
-    TIMED,
     App,
     Device,
     Overwrite,
     Seed,
+    checked,
     parse_floats,
     precision_option,
 )
 from difflab.demos.digits import DemoConfig, quick_or_full, run_demo
-from difflab.digits.classifier import ClassifierConfig, ClassifierTrainConfig, train_classifiers
+from difflab.digits.classifier import JUDGE_TOLERANCE, ClassifierConfig, ClassifierTrainConfig, train_classifiers
 from difflab.digits.data import make_dataset
 from difflab.digits.evaluate import evaluate_folder
 from difflab.digits.model import ScheduleConfig, load_digits_model
-from difflab.digits.sample import PER_DIGIT, SampleConfig, sample_to_folder
-from difflab.digits.train import TrainConfig, train
+from difflab.digits.sample import PER_DIGIT, SAMPLE_TOLERANCE, SampleConfig, sample_to_folder
+from difflab.digits.train import TRAIN_TOLERANCE, TrainConfig, train
 from difflab.parallel import Processes
 from difflab.report.tracking import REPORT_TO_HELP
 from difflab.utils import DifflabError, pick_device
@@ -36,10 +36,12 @@ DATASET_DEFAULTS = {k: p.default for k, p in inspect.signature(make_dataset).par
 CLASSIFIER_DEFAULTS = {k: p.default for k, p in inspect.signature(train_classifiers).parameters.items()}
 
 app = App(help="Conditional digits (domain x digit) with DDPM/DDIM and classifier-free guidance.", no_args_is_help=True)
-TrainPrecision = precision_option(TIMED.format("training steps"))
-SamplePrecision = precision_option(TIMED.format("guided sampling steps"))
-DemoPrecision = precision_option(TIMED.format("steps of each stage (training, judges, sampling, DDIM)"))
-JudgePrecision = precision_option(TIMED.format("training steps"))
+TrainPrecision = precision_option(checked("a training step's gradient", TRAIN_TOLERANCE))
+SamplePrecision = precision_option(checked("a guided ε", SAMPLE_TOLERANCE))
+DemoPrecision = precision_option(
+    "per stage, as in train, train-classifier and sample; fp32 for the DDIM figures, as in `difflab ddim`"
+)
+JudgePrecision = precision_option(checked("a training step's gradient", JUDGE_TOLERANCE))
 
 
 DataRoot = Annotated[

@@ -7,14 +7,14 @@ from typing import Annotated
 
 import typer
 
-from difflab.cli.options import TIMED, App, Device, Overwrite, Seed, precision_option
-from difflab.minisd.build import BuildConfig
+from difflab.cli.options import App, Device, Overwrite, Seed, checked, precision_option
+from difflab.minisd.build import TOLERANCE, BuildConfig
 from difflab.minisd.prebuilt import PREBUILT
 from difflab.report.tracking import REPORT_TO_HELP
 from difflab.utils import DifflabError
 
 app = App(help="A miniature Stable Diffusion v1 + CLIP, trained here on the CPU.", no_args_is_help=True)
-BuildPrecision = precision_option(TIMED.format("training steps of each stage"))
+BuildPrecision = precision_option(checked("a training step's gradient of each stage", TOLERANCE))
 DEFAULTS = BuildConfig(out="")
 
 

@@ -39,7 +39,19 @@ def precision_option(auto: str):
     ]
 
 
-TIMED = "CPU: the fastest of fp32 and bf16, contiguous or channels-last, timed on a few {} on this machine and cached"
+def checked(what: str, tolerance: float, formats: str = "fp32 or bf16, contiguous or channels-last") -> str:
+    """What "auto" does for a job that may run in a lower precision: the words of its --help."""
+    return (
+        f"the fastest of {formats} whose output on {what} stays within {tolerance:.0%} of fp32's, timed on a CPU and "
+        f"cached; on CUDA bf16 when within it"
+    )
+
+
+# For a job whose output a user checks against a computation made elsewhere (`difflab.precision.REFERENCE`).
+REFERENCE_HELP = (
+    "fp32 on every device, untimed: the result is checked against references computed in fp32; "
+    "bf16 runs faster but may drift from them"
+)
 Overwrite = Annotated[
     bool,
     typer.Option(

@@ -10,22 +10,23 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from difflab.cli.options import App, Device, Overwrite, Seed, precision_option
+from difflab.cli.options import App, Device, Overwrite, Seed, checked, precision_option
 from difflab.demos.personalize import PersonalizeDemoConfig as DemoConfig
 from difflab.parallel import Processes
 from difflab.personalize.compose import ComposeConfig
 from difflab.personalize.generate import SCHEDULERS, GenerateConfig
 from difflab.personalize.grading import TOP_K
+from difflab.personalize.sd import TOLERANCE
 from difflab.personalize.textual_inversion import TextualInversionConfig as TIConfig
 from difflab.report.tracking import REPORT_TO_HELP
 from difflab.utils import DifflabError, pick_device
 
 app = App(help="Textual inversion on Stable Diffusion v1.x: train, generate, compose, score.", no_args_is_help=True)
-TIPrecision = precision_option("CPU: fp32, untimed")
+TIPrecision = precision_option("fp32 on every device, untimed: no lower precision is checked for this job")
 DemoPrecision = precision_option(
-    "CPU: timed per stage as in minisd build, clip zeroshot and generate; fp32 for textual inversion"
+    "per stage, as in minisd build, clip zeroshot and generate; fp32 for textual inversion"
 )
-SDPrecision = precision_option("CPU: fp32 or bf16 weights, timed on a UNet call on this machine and cached")
+SDPrecision = precision_option(checked("a UNet noise prediction", TOLERANCE, "fp32 or bf16 weights"))
 
 SD_HELP = "Stable Diffusion v1.x: a diffusers folder or a single-file .ckpt/.safetensors."
 EMBEDS_HELP = "Learned embedding file(s) adding the concept tokens; repeat for several."

@@ -5,9 +5,10 @@
   holding anything else (someone's model, another command's run) is refused before any work starts.
 - `--overwrite` deletes only the entries the marker lists; `--resume` continues only where the command finds
   its checkpoint.
-- One run at a time: a lock (LOCK, held with `flock` by the live process) refuses a second run and names the
-  process holding it. The kernel drops the lock when a process dies, so a lock file left by a killed run is
-  simply taken over.
+- Nothing is written before a claim is accepted, so a refused command leaves the folder byte for byte as it was.
+- One run at a time: the live process holds `flock` on the folder itself (its directory file descriptor, no lock
+  file), which refuses a second run; the refusal names the holding process, found in /proc/locks. The kernel drops
+  the lock when a process dies, so a killed run's folder is simply taken over.
 - A staged run writes into a hidden folder inside the run folder and moves its results in only once the job
   has succeeded: a failure half-way leaves earlier results whole. Training runs are not staged: their atomic,
   periodic checkpoints are what `--resume` continues from.
@@ -19,7 +20,7 @@ import errno
 import json
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -27,7 +28,7 @@ from typing import Iterable, Iterator
 from difflab.utils import DifflabError
 
 MARKER = ".difflab-run.json"
-LOCK = ".difflab.lock"
+OLD_LOCK = ".difflab.lock"  # the lock file of difflab versions that locked a file, deleted when a run is accepted
 STAGING = ".difflab-staging"
 
 
@@ -78,7 +79,7 @@ def _results(path: Path) -> list[str]:
 def _clear_leftovers(path: Path) -> None:
     """Temporary files of a killed atomic write and staging folders of a killed staged run."""
     for p in path.iterdir():
-        if p.name.startswith(STAGING) or (p.name.startswith(".") and p.name.endswith(".tmp")):
+        if p.name.startswith(STAGING) or p.name == OLD_LOCK or (p.name.startswith(".") and p.name.endswith(".tmp")):
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
@@ -98,16 +99,19 @@ def read_marker(path: Path) -> dict | None:
 def _write_marker(run: RunFolder) -> None:
     from difflab.io.files import save_json
 
-    save_json({"command": run.command, "files": sorted(run.files), "pid": os.getpid()}, run.path / MARKER)
+    marker = {"command": run.command, "files": sorted(run.files)}
+    with suppress(OSError, ValueError):
+        if json.loads((run.path / MARKER).read_text(encoding="utf-8")) == marker:
+            return  # unchanged: a resume refused after the claim leaves the marker as it was
+    save_json(marker, run.path / MARKER)
 
 
 @contextmanager
 def _locked(path: Path, command: str) -> Iterator[None]:
-    lock_path = path / LOCK
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError as e:
-        raise DifflabError(f"{path}: cannot write here ({e.strerror or e.__class__.__name__})") from None
+        raise DifflabError(f"{path}: cannot open this folder ({e.strerror or e.__class__.__name__})") from None
     try:
         try:
             import fcntl
@@ -118,13 +122,29 @@ def _locked(path: Path, command: str) -> Iterator[None]:
         except OSError as e:
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
-            raise DifflabError(f"{path}: in use by {holder}; wait for it to finish or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"process {os.getpid()} (difflab {command})".encode(), 0)
+            raise DifflabError(
+                f"{path}: in use by {_holder(path)}; wait for it to finish or choose another --out"
+            ) from None
         yield
     finally:
-        os.close(fd)  # closing drops the flock; the file stays, so no second run can lock a fresh copy meanwhile
+        os.close(fd)  # closing drops the flock
+
+
+def _holder(path: Path) -> str:
+    """The process holding the folder's flock, from /proc/locks (Linux), with the command its marker names."""
+    try:
+        marker = read_marker(path)
+    except DifflabError:
+        marker = None
+    command = f"difflab {marker['command']}" if marker else "difflab"
+    st = os.stat(path)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    with suppress(OSError):
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if "FLOCK" in fields and inode in fields:
+                return f"process {fields[fields.index(inode) - 1]} ({command})"
+    return f"another process ({command})"
 
 
 def _refuse(path: Path, marker: dict | None, found: list[str], command: str, can_resume: bool) -> None:
@@ -182,19 +202,21 @@ def open_run(
     if path.exists() and not path.is_dir():
         raise DifflabError(f"{path}: is a file, not a folder; choose a folder for the results")
     created = not path.exists()
-    check_writable(path)
+    if created:
+        check_writable(path)
     try:
         with _locked(path, command):
             marker = read_marker(path)
             found = [name for name in _results(path) if name not in keep]
-            if (marker is not None and marker["command"] == command) or not found:
-                _clear_leftovers(path)
             if resume and (marker is None or marker["command"] != command or not (path / checkpoint).exists()):
                 if found and (marker is None or marker["command"] != command):
                     _refuse(path, marker, found, command, True)
                 raise DifflabError(f"{path}: nothing to resume from (no {checkpoint} of `difflab {command}` here)")
             if found and not resume and not (overwrite and marker is not None and marker["command"] == command):
                 _refuse(path, marker, found, command, checkpoint is not None)
+            # The claim is accepted: from here on the folder is the run's.
+            check_writable(path)
+            _clear_leftovers(path)
             earlier = set(marker["files"]) if marker else set()
             run = RunFolder(path, command, path, set(earlier) if resume else set())
             if overwrite and not staged:
