@@ -121,3 +121,39 @@ def test_text_and_json_readers(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(DifflabError, match="broken.json: not valid JSON"):
         load_json(tmp_path / "broken.json")
+
+
+def test_a_full_disk_under_safetensors_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from difflab.digits.classifier import ClassifierConfig, DigitClassifier, save_classifier
+
+    def full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                              'left on device" })')  # fmt: skip
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(DifflabError, match=r"no space left on .* \(writing mnistm.safetensors\)"):
+        save_classifier(DigitClassifier(ClassifierConfig("mnistm", 8)), tmp_path / "mnistm.safetensors")
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+
+
+def test_an_error_under_a_progress_bar_starts_its_own_line_and_is_the_last(monkeypatch, capsys):
+    from tqdm.auto import tqdm
+
+    import difflab.cli as cli
+
+    def command():
+        bar = tqdm(total=10, desc="compose")
+        bar.update(3)
+        raise DifflabError("concept words 'zebra' do not occur in the prompt")
+
+    monkeypatch.setattr(cli, "app", command)
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    lines = err.split("\n")
+    assert "compose" in err and lines[-1] == ""  # the bar was drawn, and stderr ends with the error's newline
+    assert lines[-2] == "error: concept words 'zebra' do not occur in the prompt"

@@ -168,3 +168,18 @@ def test_a_read_only_place_is_refused_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(DifflabError, match="out: cannot write here \\(Read-only file system\\)"):
         with open_run(tmp_path / "out", "digits train"):
             pass
+
+
+def test_a_full_disk_names_the_file_that_filled_it_not_the_marker(tmp_path, monkeypatch):
+    import difflab.io.runs as runs
+
+    with open_run(tmp_path, "digits train") as run:
+        (run.dir / "model.safetensors").write_text("first")
+
+    def full(run):
+        raise DifflabError(f"no space left on {run.path} (writing {MARKER}); free some space and run again")
+
+    with pytest.raises(DifflabError, match=r"\(writing model.safetensors\)"):
+        with open_run(tmp_path, "digits train", resume=True, checkpoint="model.safetensors"):
+            monkeypatch.setattr(runs, "_write_marker", full)  # the disk fills during the run
+            raise DifflabError(f"no space left on {tmp_path} (writing model.safetensors); free some space")

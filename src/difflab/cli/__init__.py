@@ -41,16 +41,29 @@ def os_error_message(e: OSError) -> str:
     return f"{where}: {e.strerror or e.__class__.__name__}"
 
 
+def close_progress_bars() -> None:
+    """Close the progress bars still drawn, so that what is printed next starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def fail(message: str, code: int) -> None:
+    close_progress_bars()
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    sys.exit(code)
+
+
 def main() -> None:
-    """Console entry point: user errors become one line on stderr and their exit status (1, 130 when stopped)."""
+    """Console entry point: user errors become one line on stderr, the last one, and their exit status (1, 130 when
+    stopped)."""
     try:
         app()
     except DifflabError as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        sys.exit(e.exit_code)
+        fail(str(e), e.exit_code)
     except OSError as e:
-        typer.secho(f"error: {os_error_message(e)}", fg=typer.colors.RED, err=True)
-        sys.exit(1)
+        fail(os_error_message(e), 1)
 
 
 if __name__ == "__main__":

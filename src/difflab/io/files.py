@@ -26,7 +26,8 @@ def _umask() -> int:
 
 
 def disk_full(e: BaseException) -> bool:
-    """ENOSPC, or the way torch's zip writer reports it ("unexpected pos", "file write failed")."""
+    """ENOSPC, or the way torch's zip writer ("unexpected pos", "file write failed") and safetensors' writer
+    ("No space left on device (os error 28)") report it."""
     if isinstance(e, OSError):
         return e.errno in (errno.ENOSPC, errno.EDQUOT)
     text = str(e)
@@ -44,7 +45,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
         # mkstemp creates 0600 files; give the result the permissions a plain open() would have.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
+    except Exception as e:  # any writer: OSError, torch's RuntimeError, safetensors' SafetensorError
         if disk_full(e):
             raise DifflabError(f"no space left on {path.parent} (writing {path.name}); free some space and run again")
         raise

@@ -226,9 +226,13 @@ def open_run(
             if not staged:
                 try:
                     yield run
-                finally:
+                except BaseException:
                     run.files |= set(_results(path)) - (set(found) - earlier) - set(keep)
-                    _write_marker(run)
+                    with suppress(Exception):  # on a full disk this fails too; the body's error is the one to tell
+                        _write_marker(run)
+                    raise
+                run.files |= set(_results(path)) - (set(found) - earlier) - set(keep)
+                _write_marker(run)
                 return
             run.dir = path / f"{STAGING}-{os.getpid()}"
             run.dir.mkdir()
