@@ -224,6 +224,7 @@ def train(cfg: TrainConfig) -> Path:
         resume=cfg.resume,
         checkpoint=STATE_FILE,
         main=accelerator.is_main_process,
+        check=(lambda: read_state(Path(cfg.out_dir) / STATE_FILE, run_identity(cfg))) if cfg.resume else None,
     )
     with folder, StopRequest() as stop:
         accelerator.wait_for_everyone()

@@ -23,7 +23,7 @@ import shutil
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from difflab.utils import DifflabError
 
@@ -182,6 +182,7 @@ def open_run(
     staged: bool = False,
     keep: Iterable[str] = (),
     main: bool = True,
+    check: Callable[[], object] | None = None,
 ) -> Iterator[RunFolder]:
     """Claim `path` for `command` (e.g. "digits train") and yield the RunFolder to write into.
 
@@ -189,7 +190,9 @@ def open_run(
     cannot resume). With `staged`,
     results go to `run.dir` (a staging folder) and are moved in, replacing the earlier run's, only when the
     body succeeds. Entries named in `keep` (a stack the run reuses, say) are never listed, so never deleted by
-    `--overwrite`. On processes other than the main one (`main=False`) nothing is checked or written here.
+    `--overwrite`. `check` runs with the folder locked, after its contents are accepted and before anything is
+    written: a resume's check of its checkpoint, whose refusal then leaves the folder as it was. On processes other
+    than the main one (`main=False`) nothing is checked or written here.
     """
     path = Path(path)
     if not main:
@@ -214,6 +217,8 @@ def open_run(
                 raise DifflabError(f"{path}: nothing to resume from (no {checkpoint} of `difflab {command}` here)")
             if found and not resume and not (overwrite and marker is not None and marker["command"] == command):
                 _refuse(path, marker, found, command, checkpoint is not None)
+            if check is not None:
+                check()
             # The claim is accepted: from here on the folder is the run's.
             check_writable(path)
             _clear_leftovers(path)
