@@ -227,10 +227,8 @@ def _training_trial(device: torch.device, make_model, loss) -> Trial:
     models: dict[str, torch.nn.Module] = {}
 
     def trial(p: Precision) -> torch.Tensor:
-        if p.label not in models:
-            with torch.random.fork_rng(devices=[]):  # every candidate starts from the same weights
-                torch.manual_seed(0)
-                models[p.label] = p.prepare(make_model().to(device))
+        if p.label not in models:  # made in the first call, from the random state `measure` sets for all alike
+            models[p.label] = p.prepare(make_model().to(device))
         model = models[p.label]
         with p.autocast(device):
             loss(model, p).float().mean().backward()
@@ -287,12 +285,16 @@ def measure(
     restored afterwards, so trying or not leaves the job's random draws unchanged. A candidate outside the
     `tolerance`, or whose warm-up call takes PRUNE times the first candidate's, is reported by that call alone."""
     times: dict[str, list[float]] = {c.label: [] for c in candidates}
-    outputs: dict[str, torch.Tensor] = {}
-    with torch.random.fork_rng(devices=[]):
+    errors: dict[str, float] = {}
+    reference: torch.Tensor | None = None  # fp32's output; a training trial's is a whole gradient, so only it is kept
+    gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=gpus):
         for c in candidates:  # warm-up: first calls pick kernels and allocate
             torch.manual_seed(0)
-            outputs[c.label] = _timed(trial, c, times)
-        errors = {label: relative_error(out, outputs[candidates[0].label]) for label, out in outputs.items()}
+            out = _timed(trial, c, times)
+            reference = out if reference is None else reference
+            errors[c.label] = relative_error(out, reference)
+        reference = out = None
         first = times[candidates[0].label][0]
         kept = [c for c in candidates if times[c.label][0] <= PRUNE * first and errors[c.label] <= tolerance]
         for _ in range(rounds):
