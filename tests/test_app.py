@@ -26,7 +26,14 @@ def pixels(path: str, factor: int = 4) -> np.ndarray:
 
 def digits(client: Client, seed: int = 0, count: int = 4, **changes):
     args = {**DIGITS, **changes}
-    return client.predict(*args.values(), 1.0, seed, count, api_name="/digits")
+    return client.predict(**args, eta=1.0, seed=seed, count=count, api_name="/digits")  # named as on the page
+
+
+def test_the_api_names_every_input_as_the_page_does(client):
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    names = {api: [p["parameter_name"] for p in info["parameters"]] for api, info in endpoints.items()}
+    assert names["/digits"][:3] == ["domain", "digit", "guidance_digit"]
+    assert all(not name.startswith("param_") for params in names.values() for name in params), names
 
 
 def test_digits_tab_gives_the_cli_images_with_verdicts(client, tiny_app, tmp_path):

@@ -632,15 +632,15 @@ def test_training_reports_to_tensorboard(data_root, tiny_preset, tmp_path):
     pytest.importorskip("tensorboard", reason="the [track] extra is not installed")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    args = ["--data-root", str(data_root), "--out", str(tmp_path / "m"), "--preset", tiny_preset, "--steps", "4"]
+    args = ["--data-root", str(data_root), "--out", str(tmp_path / "m"), "--preset", tiny_preset, "--steps", "5"]
     more = ["--batch-size", "4", "--report-to", "tensorboard", "--validation-every", "2", "--device", "cpu"]
     r = runner.invoke(app, ["digits", "train", *args, *more, "--precision", "fp32"])
     assert r.exit_code == 0, r.output
     (run,) = (tmp_path / "m" / "logs").iterdir()
     events = EventAccumulator(str(run), size_guidance={"images": 0}).Reload()
     assert {"loss", "lr", "grad_norm", "step_time_s"} <= set(events.Tags()["scalars"])
-    assert [e.step for e in events.Scalars("loss")] == [4]  # one log window of 20 steps, cut at the last step
-    assert [e.step for e in events.Images("validation")] == [2, 4]
+    assert [e.step for e in events.Scalars("loss")] == [5]  # one log window of 20 steps, cut at the last step
+    assert [e.step for e in events.Images("validation")] == [2, 4, 5]  # and the last step's, as diffusers does
     bad = runner.invoke(app, ["digits", "train", *args, "--report-to", "mlflow"])
     assert isinstance(bad.exception, DifflabError) and "--report-to 'mlflow'" in str(bad.exception)
 

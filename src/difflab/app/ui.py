@@ -3,6 +3,7 @@ mix results), errors shown on the page as one line."""
 
 from __future__ import annotations
 
+import inspect
 import tempfile
 from pathlib import Path
 
@@ -32,16 +33,22 @@ grid-template-columns:repeat(3,minmax(0,1fr))!important}}"""
 
 def endpoint(models: Models, fn):
     """`fn(models, *values)` for gradio: a difflab error becomes the page's message, anything else one line too,
-    and the server stays up."""
+    and the server stays up. The endpoint carries `fn`'s parameter names (less `models`), so that the API names its
+    inputs as the page does: `client.predict(domain="svhn", digit=3, api_name="/digits")`."""
+    params = list(inspect.signature(fn).parameters.values())[1:]
 
-    def run(*values, progress=gr.Progress(track_tqdm=True)):
+    def run(*values, **named):
         try:
-            return fn(models, *values)
+            return fn(models, *values[: len(params)])  # gradio adds the progress tracker after the inputs
         except DifflabError as e:
             raise gr.Error(str(e)) from None
         except Exception as e:  # a bad upload, a model that fails: a message, never a traceback page
             raise gr.Error(f"{type(e).__name__}: {e}".splitlines()[0]) from None
 
+    tracker = inspect.Parameter(
+        "progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress(track_tqdm=True)
+    )
+    run.__signature__ = inspect.Signature([p.replace(annotation=inspect.Parameter.empty) for p in params] + [tracker])
     run.__name__ = fn.__name__
     return run
 

@@ -25,6 +25,25 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from difflab import __version__
+
+        typer.echo(f"difflab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Train, sample, evaluate and personalize diffusion models."""
+
+
 app.add_typer(digits_app, name="digits")
 app.add_typer(ddim_app, name="ddim")
 app.add_typer(clip_app, name="clip")

@@ -117,7 +117,9 @@ ReportTo = Annotated[str, typer.Option("--report-to", help=REPORT_TO_HELP + ".")
 ValidationEvery = Annotated[
     int,
     typer.Option(
-        "--validation-every", min=0, help="Log a grid of both domains x all digits to the trackers every N steps."
+        "--validation-every",
+        min=0,
+        help="Log a grid of both domains x all digits to the trackers every N steps and at the last one.",
     ),
 ]
 SampleEvery = Annotated[

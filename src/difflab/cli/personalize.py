@@ -69,7 +69,12 @@ EmaDecay = Annotated[
 GradientCheckpointing = Annotated[bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory.")]
 SaveEvery = Annotated[int, typer.Option(min=0, help="Embedding snapshot every N steps (0: only at the end).")]
 CheckpointEvery = Annotated[int, typer.Option(min=0, help="Resumable checkpoint every N steps (0: only at the end).")]
-ValidateEvery = Annotated[int, typer.Option(min=0, help="Validation images every N steps (0: never).")]
+ValidateEvery = Annotated[
+    int,
+    typer.Option(
+        min=0, help="Validation images every N steps (0: never; a tracked run logs the last step's either way)."
+    ),
+]
 ReportTo = Annotated[str, typer.Option("--report-to", help=REPORT_TO_HELP + ".")]
 ValidationPrompt = Annotated[List[str], typer.Option(help="Validation prompt (repeatable); default one per concept.")]
 ValidationSteps = Annotated[int, typer.Option(min=1, max=1000, help="Sampling steps for validation images.")]

@@ -299,7 +299,7 @@ def train_loop(run: Run, stop: StopRequest) -> None:
                 break
         if run.step % cfg.save_every == 0:
             saved_at = save_state(run)
-        write_progress(run)
+        write_progress(run, last=run.step >= total)
         if stop_requested(run, stop):
             stopped = True
             break
@@ -370,12 +370,14 @@ def start_run(cfg: TrainConfig, accelerator) -> Run:
     return run
 
 
-def write_progress(run: Run) -> None:
+def write_progress(run: Run, last: bool = False) -> None:
     """The grid of both domains x all digits from the EMA weights: a PNG every `sample_every` steps, and to the
-    trackers every `validation_every` steps (main process)."""
+    trackers every `validation_every` steps and at the `last` step, so that a run shorter than `validation_every`
+    logs one too, as diffusers' training examples do (main process)."""
     cfg = run.cfg
     to_png = bool(cfg.sample_every) and run.step % cfg.sample_every == 0
-    to_trackers = bool(cfg.validation_every) and run.step % cfg.validation_every == 0 and run.accelerator.trackers
+    due = bool(cfg.validation_every) and (run.step % cfg.validation_every == 0 or last)
+    to_trackers = due and bool(run.accelerator.trackers)
     if not run.accelerator.is_main_process or not (to_png or to_trackers):
         return
     grid = progress_grid(run.ema, run.schedule, cfg.seed)

@@ -422,7 +422,10 @@ class TextualInversion:
                 last = self.step == cfg.steps
                 if cfg.save_every and self.step % cfg.save_every == 0 and not last:
                     self.save_embeddings(f"snapshots/learned_embeds-step{self.step:06d}.safetensors")
-                if cfg.validate_every and (self.step % cfg.validate_every == 0 or last):
+                # A tracked run logs a last grid even without --validate-every, as diffusers' examples do.
+                if (cfg.validate_every and self.step % cfg.validate_every == 0) or (
+                    last and (cfg.validate_every or acc.trackers)
+                ):
                     log_images(acc, "validation", validation_grid(self), self.step)
                 if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or last:
                     save_checkpoint(self)
