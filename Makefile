@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-quick demo-personalize minisd-stack app test test-browser bench clean
+.PHONY: demo demo-quick demo-personalize minisd-stack app docs test test-browser bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,9 +39,14 @@ app: $(STAMP)
 	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[app]"
 	$(BIN)/difflab app
 
+# The documentation site into site/, offline; --strict makes a broken link or a missing reference an error.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 # The app driven in the system's headless Chromium (apt-get install chromium); skipped, saying so, without one.
@@ -53,4 +58,4 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run_all.py
 
 clean:
-	rm -rf runs build dist *.egg-info src/*.egg-info
+	rm -rf runs build dist site *.egg-info src/*.egg-info

@@ -1,6 +1,6 @@
 """difflab: train, sample, evaluate and personalize diffusion models."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str):
