@@ -13,8 +13,6 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q "torch>=2.4"
 	$(BIN)/python -c "import torch; print(torch.__version__)" | sed 's/+.*//' | sed 's/^/torch==/' > $(VENV)/constraints.txt
 	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[test]"
-	# Only for the CLIP BPE vocabulary file it carries; never imported (it needs torchvision).
-	$(BIN)/pip install -q --no-deps open-clip-torch
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -229,9 +229,10 @@ def test_shipped_sd_v1_configs_match_spec():
     sched = PNDMScheduler.from_config(PNDMScheduler.load_config(SD_V1_CONFIG / "scheduler"))
     assert sched.config.beta_schedule == "scaled_linear"
     assert torch.allclose(sched.betas[[0, -1]], torch.tensor([0.00085, 0.012]), atol=1e-7)
-    shipped, built = load_clip_tokenizer(SD_V1_CONFIG / "tokenizer"), load_clip_tokenizer()
-    text_in = "A <new1> sitting on a beach at sunset, in the style of David Revoy!"
-    assert shipped(text_in).input_ids == built(text_in).input_ids and len(shipped) == 49408
+    shipped = load_clip_tokenizer()
+    # OpenAI's ids, as their CLIP README and every CLIP tokenizer give them.
+    assert shipped("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert shipped("a photo of a dog").input_ids[-2] == 1929 and len(shipped) == 49408
 
 
 # ---- embeddings --------------------------------------------------------------------------------------------
