@@ -2,24 +2,27 @@
 
 The CLI turns `--precision` into a `Precision` once (`Precision.parse`) and hands it down; the job that runs it
 calls `settle` once, with what it would run, and uses the answer throughout.
+
 - "fp32": plain float32 (IEEE on CUDA too: TF32 is off inside `autocast`); "bf16" / "fp16": that dtype (fp16
   needs CUDA).
 - "auto": the fastest precision whose result stays within the job's tolerance of fp32's. The rule:
-  - Each job states a `tolerance` beside itself: the largest relative error ‖out − out_fp32‖ / ‖out_fp32‖ of its
-    trial's output (one guided ε, one training step's gradient) that it accepts from a lower precision.
-  - `REFERENCE` (0) marks a job whose output a user checks against a computation made elsewhere (DDIM from noise
-    files, inversion, the course's MSE): "auto" is fp32 there on every device, untimed, because many deterministic
-    steps in bf16 are not what the reference was computed with. A job that gives no trial is treated the same.
-  - On a CPU nothing else is assumed, because the same choice goes opposite ways on machines of the same kind
-    (benchmarks/results/precision.md). The trial runs every candidate (fp32 / bf16, contiguous / channels-last
-    where the job allows it) once from the same random state, drops those outside the tolerance, times the rest
-    interleaved and keeps the fastest if it beats plain fp32 by a clear margin. The answer, the timings, the
-    errors and the tolerance are cached per CPU model and instruction set, torch version, thread count and job,
-    so later runs on the machine make the same choice whatever the load then. A CPU without bf16 instructions
-    emulates bf16 many times slower than fp32: bf16 is not tried there, and any candidate whose first call is far
-    slower than fp32's is not timed further.
-  - On CUDA bf16 is faster wherever the GPU supports it, so nothing is timed: the trial compares bf16's output
-    with fp32's and bf16 is kept when it is within the tolerance.
+
+    - Each job states a `tolerance` beside itself: the largest relative error ‖out − out_fp32‖ / ‖out_fp32‖ of its
+      trial's output (one guided ε, one training step's gradient) that it accepts from a lower precision.
+    - `REFERENCE` (0) marks a job whose output a user checks against a computation made elsewhere (DDIM from noise
+      files, inversion, the course's MSE): "auto" is fp32 there on every device, untimed, because many deterministic
+      steps in bf16 are not what the reference was computed with. A job that gives no trial is treated the same.
+    - On a CPU nothing else is assumed, because the same choice goes opposite ways on machines of the same kind
+      (benchmarks/results/precision.md). The trial runs every candidate (fp32 / bf16, contiguous / channels-last
+      where the job allows it) once from the same random state, drops those outside the tolerance, times the rest
+      interleaved and keeps the fastest if it beats plain fp32 by a clear margin. The answer, the timings, the
+      errors and the tolerance are cached per CPU model and instruction set, torch version, thread count and job,
+      so later runs on the machine make the same choice whatever the load then. A CPU without bf16 instructions
+      emulates bf16 many times slower than fp32: bf16 is not tried there, and any candidate whose first call is far
+      slower than fp32's is not timed further.
+    - On CUDA bf16 is faster wherever the GPU supports it, so nothing is timed: the trial compares bf16's output
+      with fp32's and bf16 is kept when it is within the tolerance.
+
 Most jobs autocast to the dtype (`autocast`, `prepare`, `input`); Stable Diffusion pipelines hold their weights
 in it instead (`cast`), as diffusers does.
 """
@@ -59,6 +62,9 @@ def precision_help(auto: str) -> str:
 
 @dataclass(frozen=True)
 class Precision:
+    """A precision a job runs in: a dtype (`name`), a memory format, and how it was chosen, with the timings and
+    errors of the candidates when "auto" tried them."""
+
     name: str = "fp32"  # one of PRECISIONS; "auto" until `settle` picks one
     channels_last: bool = False
     how: str = "requested"  # "requested", "reference job", "untried", "measured", "cached" or "checked on CUDA"
