@@ -1,4 +1,5 @@
-"""Region-wise multi-concept composition on a tiny random Stable Diffusion."""
+"""Region-wise multi-concept composition on a tiny random Stable Diffusion: boxes, and the two-stage path whose
+regions are found in a layout image (the finders themselves: tests/test_layout.py)."""
 
 import csv
 
@@ -15,17 +16,20 @@ from difflab.personalize.compose import (
     capture_cross_attention,
     check_boxes,
     compose,
-    concept_maps,
+    decode,
     denoise_regions,
-    region_masks,
+    layout_stage,
+    plain,
     token_indices,
 )
 from difflab.personalize.generate import initial_latents, set_scheduler
 from difflab.utils import DifflabError
 
 PROMPT = "a <new1> in a city in a style of <new2>"
-CONCEPTS = [Region("<new1>", "a photo of a <new1> dog"), Region("city", "a photo of a city")]
-CFG = ComposeConfig(steps=3, height=64, width=64)
+CONCEPTS = [Region("dog", "a photo of a <new1> dog"), Region("city", "a photo of a city")]
+LAYOUT_PROMPT = "a dog next to a city"
+CFG = ComposeConfig(steps=3, height=64, width=64, layout="attention", min_region=0)
+BOXES = ((0, 0, 0.5, 1), (0.5, 0, 1, 1))
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +66,9 @@ def test_capture_keeps_outputs_and_records_attention_distributions(sd):
     # the tiny UNet cross-attends only at 16x16 (latent 32 / 2): every cross-attention layer is recorded once
     cross_layers = sum(name.endswith("attn2.processor") for name in pipe.unet.attn_processors)
     assert cross_layers > 1 and list(store.counts.items()) == [(16 * 16, cross_layers)]
-    maps = store.maps(32, 32, factor=4)  # no 8x8 layer exists: the nearest size recorded is used
-    assert maps.shape == (2, 16, 16, 77)
-    torch.testing.assert_close(maps.sum(-1), torch.ones(2, 16, 16))
-    assert (maps >= 0).all()
+    mean = store.sums[16 * 16] / store.counts[16 * 16]
+    assert mean.shape == (2, 16 * 16, 77) and (mean >= 0).all()
+    torch.testing.assert_close(mean.sum(-1), torch.ones(2, 16 * 16))
 
 
 def test_token_indices_find_learned_tokens_and_words(sd):
@@ -84,22 +87,6 @@ def test_token_indices_find_learned_tokens_and_words(sd):
     assert token_indices(pipe, "a <multi> in a city", "city") == [6]
 
 
-def test_masks_partition_the_latent_and_follow_attention():
-    attention = torch.zeros(4, 4, 77)
-    attention[:2, :, 1] = 1.0  # token 1 owns the top half
-    attention[2:, :2, 2] = 1.0  # token 2 the bottom-left quarter
-    attention[..., 0] = 1.0 - attention[..., 1:].sum(-1)
-    maps = concept_maps(attention, [[1], [2]], (8, 8), smooth=0)
-    assert maps.shape == (2, 8, 8) and maps.min() >= 0 and maps.max() <= 1
-    masks = region_masks(maps, threshold=0.5)
-    assert masks.shape == (3, 8, 8)
-    torch.testing.assert_close(masks.sum(0), torch.ones(8, 8))
-    assert set(masks.unique().tolist()) == {0.0, 1.0}
-    assert masks[1, :3].all() and masks[2, 5:, :3].all() and masks[0, 5:, 5:].all()
-    smoothed = region_masks(concept_maps(attention, [[1], [2]], (8, 8), smooth=1.0), threshold=0.5)
-    torch.testing.assert_close(smoothed.sum(0), torch.ones(8, 8))
-
-
 def test_one_region_everywhere_equals_plain_generation(sd):
     """Mechanism check: with one concept's mask all ones, blending reduces to diffusers' pipeline on its prompt."""
     pipe, _, _ = sd
@@ -107,8 +94,8 @@ def test_one_region_everywhere_equals_plain_generation(sd):
     prompts = [PROMPT, CONCEPTS[0].prompt, CONCEPTS[1].prompt]
     masks = torch.zeros(3, 32, 32)
     masks[1] = 1
-    composed = denoise_regions(pipe, latents, prompts, masks, CFG)
-    plain = pipe(
+    composed = decode(pipe, denoise_regions(pipe, latents, prompts, masks, CFG))
+    reference = pipe(
         CONCEPTS[0].prompt,
         latents=latents,
         height=64,
@@ -116,7 +103,7 @@ def test_one_region_everywhere_equals_plain_generation(sd):
         num_inference_steps=CFG.steps,
         guidance_scale=CFG.guidance,
     ).images[0]
-    assert np.abs(pixels(composed) - pixels(plain)).max() <= 1
+    assert np.abs(pixels(composed) - pixels(reference)).max() <= 1
     other = pipe(
         CONCEPTS[1].prompt,
         latents=latents,
@@ -128,34 +115,36 @@ def test_one_region_everywhere_equals_plain_generation(sd):
     assert np.abs(pixels(composed) - pixels(other)).mean() > 0.5  # the test can tell prompts apart
 
 
-def test_compose_returns_naive_masks_and_a_blend(sd):
+def test_two_stages_run_end_to_end_and_stage_two_continues_stage_one(sd):
     pipe, _, _ = sd
-    result = compose(pipe, PROMPT, CONCEPTS, CFG, seed=3)
-    plain = pipe(
-        PROMPT,
-        latents=initial_latents(pipe, [3], 64, 64),
-        height=64,
-        width=64,
-        num_inference_steps=CFG.steps,
-        guidance_scale=CFG.guidance,
-    ).images[0]
-    assert np.abs(pixels(result.naive) - pixels(plain)).max() <= 1  # recording attention changes nothing
-    assert result.maps.shape == (2, 32, 32) and result.masks.shape == (3, 32, 32)
-    torch.testing.assert_close(result.masks.sum(0), torch.ones(32, 32))
-    assert result.prompts == [PROMPT, CONCEPTS[0].prompt, CONCEPTS[1].prompt]
+    cfg = ComposeConfig(**{**CFG.__dict__, "layout_steps": 1})
+    result = compose(pipe, PROMPT, CONCEPTS, cfg, seed=3, layout_prompt=LAYOUT_PROMPT)
+    latents = initial_latents(pipe, [3], 64, 64)
+    reference = pipe(PROMPT, latents=latents, height=64, width=64, num_inference_steps=CFG.steps,
+                     guidance_scale=CFG.guidance).images[0]  # fmt: skip
+    assert np.abs(pixels(result.naive) - pixels(reference)).max() <= 1
+    assert result.finder == "attention" and result.layout_prompt == LAYOUT_PROMPT and result.layout is not None
+    assert result.masks.shape == (3, 32, 32) and result.prompts == [PROMPT, CONCEPTS[0].prompt, CONCEPTS[1].prompt]
+    assert (result.masks.sum(0) <= 1).all() and result.masks[1:].flatten(1).sum(1).min() > 0
+    # Stage 2 starts from stage 1's latents after k steps: over the whole latent with stage 1's prompt, it
+    # finishes stage 1's image.
+    layout, at_k = layout_stage(pipe, LAYOUT_PROMPT, latents, cfg)
+    first_k = denoise_regions(pipe, latents, *plain(LAYOUT_PROMPT, latents), cfg, stop=1)
+    torch.testing.assert_close(at_k, first_k)
+    finished = decode(pipe, denoise_regions(pipe, at_k, *plain(LAYOUT_PROMPT, latents), cfg, start=1))
+    assert np.abs(pixels(finished) - pixels(layout.image)).max() <= 1
     assert np.abs(pixels(result.composed) - pixels(result.naive)).mean() > 0.5
 
 
 def test_box_masks_place_each_concept_in_its_box():
-    left, right = Region("a", "a", (0, 0, 0.5, 1)), Region("b", "b", (0.25, 0.5, 1, 1))
-    masks = box_masks([left, right], (4, 8))
+    masks = box_masks([(0, 0, 0.5, 1), (0.25, 0.5, 1, 1)], (4, 8))
     assert masks.shape == (3, 4, 8)
     torch.testing.assert_close(masks.sum(0), torch.ones(4, 8))
     assert masks[1, :2, :4].all() and masks[1, 2:, :2].all()  # the left half, but for what the later box takes
     assert masks[2, 2:, 2:].all() and not masks[2, :2].any()
     assert masks[0, :2, 4:].all()  # the top right is in no box: background
-    with pytest.raises(DifflabError, match="cover no latent pixel"):
-        box_masks([Region("a", "a", (0, 0, 0.05, 1))], (4, 8))
+    with pytest.raises(DifflabError, match="the boxes of a cover no latent pixel"):
+        box_masks([(0, 0, 0.05, 1)], (4, 8), ["a"])
 
 
 @pytest.mark.parametrize(
@@ -170,12 +159,37 @@ def test_check_boxes_refuses_partial_or_empty_boxes(boxes, message):
 
 def test_compose_with_boxes_uses_them_as_regions(sd):
     pipe, _, _ = sd
-    boxed = [Region(c.words, c.prompt, box) for c, box in zip(CONCEPTS, ((0, 0, 0.5, 1), (0.5, 0, 1, 1)))]
-    result = compose(pipe, PROMPT, boxed, CFG, seed=3)
+    boxed = [Region(c.words, c.prompt, box) for c, box in zip(CONCEPTS, BOXES)]
+    result = compose(pipe, PROMPT, boxed, ComposeConfig(**{**CFG.__dict__, "layout": "boxes"}), seed=3)
     assert result.masks[1, :, :16].all() and result.masks[2, :, 16:].all() and not result.masks[0].any()
-    found = compose(pipe, PROMPT, CONCEPTS, CFG, seed=3)
+    assert result.layout is None and result.finder == "boxes"
+    found = compose(pipe, PROMPT, CONCEPTS, CFG, seed=3, layout_prompt=LAYOUT_PROMPT)
     assert np.abs(pixels(result.naive) - pixels(found.naive)).max() <= 1  # the same naive image either way
     assert np.abs(pixels(result.composed) - pixels(found.composed)).mean() > 0.5
+
+
+@pytest.mark.parametrize(
+    "layout, boxes, layout_prompt, message",
+    [
+        ("boxes", False, None, "--layout boxes needs a box for every concept"),
+        ("auto", True, None, "boxes go with --layout boxes, not --layout auto"),
+        ("attention", False, "a dog next to a house", "concept words 'city' do not occur in the prompt"),
+        ("clip", False, LAYOUT_PROMPT, "--layout clip needs a CLIP model"),
+    ],
+)
+def test_layout_input_errors_are_one_line(sd, layout, boxes, layout_prompt, message):
+    pipe, _, _ = sd
+    concepts = [Region(c.words, c.prompt, box if boxes else None) for c, box in zip(CONCEPTS, BOXES)]
+    cfg = ComposeConfig(**{**CFG.__dict__, "layout": layout})
+    with pytest.raises(DifflabError, match=message):
+        compose(pipe, PROMPT, concepts, cfg, seed=3, layout_prompt=layout_prompt)
+
+
+def test_a_region_under_the_smallest_share_is_an_error(sd):
+    pipe, _, _ = sd
+    cfg = ComposeConfig(**{**CFG.__dict__, "min_region": 0.99})  # no region can hold 99 % of the latent
+    with pytest.raises(DifflabError, match=r"the layout leaves 'dog' \(\d+%\).* under 99% of the image"):
+        compose(pipe, PROMPT, CONCEPTS, cfg, seed=3, layout_prompt=LAYOUT_PROMPT)
 
 
 def test_cli_compose_end_to_end_with_scores(sd, tmp_path, random_images, save_tiny_clip):
@@ -195,7 +209,11 @@ def test_cli_compose_end_to_end_with_scores(sd, tmp_path, random_images, save_ti
         "--prompt",
         PROMPT,
         "--concepts",
-        "<new1>=a photo of a <new1> dog",
+        "dog=a photo of a <new1> dog",
+        "--layout-prompt",
+        "a dog in a city",
+        "--layout",
+        "clip",
         "--sd",
         str(model),
         "--embeds",
@@ -215,7 +233,7 @@ def test_cli_compose_end_to_end_with_scores(sd, tmp_path, random_images, save_ti
         "--clip",
         str(tmp_path / "clip"),
         "--refs",
-        f"<new1>={tmp_path / 'dog'}",
+        f"dog={tmp_path / 'dog'}",
         "--refs",
         f"<new2>={tmp_path / 'style'}",
     ]
@@ -223,14 +241,15 @@ def test_cli_compose_end_to_end_with_scores(sd, tmp_path, random_images, save_ti
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"
     for i in (0, 1):
-        for name in ("naive", "composed", "masks"):
+        for name in ("naive", "composed", "masks", "layout"):
             assert (out / f"{name}_{i}.png").is_file()
     rows = list(csv.DictReader(open(out / "scores.csv")))
-    assert [r["concept"] for r in rows] == ["<new1>", "<new2>"]
+    assert [r["concept"] for r in rows] == ["dog", "<new2>"]
     assert all(-100 <= float(r["composed image score"]) <= 100 for r in rows)
     assert "composed image score" in (out / "report.html").read_text()
     bad = CliRunner().invoke(app, args[:4] + ["--concepts", "no-equals-sign"] + args[6:])
     assert bad.exit_code != 0 and "WORDS=VALUE" in str(bad.exception)
-    for box, message in (("<new1>=0,0,1", "four numbers"), ("city=0,0,1,1", "not the WORDS")):
+    for box, message in (("dog=0,0,1", "four numbers"), ("city=0,0,1,1", "not the WORDS"),
+                         ("dog=0,0,1,1", "boxes go with --layout boxes, not --layout clip")):  # fmt: skip
         bad = CliRunner().invoke(app, args + ["--box", box, "--overwrite"])
         assert bad.exit_code != 0 and message in str(bad.exception)

@@ -303,7 +303,7 @@ def compose(
         seed=whole("seed", seed, 0, 2**63 - 1),
         height=height,
         width=2 * height,
-        map_factor=2,
+        layout="boxes",
     )
     regions = [Region(p, p, box) for p, box in zip((left, right), boxes)]
     result = compose(pipe, f"{left} next to {right}", regions, cfg)

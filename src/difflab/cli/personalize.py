@@ -129,7 +129,10 @@ Concepts = Annotated[
     List[str],
     typer.Option(
         "--concepts",
-        help=("WORDS=PROMPT, repeatable: words of --prompt locating a concept, and the prompt for its region."),
+        help=(
+            "WORDS=PROMPT, repeatable: the concept's class word in the layout prompt (e.g. dog), and the prompt for "
+            "its region (e.g. a photo of a <new1> dog)."
+        ),
     ),
 ]
 Boxes = Annotated[
@@ -137,9 +140,8 @@ Boxes = Annotated[
     typer.Option(
         "--box",
         help=(
-            "WORDS=LEFT,TOP,RIGHT,BOTTOM, repeatable: place that concept in this box "
-            "(fractions of the image) instead of where its attention falls; every concept or "
-            "none."
+            "WORDS=LEFT,TOP,RIGHT,BOTTOM, repeatable: place that concept in this box (fractions of the image); "
+            "every concept, with --layout boxes."
         ),
     ),
 ]
@@ -173,19 +175,29 @@ ComposeWidth = Annotated[
         "--width", min=64, max=4096, help="Image width in pixels, a multiple of 64 (default: the model's native size)."
     ),
 ]
-Threshold = Annotated[
-    float,
+Layout = Annotated[
+    str,
     typer.Option(
-        "--threshold",
-        min=0.0,
-        max=1.0,
-        help="A concept owns pixels where its normalised attention wins and exceeds this.",
+        "--layout",
+        help="Where each concept goes: auto (the finder that measured best; clip needs --clip), attention or clip "
+        "(found in a layout image of the class words, stage 1), or boxes (--box for every concept).",
     ),
+]
+LayoutPrompt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--layout-prompt",
+        help="Stage 1's prompt, holding every concept's class word (default: 'a WORD next to a WORD ...').",
+    ),
+]
+LayoutSteps = Annotated[
+    int,
+    typer.Option("--layout-steps", min=0, max=999, help="Stage 2 starts from stage 1's latents after this many steps."),
 ]
 Smooth = Annotated[
     float,
     typer.Option(
-        "--smooth", min=0.0, max=100.0, help="Gaussian sigma (attention-map pixels) applied to the maps; 0 disables."
+        "--smooth", min=0.0, max=100.0, help="Gaussian sigma (latent pixels) applied to the attention maps; 0: none."
     ),
 ]
 ComposeNegativePrompt = Annotated[
@@ -197,11 +209,12 @@ CaptureFraction = Annotated[
         "--capture-fraction",
         min=0.01,
         max=1.0,
-        help="Average the attention maps over this first fraction of the steps.",
+        help="The attention finder averages this first fraction of stage 1's steps.",
     ),
 ]
 ComposeClip = Annotated[
-    Optional[Path], typer.Option("--clip", help="CLIP model folder: adds naive vs composed image scores to the report.")
+    Optional[Path],
+    typer.Option("--clip", help="CLIP model folder: finds regions for --layout clip / auto, and scores with --refs."),
 ]
 ComposeRefs = Annotated[
     List[str], typer.Option("--refs", help="WORDS=DIR, repeatable: reference images of a concept for CLIP scoring.")
@@ -413,7 +426,9 @@ def compose_command(
     scheduler: Scheduler = ComposeConfig.scheduler,
     height: ComposeHeight = ComposeConfig.height,
     width: ComposeWidth = ComposeConfig.width,
-    threshold: Threshold = ComposeConfig.threshold,
+    layout: Layout = ComposeConfig.layout,
+    layout_prompt: LayoutPrompt = None,
+    layout_steps: LayoutSteps = ComposeConfig.layout_steps,
     smooth: Smooth = ComposeConfig.smooth,
     negative_prompt: ComposeNegativePrompt = ComposeConfig.negative_prompt,
     capture_fraction: CaptureFraction = ComposeConfig.capture_fraction,
@@ -423,14 +438,15 @@ def compose_command(
     precision: SDPrecision = "auto",
     device: Device = None,
 ) -> None:
-    """Compose several learned concepts in one image by region-wise denoising, next to the naive prompt."""
+    """Compose several learned concepts in one image by region-wise denoising, next to the naive prompt: the regions
+    are boxes, or found in a layout image of the concepts' class words (two stages, as OMG)."""
     from difflab.personalize.compose import compose_images
     from difflab.personalize.sd import load_pipeline
 
     regions = parse_regions(concepts, boxes)
     ref_pairs = parse_pairs(refs, "--refs")
-    if bool(ref_pairs) != (clip is not None):
-        raise DifflabError("--clip and --refs go together: a CLIP model folder and WORDS=DIR reference folders")
+    if ref_pairs and clip is None:
+        raise DifflabError("--refs needs --clip: a CLIP model folder scores the images against them")
     cfg = ComposeConfig(
         steps=steps,
         guidance=guidance,
@@ -439,7 +455,8 @@ def compose_command(
         height=height,
         width=width,
         negative_prompt=negative_prompt,
-        threshold=threshold,
+        layout=layout,
+        layout_steps=layout_steps,
         smooth=smooth,
         capture_fraction=capture_fraction,
         num_images=num_images,
@@ -456,6 +473,7 @@ def compose_command(
         scorer=scorer,
         refs=ref_pairs,
         overwrite=overwrite,
+        layout_prompt=layout_prompt,
     )
     typer.echo(f"wrote {out / 'report.html'}")
 

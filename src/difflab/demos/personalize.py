@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from difflab.clip.score import ClipScorer
 from difflab.digits.data import DOMAINS
 from difflab.io import load_rgb, open_run, save_json, save_png, write_metadata
 from difflab.minisd import data as mdata
@@ -56,6 +57,7 @@ class PersonalizeDemoConfig:
     steps: int = 25
     guidance: float = 7.5
     compose_seeds: int = 4  # per two-digit prompt
+    compose_layout_steps: int = 0  # stage 2 starts from the layout image's latents after this many steps
     seed: int = 0
     device: str | None = None
     precision: Precision = Precision("auto")
@@ -228,7 +230,8 @@ def _run_demo(cfg: PersonalizeDemoConfig, out: Path) -> dict:
     metrics["best_of"] = stages.run(
         "CLIP score, best-of-N", best_of, cfg, spec, judges, stack, out, metrics["generation"]
     )
-    metrics["compose"] = stages.run("composition", composition, cfg, pipe, judges, out / "compose")
+    scorer = ClipScorer.from_pretrained(stack / "clip", cfg.device)
+    metrics["compose"] = stages.run("composition", composition, cfg, pipe, judges, scorer, out / "compose")
     metrics["seconds"] = stages.seconds
     save_json(metrics, out / "metrics.json")
     from difflab.demos.personalize_report import print_summary, write_report
@@ -342,35 +345,55 @@ def best_of(cfg: PersonalizeDemoConfig, spec: dict, judges: Judges, stack: Path,
     return rows
 
 
-def composition(cfg: PersonalizeDemoConfig, pipe, judges: Judges, out: Path) -> dict:
+def composition(cfg: PersonalizeDemoConfig, pipe, judges: Judges, scorer, out: Path) -> dict:
     """Both halves right (digit and style): the naive prompt against region-wise denoising with the regions given
-    ("next to": left and right half, the goal) and found from cross-attention, all from the same initial noise."""
-    from difflab.personalize.compose import ComposeConfig, Region, box_masks, compose, denoise_regions
+    ("next to": left and right half) and found by `--layout auto` in a layout image of the plain two-digit prompt,
+    all from the same initial noise. Stage 1's images and the found masks are kept for the report."""
+    from difflab.personalize.compose import (
+        AUTO_FINDER,
+        ComposeConfig,
+        Region,
+        box_masks,
+        decode,
+        denoise_regions,
+        find_regions,
+        layout_stage,
+        masks_figure,
+        plain,
+    )
     from difflab.personalize.generate import initial_latents
 
     (left_token, left_style), (right_token, right_style) = CONCEPTS
-    ccfg = ComposeConfig(steps=cfg.steps, guidance=cfg.guidance, height=32, width=64, map_factor=2)
-    images: dict[str, list] = {"naive": [], "composed": [], "composed_attention": []}
-    wanted = []
+    ccfg = ComposeConfig(
+        steps=cfg.steps, guidance=cfg.guidance, height=32, width=64, layout_steps=cfg.compose_layout_steps,
+        clip_template="a photo of the number {}",
+    )  # fmt: skip
+    images: dict[str, list] = {"naive": [], "composed": [], "composed_auto": []}
+    figures, wanted = [], []
     for a, b in PAIRS:
         left = f"the number {a} in the style of {left_token}"
         right = f"the number {b} in the style of {right_token}"
-        prompt = f"{left} next to {right}"
-        words = (left.removeprefix("the number "), right.removeprefix("the number "))
-        boxed = [Region(words[0], left, (0, 0, 0.5, 1)), Region(words[1], right, (0.5, 0, 1, 1))]
-        found = [Region(words[0], left), Region(words[1], right)]
+        prompt, layout_prompt = f"{left} next to {right}", f"the number {a} next to the number {b}"
+        concepts = [Region(str(a), left, (0, 0, 0.5, 1)), Region(str(b), right, (0.5, 0, 1, 1))]
+        prompts = [prompt, left, right]
         for s in range(cfg.compose_seeds):
-            r = compose(pipe, prompt, found, ccfg, seed=cfg.seed + s)
-            # The boxes' composition from the same noise and prompts, without making the naive image again.
             latents = initial_latents(pipe, [cfg.seed + s], ccfg.height, ccfg.width)
-            by_box = denoise_regions(pipe, latents, r.prompts, box_masks(boxed, latents.shape[-2:]), ccfg)
-            images["naive"].append(np.asarray(r.naive.convert("RGB")))
-            images["composed"].append(np.asarray(by_box.convert("RGB")))
-            images["composed_attention"].append(np.asarray(r.composed.convert("RGB")))
+            boxes = box_masks([c.box for c in concepts], latents.shape[-2:])
+            layout, at_k = layout_stage(pipe, layout_prompt, latents, ccfg)
+            masks = find_regions(pipe, layout, layout_prompt, concepts, ccfg, AUTO_FINDER, scorer)
+            made = {
+                "naive": denoise_regions(pipe, latents, *plain(prompt, latents), ccfg),
+                "composed": denoise_regions(pipe, latents, prompts, boxes, ccfg),
+                "composed_auto": denoise_regions(pipe, at_k, prompts, masks, ccfg, start=ccfg.layout_steps),
+            }
+            for name, latent in made.items():
+                images[name].append(np.asarray(decode(pipe, latent).convert("RGB")))
+            if s == 0:
+                figures.append(masks_figure(layout.image, masks))
             wanted.append((a, b))
     want = np.array(wanted)
     styles = (DOMAINS.index(left_style), DOMAINS.index(right_style))
-    result = {"n": len(want), "prompts": len(PAIRS)}
+    result = {"n": len(want), "prompts": len(PAIRS), "finder": AUTO_FINDER, "layout_steps": ccfg.layout_steps}
     both_right = {}
     for name, made in images.items():
         made = np.stack(made)
@@ -378,7 +401,8 @@ def composition(cfg: PersonalizeDemoConfig, pipe, judges: Judges, out: Path) -> 
         save_png(image_grid(made[:: cfg.compose_seeds][:10], 2, 5), out / f"{name}.png")
         both_right[name] = both_halves_right(judges, made, want, styles).astype(float)
         result[name] = float(both_right[name].mean())
-    for name, key in (("composed", "gain"), ("composed_attention", "gain_attention")):
+    save_png(image_grid(np.stack(figures[:6]), 6, 1), out / "layouts.png")
+    for name, key in (("composed", "gain"), ("composed_auto", "gain_auto")):
         diff = both_right[name] - both_right["naive"]
         result[key] = float(diff.mean())
         result[f"{key}_se"] = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")

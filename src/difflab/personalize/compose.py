@@ -1,19 +1,16 @@
-"""Multi-concept composition by region-wise denoising (in the spirit of OMG).
+"""Multi-concept composition by region-wise denoising, in two stages as OMG (Kong et al. 2024) does.
 
-Prompting "a <new1> in a city in a style of <new2>" directly tends to drop or blend one learned concept.
-Here the image is made in two passes from the same initial latent:
-  1. layout: the plain prompt is denoised while the cross-attention probabilities are recorded; each
-     concept's region is where the attention of its words dominates (normalise, smooth, threshold/argmax).
-     Or the regions are given as boxes, as in regional prompting: a UNet whose cross-attention does not
-     localise words (the mini SD's) still draws each concept where it is told;
-  2. composition: at every step each region is denoised with its own concept prompt and the background
-     with the background prompt; the classifier-free-guided noise predictions are blended by the masks.
-     All prompts (plus one shared unconditional) go through the UNet in one batch.
+Prompting "a <new1> in a city in a style of <new2>" directly tends to drop or blend one learned concept. Here:
+  1. layout: the regions are given as boxes (regional prompting), or found (`difflab.personalize.layout`) in a
+     layout image that a plain prompt of the concepts' class words makes ("a dog next to a cat"): from its
+     cross-attention, or by CLIP on its windows;
+  2. composition: each region is denoised with its own concept prompt and the background with the background
+     prompt; the classifier-free-guided noise predictions are blended by the masks, all prompts (plus one shared
+     unconditional) in one UNet batch. With a layout image, stage 2 starts from its latents after `layout_steps`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,30 +33,52 @@ from difflab.personalize.generate import (
     set_scheduler,
     thumbnails,
 )
+from difflab.personalize.layout import (
+    FINDERS,
+    Layout,
+    attention_regions,
+    box_masks,
+    check_regions,
+    clip_regions,
+)
 from difflab.utils import DifflabError, image_grid, stream_seed
 
+REGION_NAMES = ("red", "blue", "green", "yellow", "purple")  # the colours below, after the background's grey
 REGION_COLOURS = np.array(
     [[128, 128, 128], [230, 60, 60], [60, 120, 230], [60, 190, 90], [230, 180, 40], [170, 80, 200]], dtype=np.float32
 )
 
 
+LAYOUTS = ("auto", *FINDERS, "boxes")
+# What `--layout auto` uses: the finder that measured best on the miniature stack (benchmarks/personalize_layout.py).
+AUTO_FINDER = "clip"
+
+
 @dataclass
 class ComposeConfig(SDSampling):
-    threshold: float = 0.4  # a concept owns a latent pixel where its normalised map wins and exceeds this
-    smooth: float = 1.0  # Gaussian sigma, in attention-map pixels, applied before thresholding (0: none)
-    map_factor: int = 4  # attention maps from the layers at latent size / map_factor (16x16 for SD at 512)
-    capture_fraction: float = 1.0  # maps are averaged over this first fraction of the steps
+    layout: str = "auto"  # one of LAYOUTS: "boxes" needs every concept's box, the others none
+    layout_steps: int = 0  # stage 2 starts from the layout image's latents after this many of its steps
+    smooth: float = 1.0  # Gaussian sigma, in latent pixels, applied to the attention maps (0: none)
+    capture_fraction: float = 0.5  # the attention finder averages this first fraction of stage 1's steps
+    clip_template: str = "a photo of {}"  # what the CLIP finder scores each class word as
+    min_region: float = 0.05  # a found region under this share of the latent is an error
     num_images: int = 1  # images composed with seeds seed, seed + 1, ...; scores are averaged over them
 
     def check(self) -> None:
         super().check()
         if self.steps < 1 or self.num_images < 1:
             raise DifflabError(f"steps = {self.steps}, num_images = {self.num_images}: must be at least 1")
-        if not 0 < self.capture_fraction <= 1 or not 0 <= self.threshold < 1:
+        if self.layout not in LAYOUTS:
+            raise DifflabError(f"unknown layout {self.layout!r}: choose one of {', '.join(LAYOUTS)}")
+        if not 0 <= self.layout_steps < self.steps:
+            raise DifflabError(f"layout steps {self.layout_steps} must be in [0, {self.steps - 1}] (of --steps)")
+        if not 0 < self.capture_fraction <= 1 or not 0 <= self.min_region < 1:
             raise DifflabError(
-                f"capture fraction must be in (0, 1] and threshold in [0, 1), got "
-                f"{self.capture_fraction} and {self.threshold}"
+                f"capture fraction must be in (0, 1] and the smallest region in [0, 1), got "
+                f"{self.capture_fraction} and {self.min_region}"
             )
+        if "{}" not in self.clip_template:
+            raise DifflabError(f"CLIP template {self.clip_template!r} has no {{}} for the class word")
         check_size(self.height, self.width, 8)  # a multiple of 8 for any SD; the model's own multiple in compose()
 
 
@@ -81,9 +100,9 @@ Box = tuple[float, float, float, float]  # (left, top, right, bottom) as fractio
 
 @dataclass
 class Region:
-    words: str  # text of the main prompt whose cross-attention locates the concept, e.g. "<new1>" or "<new1> dog"
+    words: str  # the concept's class word in the layout prompt, e.g. "dog" or "3": what a finder locates
     prompt: str  # prompt that denoises the concept's region, e.g. "a photo of a <new1> dog"
-    box: Optional[Box] = None  # where the concept goes, instead of where the attention of `words` puts it
+    box: Optional[Box] = None  # where the concept goes (`--layout boxes`)
 
 
 @dataclass
@@ -91,8 +110,10 @@ class Composition:
     naive: Image.Image
     composed: Image.Image
     masks: torch.Tensor  # (1 + concepts, h, w) one-hot over regions at latent size; region 0 is the background
-    maps: torch.Tensor  # (concepts, h, w) normalised attention maps at latent size
     prompts: list[str] = field(default_factory=list)  # region prompts, background first
+    layout: Optional[Image.Image] = None  # stage 1's image, when the regions were found in it
+    layout_prompt: str = ""
+    finder: str = "boxes"
 
 
 class AttentionStore:
@@ -110,16 +131,6 @@ class AttentionStore:
         probs = probs.detach().float()
         self.sums[q] = self.sums[q] + probs if q in self.sums else probs.clone()
         self.counts[q] = self.counts.get(q, 0) + 1
-
-    def maps(self, height: int, width: int, factor: int) -> torch.Tensor:
-        """(B, h, w, tokens) mean attention of the layers at latent size / factor, or the nearest size recorded."""
-        if not self.sums:
-            raise DifflabError("no cross-attention was recorded: the UNet has no cross-attention layers")
-        factors = {round(math.sqrt(height * width / q)): q for q in self.sums}
-        best = min(factors, key=lambda f: abs(math.log(f / factor)))
-        q = factors[best]
-        mean = self.sums[q] / self.counts[q]
-        return mean.reshape(mean.shape[0], height // best, width // best, mean.shape[-1])
 
 
 class StoringCrossAttnProcessor:
@@ -177,53 +188,6 @@ def token_indices(pipe, prompt: str, words: str) -> list[int]:
     raise DifflabError(f"concept words {words!r} do not occur in the prompt {prompt!r}")
 
 
-def _gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(C,h,w) -> blurred (C,h,w) with a separable Gaussian, edges replicated."""
-    radius = max(1, int(3 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=maps.dtype)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    k = (k / k.sum()).to(maps.device)
-    out = F.pad(maps[:, None], (radius, radius, radius, radius), mode="replicate")
-    out = F.conv2d(out, k.view(1, 1, 1, -1))
-    return F.conv2d(out, k.view(1, 1, -1, 1))[:, 0]
-
-
-def concept_maps(
-    attention: torch.Tensor, token_groups: Sequence[Sequence[int]], latent_hw: tuple[int, int], smooth: float
-) -> torch.Tensor:
-    """(h,w,tokens) attention of one image -> (concepts, H, W) maps in [0,1] at latent size."""
-    maps = torch.stack([attention[..., list(g)].mean(-1) for g in token_groups])
-    if smooth > 0:
-        maps = _gaussian_blur(maps, smooth)
-    lo = maps.flatten(1).min(1).values[:, None, None]
-    hi = maps.flatten(1).max(1).values[:, None, None]
-    maps = (maps - lo) / (hi - lo).clamp_min(1e-8)
-    return F.interpolate(maps[:, None], size=latent_hw, mode="bilinear", align_corners=False)[:, 0]
-
-
-def region_masks(maps: torch.Tensor, threshold: float) -> torch.Tensor:
-    """(C,H,W) concept maps -> (1+C,H,W) one-hot masks: a pixel goes to the winning concept above `threshold`,
-    otherwise to the background (region 0). The masks partition the latent."""
-    score, winner = maps.max(0)
-    region = torch.where(score > threshold, winner + 1, torch.zeros_like(winner))
-    return F.one_hot(region, maps.shape[0] + 1).permute(2, 0, 1).float()
-
-
-def box_masks(concepts: Sequence[Region], latent_hw: tuple[int, int]) -> torch.Tensor:
-    """(1+C,H,W) one-hot masks from the concepts' boxes: a later box wins where boxes overlap, the rest is the
-    background (region 0)."""
-    h, w = latent_hw
-    region = torch.zeros(h, w, dtype=torch.long)
-    for r, c in enumerate(concepts, start=1):
-        left, top, right, bottom = c.box
-        region[round(top * h) : round(bottom * h), round(left * w) : round(right * w)] = r
-    masks = F.one_hot(region, len(concepts) + 1).permute(2, 0, 1).float()
-    empty = [c.words for c, m in zip(concepts, masks[1:]) if not m.any()]
-    if empty:
-        raise DifflabError(f"the boxes of {', '.join(empty)} cover no latent pixel ({h}x{w}) that a later box leaves")
-    return masks
-
-
 def check_boxes(concepts: Sequence[Region]) -> bool:
     """True when every concept has a valid box, False when none has one."""
     boxed = [c for c in concepts if c.box is not None]
@@ -240,23 +204,82 @@ def check_boxes(concepts: Sequence[Region]) -> bool:
 
 @torch.inference_mode()
 def denoise_regions(
-    pipe, latents: torch.Tensor, prompts: Sequence[str], masks: torch.Tensor, cfg: ComposeConfig
-) -> Image.Image:
-    """Denoise one latent (1,C,H,W) where region r follows prompts[r]; the guided noise predictions are blended
-    by `masks` (R,H,W). All prompts and one shared unconditional embedding go through the UNet in one batch."""
+    pipe,
+    latents: torch.Tensor,
+    prompts: Sequence[str],
+    masks: torch.Tensor,
+    cfg: ComposeConfig,
+    start: int = 0,
+    stop: int | None = None,
+) -> torch.Tensor:
+    """Denoise one latent (1,C,H,W) through the scheduler's steps start..stop, where region r follows prompts[r];
+    the guided noise predictions are blended by `masks` (R,H,W). All prompts and one shared unconditional embedding
+    go through the UNet in one batch. Starting at 0 scales the pure noise first; returns the latents."""
     conds, unconds = zip(*(encode_prompt(pipe, p, cfg.negative_prompt) for p in prompts))
     context = torch.cat([unconds[0], *conds])
     weights = masks.to(latents.device, latents.dtype)[:, None]
     scheduler = pipe.scheduler
     scheduler.set_timesteps(cfg.steps, device=latents.device)
-    latents = latents * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
+    if start == 0:
+        latents = latents * scheduler.init_noise_sigma
+    for t in scheduler.timesteps[start:stop]:
         x = scheduler.scale_model_input(latents.expand(len(context), -1, -1, -1), t)
         eps = pipe.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
         guided = eps[:1] + cfg.guidance * (eps[1:] - eps[:1])
         latents = scheduler.step((weights * guided).sum(0, keepdim=True), t, latents, return_dict=False)[0]
+    return latents
+
+
+@torch.inference_mode()
+def decode(pipe, latents: torch.Tensor) -> Image.Image:
     image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
     return pipe.image_processor.postprocess(image, output_type="pil")[0]
+
+
+def plain(prompt: str, latents: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+    """One prompt over the whole latent, as `denoise_regions` takes it."""
+    return [prompt], torch.ones(1, *latents.shape[-2:])
+
+
+@torch.inference_mode()
+def layout_stage(pipe, layout_prompt: str, latents: torch.Tensor, cfg: ComposeConfig) -> tuple[Layout, torch.Tensor]:
+    """Stage 1: the layout prompt's image from `latents`, the cross-attention of its first `capture_fraction` of
+    steps, and its latents after `layout_steps` steps (where stage 2 starts)."""
+    store = AttentionStore()
+    capture = max(1, round(cfg.capture_fraction * cfg.steps))
+    prompts, whole = plain(layout_prompt, latents)
+    cuts = sorted({0, capture, cfg.layout_steps, cfg.steps})
+    x, at_k = latents, latents
+    with capture_cross_attention(pipe.unet, store):
+        for begin, end in zip(cuts, cuts[1:]):
+            store.active = begin < capture
+            x = denoise_regions(pipe, x, prompts, whole, cfg, begin, end)
+            if end == cfg.layout_steps:
+                at_k = x
+    tokens = len(pipe.tokenizer(pipe.maybe_convert_prompt(layout_prompt, pipe.tokenizer)).input_ids)
+    attention = {q: (total / store.counts[q])[-1] for q, total in store.sums.items()}  # the prompt's row
+    return Layout(decode(pipe, x), attention, tokens, tuple(latents.shape[-2:])), at_k
+
+
+def layout_prompt_for(concepts: Sequence[Region]) -> str:
+    """The layout prompt derived from the regions: their class words, left to right, "a dog next to a cat"."""
+    return " next to ".join(f"a {c.words}" for c in concepts)
+
+
+def find_regions(pipe, layout: Layout, layout_prompt: str, concepts, cfg: ComposeConfig, finder: str, scorer):
+    """(1+C,H,W) masks from stage 1 by `finder`, each region checked to be at least `cfg.min_region`."""
+    words = [c.words for c in concepts]
+    if len(set(words)) < len(words):
+        raise DifflabError(f"class words {words} repeat: each concept needs its own word in the layout prompt")
+    groups = [token_indices(pipe, layout_prompt, w) for w in words]  # every word must be in the layout prompt
+    if finder == "clip":
+        if scorer is None:
+            raise DifflabError("--layout clip needs a CLIP model (--clip)")
+        masks, _ = clip_regions(layout, [cfg.clip_template.format(w) for w in words], scorer)
+    else:
+        masks = attention_regions(layout, groups, cfg.smooth)
+    check_regions(masks, words, cfg.min_region)
+    return masks
 
 
 @torch.inference_mode()
@@ -267,13 +290,22 @@ def compose(
     cfg: ComposeConfig,
     background: str | None = None,
     seed: int | None = None,
+    layout_prompt: str | None = None,
+    scorer=None,
 ) -> Composition:
-    """Naive image of `prompt`, concept regions (their boxes, or from its cross-attention), and the region-wise
-    composed image."""
+    """The naive image of `prompt` and the region-wise composed image, the regions given as boxes
+    (`cfg.layout` "boxes") or found in a layout image of `layout_prompt` (default: derived from the class words)
+    by a finder: "attention", "clip" (needs `scorer`, a `ClipScorer`) or "auto"."""
     if not concepts:
         raise DifflabError("compose needs at least one concept (--concepts WORDS=PROMPT)")
     cfg.check()
     boxed = check_boxes(concepts)
+    if boxed != (cfg.layout == "boxes"):
+        raise DifflabError(
+            "--layout boxes needs a box for every concept"
+            if not boxed
+            else f"boxes go with --layout boxes, not --layout {cfg.layout}"
+        )
     prompts = [background or prompt] + [c.prompt for c in concepts]
     check_learned_tokens(pipe, [prompt, *prompts])
     set_scheduler(pipe, cfg.scheduler)
@@ -281,66 +313,25 @@ def compose(
     height, width = image_size(pipe, cfg)
     check_size(height, width, size_multiple(pipe))
     latents = initial_latents(pipe, [cfg.seed if seed is None else seed], height, width)
-    latent_hw = tuple(latents.shape[-2:])
+    naive = decode(pipe, denoise_regions(pipe, latents, *plain(prompt, latents), cfg))
     if boxed:
-        naive = naive_image(pipe, prompt, latents, cfg)
-        masks = box_masks(concepts, latent_hw)
-        maps = masks[1:]
-    else:
-        groups = [token_indices(pipe, prompt, c.words) for c in concepts]
-        store = AttentionStore()
-        naive = naive_image(pipe, prompt, latents, cfg, store)
-        attention = store.maps(*latent_hw, cfg.map_factor)[-1]  # the conditional half of the guidance batch
-        maps = concept_maps(attention, groups, latent_hw, cfg.smooth)
-        masks = region_masks(maps, cfg.threshold)
-    composed = denoise_regions(pipe, latents, prompts, masks, cfg)
-    return Composition(naive, composed, masks.cpu(), maps.cpu(), prompts)
+        masks = box_masks([c.box for c in concepts], latents.shape[-2:], [c.words for c in concepts])
+        composed = denoise_regions(pipe, latents, prompts, masks, cfg)
+        return Composition(naive, decode(pipe, composed), masks.cpu(), prompts)
+    finder = cfg.layout if cfg.layout != "auto" else (AUTO_FINDER if scorer is not None else "attention")
+    layout_prompt = layout_prompt or layout_prompt_for(concepts)
+    layout, at_k = layout_stage(pipe, layout_prompt, latents, cfg)
+    masks = find_regions(pipe, layout, layout_prompt, concepts, cfg, finder, scorer)
+    composed = denoise_regions(pipe, at_k, prompts, masks, cfg, start=cfg.layout_steps)
+    return Composition(naive, decode(pipe, composed), masks.cpu(), prompts, layout.image, layout_prompt, finder)
 
 
-def naive_image(pipe, prompt: str, latents: torch.Tensor, cfg: ComposeConfig, store: AttentionStore | None = None):
-    """The plain prompt's image from `latents`; with `store`, the cross-attention of the first
-    `cfg.capture_fraction` of the steps is recorded into it."""
-    cond, uncond = encode_prompt(pipe, prompt, cfg.negative_prompt)
-    n_capture = max(1, round(cfg.capture_fraction * cfg.steps))
-
-    def stop_capturing(_pipe, i, _t, kwargs):
-        store.active = i + 1 < n_capture
-        return kwargs
-
-    def run():
-        return pipe(
-            prompt_embeds=cond,
-            negative_prompt_embeds=uncond,
-            latents=latents,
-            height=latents.shape[-2] * pipe.vae_scale_factor,
-            width=latents.shape[-1] * pipe.vae_scale_factor,
-            num_inference_steps=cfg.steps,
-            guidance_scale=cfg.guidance,
-            output_type="pil",
-            callback_on_step_end=None if store is None else stop_capturing,
-        ).images[0]
-
-    if store is None:
-        return run()
-    with capture_cross_attention(pipe.unet, store):
-        return run()
-
-
-def masks_figure(result: Composition) -> np.ndarray:
-    """Naive image, each concept's attention heatmap, and the regions over the naive image, side by side."""
-    from matplotlib import colormaps
-
-    size = result.naive.size
-    naive = np.asarray(result.naive.convert("RGB"), dtype=np.float32)
-
-    def upsample(x: torch.Tensor) -> np.ndarray:
-        return F.interpolate(x[None, None].float(), size=size[::-1], mode="nearest")[0, 0].numpy()
-
-    heat = [(colormaps["viridis"](upsample(m))[..., :3] * 255) for m in result.maps]
-    region = upsample(result.masks.argmax(0).float()).astype(int)
-    overlay = 0.5 * naive + 0.5 * REGION_COLOURS[region % len(REGION_COLOURS)]
-    panels = np.stack([naive, *heat, overlay]).round().astype(np.uint8)
-    return image_grid(panels, 1, len(panels))
+def masks_figure(base: Image.Image, masks: torch.Tensor) -> np.ndarray:
+    """An image (stage 1's layout image, or with boxes the naive one) and the regions `masks` over it."""
+    image = np.asarray(base.convert("RGB"), dtype=np.float32)
+    region = F.interpolate(masks.argmax(0)[None, None].float(), size=base.size[::-1], mode="nearest")
+    overlay = 0.5 * image + 0.5 * REGION_COLOURS[region[0, 0].numpy().astype(int) % len(REGION_COLOURS)]
+    return image_grid(np.stack([image, overlay]).round().astype(np.uint8), 1, 2)
 
 
 def compose_images(
@@ -353,23 +344,25 @@ def compose_images(
     scorer=None,
     refs: Sequence[tuple[str, str | os.PathLike]] = (),
     overwrite: bool = False,
+    layout_prompt: str | None = None,
 ) -> Path:
     """Compose `cfg.num_images` images (seeds seed, seed+1, ...); write PNGs, figures, scores and `report.html`
-    into `out`, moved in once all are made."""
+    into `out`, moved in once all are made. `scorer` (a `ClipScorer`) scores against `refs` and finds regions
+    for `--layout clip`."""
     cfg.check()
     with open_run(out, "personalize compose", overwrite=overwrite, staged=True) as run:
-        _compose_images(pipe, prompt, concepts, cfg, run.dir, background, scorer, refs)
+        _compose_images(pipe, prompt, concepts, cfg, run.dir, background, scorer, refs, layout_prompt)
     return Path(out)
 
 
-def _compose_images(pipe, prompt, concepts, cfg: ComposeConfig, out: Path, background, scorer, refs) -> None:
+def _compose_images(pipe, prompt, concepts, cfg, out: Path, background, scorer, refs, layout_prompt) -> None:
     from tqdm.auto import tqdm
 
     # The references are read first: a bad folder fails before minutes of sampling.
     ref_embeds = {words: scorer.image_embeds(reference_images(folder)) for words, folder in refs} if scorer else {}
     seeds = [stream_seed(cfg.seed, i) for i in range(cfg.num_images)]
     results = [
-        compose(pipe, prompt, concepts, cfg, background=background, seed=seed)
+        compose(pipe, prompt, concepts, cfg, background, seed, layout_prompt, scorer)
         for seed in tqdm(seeds, desc="compose", unit="img")
     ]
     figures = write_compositions(results, out)
@@ -385,12 +378,15 @@ def _compose_images(pipe, prompt, concepts, cfg: ComposeConfig, out: Path, backg
 
 
 def write_compositions(results: list[Composition], out: Path) -> list[np.ndarray]:
-    """`naive_<i>.png`, `composed_<i>.png` and the mask figure `masks_<i>.png` of each result; returns the figures."""
+    """`naive_<i>.png`, `composed_<i>.png`, stage 1's `layout_<i>.png` and the mask figure `masks_<i>.png` of each
+    result; returns the figures."""
     figures = []
     for i, result in enumerate(results):
         save_png(np.asarray(result.naive), out / f"naive_{i}.png")
         save_png(np.asarray(result.composed), out / f"composed_{i}.png")
-        figures.append(masks_figure(result))
+        if result.layout is not None:
+            save_png(np.asarray(result.layout.convert("RGB")), out / f"layout_{i}.png")
+        figures.append(masks_figure(result.layout or result.naive, result.masks))
         save_png(figures[-1], out / f"masks_{i}.png")
     return figures
 
@@ -415,14 +411,16 @@ def composition_report(prompt, concepts, cfg: ComposeConfig, background, seeds, 
         f"prompt: {prompt}\n"
         + "\n".join(f"region {c.words}: {c.prompt}" + (f" in box {c.box}" if c.box else "") for c in concepts)
         + f"\nbackground: {background or prompt}\nsteps={cfg.steps} guidance={cfg.guidance} "
-        f"scheduler={cfg.scheduler} threshold={cfg.threshold} smooth={cfg.smooth}"
+        f"scheduler={cfg.scheduler} layout={results[0].finder} layout steps={cfg.layout_steps}"
+        + (f"\nlayout prompt: {results[0].layout_prompt}" if results[0].layout_prompt else "")
     )
-    source = "box" if concepts[0].box else "attention"
     for seed, result, figure in zip(seeds, results, figures, strict=True):
         report.heading(f"seed {seed}")
         report.image(np.asarray(result.naive), caption="naive prompt")
         report.image(np.asarray(result.composed), caption="composed")
-        report.image(figure, caption=f"naive | {source} of " + " | ".join(c.words for c in concepts) + " | regions")
+        stage = "stage 1's layout image" if result.layout is not None else "naive image"
+        regions = ", ".join(f"{c.words} {name}" for c, name in zip(concepts, REGION_NAMES))
+        report.image(figure, caption=f"{stage} | regions found by {result.finder}: {regions}")
     if len(results) > 1:
         report.heading("All images (top: naive, bottom: composed)")
         naive, composed = [r.naive for r in results], [r.composed for r in results]
