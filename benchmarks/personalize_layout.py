@@ -10,7 +10,7 @@ Also: stage 1's own layout accuracy (the class words' digits on the sides the la
 and how often each found mask lies on the side its digit is on in stage 1. Wilson 95 % intervals; the gain over
 naive is paired (same noise), with its standard error.
 
-    .venv/bin/python benchmarks/personalize_layout.py runs/personalize-demo
+    .venv/bin/python benchmarks/personalize_layout.py [runs/personalize-demo]   # what `make demo-personalize` made
 """
 
 from __future__ import annotations
@@ -158,12 +158,14 @@ def rows_for(set_name: str, scores: dict, ceiling: float, on_side: dict) -> list
     return rows
 
 
-def main(demo: str) -> None:
+def main(demo: str = "runs/personalize-demo") -> None:
     from difflab.clip.score import ClipScorer
     from difflab.personalize.sd import load_pipeline
 
     torch.manual_seed(0)
     root = Path(demo)
+    if not (root / "ti" / "learned_embeds.safetensors").is_file():
+        raise SystemExit(f"{root}: no personalization demo here; run `make demo-personalize` first")
     pipe = load_pipeline(root / "minisd" / "sd", [root / "ti" / "learned_embeds.safetensors"], "cpu", "fp32")
     set_scheduler(pipe, "ddim")
     pipe.set_progress_bar_config(disable=True)
@@ -186,6 +188,4 @@ def main(demo: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit(__doc__.strip().splitlines()[-1])
-    main(sys.argv[1])
+    main(*sys.argv[1:2])

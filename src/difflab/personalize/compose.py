@@ -15,7 +15,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -211,10 +211,12 @@ def denoise_regions(
     cfg: ComposeConfig,
     start: int = 0,
     stop: int | None = None,
+    each_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Denoise one latent (1,C,H,W) through the scheduler's steps start..stop, where region r follows prompts[r];
     the guided noise predictions are blended by `masks` (R,H,W). All prompts and one shared unconditional embedding
-    go through the UNet in one batch. Starting at 0 scales the pure noise first; returns the latents."""
+    go through the UNet in one batch. Starting at 0 scales the pure noise first; `each_step(i, latents)` is called
+    before step i. Returns the latents."""
     conds, unconds = zip(*(encode_prompt(pipe, p, cfg.negative_prompt) for p in prompts))
     context = torch.cat([unconds[0], *conds])
     weights = masks.to(latents.device, latents.dtype)[:, None]
@@ -222,7 +224,9 @@ def denoise_regions(
     scheduler.set_timesteps(cfg.steps, device=latents.device)
     if start == 0:
         latents = latents * scheduler.init_noise_sigma
-    for t in scheduler.timesteps[start:stop]:
+    for i, t in enumerate(scheduler.timesteps[start:stop], start=start):
+        if each_step is not None:
+            each_step(i, latents)
         x = scheduler.scale_model_input(latents.expand(len(context), -1, -1, -1), t)
         eps = pipe.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
         guided = eps[:1] + cfg.guidance * (eps[1:] - eps[:1])
@@ -247,15 +251,16 @@ def layout_stage(pipe, layout_prompt: str, latents: torch.Tensor, cfg: ComposeCo
     steps, and its latents after `layout_steps` steps (where stage 2 starts)."""
     store = AttentionStore()
     capture = max(1, round(cfg.capture_fraction * cfg.steps))
-    prompts, whole = plain(layout_prompt, latents)
-    cuts = sorted({0, capture, cfg.layout_steps, cfg.steps})
-    x, at_k = latents, latents
+    snapshot = {0: latents}  # before any step: the noise itself, unscaled, as stage 2 takes it
+
+    def each_step(i: int, x: torch.Tensor) -> None:
+        store.active = i < capture
+        if i == cfg.layout_steps and i > 0:
+            snapshot[i] = x
+
     with capture_cross_attention(pipe.unet, store):
-        for begin, end in zip(cuts, cuts[1:]):
-            store.active = begin < capture
-            x = denoise_regions(pipe, x, prompts, whole, cfg, begin, end)
-            if end == cfg.layout_steps:
-                at_k = x
+        x = denoise_regions(pipe, latents, *plain(layout_prompt, latents), cfg, each_step=each_step)
+    at_k = snapshot[cfg.layout_steps]
     tokens = len(pipe.tokenizer(pipe.maybe_convert_prompt(layout_prompt, pipe.tokenizer)).input_ids)
     attention = {q: (total / store.counts[q])[-1] for q, total in store.sums.items()}  # the prompt's row
     return Layout(decode(pipe, x), attention, tokens, tuple(latents.shape[-2:])), at_k
