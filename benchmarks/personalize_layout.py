@@ -21,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import binomtest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
-from difflab.demos.personalize import PAIRS  # noqa: E402
+from difflab.demos.personalize import CONCEPTS, composition_sets  # noqa: E402
 from difflab.digits.data import DOMAINS  # noqa: E402
-from difflab.minisd.judges import Judges, halves  # noqa: E402
+from difflab.minisd.judges import Judges, both_halves_right, halves  # noqa: E402
 from difflab.personalize.compose import (  # noqa: E402
     ComposeConfig,
     Region,
@@ -40,38 +41,10 @@ from difflab.personalize.compose import (  # noqa: E402
 from difflab.personalize.generate import initial_latents, set_scheduler  # noqa: E402
 from difflab.personalize.layout import FINDERS  # noqa: E402
 
-TOKENS = {"<new1>": "svhn", "<new2>": "mnistm"}
+STYLES = {token: DOMAINS.index(style) for token, style in CONCEPTS}
 SEEDS = 4
 STEPS = 25
 KS = (0, 5, 10)  # stage 2's start within stage 1's 25 steps, chosen on the development set
-NEW_PAIRS = ((1, 2), (3, 8), (5, 9), (6, 0), (7, 4), (2, 9), (4, 1), (8, 6), (0, 3), (9, 7))
-
-
-def held_out() -> list[tuple[int, str, int, str]]:
-    reverse = [(b, a) for a, b in PAIRS]
-    prompts = []
-    for i, (a, b) in enumerate(reverse + list(NEW_PAIRS)):
-        first, second = ("<new2>", "<new1>") if i % 2 else ("<new1>", "<new2>")
-        prompts.append((a, first, b, second))
-    return prompts
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
-
-
-def judge_both(judges: Judges, images: list, wanted: list[tuple[int, str, int, str]]) -> np.ndarray:
-    canvases = np.stack([np.asarray(im.convert("RGB")) for im in images])
-    ok = np.ones(len(canvases), dtype=bool)
-    for side, half in enumerate(halves(canvases)):
-        v = judges(half)
-        digits = np.array([w[2 * side] for w in wanted])
-        styles = np.array([DOMAINS.index(TOKENS[w[2 * side + 1]]) for w in wanted])
-        ok &= (v.digit == digits) & (v.domain == styles)
-    return ok
 
 
 def stage1_sides(judges: Judges, layout_image) -> tuple[int, int]:
@@ -118,8 +91,10 @@ def run(pipe, judges, scorer, prompts, plan: dict[str, tuple[int, ...]], control
                     except Exception:  # a region under the smallest share: the finder failed on this image
                         masks = None
                     name = f"{finder}, k = {k}"
-                    if masks is None:
-                        made.setdefault(name, []).append(made["naive"][-1])
+                    if masks is None:  # counted as the naive image, in the controls too
+                        controlled = [f"{finder}, flipped masks", f"{finder}, random masks"] if controls else []
+                        for variant in [name, *controlled]:
+                            made.setdefault(variant, []).append(made["naive"][-1])
                         continue
                     made.setdefault(name, []).append(
                         decode(pipe, denoise_regions(pipe, at_k, prompts_r, masks, cfg, start=k))
@@ -139,7 +114,12 @@ def run(pipe, judges, scorer, prompts, plan: dict[str, tuple[int, ...]], control
                         made.setdefault(f"{finder}, random masks", []).append(
                             decode(pipe, denoise_regions(pipe, at_k, prompts_r, split, cfg, start=k))
                         )
-    scores = {name: judge_both(judges, images, wanted) for name, images in made.items()}
+    want = np.array([(w[0], w[2]) for w in wanted])
+    styles = np.array([(STYLES[w[1]], STYLES[w[3]]) for w in wanted])
+    scores = {
+        name: both_halves_right(judges, np.stack([np.asarray(im.convert("RGB")) for im in images]), want, styles)
+        for name, images in made.items()
+    }
     return scores, float(np.mean(ceiling)), {f: float(np.mean(v)) if v else float("nan") for f, v in on_side.items()}
 
 
@@ -148,7 +128,8 @@ def rows_for(set_name: str, scores: dict, ceiling: float, on_side: dict) -> list
     rows = []
     for name, ok in scores.items():
         k, n = int(ok.sum()), len(ok)
-        lo, hi = wilson(k, n)
+        interval = binomtest(k, n).proportion_ci(method="wilson")
+        lo, hi = interval.low, interval.high
         diff = ok.astype(float) - naive
         se = diff.std(ddof=1) / math.sqrt(n)
         finder = name.split(",")[0]
@@ -171,11 +152,12 @@ def main(demo: str = "runs/personalize-demo") -> None:
     pipe.set_progress_bar_config(disable=True)
     judges = Judges(root / "minisd" / "judges", "cpu")
     scorer = ClipScorer.from_pretrained(root / "minisd" / "clip", "cpu")
-    dev = [(a, "<new1>", b, "<new2>") for a, b in PAIRS]
-    scores, ceiling, on_side = run(pipe, judges, scorer, dev, {f: KS for f in FINDERS}, controls=False)
+    sets = composition_sets()
+    scores, ceiling, on_side = run(pipe, judges, scorer, sets["development"], {f: KS for f in FINDERS}, False)
     rows = rows_for("development", scores, ceiling, on_side)
+    print("\n".join(" | ".join(map(str, r)) for r in rows), flush=True)
     best = {f: max(KS, key=lambda k, f=f: scores[f"{f}, k = {k}"].mean()) for f in FINDERS}
-    scores, ceiling, on_side = run(pipe, judges, scorer, held_out(), {f: (k,) for f, k in best.items()}, True)
+    scores, ceiling, on_side = run(pipe, judges, scorer, sets["held-out"], {f: (k,) for f, k in best.items()}, True)
     rows += rows_for("held-out", scores, ceiling, on_side)
     write_results(
         "personalize_layout",

@@ -448,7 +448,12 @@ def test_personalize_demo_runs_end_to_end_on_a_tiny_stack(stack, tmp_path, capsy
     ):
         assert (out / path).is_file(), path
     assert set(metrics["generation"]) == {"base_digit_accuracy", "<new1>", "<new2>"}
-    assert metrics["compose"]["n"] == 10 and 0 <= metrics["compose"]["composed"] <= 1
+    compose = metrics["compose"]
+    assert compose["development"]["n"] == 10 and compose["held-out"]["n"] == 20 and compose["finder"] == "clip"
+    assert all(0 <= compose[s][k] <= 1 for s in ("development", "held-out") for k in ("composed", "composed_auto"))
+    low, high = compose["held-out"]["composed_auto_interval"]
+    assert 0 <= low <= compose["held-out"]["composed_auto"] <= high <= 1
+    assert (out / "compose" / "layouts.png").is_file()
     assert metrics["zeroshot"]["one template"]["n"] == 20
     assert "CLIP zero-shot top-1, ensemble" in capsys.readouterr().out
     with pytest.raises(DifflabError, match="holds earlier results of `difflab personalize demo`"):

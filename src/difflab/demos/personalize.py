@@ -33,6 +33,20 @@ STYLE_PROMPT = "the number {d} in the style of {token}"
 BASE_PROMPT = "the number {d}"
 USED_STAGES = ("clip", "sd", "judges")  # what the demo reads of a mini-SD stack
 PAIRS = ((3, 5), (1, 7), (0, 8), (2, 6), (4, 9), (5, 2), (7, 0), (9, 3), (6, 1), (8, 4))
+# Composition's held-out pairs beside the reverse of every pair above; nothing is tuned on them.
+NEW_PAIRS = ((1, 2), (3, 8), (5, 9), (6, 0), (7, 4), (2, 9), (4, 1), (8, 6), (0, 3), (9, 7))
+
+
+def composition_sets() -> dict[str, list[tuple[int, str, int, str]]]:
+    """(left digit, its token, right digit, its token) per two-concept prompt. Development: the pairs above, <new1>
+    on the left. Held-out: their reverses and NEW_PAIRS, every other prompt with <new2>'s concept first, so that
+    no rule "concept i goes to half i" can pass."""
+    (first, _), (second, _) = CONCEPTS
+    held = [(b, a) for a, b in PAIRS] + list(NEW_PAIRS)
+    return {
+        "development": [(a, first, b, second) for a, b in PAIRS],
+        "held-out": [(a, *((second, b, first) if i % 2 else (first, b, second))) for i, (a, b) in enumerate(held)],
+    }
 
 
 @dataclass
@@ -346,9 +360,10 @@ def best_of(cfg: PersonalizeDemoConfig, spec: dict, judges: Judges, stack: Path,
 
 
 def composition(cfg: PersonalizeDemoConfig, pipe, judges: Judges, scorer, out: Path) -> dict:
-    """Both halves right (digit and style): the naive prompt against region-wise denoising with the regions given
-    ("next to": left and right half) and found by `--layout auto` in a layout image of the plain two-digit prompt,
-    all from the same initial noise. Stage 1's images and the found masks are kept for the report."""
+    """Both halves right (digit and style) on the development and held-out prompts: the naive prompt against
+    region-wise denoising with the regions given ("next to": left and right half) and found by `--layout auto` in a
+    layout image of the plain two-digit prompt, all from the same initial noise. Stage 1's images, the found masks
+    and the composed images of a few held-out prompts are kept for the report."""
     from difflab.personalize.compose import (
         AUTO_FINDER,
         ComposeConfig,
@@ -363,47 +378,59 @@ def composition(cfg: PersonalizeDemoConfig, pipe, judges: Judges, scorer, out: P
     )
     from difflab.personalize.generate import initial_latents
 
-    (left_token, left_style), (right_token, right_style) = CONCEPTS
     ccfg = ComposeConfig(
         steps=cfg.steps, guidance=cfg.guidance, height=32, width=64, layout_steps=cfg.compose_layout_steps,
         clip_template="a photo of the number {}",
     )  # fmt: skip
-    images: dict[str, list] = {"naive": [], "composed": [], "composed_auto": []}
-    figures, wanted = [], []
-    for a, b in PAIRS:
-        left = f"the number {a} in the style of {left_token}"
-        right = f"the number {b} in the style of {right_token}"
-        prompt, layout_prompt = f"{left} next to {right}", f"the number {a} next to the number {b}"
-        concepts = [Region(str(a), left, (0, 0, 0.5, 1)), Region(str(b), right, (0.5, 0, 1, 1))]
-        prompts = [prompt, left, right]
-        for s in range(cfg.compose_seeds):
-            latents = initial_latents(pipe, [cfg.seed + s], ccfg.height, ccfg.width)
-            boxes = box_masks([c.box for c in concepts], latents.shape[-2:])
-            layout, at_k = layout_stage(pipe, layout_prompt, latents, ccfg)
-            masks = find_regions(pipe, layout, layout_prompt, concepts, ccfg, AUTO_FINDER, scorer)
-            made = {
-                "naive": denoise_regions(pipe, latents, *plain(prompt, latents), ccfg),
-                "composed": denoise_regions(pipe, latents, prompts, boxes, ccfg),
-                "composed_auto": denoise_regions(pipe, at_k, prompts, masks, ccfg, start=ccfg.layout_steps),
-            }
-            for name, latent in made.items():
-                images[name].append(np.asarray(decode(pipe, latent).convert("RGB")))
-            if s == 0:
-                figures.append(masks_figure(layout.image, masks))
-            wanted.append((a, b))
-    want = np.array(wanted)
-    styles = (DOMAINS.index(left_style), DOMAINS.index(right_style))
-    result = {"n": len(want), "prompts": len(PAIRS), "finder": AUTO_FINDER, "layout_steps": ccfg.layout_steps}
-    both_right = {}
-    for name, made in images.items():
-        made = np.stack(made)
-        # The first seed of each prompt, two rows of five: wide enough to read at three times the size.
-        save_png(image_grid(made[:: cfg.compose_seeds][:10], 2, 5), out / f"{name}.png")
-        both_right[name] = both_halves_right(judges, made, want, styles).astype(float)
-        result[name] = float(both_right[name].mean())
-    save_png(image_grid(np.stack(figures[:6]), 6, 1), out / "layouts.png")
-    for name, key in (("composed", "gain"), ("composed_auto", "gain_auto")):
-        diff = both_right[name] - both_right["naive"]
-        result[key] = float(diff.mean())
-        result[f"{key}_se"] = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    styles = dict(CONCEPTS)
+    result = {"finder": AUTO_FINDER, "layout_steps": ccfg.layout_steps}
+    for set_name, prompts in composition_sets().items():
+        images: dict[str, list] = {"naive": [], "composed": [], "composed_auto": []}
+        wanted, sides, examples = [], [], []
+        for a, ta, b, tb in prompts:
+            left, right = f"the number {a} in the style of {ta}", f"the number {b} in the style of {tb}"
+            prompt, layout_prompt = f"{left} next to {right}", f"the number {a} next to the number {b}"
+            concepts = [Region(str(a), left, (0, 0, 0.5, 1)), Region(str(b), right, (0.5, 0, 1, 1))]
+            for s in range(cfg.compose_seeds):
+                latents = initial_latents(pipe, [cfg.seed + s], ccfg.height, ccfg.width)
+                layout, at_k = layout_stage(pipe, layout_prompt, latents, ccfg)
+                masks = find_regions(pipe, layout, layout_prompt, concepts, ccfg, AUTO_FINDER, scorer)
+                made = {
+                    "naive": denoise_regions(pipe, latents, *plain(prompt, latents), ccfg),
+                    "composed": denoise_regions(pipe, latents, [prompt, left, right], box_masks(
+                        [c.box for c in concepts], latents.shape[-2:]), ccfg),
+                    "composed_auto": denoise_regions(pipe, at_k, [prompt, left, right], masks, ccfg,
+                                                     start=ccfg.layout_steps),
+                }  # fmt: skip
+                for name, latent in made.items():
+                    images[name].append(np.asarray(decode(pipe, latent).convert("RGB")))
+                if s == 0 and len(examples) < 6:
+                    figure = masks_figure(layout.image, masks)
+                    examples.append(np.concatenate([figure, image_grid(images["composed_auto"][-1][None], 1, 1)], 1))
+                wanted.append((a, b))
+                sides.append((DOMAINS.index(styles[ta]), DOMAINS.index(styles[tb])))
+        result[set_name] = composition_scores(judges, images, np.array(wanted), np.array(sides))
+        if set_name == "development":
+            for name, made in images.items():
+                # The first seed of each prompt, two rows of five: wide enough to read at three times the size.
+                save_png(image_grid(np.stack(made)[:: cfg.compose_seeds][:10], 2, 5), out / f"{name}.png")
+        else:
+            save_png(image_grid(np.stack(examples), len(examples), 1), out / "layouts.png")
     return result
+
+
+def composition_scores(judges: Judges, images: dict, want: np.ndarray, styles: np.ndarray) -> dict:
+    """Both-halves-right rate of each way of composing, its Wilson 95 % interval, and its paired gain over naive."""
+    from scipy.stats import binomtest
+
+    right = {name: both_halves_right(judges, np.stack(made), want, styles) for name, made in images.items()}
+    scores: dict = {"n": len(want)}
+    for name, ok in right.items():
+        interval = binomtest(int(ok.sum()), len(ok)).proportion_ci(method="wilson")
+        scores[name] = float(ok.mean())
+        scores[f"{name}_interval"] = [float(interval.low), float(interval.high)]
+        if name != "naive":
+            diff = ok.astype(float) - right["naive"]
+            scores[f"{name}_gain"] = float(diff.mean())
+            scores[f"{name}_gain_se"] = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.nan
+    return scores

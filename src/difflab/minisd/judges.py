@@ -64,10 +64,12 @@ def rates(verdict: Verdict, digits: np.ndarray, domain: int | None) -> dict[str,
     return out
 
 
-def both_halves_right(judge, canvases: np.ndarray, digits: np.ndarray, styles: tuple[int, int]) -> np.ndarray:
-    """(N,) bool: the left half shows digits[:, 0] in style styles[0] and the right half digits[:, 1] in styles[1]."""
+def both_halves_right(judge, canvases: np.ndarray, digits: np.ndarray, styles) -> np.ndarray:
+    """(N,) bool: the left half shows digits[:, 0] in style styles[..., 0] and the right half digits[:, 1] in
+    styles[..., 1]; `styles` is one (left, right) pair for all canvases or one per canvas, (N, 2)."""
+    styles = np.broadcast_to(np.asarray(styles), (len(canvases), 2))
     ok = np.ones(len(canvases), dtype=bool)
     for side, half in enumerate(halves(canvases)):
         v = judge(half)
-        ok &= (v.digit == digits[:, side]) & (v.domain == styles[side])
+        ok &= (v.digit == digits[:, side]) & (v.domain == styles[:, side])
     return ok
