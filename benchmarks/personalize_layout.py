@@ -25,12 +25,11 @@ from scipy.stats import binomtest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
-from difflab.demos.personalize import CONCEPTS, composition_sets  # noqa: E402
+from difflab.demos.personalize import CONCEPTS, composition_sets, two_concept_prompt  # noqa: E402
 from difflab.digits.data import DOMAINS  # noqa: E402
 from difflab.minisd.judges import Judges, both_halves_right, halves  # noqa: E402
 from difflab.personalize.compose import (  # noqa: E402
     ComposeConfig,
-    Region,
     box_masks,
     decode,
     denoise_regions,
@@ -67,10 +66,8 @@ def run(pipe, judges, scorer, prompts, plan: dict[str, tuple[int, ...]], control
     rng = np.random.default_rng(0)
     wanted = []
     for a, ta, b, tb in prompts:
-        left, right = f"the number {a} in the style of {ta}", f"the number {b} in the style of {tb}"
-        prompt, layout_prompt = f"{left} next to {right}", f"the number {a} next to the number {b}"
-        concepts = [Region(str(a), left, (0, 0, 0.5, 1)), Region(str(b), right, (0.5, 0, 1, 1))]
-        prompts_r = [prompt, left, right]
+        prompt, layout_prompt, concepts = two_concept_prompt(a, ta, b, tb)
+        prompts_r = [prompt, *(c.prompt for c in concepts)]
         for s in range(SEEDS):
             wanted.append((a, ta, b, tb))
             latents = initial_latents(pipe, [s], 32, 64)

@@ -359,6 +359,16 @@ def best_of(cfg: PersonalizeDemoConfig, spec: dict, judges: Judges, stack: Path,
     return rows
 
 
+def two_concept_prompt(a: int, ta: str, b: int, tb: str):
+    """The naive prompt, the layout prompt and the two regions (halves as boxes) of digit a in token ta's style next
+    to digit b in token tb's."""
+    from difflab.personalize.compose import Region
+
+    left, right = f"the number {a} in the style of {ta}", f"the number {b} in the style of {tb}"
+    concepts = [Region(str(a), left, (0, 0, 0.5, 1)), Region(str(b), right, (0.5, 0, 1, 1))]
+    return f"{left} next to {right}", f"the number {a} next to the number {b}", concepts
+
+
 def composition(cfg: PersonalizeDemoConfig, pipe, judges: Judges, scorer, out: Path) -> dict:
     """Both halves right (digit and style) on the development and held-out prompts: the naive prompt against
     region-wise denoising with the regions given ("next to": left and right half) and found by `--layout auto` in a
@@ -367,7 +377,6 @@ def composition(cfg: PersonalizeDemoConfig, pipe, judges: Judges, scorer, out: P
     from difflab.personalize.compose import (
         AUTO_FINDER,
         ComposeConfig,
-        Region,
         box_masks,
         decode,
         denoise_regions,
@@ -388,19 +397,17 @@ def composition(cfg: PersonalizeDemoConfig, pipe, judges: Judges, scorer, out: P
         images: dict[str, list] = {"naive": [], "composed": [], "composed_auto": []}
         wanted, sides, examples = [], [], []
         for a, ta, b, tb in prompts:
-            left, right = f"the number {a} in the style of {ta}", f"the number {b} in the style of {tb}"
-            prompt, layout_prompt = f"{left} next to {right}", f"the number {a} next to the number {b}"
-            concepts = [Region(str(a), left, (0, 0, 0.5, 1)), Region(str(b), right, (0.5, 0, 1, 1))]
+            prompt, layout_prompt, concepts = two_concept_prompt(a, ta, b, tb)
+            prompts = [prompt, *(c.prompt for c in concepts)]
             for s in range(cfg.compose_seeds):
                 latents = initial_latents(pipe, [cfg.seed + s], ccfg.height, ccfg.width)
                 layout, at_k = layout_stage(pipe, layout_prompt, latents, ccfg)
                 masks = find_regions(pipe, layout, layout_prompt, concepts, ccfg, AUTO_FINDER, scorer)
                 made = {
                     "naive": denoise_regions(pipe, latents, *plain(prompt, latents), ccfg),
-                    "composed": denoise_regions(pipe, latents, [prompt, left, right], box_masks(
+                    "composed": denoise_regions(pipe, latents, prompts, box_masks(
                         [c.box for c in concepts], latents.shape[-2:]), ccfg),
-                    "composed_auto": denoise_regions(pipe, at_k, [prompt, left, right], masks, ccfg,
-                                                     start=ccfg.layout_steps),
+                    "composed_auto": denoise_regions(pipe, at_k, prompts, masks, ccfg, start=ccfg.layout_steps),
                 }  # fmt: skip
                 for name, latent in made.items():
                     images[name].append(np.asarray(decode(pipe, latent).convert("RGB")))
