@@ -253,3 +253,22 @@ def test_cli_compose_end_to_end_with_scores(sd, tmp_path, random_images, save_ti
                          ("dog=0,0,1,1", "boxes go with --layout boxes, not --layout clip")):  # fmt: skip
         bad = CliRunner().invoke(app, args + ["--box", box, "--overwrite"])
         assert bad.exit_code != 0 and message in str(bad.exception)
+
+
+def test_the_surest_of_several_layouts_is_kept(sd, monkeypatch):
+    import difflab.personalize.compose as compose_module
+
+    pipe, _, _ = sd
+    seen = []
+
+    def finder(pipe, layout, layout_prompt, concepts, cfg, name, scorer):
+        seen.append(layout.image)
+        masks = torch.zeros(3, 32, 32)
+        masks[1, :, :16], masks[2, :, 16:] = 1, 1
+        return masks, (0.1, 0.9, 0.5)[len(seen) - 1]
+
+    monkeypatch.setattr(compose_module, "find_regions", finder)
+    cfg = ComposeConfig(**{**CFG.__dict__, "layouts": 3})
+    result = compose(pipe, PROMPT, CONCEPTS, cfg, seed=3, layout_prompt=LAYOUT_PROMPT)
+    assert len(seen) == 3 and np.abs(pixels(seen[0]) - pixels(seen[1])).mean() > 0.5  # three stage-1 noises
+    assert np.array_equal(pixels(result.layout), pixels(seen[1]))  # the surest one

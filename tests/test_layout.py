@@ -95,7 +95,7 @@ def test_the_clip_finder_locates_real_digits_pasted_anywhere(mini_clip):
         texts = [f"a photo of the number {digits.digits[i][0]}" for i in (a, b)]
         for place, found in (((xa, xb), errors), ((96 - 32 - xa, 96 - 32 - xb), mirror_errors)):
             image = pasted(digits.images, a, b, *place)
-            masks, _ = clip_regions(Layout(image, {}, 0, LATENT), texts, mini_clip)
+            masks, _, _ = clip_regions(Layout(image, {}, 0, LATENT), texts, mini_clip)
             assert_good_masks(masks)
             found += [abs(centre_x(masks[r]) - (x + 16) / 2) for r, x in enumerate(place, start=1)]
     for found in (errors, mirror_errors):

@@ -190,6 +190,12 @@ LayoutPrompt = Annotated[
         help="Stage 1's prompt, holding every concept's class word (default: 'a WORD next to a WORD ...').",
     ),
 ]
+Layouts = Annotated[
+    int,
+    typer.Option(
+        "--layouts", min=1, max=64, help="Stage-1 images tried; the finder keeps the one it reads most surely."
+    ),
+]
 LayoutSteps = Annotated[
     int,
     typer.Option("--layout-steps", min=0, max=999, help="Stage 2 starts from stage 1's latents after this many steps."),
@@ -429,6 +435,7 @@ def compose_command(
     layout: Layout = ComposeConfig.layout,
     layout_prompt: LayoutPrompt = None,
     layout_steps: LayoutSteps = ComposeConfig.layout_steps,
+    layouts: Layouts = ComposeConfig.layouts,
     smooth: Smooth = ComposeConfig.smooth,
     negative_prompt: ComposeNegativePrompt = ComposeConfig.negative_prompt,
     capture_fraction: CaptureFraction = ComposeConfig.capture_fraction,
@@ -457,6 +464,7 @@ def compose_command(
         negative_prompt=negative_prompt,
         layout=layout,
         layout_steps=layout_steps,
+        layouts=layouts,
         smooth=smooth,
         capture_fraction=capture_fraction,
         num_images=num_images,

@@ -25,7 +25,7 @@ from difflab.minisd.judges import Judges, both_halves_right, rates
 from difflab.personalize.sd import load_pipeline
 from difflab.precision import Precision
 from difflab.report import mark
-from difflab.utils import DifflabError, Stages, image_grid
+from difflab.utils import DifflabError, Stages, image_grid, stream_seed
 
 # Concept key (as in input.json) -> (token, the style of its reference images).
 CONCEPTS = (("<new1>", "svhn"), ("<new2>", "mnistm"))
@@ -72,6 +72,7 @@ class PersonalizeDemoConfig:
     guidance: float = 7.5
     compose_seeds: int = 4  # per two-digit prompt
     compose_layout_steps: int = 0  # stage 2 starts from the layout image's latents after this many steps
+    compose_layouts: int = 1  # stage-1 images tried per composition; the finder keeps the one it reads surest
     seed: int = 0
     device: str | None = None
     precision: Precision = Precision("auto")
@@ -377,11 +378,10 @@ def composition(cfg: PersonalizeDemoConfig, pipe, judges: Judges, scorer, out: P
     from difflab.personalize.compose import (
         AUTO_FINDER,
         ComposeConfig,
+        best_layout,
         box_masks,
         decode,
         denoise_regions,
-        find_regions,
-        layout_stage,
         masks_figure,
         plain,
     )
@@ -389,7 +389,7 @@ def composition(cfg: PersonalizeDemoConfig, pipe, judges: Judges, scorer, out: P
 
     ccfg = ComposeConfig(
         steps=cfg.steps, guidance=cfg.guidance, height=32, width=64, layout_steps=cfg.compose_layout_steps,
-        clip_template="a photo of the number {}",
+        layouts=cfg.compose_layouts, clip_template="a photo of the number {}",
     )  # fmt: skip
     styles = dict(CONCEPTS)
     result = {"finder": AUTO_FINDER, "layout_steps": ccfg.layout_steps}
@@ -401,8 +401,9 @@ def composition(cfg: PersonalizeDemoConfig, pipe, judges: Judges, scorer, out: P
             prompts = [prompt, *(c.prompt for c in concepts)]
             for s in range(cfg.compose_seeds):
                 latents = initial_latents(pipe, [cfg.seed + s], ccfg.height, ccfg.width)
-                layout, at_k = layout_stage(pipe, layout_prompt, latents, ccfg)
-                masks = find_regions(pipe, layout, layout_prompt, concepts, ccfg, AUTO_FINDER, scorer)
+                noises = [latents] + [initial_latents(pipe, [stream_seed(cfg.seed + s, j)], ccfg.height, ccfg.width)
+                                      for j in range(1, ccfg.layouts)]  # fmt: skip
+                layout, at_k, masks = best_layout(pipe, layout_prompt, noises, concepts, ccfg, AUTO_FINDER, scorer)
                 made = {
                     "naive": denoise_regions(pipe, latents, *plain(prompt, latents), ccfg),
                     "composed": denoise_regions(pipe, latents, prompts, box_masks(

@@ -58,6 +58,7 @@ AUTO_FINDER = "clip"
 class ComposeConfig(SDSampling):
     layout: str = "auto"  # one of LAYOUTS: "boxes" needs every concept's box, the others none
     layout_steps: int = 0  # stage 2 starts from the layout image's latents after this many of its steps
+    layouts: int = 1  # stage-1 images tried (seeds seed, then its stream); the finder keeps the one it reads surest
     smooth: float = 1.0  # Gaussian sigma, in latent pixels, applied to the attention maps (0: none)
     capture_fraction: float = 0.5  # the attention finder averages this first fraction of stage 1's steps
     clip_template: str = "a photo of {}"  # what the CLIP finder scores each class word as
@@ -70,6 +71,8 @@ class ComposeConfig(SDSampling):
             raise DifflabError(f"steps = {self.steps}, num_images = {self.num_images}: must be at least 1")
         if self.layout not in LAYOUTS:
             raise DifflabError(f"unknown layout {self.layout!r}: choose one of {', '.join(LAYOUTS)}")
+        if not 1 <= self.layouts <= 64:
+            raise DifflabError(f"layouts {self.layouts}: try between 1 and 64 stage-1 images")
         if not 0 <= self.layout_steps < self.steps:
             raise DifflabError(f"layout steps {self.layout_steps} must be in [0, {self.steps - 1}] (of --steps)")
         if not 0 < self.capture_fraction <= 1 or not 0 <= self.min_region < 1:
@@ -272,7 +275,8 @@ def layout_prompt_for(concepts: Sequence[Region]) -> str:
 
 
 def find_regions(pipe, layout: Layout, layout_prompt: str, concepts, cfg: ComposeConfig, finder: str, scorer):
-    """(1+C,H,W) masks from stage 1 by `finder`, each region checked to be at least `cfg.min_region`."""
+    """(1+C,H,W) masks from stage 1 by `finder`, each region checked to be at least `cfg.min_region`, and how
+    surely the finder reads them (the CLIP finder's mean log-odds; 0 for the attention finder)."""
     words = [c.words for c in concepts]
     if len(set(words)) < len(words):
         raise DifflabError(f"class words {words} repeat: each concept needs its own word in the layout prompt")
@@ -280,11 +284,23 @@ def find_regions(pipe, layout: Layout, layout_prompt: str, concepts, cfg: Compos
     if finder == "clip":
         if scorer is None:
             raise DifflabError("--layout clip needs a CLIP model (--clip)")
-        masks, _ = clip_regions(layout, [cfg.clip_template.format(w) for w in words], scorer)
+        masks, _, sureness = clip_regions(layout, [cfg.clip_template.format(w) for w in words], scorer)
     else:
-        masks = attention_regions(layout, groups, cfg.smooth)
+        masks, sureness = attention_regions(layout, groups, cfg.smooth), 0.0
     check_regions(masks, words, cfg.min_region)
-    return masks
+    return masks, sureness
+
+
+def best_layout(pipe, layout_prompt: str, noises: Sequence[torch.Tensor], concepts, cfg, finder: str, scorer):
+    """Stage 1 from each of `noises`, and the layout the finder reads most surely: (layout, its latents after
+    `layout_steps`, masks)."""
+    tried = []
+    for noise in noises:
+        layout, at_k = layout_stage(pipe, layout_prompt, noise, cfg)
+        masks, sureness = find_regions(pipe, layout, layout_prompt, concepts, cfg, finder, scorer)
+        tried.append((sureness, layout, at_k, masks))
+    _, layout, at_k, masks = max(tried, key=lambda t: t[0])
+    return layout, at_k, masks
 
 
 @torch.inference_mode()
@@ -325,8 +341,9 @@ def compose(
         return Composition(naive, decode(pipe, composed), masks.cpu(), prompts)
     finder = cfg.layout if cfg.layout != "auto" else (AUTO_FINDER if scorer is not None else "attention")
     layout_prompt = layout_prompt or layout_prompt_for(concepts)
-    layout, at_k = layout_stage(pipe, layout_prompt, latents, cfg)
-    masks = find_regions(pipe, layout, layout_prompt, concepts, cfg, finder, scorer)
+    seed = cfg.seed if seed is None else seed
+    noises = [latents] + [initial_latents(pipe, [stream_seed(seed, j)], height, width) for j in range(1, cfg.layouts)]
+    layout, at_k, masks = best_layout(pipe, layout_prompt, noises, concepts, cfg, finder, scorer)
     composed = denoise_regions(pipe, at_k, prompts, masks, cfg, start=cfg.layout_steps)
     return Composition(naive, decode(pipe, composed), masks.cpu(), prompts, layout.image, layout_prompt, finder)
 

@@ -100,9 +100,10 @@ def _overlap(a, b) -> bool:
     return a[0] < b[2] - 1e-9 and b[0] < a[2] - 1e-9 and a[1] < b[3] - 1e-9 and b[1] < a[3] - 1e-9
 
 
-def clip_regions(layout: Layout, texts: Sequence[str], scorer) -> tuple[torch.Tensor, list]:
-    """(1+C,H,W) one-hot masks and the chosen boxes: the windows, one per concept and none overlapping, that
-    maximise the summed log-odds CLIP gives each concept's text over the others' for its window."""
+def clip_regions(layout: Layout, texts: Sequence[str], scorer) -> tuple[torch.Tensor, list, float]:
+    """(1+C,H,W) one-hot masks, the chosen boxes and how surely CLIP reads them (the mean log-odds): the windows,
+    one per concept and none overlapping, that maximise the summed log-odds CLIP gives each concept's text over the
+    others' for its window."""
     image = layout.image.convert("RGB")
     width, height = image.size
     boxes = windows(width, height, len(texts))
@@ -126,7 +127,7 @@ def clip_regions(layout: Layout, texts: Sequence[str], scorer) -> tuple[torch.Te
     if choice is None:
         raise DifflabError(f"no {len(texts)} windows of the layout image are disjoint: too many concepts for it")
     chosen = [_centred(boxes, logp[:, c], w) for c, w in enumerate(choice)]
-    return box_masks(chosen, layout.latent_hw), chosen
+    return box_masks(chosen, layout.latent_hw), chosen, float(best / len(texts))
 
 
 def _centred(boxes: list, score: np.ndarray, chosen: int) -> tuple[float, float, float, float]:
