@@ -34,12 +34,13 @@ from difflab.personalize.compose import (  # noqa: E402
     box_masks,
     decode,
     denoise_regions,
+    layout_noises,
     layout_stage,
     plain,
 )
 from difflab.personalize.generate import initial_latents, set_scheduler  # noqa: E402
 from difflab.personalize.layout import FINDERS  # noqa: E402
-from difflab.utils import DifflabError, stream_seed  # noqa: E402
+from difflab.utils import DifflabError  # noqa: E402
 
 STYLES = {token: DOMAINS.index(style) for token, style in CONCEPTS}
 SEEDS = 4
@@ -85,7 +86,7 @@ def run(pipe, judges, scorer, prompts, plan: list[tuple[str, int, int]], control
             ceiling.append(stage1_sides(judges, layout_stage(pipe, layout_prompt, latents, base)[0].image) == (a, b))
             for finder, tries, k in plan:
                 cfg = ComposeConfig(**{**base.__dict__, "layout_steps": k})
-                noises = [latents] + [initial_latents(pipe, [stream_seed(s, j)], 32, 64) for j in range(1, tries)]
+                noises = layout_noises(pipe, s, 32, 64, tries)
                 name = label(finder, tries, k)
                 controlled = [f"{name}: flipped masks", f"{name}: random masks"] if controls else []
                 try:

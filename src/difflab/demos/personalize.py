@@ -25,7 +25,7 @@ from difflab.minisd.judges import Judges, both_halves_right, rates
 from difflab.personalize.sd import load_pipeline
 from difflab.precision import Precision
 from difflab.report import mark
-from difflab.utils import DifflabError, Stages, image_grid, stream_seed
+from difflab.utils import DifflabError, Stages, image_grid
 
 # Concept key (as in input.json) -> (token, the style of its reference images).
 CONCEPTS = (("<new1>", "svhn"), ("<new2>", "mnistm"))
@@ -382,10 +382,10 @@ def composition(cfg: PersonalizeDemoConfig, pipe, judges: Judges, scorer, out: P
         box_masks,
         decode,
         denoise_regions,
+        layout_noises,
         masks_figure,
         plain,
     )
-    from difflab.personalize.generate import initial_latents
 
     ccfg = ComposeConfig(
         steps=cfg.steps, guidance=cfg.guidance, height=32, width=64, layout_steps=cfg.compose_layout_steps,
@@ -398,17 +398,17 @@ def composition(cfg: PersonalizeDemoConfig, pipe, judges: Judges, scorer, out: P
         wanted, sides, examples = [], [], []
         for a, ta, b, tb in prompts:
             prompt, layout_prompt, concepts = two_concept_prompt(a, ta, b, tb)
-            prompts = [prompt, *(c.prompt for c in concepts)]
+            region_prompts = [prompt, *(c.prompt for c in concepts)]
             for s in range(cfg.compose_seeds):
-                latents = initial_latents(pipe, [cfg.seed + s], ccfg.height, ccfg.width)
-                noises = [latents] + [initial_latents(pipe, [stream_seed(cfg.seed + s, j)], ccfg.height, ccfg.width)
-                                      for j in range(1, ccfg.layouts)]  # fmt: skip
+                noises = layout_noises(pipe, cfg.seed + s, ccfg.height, ccfg.width, ccfg.layouts)
+                latents = noises[0]
                 layout, at_k, masks = best_layout(pipe, layout_prompt, noises, concepts, ccfg, AUTO_FINDER, scorer)
                 made = {
                     "naive": denoise_regions(pipe, latents, *plain(prompt, latents), ccfg),
-                    "composed": denoise_regions(pipe, latents, prompts, box_masks(
+                    "composed": denoise_regions(pipe, latents, region_prompts, box_masks(
                         [c.box for c in concepts], latents.shape[-2:]), ccfg),
-                    "composed_auto": denoise_regions(pipe, at_k, prompts, masks, ccfg, start=ccfg.layout_steps),
+                    "composed_auto": denoise_regions(pipe, at_k, region_prompts, masks, ccfg,
+                                                     start=ccfg.layout_steps),
                 }  # fmt: skip
                 for name, latent in made.items():
                     images[name].append(np.asarray(decode(pipe, latent).convert("RGB")))

@@ -291,6 +291,12 @@ def find_regions(pipe, layout: Layout, layout_prompt: str, concepts, cfg: Compos
     return masks, sureness
 
 
+def layout_noises(pipe, seed: int, height: int, width: int, count: int) -> list[torch.Tensor]:
+    """The noises stage 1 starts from: the composition's own (`seed`), then `count - 1` more from its stream."""
+    seeds = [seed] + [stream_seed(seed, j) for j in range(1, count)]
+    return [initial_latents(pipe, [s], height, width) for s in seeds]
+
+
 def best_layout(pipe, layout_prompt: str, noises: Sequence[torch.Tensor], concepts, cfg, finder: str, scorer):
     """Stage 1 from each of `noises`, and the layout the finder reads most surely: (layout, its latents after
     `layout_steps`, masks)."""
@@ -342,7 +348,7 @@ def compose(
     finder = cfg.layout if cfg.layout != "auto" else (AUTO_FINDER if scorer is not None else "attention")
     layout_prompt = layout_prompt or layout_prompt_for(concepts)
     seed = cfg.seed if seed is None else seed
-    noises = [latents] + [initial_latents(pipe, [stream_seed(seed, j)], height, width) for j in range(1, cfg.layouts)]
+    noises = layout_noises(pipe, seed, height, width, cfg.layouts)
     layout, at_k, masks = best_layout(pipe, layout_prompt, noises, concepts, cfg, finder, scorer)
     composed = denoise_regions(pipe, at_k, prompts, masks, cfg, start=cfg.layout_steps)
     return Composition(naive, decode(pipe, composed), masks.cpu(), prompts, layout.image, layout_prompt, finder)
