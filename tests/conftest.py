@@ -259,6 +259,40 @@ def folder_bytes():
 
 
 @pytest.fixture(scope="session")
+def tiny_judges():
+    return _tiny_judges
+
+
+def _tiny_judges(out: Path, data_root: Path | None = None, width: int = 4, cas_real: float = 0.9) -> Path:
+    """Random judges in the current format: a judge per domain, the independent feature network, CAS references."""
+    from difflab.digits.classifier import (
+        CAS_EPOCHS,
+        CAS_IMAGES,
+        FEATURES_FILE,
+        JUDGES_VERSION,
+        ClassifierConfig,
+        DigitClassifier,
+        classifier_path,
+        save_classifier,
+    )
+    from difflab.digits.data import DOMAINS
+
+    torch.manual_seed(0)
+    meta = {
+        "judges_version": JUDGES_VERSION,
+        "cas_real": {"images": CAS_IMAGES, "epochs": CAS_EPOCHS, "accuracy": cas_real},
+    }
+    if data_root is not None:
+        meta["data_root"] = str(data_root)
+    for d in DOMAINS:
+        save_classifier(DigitClassifier(ClassifierConfig(d, width=width)), classifier_path(out, d), meta)
+    save_classifier(
+        DigitClassifier(ClassifierConfig("features", width=8, arch="gap")), classifier_path(out, FEATURES_FILE)
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_app(tmp_path_factory, tiny_sd, save_tiny_clip, random_images):
     """`difflab app` served on a free port of 127.0.0.1 with tiny models: a digits model and its judges
     (`root/run/model`, `root/run/classifiers`), an SD with <new1> and <new2>, a CLIP, reference images. Has `url`
@@ -269,8 +303,6 @@ def tiny_app(tmp_path_factory, tiny_sd, save_tiny_clip, random_images):
 
     from difflab.app.models import AppConfig
     from difflab.app.ui import serve
-    from difflab.digits.classifier import ClassifierConfig, DigitClassifier, classifier_path, save_classifier
-    from difflab.digits.data import DOMAINS
     from difflab.digits.model import ScheduleConfig, save_model
     from difflab.io import save_png
     from difflab.nets.digits_unet import DigitsUNet, DigitsUNetConfig
@@ -279,8 +311,7 @@ def tiny_app(tmp_path_factory, tiny_sd, save_tiny_clip, random_images):
     root = tmp_path_factory.mktemp("app")
     torch.manual_seed(0)
     save_model(root / "run" / "model", DigitsUNet(DigitsUNetConfig(channels=(8, 16, 16), emb_dim=32)), ScheduleConfig())
-    for d in DOMAINS:
-        save_classifier(DigitClassifier(ClassifierConfig(d, width=8)), classifier_path(root / "run" / "classifiers", d))
+    _tiny_judges(root / "run" / "classifiers", width=8)
     tiny_sd(seed=0).save_pretrained(root / "sd")
     embeds = [save_embeddings(root / f"new{i}.safetensors", {f"<new{i}>": torch.randn(1, 32)}) for i in (1, 2)]
     _save_tiny_clip(root / "clip")

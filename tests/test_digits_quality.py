@@ -1,5 +1,6 @@
-"""Quality beyond accuracy: the Fréchet distance against scipy's matrix square root, memorisation caught on
-copies of training images, diversity, and the measures in `evaluate_folder`'s metrics.json."""
+"""Quality beyond accuracy: torchmetrics' FID through difflab's feature extractor against the Fréchet formula with
+scipy's matrix square root on the same features, prdc's measures on copies, memorisation caught on copies of
+training images, diversity, skipped measures with their reason, and the measures in `evaluate_folder`'s output."""
 
 import json
 
@@ -9,11 +10,20 @@ import scipy.linalg
 import torch
 from sklearn.metrics import accuracy_score
 
-from difflab.digits.classifier import ClassifierConfig, DigitClassifier, load_classifier, save_classifier
+from difflab.digits.classifier import ClassifierConfig, DigitClassifier, load_classifier
 from difflab.digits.data import DOMAINS, load_split, make_dataset
 from difflab.digits.evaluate import evaluate_folder
-from difflab.digits.quality import domain_quality, frechet_distance, nearest_distances
+from difflab.digits.quality import (
+    FeatureExtractor,
+    QualityConfig,
+    distribution_measures,
+    domain_quality,
+    nearest_distances,
+)
 from difflab.io import save_png
+from difflab.utils import DifflabError
+
+SMALL = QualityConfig(min_images=50, kid_subset_size=40, kid_subsets=10)
 
 
 def scipy_frechet(a, b):
@@ -23,14 +33,25 @@ def scipy_frechet(a, b):
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(ca + cb - 2 * root))
 
 
-def test_frechet_distance_matches_scipy():
-    rng = np.random.default_rng(0)
-    a = rng.normal(size=(400, 6)) @ rng.normal(size=(6, 6))
-    b = rng.normal(loc=0.5, size=(300, 6)) * 1.7
-    assert frechet_distance(a, b) == pytest.approx(scipy_frechet(a, b), rel=1e-6)
-    assert abs(frechet_distance(a, a)) < 1e-6
-    # Fewer samples than dimensions (rank-deficient covariances) still gives a finite, non-negative value.
-    assert 0 < frechet_distance(rng.normal(size=(20, 50)), rng.normal(size=(30, 50))) < 1e3
+def features(net, images):
+    return FeatureExtractor(net)(torch.as_tensor(images).permute(0, 3, 1, 2)).double().numpy()
+
+
+def test_fid_through_the_feature_extractor_matches_the_formula(data_root):
+    torch.manual_seed(0)
+    net = DigitClassifier(ClassifierConfig("svhn", width=2))  # 72 features: full-rank covariances from 100 images
+    train, _ = load_split(data_root, "svhn", "train")
+    held, _ = load_split(data_root, "mnistm", "train")
+    out = distribution_measures(net, held[:100], train[:100], train[100:200], SMALL)
+    assert out["generated"]["fid"] == pytest.approx(
+        scipy_frechet(features(net, held[:100]), features(net, train[100:200])), rel=1e-3
+    )
+    assert out["generated"]["fid"] > 3 * out["floor"]["fid"]  # another domain is further than the same one
+    assert out["generated"]["kid"] > out["floor"]["kid"] + 2 * out["generated"]["kid_std"]
+    # The same images as the reference: every real point is covered and every fake point is inside the manifold.
+    same = distribution_measures(net, train[100:200], train[:100], train[100:200], SMALL)["generated"]
+    assert same["fid"] == pytest.approx(0, abs=1e-2)
+    assert same["precision"] == same["recall"] == same["coverage"] == 1.0
 
 
 def test_nearest_distances():
@@ -49,31 +70,32 @@ def data_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def judge_dir(data_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("judges")
-    torch.manual_seed(0)
-    for d in DOMAINS:
-        save_classifier(
-            DigitClassifier(ClassifierConfig(domain=d, width=4)),
-            out / f"{d}.safetensors",
-            {"data_root": str(data_root)},
-        )
-    return out
+def judge_dir(data_root, tmp_path_factory, tiny_judges):
+    return tiny_judges(tmp_path_factory.mktemp("judges"), data_root)
 
 
 def test_copies_of_training_images_are_flagged_and_real_ones_are_not(data_root):
     train, _ = load_split(data_root, "svhn", "train")
     held, held_labels = load_split(data_root, "svhn", "val")
     judge = DigitClassifier(ClassifierConfig(domain="svhn", width=4))
-    copies = domain_quality(judge, train[:50], np.arange(50) % 10, train, held, held_labels)
+    net = DigitClassifier(ClassifierConfig("features", width=8, arch="gap"))
+    copies = domain_quality(judge, net, train[:50], np.arange(50) % 10, train, held, held_labels, SMALL)
     assert copies["memorisation_rate"] == 1.0
     assert all(p["distance"] == 0 for p in copies["closest_pairs"])
-    real = domain_quality(judge, held[:50], held_labels[:50], train, held, held_labels)
+    real = domain_quality(judge, net, held[:50], held_labels[:50], train, held, held_labels, SMALL)
     assert real["memorisation_rate"] <= 0.2
-    assert real["frechet_generated_vs_heldout"] < copies["frechet_generated_vs_heldout"] + 50
+    for space in ("judge", "independent"):
+        assert set(real["distribution"][space]) == {"generated", "floor"}
     # Copies of one image per digit have no diversity at all.
     same = np.repeat(train[:10], 5, axis=0)
-    assert domain_quality(judge, same, np.repeat(np.arange(10), 5), train, held, held_labels)["diversity_ratio"] == 0
+    labels = np.repeat(np.arange(10), 5)
+    assert domain_quality(judge, net, same, labels, train, held, held_labels, SMALL)["diversity_ratio"] == 0
+    # Below the images a distribution measure needs, it is skipped with the reason; the others are still there.
+    few = domain_quality(judge, net, train[:20], np.arange(20) % 10, train, held, held_labels, SMALL)
+    assert few["distribution"] == {
+        "skipped": "skipped: 20 generated and 100 held-out images, the distribution measures need 50 of each per domain"
+    }
+    assert few["memorisation_rate"] == 1.0
 
 
 def test_evaluate_reports_quality(tmp_path, data_root, judge_dir, capsys):
@@ -94,29 +116,54 @@ def test_evaluate_reports_quality(tmp_path, data_root, judge_dir, capsys):
         held, held_labels = load_split(data_root, domain, "val")
         judge = load_classifier(judge_dir / f"{domain}.safetensors")
         assert q["heldout_accuracy"] == pytest.approx(accuracy_score(held_labels, judge.predict(held)))
-        assert f"real held-out digits score acc = {q['heldout_accuracy']:.4f}" in printed
-    assert "memorisation = 100.0 %" in printed and "Fréchet distance" in printed
+        # 20 images: too few for the distribution measures and for CAS, each skipped with its reason.
+        assert "need 2000 of each per domain" in q["distribution"]["skipped"]
+        assert q["cas"] == {"skipped": "skipped: CAS trains on 200 generated images of every digit"}
+    assert "memorisation" in printed and "100.0 %" in printed and "need 2000 of each" in printed
     assert "Quality beyond accuracy" in (folder / "eval" / "report.html").read_text()
     # Without the real data the accuracy is still reported, and the printout says what was skipped.
     bare = tmp_path / "bare"
     bare.mkdir()
+    for f in judge_dir.iterdir():
+        (bare / f.name).write_bytes(f.read_bytes())
     for d in DOMAINS:
         meta = json.loads((judge_dir / f"{d}.json").read_text())
         (bare / f"{d}.json").write_text(json.dumps({**meta, "data_root": str(tmp_path / "gone")}))
-        (bare / f"{d}.safetensors").write_bytes((judge_dir / f"{d}.safetensors").read_bytes())
     result = evaluate_folder(folder, bare, tmp_path / "e2")
     assert "quality" not in result["domains"]["svhn"] and "quality measures skipped" in capsys.readouterr().out
+
+
+def test_judges_from_before_the_feature_network_are_refused_in_one_line(tmp_path, data_root, judge_dir, folder_bytes):
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in judge_dir.iterdir():  # the domain judges, without the feature network
+        if not f.name.startswith("features"):
+            (old / f.name).write_bytes(f.read_bytes())
+    folder = tmp_path / "gen"
+    images, labels = load_split(data_root, "svhn", "train")
+    for domain in DOMAINS:
+        save_png(images[0], folder / domain / f"{labels[0]}_000.png")
+    before = folder_bytes(tmp_path)
+    with pytest.raises(DifflabError) as e:
+        evaluate_folder(folder, old)
+    assert str(e.value) == (
+        f"{old}: judges from an earlier difflab (no independent feature network or CAS reference); retrain them: "
+        f"difflab digits train-classifier --data-root {data_root} --out {old} --overwrite"
+    )
+    assert folder_bytes(tmp_path) == before
 
 
 def test_a_diversity_that_cannot_be_measured_is_said_so_not_a_crash():
     from difflab.digits.evaluate import format_quality
 
     quality = {
-        "frechet_generated_vs_heldout": 1.0,
-        "frechet_train_vs_heldout": 1.0,
+        "distribution": {"skipped": "skipped: too few"},
+        "cas": {"skipped": "skipped: too few"},
         "memorisation_rate": 0.0,
         "diversity_ratio": None,
         "heldout_accuracy": 0.97,
+        "n_generated": 3,
+        "n_heldout": 3,
     }
-    text = format_quality({"domains": {"mnistm": {"quality": quality}}})
-    assert "diversity = not measurable (it needs at least 2 images of a digit" in text
+    text = format_quality({"domains": {"mnistm": {"quality": quality, "accuracy": 1.0}}})
+    assert "not measurable (it needs at least 2 images of a digit" in text

