@@ -26,15 +26,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, write_results  # noqa: E402
 from difflab.demos.digits import DemoConfig  # noqa: E402
-from difflab.digits.classifier import classifier_path, load_classifier, train_classifiers  # noqa: E402
+from difflab.digits.classifier import (  # noqa: E402
+    FEATURES_FILE,
+    cas_accuracy,
+    classifier_path,
+    load_classifier,
+    train_classifiers,
+)
 from difflab.digits.data import DOMAINS, SPLITS, load_split, make_dataset  # noqa: E402
 from difflab.digits.model import load_digits_model  # noqa: E402
-from difflab.digits.quality import domain_quality  # noqa: E402
-from difflab.digits.sample import PER_DIGIT, SampleConfig, course_images  # noqa: E402
-from difflab.digits.train import PRESETS, TrainConfig, step_flops, train  # noqa: E402
+from difflab.digits.quality import SPACES, domain_quality  # noqa: E402
+from difflab.digits.sample import SampleConfig, course_images  # noqa: E402
+from difflab.digits.train import PRESETS, TrainConfig, forward_flops, step_flops, train  # noqa: E402
+from difflab.samplers import ddim_timesteps  # noqa: E402
 from difflab.schedule import NoiseSchedule  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / ".work" / "digits_seeds"
+QUALITY_PER_DIGIT = 200  # 2,000 digits per domain: what the distribution measures need (QualityConfig.min_images)
 # Training recipes: the default, the old default (102.5 TFLOP until the seed table) and its cut to 45 TFLOP (2,190
 # steps, 200 warm-up steps) with variants of batch size and peak learning rate, and round 3
 # (results/digits_45tflop*.md): batch 16 at LR 2e-3, 200 warm-up steps, EMA 0.995, timesteps drawn with γ = 0.5, the
@@ -116,6 +124,10 @@ RECIPES: dict[str, dict] = {
     "default-zsnr-gamma0.25": dict(schedule=dict(rescale_betas_zero_snr=True), min_snr_gamma=0.25),
     "default-zsnr-gamma1": dict(schedule=dict(rescale_betas_zero_snr=True), min_snr_gamma=1.0),
     "default-zsnr-pdigit0.15": dict(schedule=dict(rescale_betas_zero_snr=True), p_drop_digit=0.15),
+    # Model guidance (issue "Digits as good as the data"): from scratch within 45 TFLOP, its extra forward counted,
+    # or as a fine-tune: 40 TFLOP of the default recipe, then model guidance for the last 5 TFLOP of the same run.
+    **{f"mg{s:g}-45-tflop": dict(model_guidance=s, tflop=45) for s in (3, 4, 5.5)},
+    **{f"mg{s:g}-finetune-40+5-tflop": dict(model_guidance=s, tflop=40, finetune_tflop=5) for s in (3, 4, 5.5)},
 }
 # The sampler until the seed table: DDIM-25 with η = 1 from "leading" timesteps and digit guidance 6 at every step;
 # then DPM-Solver++(2M) in 10 steps, then DDIM-10 with η = 1 from "trailing" timesteps, first with digit guidance 6,
@@ -146,14 +158,14 @@ SAMPLERS: dict[str, SampleConfig] = {
 }
 
 
-def data_and_judges(seed: int) -> tuple[Path, Path]:
+def data_and_judges(seed: int, train_judges: bool = True) -> tuple[Path, Path]:
     """The demo's data and judges for `seed`, made once."""
     demo = DemoConfig()
     data, judges = WORK / f"seed{seed}" / "data", WORK / f"seed{seed}" / "judges"
     if not (data / "digits" / DOMAINS[-1] / SPLITS["val"]).is_file():
         make_dataset(data, demo.n_per_domain, demo.n_test_per_domain, seed)
-    if not classifier_path(judges, DOMAINS[-1]).is_file():
-        train_classifiers(data, judges, epochs=demo.classifier_epochs, seed=seed)
+    if train_judges and not classifier_path(judges, FEATURES_FILE).is_file():
+        train_classifiers(data, judges, epochs=demo.classifier_epochs, seed=seed, overwrite=True)
     return data, judges
 
 
@@ -168,9 +180,16 @@ def recipe_config(recipe: str, **kwargs) -> TrainConfig:
     if "net" in changes:
         PRESETS[recipe] = replace(PRESETS["cpu"], **changes.pop("net"))
         changes["preset"] = recipe
-    budget = changes.pop("tflop", None)
+    budget, finetune = changes.pop("tflop", None), changes.pop("finetune_tflop", None)
     cfg = TrainConfig(**kwargs, **changes)
-    return replace(cfg, steps=int(budget * 1e12 // step_flops(cfg))) if budget else cfg
+    if not budget:
+        return cfg
+    guided = step_flops(cfg) + (forward_flops(cfg) if cfg.model_guidance != 1.0 else 0)
+    if not finetune:
+        return replace(cfg, steps=int(budget * 1e12 // guided))
+    base = int(budget * 1e12 // step_flops(cfg))
+    steps = base + int(finetune * 1e12 // guided)
+    return replace(cfg, steps=steps, model_guidance_start=base / steps)
 
 
 def trained(recipe: str, seed: int, data: Path) -> tuple[Path, float, float]:
@@ -222,26 +241,41 @@ def min_snr_floor(recipe: str):
 
 
 def judge(ckpt: Path, sampler: SampleConfig, seed: int, data: Path, judges: Path) -> dict:
-    """Accuracy, Fréchet ratio and memorisation of the course layout (50 per digit and domain) drawn with `seed`."""
+    """Every measure of `digits evaluate` on QUALITY_PER_DIGIT digits per digit and domain drawn with `seed`."""
     net, schedule, _ = load_digits_model(ckpt, torch.device("cpu"))
     return judge_net(net, schedule, sampler, seed, data, judges)
 
 
 def judge_net(net, schedule, sampler: SampleConfig, seed: int, data: Path, judges: Path) -> dict:
     """`judge` for a network in hand (e.g. one combined with a guiding network)."""
-    per_domain = course_images(net, schedule, replace(sampler, seed=seed), torch.device("cpu"))
-    labels, row = np.arange(10).repeat(PER_DIGIT), {}
+    per_domain = course_images(net, schedule, replace(sampler, seed=seed), torch.device("cpu"), QUALITY_PER_DIGIT)
+    labels, row = np.arange(10).repeat(QUALITY_PER_DIGIT), {}
+    features = load_classifier(classifier_path(judges, FEATURES_FILE), "cpu")
     for domain, gen in per_domain.items():
         model = load_classifier(classifier_path(judges, domain), "cpu")
         train_x, _ = load_split(data, domain, "train")
         held_x, held_y = load_split(data, domain, "val")
-        q = domain_quality(model, gen, labels, train_x, held_x, held_y)
+        q = domain_quality(model, features, gen, labels, train_x, held_x, held_y)
+        cas = cas_accuracy(gen, labels, held_x, held_y, domain, model.config.width, torch.device("cpu"), 0)
+        cas_real = json.loads(classifier_path(judges, domain).with_suffix(".json").read_text())["cas_real"]["accuracy"]
+        dist = q["distribution"]
         row[domain] = {
             "acc": float((model.predict(gen) == labels).mean()),
-            "frechet_ratio": q["frechet_generated_vs_heldout"] / q["frechet_train_vs_heldout"],
-            "frechet": q["frechet_generated_vs_heldout"],
-            "memorisation": q["memorisation_rate"],
             "real_acc": q["heldout_accuracy"],
+            "memorisation": q["memorisation_rate"],
+            "cas_ratio": cas / cas_real,
+            **{
+                f"{name}_{space}": dist[space]["generated"][name] / dist[space]["floor"][name]
+                for space in SPACES
+                for name in ("fid", "recall", "precision")
+            },
+            **{f"fid_{space}": dist[space]["generated"]["fid"] for space in SPACES},
+            # KID above its floor, in standard errors of the generated set's estimate
+            **{
+                f"kid_{space}": (dist[space]["generated"]["kid"] - dist[space]["floor"]["kid"])
+                / dist[space]["generated"]["kid_std"]
+                for space in SPACES
+            },
         }
     row["acc"] = float(np.mean([row[d]["acc"] for d in DOMAINS]))
     return row
@@ -258,7 +292,15 @@ def seed_arguments(description: str) -> argparse.Namespace:
 
 
 def nfe(sampler: SampleConfig) -> int:
-    return 1000 if sampler.method == "ddpm" else sampler.steps
+    """Network forward passes per image: a guided step batched over its branches counts each branch."""
+    weights = (sampler.guidance_digit, sampler.guidance_domain - sampler.guidance_digit, 1 - sampler.guidance_domain)
+    branches = sum(w != 0 for w in weights)
+    steps = 1000 if sampler.method == "ddpm" else sampler.steps
+    if sampler.guidance_interval == (0.0, 1.0) or branches == 1:
+        return steps * branches
+    lo, hi = sampler.guidance_interval
+    guided = sum(lo * 999 <= t <= hi * 999 for t in ddim_timesteps(1000, steps, sampler.spacing))
+    return steps + guided * (branches - 1)
 
 
 def main() -> None:
@@ -268,40 +310,49 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--name", default="digits_seeds", help="results file stem")
+    parser.add_argument("--train-only", action="store_true", help="train the checkpoints, measure nothing")
     parser.add_argument("--note", default="", help="appended to the results' note, e.g. how the checkpoints trained")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = RESULTS / f"{args.name}.json"
     rows = {tuple(r[:3]): r for r in json.loads(path.read_text())["rows"]} if path.is_file() else {}
     for seed in args.seeds:
-        data, judges = data_and_judges(seed)
+        data, judges = data_and_judges(seed, train_judges=not args.train_only)
         for recipe in args.recipes:
             ckpt, tflop, seconds = trained(recipe, seed, data)
+            if args.train_only:
+                continue
             for name in args.samplers:
                 sampler = SAMPLERS[name]
                 r = judge(ckpt, sampler, seed, data, judges)
                 m, s = r["mnistm"], r["svhn"]
+                both = lambda key, digits=2: [round(m[key], digits), round(s[key], digits)]  # noqa: E731
                 rows[(recipe, name, seed)] = [
-                    recipe, name, seed, m["acc"], s["acc"], round(r["acc"], 4),
-                    round(m["frechet_ratio"], 2), round(s["frechet_ratio"], 2),
-                    round(m["memorisation"], 3), round(s["memorisation"], 3),
-                    nfe(sampler), round(tflop, 1), round(seconds, 1),
+                    recipe, name, seed, m["acc"], s["acc"], round(r["acc"], 4), *both("real_acc", 4),
+                    *both("fid_judge"), *both("fid_independent"), *both("kid_independent", 1),
+                    *both("recall_independent"), *both("cas_ratio", 3), *both("memorisation", 3),
+                    nfe(sampler), round(tflop, 1), None if seconds is None else round(seconds, 1),
                 ]  # fmt: skip
                 print(rows[(recipe, name, seed)], flush=True)
     table = sorted(rows.values(), key=lambda r: (r[0], r[1], r[2]))
     header = [
-        "recipe", "sampler", "seed", "MNIST-M acc", "SVHN acc", "mean acc", "Fréchet ratio MNIST-M",
-        "Fréchet ratio SVHN", "memorised MNIST-M", "memorised SVHN", "NFE / image", "training TFLOP",
-        "training s",
+        "recipe", "sampler", "seed", "MNIST-M acc", "SVHN acc", "mean acc", "judge real MNIST-M", "judge real SVHN",
+        "FID/floor judge MNIST-M", "FID/floor judge SVHN", "FID/floor indep. MNIST-M", "FID/floor indep. SVHN",
+        "KID-floor (SE) indep. MNIST-M", "KID-floor (SE) indep. SVHN", "recall/floor indep. MNIST-M",
+        "recall/floor indep. SVHN", "CAS/real MNIST-M", "CAS/real SVHN", "memorised MNIST-M", "memorised SVHN",
+        "NFE / image", "training TFLOP", "training s",
     ]  # fmt: skip
     samplers = {k: asdict(v) for k, v in SAMPLERS.items()}
     note = (
-        "Each seed makes its own data, judges (8 epochs), model and sampling noise, as `difflab digits demo --seed N`; "
-        "1,000 digits (50 per digit and domain). Fréchet ratio: the judge-feature Fréchet distance of the generated "
-        "digits to the held-out split over that of an equal training sample (1.0 = as close as real data). NFE: "
-        "batched network calls per image (all guidance branches in one). Training seconds: the wall clock of the run "
-        f"that made the checkpoint, nothing else running. {args.note} Recipes: {json.dumps(RECIPES)}. "
-        f"Samplers: {json.dumps(samplers)}."
+        "Each seed makes its own data, judges, model and sampling noise, as `difflab digits demo --seed N`; 4,000 "
+        "digits (200 per digit and domain). acc: the seed's judge on the generated digits; judge real: the same judge "
+        "on the real held-out digits. FID/floor: Fréchet distance (torchmetrics) of the generated digits to the "
+        "held-out split over that of as many real training digits, in the judge's and the independent network's "
+        "features (1.0 = as close as real data). KID-floor (SE): KID above its floor in standard errors of its "
+        "estimate. recall/floor: recall (prdc, k = 3) over the real training digits'. CAS/real: a classifier trained "
+        "on 2,000 generated digits over one trained on 2,000 real ones, both read on the held-out split. NFE: "
+        "network forward passes per image, each guidance branch counted. Training seconds: the wall clock of the run "
+        f"that made the checkpoint. {args.note} Recipes: {json.dumps(RECIPES)}. Samplers: {json.dumps(samplers)}."
     )
     write_results(args.name, header, table, note)
 

@@ -10,6 +10,8 @@ from safetensors.torch import save_file
 from sklearn.metrics import accuracy_score, confusion_matrix
 
 from difflab.digits.classifier import (
+    FEATURES_FILE,
+    JUDGES_VERSION,
     ClassifierConfig,
     ClassifierTrainConfig,
     DigitClassifier,
@@ -41,7 +43,7 @@ def data_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def classifier_dir(data_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("clf")
-    accs = train_classifiers(data_root, out, epochs=1, device="cpu", seed=0, width=8)
+    accs = train_classifiers(data_root, out, epochs=1, device="cpu", seed=0, width=8, judge_pool=40)
     assert set(accs) == set(DOMAINS) and all(0.0 <= a <= 1.0 for a in accs.values())
     return out
 
@@ -49,17 +51,24 @@ def classifier_dir(data_root, tmp_path_factory):
 def test_train_classifiers_writes_loadable_files(classifier_dir, data_root):
     for domain in DOMAINS:
         meta = json.loads((classifier_dir / f"{domain}.json").read_text())
-        assert meta["config"]["domain"] == domain and meta["n_train"] == 100 and meta["n_held_out"] == 30
+        # train.csv and the judges' own pool, which only an embedded dataset has.
+        assert meta["config"]["domain"] == domain and meta["n_train"] == 140 and meta["n_held_out"] == 30
+        assert meta["n_judge_pool"] == 40 and meta["judges_version"] == JUDGES_VERSION
+        assert meta["cas_real"]["accuracy"] is None  # 100 training images: fewer than CAS needs of every digit
         model = load_classifier(classifier_path(classifier_dir, domain), "cpu")
         images, labels = load_split(data_root, domain, "val")
         assert meta["held_out_accuracy"] == pytest.approx(accuracy_score(labels, model.predict(images)))
     assert (classifier_dir / "report.html").is_file()
+    features = load_classifier(classifier_path(classifier_dir, FEATURES_FILE), "cpu")
+    assert features.config.arch == "gap" and features.num_features == 128
 
 
 def test_without_val_csv_a_slice_of_train_is_held_out(tmp_path, data_root):
     import shutil
 
-    shutil.copytree(data_root / "digits", tmp_path / "digits", ignore=shutil.ignore_patterns("val.csv", ".*"))
+    # Without info.json it is not difflab's dataset: the judges train on train.csv alone.
+    ignore = shutil.ignore_patterns("val.csv", ".*", "info.json")
+    shutil.copytree(data_root / "digits", tmp_path / "digits", ignore=ignore)
     accs = train_classifiers(tmp_path, tmp_path / "clf", epochs=1, device="cpu", width=4, domains=("svhn",))
     meta = json.loads((tmp_path / "clf" / "svhn.json").read_text())
     assert set(accs) == {"svhn"} and meta["n_train"] == 90 and meta["n_held_out"] == 10
@@ -173,7 +182,9 @@ def test_the_judges_folder_has_a_model_card(tmp_path):
 
     make_dataset(tmp_path / "data", n_per_domain=60, n_test_per_domain=20, seed=0)
     track = "tensorboard" if find_spec("tensorboard") else "none"
-    train_classifiers(tmp_path / "data", tmp_path / "judges", epochs=1, device="cpu", precision="fp32", report_to=track)
+    train_classifiers(
+        tmp_path / "data", tmp_path / "judges", epochs=1, device="cpu", precision="fp32", report_to=track, judge_pool=0
+    )
     if track == "tensorboard":
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

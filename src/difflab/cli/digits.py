@@ -87,6 +87,25 @@ PDropDigit = Annotated[
     float,
     typer.Option("--p-drop-digit", min=0.0, max=1.0, help="Probability to replace the digit by its null embedding."),
 ]
+ModelGuidance = Annotated[
+    float,
+    typer.Option(
+        "--model-guidance",
+        min=1.0,
+        max=20.0,
+        help="Model guidance: the digit guidance scale the network learns itself, so that sampling with "
+        "--guidance-digit 1 needs one network pass per step (1: off).",
+    ),
+]
+ModelGuidanceStart = Annotated[
+    float,
+    typer.Option(
+        "--model-guidance-start",
+        min=0.0,
+        max=1.0,
+        help="Fraction of --steps trained before model guidance starts (0: from scratch; 0.9: a fine-tune).",
+    ),
+]
 MinSnrGamma = Annotated[
     float, typer.Option("--min-snr-gamma", min=0.0, help="Min-SNR loss weighting γ, e.g. 5 (0: plain ε-MSE).")
 ]
@@ -209,6 +228,8 @@ def train_command(
     ema_decay: EmaDecay = TrainConfig.ema_decay,
     p_drop_domain: PDropDomain = TrainConfig.p_drop_domain,
     p_drop_digit: PDropDigit = TrainConfig.p_drop_digit,
+    model_guidance: ModelGuidance = TrainConfig.model_guidance,
+    model_guidance_start: ModelGuidanceStart = TrainConfig.model_guidance_start,
     min_snr_gamma: MinSnrGamma = TrainConfig.min_snr_gamma,
     timestep_sampling: TimestepSampling = TrainConfig.timestep_sampling,
     prediction: Prediction = TrainConfig.default_schedule().prediction,
@@ -240,6 +261,8 @@ def train_command(
         ema_decay=ema_decay,
         p_drop_domain=p_drop_domain,
         p_drop_digit=p_drop_digit,
+        model_guidance=model_guidance,
+        model_guidance_start=model_guidance_start,
         min_snr_gamma=min_snr_gamma or None,
         timestep_sampling=timestep_sampling,
         schedule=replace(
@@ -452,11 +475,20 @@ def train_classifier_command(
         help="Random shift/scale/rotation, contrast/brightness and channel order while training "
         "(useful for small or real data).",
     ),
+    judge_pool: int = typer.Option(
+        ClassifierTrainConfig.judge_pool,
+        "--judge-pool",
+        min=0,
+        max=1_000_000,
+        help="Synthesized images per domain only the judges train on, beside train.csv, when the data is difflab's "
+        "embedded dataset: MNIST-M style from the full MNIST, no source digit equal to a held-out one (0: none).",
+    ),
     overwrite: Overwrite = False,
     report_to: ReportTo = "none",
 ):
-    """Train the per-domain digit classifiers that judge generated digits; print held-out accuracy. The judges
-    replace earlier ones in --out together, and only once all are trained."""
+    """Train the per-domain digit classifiers that judge generated digits, the independent feature network of the
+    quality measures and the real CAS references; print held-out accuracy. The judges replace earlier ones in
+    --out together, and only once all are trained."""
     train_classifiers(
         data_root,
         out,
@@ -466,6 +498,7 @@ def train_classifier_command(
         width=width,
         precision=precision,
         augment=augment,
+        judge_pool=judge_pool,
         overwrite=overwrite,
         report_to=report_to,
     )

@@ -5,11 +5,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from difflab.digits.classifier import ClassifierTrainConfig, train_classifiers
-from difflab.digits.data import DOMAINS, make_dataset
+from difflab.digits.classifier import (
+    FEATURES_FILE,
+    ClassifierTrainConfig,
+    classifier_path,
+    judges_tflop,
+    load_classifier,
+    train_classifiers,
+)
+from difflab.digits.data import DOMAINS, load_split, make_dataset
 from difflab.digits.evaluate import (
+    DOMAIN_NAMES,
     add_quality_section,
     card_metrics,
     evaluate_folder,
@@ -17,12 +26,12 @@ from difflab.digits.evaluate import (
     format_summary,
 )
 from difflab.digits.model import load_digits_model
-from difflab.digits.sample import PER_DIGIT, SampleConfig, write_course_layout, write_sample_figures
+from difflab.digits.sample import PER_DIGIT, SampleConfig, course_images, write_course_layout, write_sample_figures
 from difflab.digits.train import OPTIMIZERS, TRACKER_PROJECT, TrainConfig, read_losses, train
 from difflab.io import load_json, open_run
 from difflab.precision import Precision, cpu_name
 from difflab.report import HtmlReport
-from difflab.report.plots import plot_loss_curve
+from difflab.report.plots import plot_frontier, plot_loss_curve
 from difflab.report.tracking import log_final_metrics
 from difflab.utils import Stages, pick_device
 
@@ -37,8 +46,13 @@ class DemoConfig:
     train_steps: int = TrainConfig.steps
     train_minutes: float | None = None  # an explicit wall-clock budget instead (the report then says so)
     classifier_epochs: int = ClassifierTrainConfig.epochs
+    judge_pool: int = ClassifierTrainConfig.judge_pool
     sample: SampleConfig = field(default_factory=SampleConfig)
-    per_digit: int = PER_DIGIT
+    # 2,000 digits per domain: what the distribution measures need (QualityConfig.min_images); the first 50 of
+    # each digit are the course layout's, the same images whatever this number.
+    per_digit: int = 4 * PER_DIGIT
+    # The report's trade-off curve: digit guidance scales, CURVE_PER_DIGIT digits of each per domain.
+    curve_guidance: tuple[float, ...] = (1.0, 2.0, 3.5, 5.5)
     seed: int = 0
     precision: Precision = TrainConfig.precision
     device: str | None = None
@@ -57,8 +71,10 @@ class DemoConfig:
             n_test_per_domain=200,
             train_steps=300,
             classifier_epochs=2,
+            judge_pool=1000,
             sample=SampleConfig(steps=10),
             per_digit=5,
+            curve_guidance=(1.0, 5.5),
         )
 
 
@@ -78,6 +94,42 @@ def ddim_figures(ckpt: Path, figures: Path, cfg: DemoConfig, report: HtmlReport)
     alphas = [i / 10 for i in range(11)]
     strips = interpolate(model, noises[:1], noises[1:2], ["lerp", "slerp"], alphas, ddim, progress=False)
     interpolation_figure(strips, alphas, ("00", "01"), figures, report)
+
+
+CURVE_PER_DIGIT = 50
+
+
+def guidance_curve(net, schedule, cfg: DemoConfig, device, judges: Path, data_root: Path, out: Path) -> Path:
+    """Accuracy against Fréchet distance in the independent features, over digit guidance, per domain; the real
+    held-out digits as the reference point (the judge's accuracy on them, and the distance of as many real training
+    digits)."""
+    from difflab.digits.quality import frechet_distance
+
+    per_digit = min(CURVE_PER_DIGIT, cfg.per_digit)
+    features = load_classifier(classifier_path(judges, FEATURES_FILE), device)
+    judge = {d: load_classifier(classifier_path(judges, d), device) for d in DOMAINS}
+    real = {d: load_split(data_root, d, "val") for d in DOMAINS}
+    labels = np.arange(10).repeat(per_digit)
+    curves = {DOMAIN_NAMES[d]: [] for d in DOMAINS}
+    for g in cfg.curve_guidance:
+        images = course_images(net, schedule, replace(cfg.sample_config(), guidance_digit=g), device, per_digit)
+        for d in DOMAINS:
+            acc = float((judge[d].predict(images[d]) == labels).mean())
+            curves[DOMAIN_NAMES[d]].append((frechet_distance(features, images[d], real[d][0]), acc, f"g={g:g}"))
+    reference = {}
+    for d in DOMAINS:
+        train, _ = load_split(data_root, d, "train")
+        sample = train[np.random.default_rng(cfg.seed).choice(len(train), len(labels), replace=False)]
+        real_acc = float((judge[d].predict(real[d][0]) == real[d][1]).mean())
+        reference[f"real {DOMAIN_NAMES[d]}"] = (frechet_distance(features, sample, real[d][0]), real_acc)
+    return plot_frontier(
+        curves,
+        reference,
+        out,
+        "Fréchet distance to real held-out digits (independent features)",
+        "judge accuracy",
+        f"Over digit guidance, {len(labels)} digits per domain",
+    )
 
 
 def run_demo(cfg: DemoConfig, overwrite: bool = False) -> Path:
@@ -111,6 +163,7 @@ def _run_demo(cfg: DemoConfig, out: Path) -> Path:
         device=cfg.device,
         seed=cfg.seed,
         precision=cfg.precision,
+        judge_pool=cfg.judge_pool,
     )
     device = pick_device(cfg.device)
     net, schedule, model_config = load_digits_model(ckpt, device)
@@ -124,6 +177,15 @@ def _run_demo(cfg: DemoConfig, out: Path) -> Path:
     describe_run(report, cfg, model_config, load_json(judges / f"{DOMAINS[0]}.json"))
     add_accuracy(report, result, accs, out / "eval")
     add_quality_section(report, result, out / "eval")
+    report.heading("Accuracy against Fréchet distance over guidance")
+    frontier = figures / "frontier.png"
+    curve = stages.run("guidance curve", guidance_curve, net, schedule, cfg, device, judges, data_root, frontier)
+    report.image(
+        curve,
+        "each point samples the model at one digit guidance scale; a star is the real data: a generator as good as "
+        "the data sits on it",
+        width=560,
+    )
     add_samples(report, net, schedule, per_domain, sample_cfg, device, cfg.per_digit, figures)
     report.heading("DDIM on the digits model")
     stages.run("ddim figures", ddim_figures, ckpt, figures, cfg, report)
@@ -138,6 +200,7 @@ def _run_demo(cfg: DemoConfig, out: Path) -> Path:
     print(format_summary(result))
     print(format_quality(result))
     print(f"training compute: {model_config['training_tflop']:.1f} TFLOP ({model_config['steps']} steps)")
+    print(f"judges' compute (the instrument, not counted above): {judges_tflop(judges):.1f} TFLOP")
     print(f"report: {path.resolve()}")
     return path
 

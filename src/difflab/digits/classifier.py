@@ -447,21 +447,33 @@ def train_feature_net(real: list, out_dir: Path, device, seed: int, precision: P
     save_classifier(
         model,
         classifier_path(out_dir, FEATURES_FILE),
-        {"held_out_accuracy": acc, "n_train": int(len(labels)), "train_seconds": round(seconds, 1), "seed": seed + 1},
+        {
+            "held_out_accuracy": acc,
+            "n_train": int(len(labels)),
+            "train_seconds": round(seconds, 1),
+            "train_tflop": round(classifier_tflop(tc, FEATURE_NET["width"], len(labels), FEATURE_NET["arch"]), 2),
+            "seed": seed + 1,
+        },
     )
     print(f"independent feature network: held-out acc = {acc:.4f}; trained on {len(labels)} images in {seconds:.1f} s")
     return ["features (independent)", len(labels), len(val_labels), f"{acc:.4f}", f"{seconds:.1f}"]
 
 
-def classifier_tflop(tc: ClassifierTrainConfig, width: int, n_images: int) -> float:
-    """Training compute of one judge by torch's FLOP counter: one step's forward and backward, times the steps."""
+def classifier_tflop(tc: ClassifierTrainConfig, width: int, n_images: int, arch: str = "vgg") -> float:
+    """Training compute of a classifier by torch's FLOP counter: one step's forward and backward, times the steps."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = DigitClassifier(ClassifierConfig("count", width))
+    model = DigitClassifier(ClassifierConfig("count", width, arch=arch))
     x = torch.randn(tc.batch_size, 3, 28, 28)
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(x), torch.zeros(tc.batch_size, dtype=torch.long)).backward()
     return counter.get_total_flops() * tc.epochs * math.ceil(n_images / tc.batch_size) / 1e12
+
+
+def judges_tflop(classifier_dir: str | os.PathLike) -> float:
+    """The judges' and the feature network's training compute, from their JSON files."""
+    names = (*DOMAINS, FEATURES_FILE)
+    return sum(load_json(classifier_path(classifier_dir, n).with_suffix(".json")).get("train_tflop", 0) for n in names)
 
 
 def check_judges(classifier_dir: str | os.PathLike) -> None:

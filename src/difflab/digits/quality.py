@@ -63,25 +63,41 @@ def batches(images: np.ndarray, size: int = 500):
         yield torch.as_tensor(images[i : i + size]).permute(0, 3, 1, 2)
 
 
+def frechet_metric(extractor: FeatureExtractor, reference: np.ndarray):
+    """torchmetrics' FID with `reference` as its real images, kept across `reset()`."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    fid = FrechetInceptionDistance(feature=extractor, reset_real_features=False)
+    for x in batches(reference):
+        fid.update(x, real=True)
+    return fid
+
+
+def frechet_distance(net: nn.Module, images: np.ndarray, reference: np.ndarray) -> float:
+    """FID between `images` and `reference` in `net`'s features."""
+    fid = frechet_metric(FeatureExtractor(net), reference)
+    for x in batches(images):
+        fid.update(x, real=False)
+    return float(fid.compute())
+
+
 def distribution_measures(
     net: nn.Module, generated: np.ndarray, train_sample: np.ndarray, heldout: np.ndarray, cfg: QualityConfig
 ) -> dict:
     """FID, KID and precision / recall / density / coverage of `generated` against `heldout` in `net`'s features,
     and the same for `train_sample` (the floor)."""
     from prdc import compute_prdc
-    from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
     extractor = FeatureExtractor(net)
     subset = min(cfg.kid_subset_size, len(generated), len(train_sample), len(heldout))
-    fid = FrechetInceptionDistance(feature=extractor, reset_real_features=False)
+    fid = frechet_metric(extractor, heldout)
     with warnings.catch_warnings():  # that it keeps every feature: a few thousand vectors here
         warnings.filterwarnings("ignore", "Metric `Kernel Inception Distance` will save all extracted features")
         kid = KernelInceptionDistance(
             feature=extractor, subsets=cfg.kid_subsets, subset_size=subset, reset_real_features=False
         )
     for x in batches(heldout):
-        fid.update(x, real=True)
         kid.update(x, real=True)
     real_features = np.concatenate([extractor(x).numpy() for x in batches(heldout)])
     result = {}

@@ -75,6 +75,11 @@ class TrainConfig:
     ema_decay: float = 0.999
     p_drop_domain: float = 0.1
     p_drop_digit: float = 0.1
+    # Model guidance (Tang et al. 2025): the (domain, digit) branch learns the digit-guided prediction itself, so a
+    # sampler needs one network pass per step. The value is the guidance scale s it learns (1: off). Its target
+    # gains w·sg(pred(domain, digit) − pred(domain, ∅)), w = 1 − 1/s: the fixed point is guidance at scale s.
+    model_guidance: float = 1.0
+    model_guidance_start: float = 0.0  # fraction of `steps` before it starts (then w ramps in over `warmup_steps`)
     # γ = 0.5 draws more timesteps at high noise than γ = 5, where the digit's identity is decided.
     min_snr_gamma: float | None = 0.5
     # "min-snr": t drawn in proportion to its min-SNR weight, the same objective as "uniform" with a lower-variance
@@ -138,8 +143,56 @@ def step_flops(cfg: TrainConfig) -> int:
     return counter.get_total_flops()
 
 
+def forward_flops(cfg: TrainConfig) -> int:
+    """FLOPs of the one extra forward pass (no gradient) that a model-guidance step makes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.random.fork_rng(devices=[]):
+        net = DigitsUNet(cfg.net_config())
+    size = net.config.image_size
+    x = torch.zeros(cfg.batch_size, net.config.in_channels, size, size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(x, torch.zeros(cfg.batch_size, dtype=torch.long), torch.zeros(cfg.batch_size, 2, dtype=torch.long))
+    return counter.get_total_flops()
+
+
+def guidance_start(cfg: TrainConfig) -> int | None:
+    """The step model guidance starts at, or None when it is off."""
+    return round(cfg.model_guidance_start * cfg.steps) if cfg.model_guidance != 1.0 else None
+
+
+def run_tflop(cfg: TrainConfig, steps: int, per_step: int, per_forward: int) -> float:
+    """The compute of `steps` steps of one process: every step, plus the extra forward of each guided one."""
+    start = guidance_start(cfg)
+    guided = 0 if start is None else max(0, steps - start)
+    return (steps * per_step + guided * per_forward) / 1e12
+
+
 def training_tflop(cfg: TrainConfig) -> float:
-    return step_flops(cfg) * cfg.steps / 1e12
+    forward = forward_flops(cfg) if cfg.model_guidance != 1.0 else 0
+    return run_tflop(cfg, cfg.steps, step_flops(cfg), forward)
+
+
+def guidance_weight(cfg: TrainConfig, step: int) -> float:
+    """Model guidance's w at `step`: 0 before its start, then ramping to 1 − 1/s over `warmup_steps`."""
+    start = guidance_start(cfg)
+    if start is None or step < start:
+        return 0.0
+    return (1 - 1 / cfg.model_guidance) * min(1.0, (step - start + 1) / max(1, cfg.warmup_steps))
+
+
+def guidance_shift(net, cond: torch.Tensor, w: float, null_digit: int):
+    """The target shift of model guidance, `target_shift` of `NoiseSchedule.training_loss`: w·(pred − pred(domain,
+    ∅)) with both terms held constant, on the samples whose digit is given (the others learn the plain target)."""
+    no_digit = cond.clone()
+    no_digit[:, 1] = null_digit
+    given = (cond[:, 1] != null_digit).float().view(-1, 1, 1, 1)
+
+    def shift(x_t: torch.Tensor, t: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return w * given * (pred.detach().float() - net(x_t, t, no_digit).float())
+
+    return shift
 
 
 def read_losses(ckpt: str | os.PathLike) -> tuple[list[int], list[float]]:
@@ -203,6 +256,7 @@ class Run:
     running: list = field(default_factory=list)  # the losses of the log window in progress
     t_density: torch.Tensor | None = None  # where timesteps are drawn from; None: uniformly
     flops_per_step: int = 0  # counted once by `step_flops`, for each process
+    flops_per_forward: int = 0  # the extra forward of a model-guidance step, `forward_flops`
     grad_norm: float = 0.0  # of the last step, before clipping
 
     @property
@@ -356,6 +410,7 @@ def start_run(cfg: TrainConfig, accelerator) -> Run:
     run = Run(cfg, accelerator, net, ema, opt, schedule, Precision(), images, conds, g, run_identity(cfg))
     run.t_density = timestep_density(cfg, schedule)
     run.flops_per_step = step_flops(cfg)
+    run.flops_per_forward = forward_flops(cfg) if cfg.model_guidance != 1.0 else 0
     if cfg.resume:
         path = Path(cfg.out_dir) / STATE_FILE
         run.step, run.losses, run.running = resume_from(
@@ -392,20 +447,28 @@ def train_step(run: Run, total_steps: int) -> float:
     cfg, g, device = run.cfg, run.g, run.device
     idx = torch.randint(0, len(run.images), (cfg.batch_size,), generator=g)
     x0 = run.precision.input(run.images[idx.to(device)].float() / 127.5 - 1.0)
-    cond = drop_conditions(run.conds[idx], run.accelerator.unwrap_model(run.net), cfg, g).to(device)
+    unwrapped = run.accelerator.unwrap_model(run.net)
+    cond = drop_conditions(run.conds[idx], unwrapped, cfg, g).to(device)
     t = run.schedule.sample_timesteps(cfg.batch_size, device, g, run.t_density)
     noise = torch.randn(x0.shape, generator=g).to(device)
     for group in run.opt.param_groups:
         group["lr"] = lr_at(run.step, cfg, total_steps)
+    w = guidance_weight(cfg, run.step)
     with run.precision.autocast(device):
         loss = run.schedule.training_loss(
-            lambda x, tt: run.net(x, tt, cond), x0, t, noise, min_snr_gamma=cfg.min_snr_gamma, density=run.t_density
+            lambda x, tt: run.net(x, tt, cond),
+            x0,
+            t,
+            noise,
+            min_snr_gamma=cfg.min_snr_gamma,
+            density=run.t_density,
+            target_shift=guidance_shift(run.net, cond, w, unwrapped.null_cond[1]) if w else None,
         )
     run.opt.zero_grad(set_to_none=True)
     run.accelerator.backward(loss)
     run.grad_norm = float(run.accelerator.clip_grad_norm_(run.net.parameters(), 1.0))
     run.opt.step()
-    ema_update(run.ema, run.accelerator.unwrap_model(run.net), min(cfg.ema_decay, (1 + run.step) / (10 + run.step)))
+    ema_update(run.ema, unwrapped, min(cfg.ema_decay, (1 + run.step) / (10 + run.step)))
     return loss.item()
 
 
@@ -434,7 +497,7 @@ def save_state(run: Run) -> int:
             "run": run.identity,
         }
         atomic_write(out / STATE_FILE, lambda tmp: torch.save(state, tmp))
-        tflop = run.step * run.flops_per_step * run.accelerator.num_processes / 1e12
+        tflop = run_tflop(cfg, run.step, run.flops_per_step, run.flops_per_forward) * run.accelerator.num_processes
         extra = {
             "steps": run.step,
             "train": _jsonable(cfg),
@@ -507,6 +570,7 @@ def run_identity(cfg: TrainConfig) -> dict:
         "batch_size": cfg.batch_size,
         "optimizer": cfg.optimizer,
         "data_root": str(Path(cfg.data_root).resolve()),
+        "model_guidance": [cfg.model_guidance, cfg.model_guidance_start],
     }
 
 

@@ -68,3 +68,31 @@ def plot_loss_curve(
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, path, dpi=120)
+
+
+def plot_frontier(
+    curves: dict[str, list[tuple[float, float, str]]],
+    reference: dict[str, tuple[float, float]],
+    path: str | os.PathLike,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+) -> Path:
+    """One line per curve through its (x, y, label) points, each point labelled, and the reference points (the real
+    data) as stars: a trade-off such as accuracy against a distance over guidance."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.8), dpi=120)
+    ax = fig.add_subplot()
+    for name, points in curves.items():
+        xs, ys, labels = zip(*points)
+        (line,) = ax.plot(xs, ys, "o-", label=name)
+        for x, y, text in points:
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7, color=line.get_color())
+    for name, (x, y) in reference.items():
+        ax.plot([x], [y], "*", markersize=12, label=name)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path, dpi=120)
