@@ -121,7 +121,7 @@ def guidance_curve(net, schedule, cfg: DemoConfig, device, judges: Path, data_ro
         train, _ = load_split(data_root, d, "train")
         sample = train[np.random.default_rng(cfg.seed).choice(len(train), len(labels), replace=False)]
         real_acc = float((judge[d].predict(real[d][0]) == real[d][1]).mean())
-        reference[f"real {DOMAIN_NAMES[d]}"] = (frechet_distance(features, sample, real[d][0]), real_acc)
+        reference[DOMAIN_NAMES[d]] = (frechet_distance(features, sample, real[d][0]), real_acc)
     return plot_frontier(
         curves,
         reference,

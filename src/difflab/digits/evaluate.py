@@ -226,7 +226,8 @@ def format_quality(result: dict) -> str:
         if q is None:
             continue
         rows = [["measure", "generated", "real (floor)", "ratio"]] + quality_rows(q, r["accuracy"])
-        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        measured = [row for row in rows if row[2]]  # a skipped measure's reason runs on past the columns
+        widths = [max(len(row[i]) for row in measured) for i in range(3)]
         title = f"{DOMAIN_NAMES[domain]}: {q['n_generated']} generated, {q['n_heldout']} real held-out images"
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths + [0])).rstrip() for row in rows]
         blocks.append("\n".join([title] + lines))

@@ -78,8 +78,9 @@ def plot_frontier(
     ylabel: str,
     title: str = "",
 ) -> Path:
-    """One line per curve through its (x, y, label) points, each point labelled, and the reference points (the real
-    data) as stars: a trade-off such as accuracy against a distance over guidance."""
+    """One line per curve through its (x, y, label) points, each point labelled, and each curve's reference point
+    (the real data; `reference` has the curves' names) as a star of its colour: a trade-off such as accuracy against
+    a distance over guidance."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 3.8), dpi=120)
@@ -89,8 +90,8 @@ def plot_frontier(
         (line,) = ax.plot(xs, ys, "o-", label=name)
         for x, y, text in points:
             ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7, color=line.get_color())
-    for name, (x, y) in reference.items():
-        ax.plot([x], [y], "*", markersize=12, label=name)
+        if name in reference:
+            ax.plot(*reference[name], "*", markersize=13, color=line.get_color(), label=f"{name}: real data")
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
