@@ -51,9 +51,9 @@ def classifier_dir(data_root, tmp_path_factory):
 def test_train_classifiers_writes_loadable_files(classifier_dir, data_root):
     for domain in DOMAINS:
         meta = json.loads((classifier_dir / f"{domain}.json").read_text())
-        # train.csv, and for MNIST-M the judge's own pool, which only an embedded dataset has.
-        pool = 40 if domain == "mnistm" else 0
-        assert meta["config"]["domain"] == domain and meta["n_train"] == 100 + pool and meta["n_held_out"] == 30
+        # An embedded dataset: the judges train on their own pool (MNIST-M: --judge-pool, SVHN: as many as train.csv)
+        pool = 40 if domain == "mnistm" else 100
+        assert meta["config"]["domain"] == domain and meta["n_train"] == pool and meta["n_held_out"] == 30
         assert meta["n_judge_pool"] == pool and meta["judges_version"] == JUDGES_VERSION
         assert meta["cas_real"]["accuracy"] is None  # 100 training images: fewer than CAS needs of every digit
         model = load_classifier(classifier_path(classifier_dir, domain), "cpu")

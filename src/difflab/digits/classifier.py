@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from difflab.digits.data import DOMAINS, SPLITS, dataset_info, generate_split, load_split, split_csv
+from difflab.digits.data import DOMAINS, JUDGE_MNIST, SPLITS, dataset_info, generate_split, load_split, split_csv
 from difflab.io import (
     atomic_write,
     check_state_dict,
@@ -68,9 +68,10 @@ class ClassifierTrainConfig:
     # sharp images alone reads sharpness as style and calls any softly rendered digit SVHN-like.
     blur: float = 0.0
     val_fraction: float = 0.1  # held out from train.csv when the data has no val.csv
-    # Synthesized MNIST-M-style images that only the judge of that domain trains on, beside train.csv, when the data
-    # is difflab's embedded dataset (`data.generate_split(..., "judge")`: no source digit equal to a held-out one).
-    # SVHN-style digits are drawn from fonts, not from a limited set of source digits: they need no pool. 0: none.
+    # On difflab's embedded dataset the judges and the feature network train on their own pool instead of train.csv
+    # (`data.generate_split(..., "judge")`), so that the training digits, the floor of every quality measure, are
+    # as unseen by them as the held-out and the generated ones. MNIST-M-style: this many, drawn from the full MNIST's
+    # digits that are neither held-out nor training source digits; SVHN-style: as many as train.csv. 0: train.csv.
     judge_pool: int = 50000
 
 
@@ -79,7 +80,7 @@ JUDGES_VERSION = 2
 FEATURES_FILE = "features"  # <judges>/features.safetensors: the independent feature network
 CAS_IMAGES = 2000  # per domain: the classification accuracy score trains on this many images, generated or real
 CAS_EPOCHS = 20
-FEATURE_NET = {"arch": "gap", "width": 32, "epochs": 4}  # trained on both domains' train.csv, seed + 1
+FEATURE_NET = {"arch": "gap", "width": 32, "epochs": 4, "per_domain": 10000}  # seed + 1
 
 
 def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
@@ -324,10 +325,13 @@ def _heldout(data_root: Path, domain: str, val_fraction: float, seed: int):
 
 
 def judge_pool(data_root: Path, domain: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """`n` images of the MNIST-M judge's own pool when `data_root` is difflab's embedded dataset, else None."""
+    """The judges' own training images of `domain` (see `ClassifierTrainConfig.judge_pool`), or None where the data
+    is not difflab's embedded dataset or the pool is off."""
     info = dataset_info(data_root)
-    if n == 0 or info is None or domain != "mnistm":
+    if n == 0 or info is None or info["mnist_source"] == JUDGE_MNIST:  # the full MNIST leaves no unseen digits
         return None
+    if domain != "mnistm":
+        n = int(info["train_per_domain"])
     return generate_split(domain, n, int(info["seed"]) + seed, "judge", info["mnist_source"])
 
 
@@ -384,15 +388,15 @@ def _train_classifiers(
     dev = pick_device(device)
     chosen = classifier_precision(tc, width, dev)
     print(f"classifier precision: {chosen.describe()}", flush=True)
-    results, rows, real = {}, [], []
+    results, rows, seen = {}, [], []
     for domain in domains:
         images, labels, val_images, val_labels, heldout = _heldout(data_root, domain, tc.val_fraction, seed)
-        real.append((images, labels, val_images, val_labels))
         start = time.perf_counter()
         cas_real = cas_accuracy(images, labels, val_images, val_labels, domain, width, dev, seed)
         pool = judge_pool(data_root, domain, tc.judge_pool, seed)
         if pool is not None:
-            images, labels = np.concatenate([images, pool[0]]), np.concatenate([labels, pool[1]])
+            images, labels = pool
+        seen.append((images, labels, val_images, val_labels))
         model = train_classifier(images, labels, domain, tc, width, dev, seed, chosen, log=log)
         seconds = time.perf_counter() - start
         acc = accuracy(model, val_images, val_labels)
@@ -423,7 +427,7 @@ def _train_classifiers(
         )
         results[domain] = acc
         rows.append([domain, len(labels), len(val_labels), f"{acc:.4f}", f"{seconds:.1f}"])
-    rows.append(train_feature_net(real, out_dir, dev, seed, tc.precision))
+    rows.append(train_feature_net(seen, out_dir, dev, seed, tc.precision))
     report = HtmlReport("Digit classifiers")
     report.text(f"Data: {data_root}. One CNN per domain, and the independent feature network, on {dev}.")
     report.settings("training", {**asdict(tc), "precision": chosen.describe(), "width": width})
@@ -432,10 +436,13 @@ def _train_classifiers(
     return results, rows, chosen
 
 
-def train_feature_net(real: list, out_dir: Path, device, seed: int, precision: Precision) -> list:
-    """The independent feature network: another architecture and seed, on the real training digits of every
-    domain; never a judge and never used for guidance. Returns its report row."""
-    images, labels, val_images, val_labels = (np.concatenate(arrays) for arrays in zip(*real))
+def train_feature_net(seen: list, out_dir: Path, device, seed: int, precision: Precision) -> list:
+    """The independent feature network: another architecture and seed, on real digits of every domain (what the
+    judges trained on, at most FEATURE_NET["per_domain"] of each); never a judge and never used for guidance.
+    Returns its report row."""
+    per_domain = FEATURE_NET["per_domain"]
+    images, labels = (np.concatenate([s[i][:per_domain] for s in seen]) for i in (0, 1))
+    val_images, val_labels = (np.concatenate([s[i] for s in seen]) for i in (2, 3))
     tc = ClassifierTrainConfig(epochs=FEATURE_NET["epochs"], judge_pool=0, precision=precision)
     start = time.perf_counter()
     model = train_classifier(

