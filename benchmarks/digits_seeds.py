@@ -125,9 +125,12 @@ RECIPES: dict[str, dict] = {
     "default-zsnr-gamma1": dict(schedule=dict(rescale_betas_zero_snr=True), min_snr_gamma=1.0),
     "default-zsnr-pdigit0.15": dict(schedule=dict(rescale_betas_zero_snr=True), p_drop_digit=0.15),
     # Model guidance (issue "Digits as good as the data"): from scratch within 45 TFLOP, its extra forward counted,
-    # or as a fine-tune: 40 TFLOP of the default recipe, then model guidance for the last 5 TFLOP of the same run.
+    # or as a fine-tune: 40 TFLOP of the default recipe, then model guidance for the last 5 TFLOP of the same run
+    # (its EMA restarted there; the table's "mg4-finetune-40+5-tflop" rows were trained before that restart, with
+    # the EMA of the whole run, and are kept as they were measured).
     **{f"mg{s:g}-45-tflop": dict(model_guidance=s, tflop=45) for s in (3, 4, 5.5)},
     **{f"mg{s:g}-finetune-40+5-tflop": dict(model_guidance=s, tflop=40, finetune_tflop=5) for s in (3, 4, 5.5)},
+    **{f"mg{s:g}-finetune-ema-40+5-tflop": dict(model_guidance=s, tflop=40, finetune_tflop=5) for s in (4, 5.5)},
 }
 # The sampler until the seed table: DDIM-25 with η = 1 from "leading" timesteps and digit guidance 6 at every step;
 # then DPM-Solver++(2M) in 10 steps, then DDIM-10 with η = 1 from "trailing" timesteps, first with digit guidance 6,
@@ -342,7 +345,8 @@ def main() -> None:
         "recall/floor indep. SVHN", "CAS/real MNIST-M", "CAS/real SVHN", "memorised MNIST-M", "memorised SVHN",
         "NFE / image", "training TFLOP", "training s",
     ]  # fmt: skip
-    samplers = {k: asdict(v) for k, v in SAMPLERS.items()}
+    recipes = {k: v for k, v in RECIPES.items() if k in {r[0] for r in table}}
+    samplers = {k: {**asdict(v), "precision": "auto"} for k, v in SAMPLERS.items() if k in {r[1] for r in table}}
     note = (
         "Each seed makes its own data, judges, model and sampling noise, as `difflab digits demo --seed N`; 4,000 "
         "digits (200 per digit and domain). acc: the seed's judge on the generated digits; judge real: the same judge "
@@ -352,7 +356,7 @@ def main() -> None:
         "estimate. recall/floor: recall (prdc, k = 3) over the real training digits'. CAS/real: a classifier trained "
         "on 2,000 generated digits over one trained on 2,000 real ones, both read on the held-out split. NFE: "
         "network forward passes per image, each guidance branch counted. Training seconds: the wall clock of the run "
-        f"that made the checkpoint. {args.note} Recipes: {json.dumps(RECIPES)}. Samplers: {json.dumps(samplers)}."
+        f"that made the checkpoint. {args.note} Recipes: {json.dumps(recipes)}. Samplers: {json.dumps(samplers)}."
     )
     write_results(args.name, header, table, note)
 

@@ -551,6 +551,11 @@ def test_model_guidance_shifts_the_target_by_its_formula():
     cfg = TrainConfig("d", "o", steps=1000, warmup_steps=100, model_guidance=4.0, model_guidance_start=0.5)
     assert guidance_weight(cfg, 499) == 0 and guidance_weight(cfg, 549) == pytest.approx(0.75 / 2)
     assert guidance_weight(cfg, 999) == 0.75 and guidance_weight(replace(cfg, model_guidance=1.0), 999) == 0
+    # A fine-tune restarts the EMA's warm-up: it averages only weights that learned the guided target.
+    from difflab.digits.train import ema_decay_at
+
+    assert ema_decay_at(cfg, 499) == pytest.approx(500 / 509) and ema_decay_at(cfg, 500) == pytest.approx(0.1)
+    assert ema_decay_at(replace(cfg, model_guidance=1.0), 500) == pytest.approx(cfg.ema_decay)
 
 
 def test_model_guidance_is_counted_and_trains(data_root, tiny_preset, tmp_path):

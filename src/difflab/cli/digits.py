@@ -316,7 +316,13 @@ def sample_command(
         raise DifflabError(f"--guidance-interval {guidance_interval}: expected LOW,HIGH with LOW <= HIGH, e.g. 0,0.6")
     processes = Processes.launched(pick_device(device))
     dev = processes.device  # each launched process its own GPU
-    net, schedule, _ = load_digits_model(ckpt, dev)
+    net, schedule, model_config = load_digits_model(ckpt, dev)
+    learned = model_config.get("train", {}).get("model_guidance", 1.0)
+    if learned != 1.0 and guidance_digit != 1.0 and processes.is_main:
+        typer.echo(
+            f"note: {ckpt} learned digit guidance {learned:g} (--model-guidance); --guidance-digit {guidance_digit:g} "
+            "guides it again, with 2 network passes per step: --guidance-digit 1 samples it as trained"
+        )
     cfg = SampleConfig(
         method=method,
         steps=steps,

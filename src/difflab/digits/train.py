@@ -181,6 +181,14 @@ def guidance_weight(cfg: TrainConfig, step: int) -> float:
     return (1 - 1 / cfg.model_guidance) * min(1.0, (step - start + 1) / max(1, cfg.warmup_steps))
 
 
+def ema_decay_at(cfg: TrainConfig, step: int) -> float:
+    """The EMA's decay, warmed up from the first step, and again from the start of a model-guidance fine-tune: an
+    average reaching back before it would hold weights that never learned the guided target."""
+    start = guidance_start(cfg) or 0
+    k = step - start if step >= start else step
+    return min(cfg.ema_decay, (1 + k) / (10 + k))
+
+
 def guidance_shift(net, cond: torch.Tensor, w: float, null_digit: int):
     """The target shift of model guidance, `target_shift` of `NoiseSchedule.training_loss`: w·(pred − pred(domain,
     ∅)) with both terms held constant, on the samples whose digit is given (the others learn the plain target)."""
@@ -468,7 +476,7 @@ def train_step(run: Run, total_steps: int) -> float:
     run.accelerator.backward(loss)
     run.grad_norm = float(run.accelerator.clip_grad_norm_(run.net.parameters(), 1.0))
     run.opt.step()
-    ema_update(run.ema, unwrapped, min(cfg.ema_decay, (1 + run.step) / (10 + run.step)))
+    ema_update(run.ema, unwrapped, ema_decay_at(cfg, run.step))
     return loss.item()
 
 
