@@ -337,7 +337,9 @@ def main() -> None:
                     nfe(sampler), round(tflop, 1), None if seconds is None else round(seconds, 1),
                 ]  # fmt: skip
                 print(rows[(recipe, name, seed)], flush=True)
-    table = sorted(rows.values(), key=lambda r: (r[0], r[1], r[2]))
+    # Runs side by side each add their rows: the file's rows as they are now, this run's over them.
+    now = {tuple(r[:3]): r for r in json.loads(path.read_text())["rows"]} if path.is_file() else {}
+    table = sorted({**now, **rows}.values(), key=lambda r: (r[0], r[1], r[2]))
     header = [
         "recipe", "sampler", "seed", "MNIST-M acc", "SVHN acc", "mean acc", "judge real MNIST-M", "judge real SVHN",
         "FID/floor judge MNIST-M", "FID/floor judge SVHN", "FID/floor indep. MNIST-M", "FID/floor indep. SVHN",
