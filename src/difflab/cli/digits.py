@@ -455,8 +455,10 @@ def evaluate_command(
     device: Device = None,
     overwrite: Overwrite = False,
 ):
-    """Score generated digits with the per-domain classifiers: MNIST-M acc, SVHN acc and their mean; then
-    Fréchet distance, memorisation rate and diversity against the real data."""
+    """Score generated digits with the per-domain classifiers: MNIST-M acc, SVHN acc and their mean; then, each
+    beside its floor, FID, KID, precision / recall / density / coverage (in the judge's and an independent
+    network's features), CAS, memorisation rate and diversity against the real data (2,000 digits per domain for
+    the distribution measures: fewer, and they are skipped with the reason)."""
     evaluate_folder(folder, classifiers, out, device, data_root, overwrite, model)
 
 

@@ -510,7 +510,8 @@ judge = load_classifier("{out_dir}/svhn.safetensors")
 digits = judge.predict(images)  # uint8 (N, 28, 28, 3) -> (N,) digit per image"""
     summary = (
         "One small CNN per domain that reads the digit of a 28x28 image: the judges of the digits job, which "
-        "score generated digits (accuracy) and give the feature space of its Fréchet distance."
+        "score generated digits (accuracy) and give one feature space of its quality measures; and the independent "
+        "feature network (`features.safetensors`) that gives the other."
     )
     write_model_card(folder, "difflab digit judges", summary, made, usage, ["image-classification", "digits"],
                      "image-classification")  # fmt: skip

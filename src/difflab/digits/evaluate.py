@@ -76,8 +76,8 @@ def evaluate_folder(
 
 
 def card_metrics(result: dict) -> dict[str, float]:
-    """The numbers a model card lists: accuracy (mean and per domain), and each domain's Fréchet distance over
-    its floor and memorisation rate when measured."""
+    """The numbers a model card lists: accuracy (mean and per domain), and per domain, when measured, FID and recall
+    over their floors in both feature spaces, CAS over its real reference and the memorisation rate."""
     metrics = {"accuracy": result["accuracy"]}
     for domain, r in result["domains"].items():
         metrics[f"accuracy_{domain}"] = r["accuracy"]
