@@ -98,11 +98,11 @@ def train_rows(net, batch):
 def accuracy_rows(ckpt: Path, classifiers: Path, per_digit: int):
     from difflab.digits.evaluate import evaluate_folder
 
-    net, sched, _ = load_digits_model(ckpt)
+    net, sched, model_config = load_digits_model(ckpt)
     rows = []
     variants = [("ddpm", sched.num_steps), ("ddim", 100), ("ddim", 50), ("ddim", 25), ("ddim", 10)]
     for method, steps in variants:
-        cfg = SampleConfig(method=method, steps=steps)
+        cfg = SampleConfig(method=method, steps=steps).for_model(model_config)
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             write_course_layout(net, sched, tmp, cfg, torch.device("cpu"), per_digit)

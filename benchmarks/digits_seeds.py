@@ -139,7 +139,7 @@ DDIM_10 = SampleConfig(method="ddim", steps=10, eta=1.0, spacing="trailing", gui
 OLD_SAMPLER = replace(DDIM_10, steps=25, spacing="leading")
 DPM_10 = replace(DDIM_10, method="dpm++2m")
 SAMPLERS: dict[str, SampleConfig] = {
-    "default": SampleConfig(),
+    "default": SampleConfig(),  # the checkpoint's own digit guidance: 5.5, or 1 after model guidance
     "ddim-10-g6": DDIM_10,
     "ddim-25": OLD_SAMPLER,
     "dpm-10": DPM_10,
@@ -245,8 +245,8 @@ def min_snr_floor(recipe: str):
 
 def judge(ckpt: Path, sampler: SampleConfig, seed: int, data: Path, judges: Path) -> dict:
     """Every measure of `digits evaluate` on QUALITY_PER_DIGIT digits per digit and domain drawn with `seed`."""
-    net, schedule, _ = load_digits_model(ckpt, torch.device("cpu"))
-    return judge_net(net, schedule, sampler, seed, data, judges)
+    net, schedule, model_config = load_digits_model(ckpt, torch.device("cpu"))
+    return judge_net(net, schedule, sampler.for_model(model_config), seed, data, judges)
 
 
 def judge_net(net, schedule, sampler: SampleConfig, seed: int, data: Path, judges: Path) -> dict:
@@ -326,7 +326,7 @@ def main() -> None:
             if args.train_only:
                 continue
             for name in args.samplers:
-                sampler = SAMPLERS[name]
+                sampler = SAMPLERS[name].for_model(json.loads((ckpt / "config.json").read_text()))
                 r = judge(ckpt, sampler, seed, data, judges)
                 m, s = r["mnistm"], r["svhn"]
                 both = lambda key, digits=2: [round(m[key], digits), round(s[key], digits)]  # noqa: E731

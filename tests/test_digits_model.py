@@ -127,7 +127,8 @@ def test_demo_seeds_reach_the_sampler(tmp_path):
 
     def images(seed: int, folder: str) -> np.ndarray:
         cfg = DemoConfig(seed=seed, precision="fp32")
-        layout = write_course_layout(net, schedule, tmp_path / folder, replace(cfg.sample_config(), steps=3), cpu, 2)
+        sampler = replace(cfg.sample_config().for_model({}), steps=3)
+        layout = write_course_layout(net, schedule, tmp_path / folder, sampler, cpu, 2)
         return np.concatenate(list(layout.values()))
 
     one, two, one_again = images(1, "a"), images(2, "b"), images(1, "c")
@@ -164,7 +165,7 @@ class Killed(Exception):
     pass
 
 
-def kill(net, schedule, seed):
+def kill(net, schedule, seed, guidance):
     raise Killed
 
 
@@ -267,7 +268,7 @@ def test_course_layout_and_figures(tmp_path):
     torch.manual_seed(0)
     net = DigitsUNet(TINY).eval()
     sched = ScheduleConfig().build()
-    cfg = SampleConfig(steps=3, batch_size=7, precision="fp32")
+    cfg = SampleConfig(steps=3, batch_size=7, precision="fp32", guidance_digit=5.5)
     images = write_course_layout(net, sched, tmp_path, cfg, torch.device("cpu"), per_digit=2)
     for domain in ("mnistm", "svhn"):
         names = sorted(p.name for p in (tmp_path / domain).iterdir())
@@ -279,7 +280,7 @@ def test_course_layout_and_figures(tmp_path):
         net,
         sched,
         tmp_path / "again",
-        SampleConfig(steps=3, batch_size=40, precision="fp32"),
+        SampleConfig(steps=3, batch_size=40, precision="fp32", guidance_digit=5.5),
         torch.device("cpu"),
         per_digit=2,
     )
@@ -570,6 +571,13 @@ def test_model_guidance_is_counted_and_trains(data_root, tiny_preset, tmp_path):
     assert r.exit_code == 0, r.output
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["train"]["model_guidance"] == 3.0
+    # Sampled as trained: one network pass per step unless told otherwise; a classifier-free model at 5.5.
+    from difflab import DigitsPipeline
+    from difflab.digits.sample import CFG_GUIDANCE, SampleConfig
+
+    assert DigitsPipeline.from_pretrained(tmp_path / "m").config.guidance_digit == 1.0
+    assert SampleConfig().for_model({"train": {}}).guidance_digit == CFG_GUIDANCE
+    assert SampleConfig(guidance_digit=2.0).for_model(config).guidance_digit == 2.0
     r = runner.invoke(app, ["digits", "train", "--data-root", str(data_root), "--out", str(tmp_path / "m"),
                             "--preset", tiny_preset, "--steps", "4", "--batch-size", "4", "--resume"])  # fmt: skip
     assert "the run was started with model_guidance = [3.0, 0.0], not [1.0, 0.0]" in str(r.exception)

@@ -72,6 +72,13 @@ class Models:
         config = SampleConfig(precision=Precision.parse(self.cfg.precision))
         return self._once("digits", lambda: DigitsPipeline.from_pretrained(path, config).to(self.device))
 
+    def digits_config(self) -> dict:
+        """The digits model's config.json, or {} when there is none (the app then shows how to make one)."""
+        from difflab.io import load_json
+
+        path = self.cfg.digits_model / "config.json"
+        return load_json(path) if path.is_file() else {}
+
     def judges(self) -> dict | None:
         """The digits classifiers per domain, or None when there are none beside the model."""
         from difflab.digits.classifier import classifier_path, load_classifier

@@ -73,7 +73,7 @@ def digits_tab(models: Models, cfg: AppConfig) -> None:
             f"**No digits model at `{cfg.digits_model}`.** Run `make demo` (about 8 minutes on 2 cores), or start "
             "the app with `--digits-model FOLDER` (any `difflab digits train` output)."
         )
-    s = SampleConfig()
+    s = SampleConfig().for_model(models.digits_config())
     with gr.Row():
         with gr.Column(scale=1, min_width=260):
             domain = gr.Radio(list(DOMAINS), value=DOMAINS[0], label="domain")

@@ -72,9 +72,13 @@ StepSeed = Annotated[
 Domain = Annotated[Optional[str], typer.Option("--domain", help="Digits checkpoints: mnistm, svhn or a domain index.")]
 Digit = Annotated[Optional[int], typer.Option("--digit", min=0, max=9, help="Digits checkpoints: the digit to draw.")]
 Guidance = Annotated[
-    float,
+    Optional[float],
     typer.Option(
-        "--guidance", min=0.0, max=MAX_GUIDANCE, help="Digits checkpoints: classifier-free guidance scale of the digit."
+        "--guidance",
+        min=0.0,
+        max=MAX_GUIDANCE,
+        help="Digits checkpoints: classifier-free guidance scale of the digit (default: the checkpoint's own, as "
+        "`digits sample`).",
     ),
 ]
 
@@ -88,7 +92,7 @@ def _eps_model(ckpt: Path, device, precision, condition=None):
     return load_eps_model(ckpt, device, precision, condition=condition)
 
 
-def _digits_condition(domain: Optional[str], digit: Optional[int], guidance: float):
+def _digits_condition(domain: Optional[str], digit: Optional[int], guidance: Optional[float]):
     from difflab.ddim.models import DigitsCondition
     from difflab.digits.data import DOMAINS
 

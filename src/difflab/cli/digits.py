@@ -25,7 +25,7 @@ from difflab.digits.classifier import JUDGE_TOLERANCE, ClassifierConfig, Classif
 from difflab.digits.data import make_dataset
 from difflab.digits.evaluate import evaluate_folder
 from difflab.digits.model import ScheduleConfig, load_digits_model
-from difflab.digits.sample import PER_DIGIT, SAMPLE_TOLERANCE, SampleConfig, sample_to_folder
+from difflab.digits.sample import CFG_GUIDANCE, PER_DIGIT, SAMPLE_TOLERANCE, SampleConfig, sample_to_folder
 from difflab.digits.train import TRAIN_TOLERANCE, TrainConfig, train
 from difflab.parallel import Processes
 from difflab.report.tracking import REPORT_TO_HELP
@@ -192,7 +192,14 @@ Spacing = Annotated[
     ),
 ]
 GuidanceDigit = Annotated[
-    float, typer.Option("--guidance-digit", min=0.0, max=MAX_GUIDANCE, help="CFG scale of the digit (1: none).")
+    Optional[float],
+    typer.Option(
+        "--guidance-digit",
+        min=0.0,
+        max=MAX_GUIDANCE,
+        help=f"CFG scale of the digit (1: none). Default: the checkpoint's own, 1 for a model trained with "
+        f"--model-guidance (one network pass per step), {CFG_GUIDANCE:g} otherwise.",
+    ),
 ]
 GuidanceDomain = Annotated[
     float, typer.Option("--guidance-domain", min=0.0, max=MAX_GUIDANCE, help="CFG scale of the domain (1: none).")
@@ -318,7 +325,7 @@ def sample_command(
     dev = processes.device  # each launched process its own GPU
     net, schedule, model_config = load_digits_model(ckpt, dev)
     learned = model_config.get("train", {}).get("model_guidance", 1.0)
-    if learned != 1.0 and guidance_digit != 1.0 and processes.is_main:
+    if learned != 1.0 and guidance_digit not in (None, 1.0) and processes.is_main:
         typer.echo(
             f"note: {ckpt} learned digit guidance {learned:g} (--model-guidance); --guidance-digit {guidance_digit:g} "
             "guides it again, with 2 network passes per step: --guidance-digit 1 samples it as trained"
@@ -334,7 +341,7 @@ def sample_command(
         batch_size=batch_size,
         seed=seed,
         precision=precision,
-    )
+    ).for_model(model_config)
     count, strip_ts = sample_to_folder(net, schedule, out, cfg, dev, per_digit, figures, overwrite, resume, processes)
     if processes.is_main:
         if figures:

@@ -22,11 +22,12 @@ from difflab.utils import DifflabError, pick_device
 
 @dataclass(frozen=True)
 class DigitsCondition:
-    """What a conditional digits net is asked for: a domain, a digit and the CFG scale."""
+    """What a conditional digits net is asked for: a domain, a digit and the CFG scale (None: the checkpoint's own,
+    `digits.sample.model_guidance_default`)."""
 
     domain: int = 0
     digit: int = 0
-    guidance: float = 1.0
+    guidance: float | None = 1.0
 
 
 @dataclass

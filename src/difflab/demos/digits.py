@@ -78,13 +78,13 @@ class DemoConfig:
         )
 
 
-def ddim_figures(ckpt: Path, figures: Path, cfg: DemoConfig, report: HtmlReport) -> None:
+def ddim_figures(ckpt: Path, figures: Path, cfg: DemoConfig, guidance: float, report: HtmlReport) -> None:
     """The DDIM exercise on the trained digits model: an η grid and lerp/slerp strips from seeded noises."""
     from difflab.ddim.figures import eta_grid_figure, interpolation_figure
     from difflab.ddim.models import DigitsCondition, load_eps_model
     from difflab.ddim.pipeline import DDIMConfig, draw_noises, eta_grid, interpolate
 
-    condition = DigitsCondition(domain=0, digit=3, guidance=cfg.sample.guidance_digit)
+    condition = DigitsCondition(domain=0, digit=3, guidance=guidance)
     model = load_eps_model(ckpt, cfg.device, cfg.precision, condition=condition)
     ddim = DDIMConfig(steps=cfg.sample.steps, batch_size=64, seed=cfg.seed)
     names = ["00", "01", "02", "03"]
@@ -168,7 +168,7 @@ def _run_demo(cfg: DemoConfig, out: Path) -> Path:
     device = pick_device(cfg.device)
     net, schedule, model_config = load_digits_model(ckpt, device)
     samples, figures = out / "samples", out / "figures"
-    sample_cfg = cfg.sample_config()
+    sample_cfg = cfg.sample_config().for_model(model_config)
     per_domain = stages.run("sample", write_course_layout, net, schedule, samples, sample_cfg, device, cfg.per_digit)
     result = stages.run("evaluate", evaluate_folder, samples, judges, out / "eval", cfg.device, data_root, False, ckpt)
     metrics = {f"eval/{k}": v for k, v in card_metrics(result).items()}
@@ -188,7 +188,7 @@ def _run_demo(cfg: DemoConfig, out: Path) -> Path:
     )
     add_samples(report, net, schedule, per_domain, sample_cfg, device, cfg.per_digit, figures)
     report.heading("DDIM on the digits model")
-    stages.run("ddim figures", ddim_figures, ckpt, figures, cfg, report)
+    stages.run("ddim figures", ddim_figures, ckpt, figures, cfg, sample_cfg.guidance_digit, report)
     report.heading("Training loss")
     steps, losses = read_losses(ckpt)
     report.image(
@@ -219,7 +219,7 @@ def describe_run(report: HtmlReport, cfg: DemoConfig, model_config: dict, judge_
         f"{work}; precision {model_config.get('precision', '?')}. "
         f"Judges: precision {judge_meta.get('precision', '?')}."
     )
-    sampler = {k: v for k, v in asdict(cfg.sample_config()).items() if k != "precision"}
+    sampler = {k: v for k, v in asdict(cfg.sample_config().for_model(model_config)).items() if k != "precision"}
     report.settings("network", model_config["net"]).settings("noise schedule", model_config["schedule"])
     report.settings("sampler", sampler)
 

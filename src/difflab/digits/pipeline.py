@@ -50,14 +50,15 @@ def layout_generators(seed: int, domain: str | int, digit: int, num_images: int)
 class DigitsPipeline:
     def __init__(self, net: DigitsUNet, schedule: NoiseSchedule, config: SampleConfig | None = None):
         self.net, self.schedule = net.eval(), schedule
-        self.config = config or SampleConfig()
+        # Built from a net alone, the sampler guides with classifier-free guidance unless told otherwise.
+        self.config = (config or SampleConfig()).for_model({})
         self.device = next(net.parameters()).device
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, config: SampleConfig | None = None) -> DigitsPipeline:
         """A checkpoint folder written by `difflab digits train`, on the CPU (`.to(device)` moves it)."""
-        net, schedule, _ = load_digits_model(folder, torch.device("cpu"))
-        return cls(net, schedule, config)
+        net, schedule, model_config = load_digits_model(folder, torch.device("cpu"))
+        return cls(net, schedule, (config or SampleConfig()).for_model(model_config))
 
     def to(self, device: str | torch.device) -> DigitsPipeline:
         self.device = device if isinstance(device, torch.device) else pick_device(device)

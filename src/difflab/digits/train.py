@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from difflab.digits.data import DOMAINS, load_split
 from difflab.digits.model import STATE_FILE, ScheduleConfig, save_model
-from difflab.digits.sample import progress_grid
+from difflab.digits.sample import model_guidance_default, progress_grid
 from difflab.io import (
     atomic_write,
     check_state_dict,
@@ -154,6 +154,11 @@ def forward_flops(cfg: TrainConfig) -> int:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         net(x, torch.zeros(cfg.batch_size, dtype=torch.long), torch.zeros(cfg.batch_size, 2, dtype=torch.long))
     return counter.get_total_flops()
+
+
+def sampling_guidance(cfg: TrainConfig) -> float:
+    """The digit guidance the run's model is sampled with by default (`sample.model_guidance_default`)."""
+    return model_guidance_default({"train": {"model_guidance": cfg.model_guidance}})
 
 
 def guidance_start(cfg: TrainConfig) -> int | None:
@@ -309,7 +314,7 @@ def train(cfg: TrainConfig) -> Path:
 def write_card(run: Run, seconds: float) -> None:
     """The model card (README.md) of the checkpoint folder, with a grid of both domains x all digits."""
     cfg, out = run.cfg, Path(run.cfg.out_dir)
-    save_png(progress_grid(run.ema, run.schedule, cfg.seed), out / "samples.png")
+    save_png(progress_grid(run.ema, run.schedule, cfg.seed, sampling_guidance(cfg)), out / "samples.png")
     config = load_json(out / "config.json")
     made = {
         "command": f"`difflab digits train --data-root {cfg.data_root} --out {cfg.out_dir} --steps {cfg.steps} "
@@ -443,7 +448,7 @@ def write_progress(run: Run, last: bool = False) -> None:
     to_trackers = due and bool(run.accelerator.trackers)
     if not run.accelerator.is_main_process or not (to_png or to_trackers):
         return
-    grid = progress_grid(run.ema, run.schedule, cfg.seed)
+    grid = progress_grid(run.ema, run.schedule, cfg.seed, sampling_guidance(cfg))
     if to_png:
         save_png(grid, Path(cfg.out_dir) / "progress" / f"step_{run.step:06d}.png")
     if to_trackers:
