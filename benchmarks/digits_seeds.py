@@ -272,7 +272,6 @@ def judge_net(net, schedule, sampler: SampleConfig, seed: int, data: Path, judge
                 for space in SPACES
                 for name in ("fid", "recall", "precision")
             },
-            **{f"fid_{space}": dist[space]["generated"]["fid"] for space in SPACES},
             # KID above its floor, in standard errors of the generated set's estimate
             **{
                 f"kid_{space}": (dist[space]["generated"]["kid"] - dist[space]["floor"]["kid"])
