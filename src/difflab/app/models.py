@@ -63,7 +63,7 @@ class Models:
         path = self.cfg.digits_model
         if not (path / "config.json").is_file():
             raise DifflabError(
-                f"no digits model at {path}: run `make demo` (about 8 minutes on 2 cores) or start the app with "
+                f"no digits model at {path}: run `make demo` (about 9 minutes on 2 cores) or start the app with "
                 "--digits-model FOLDER (any `difflab digits train` output)"
             )
         from difflab.digits.pipeline import DigitsPipeline

@@ -70,7 +70,7 @@ def example_digits(n: int = 3) -> list[str]:
 def digits_tab(models: Models, cfg: AppConfig) -> None:
     if not (cfg.digits_model / "config.json").is_file():
         gr.Markdown(
-            f"**No digits model at `{cfg.digits_model}`.** Run `make demo` (about 8 minutes on 2 cores), or start "
+            f"**No digits model at `{cfg.digits_model}`.** Run `make demo` (about 9 minutes on 2 cores), or start "
             "the app with `--digits-model FOLDER` (any `difflab digits train` output)."
         )
     s = SampleConfig().for_model(models.digits_config())
