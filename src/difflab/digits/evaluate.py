@@ -142,9 +142,7 @@ def judge_domain(domain_dir: Path, classifier_dir, domain: str, device, real_roo
     if real_root is not None:
         feature_net = load_classifier(classifier_path(classifier_dir, FEATURES_FILE), device)
         cas_real = load_json(classifier_path(classifier_dir, domain).with_suffix(".json"))["cas_real"]
-        quality = _quality(model, feature_net, images, labels, files, real_root, domain, out_dir)
-        quality["cas"] = _cas(model, cas_real, images, labels, real_root, domain)
-        result["quality"] = quality
+        result["quality"] = _quality(model, feature_net, cas_real, images, labels, files, real_root, domain, out_dir)
     return result
 
 
@@ -169,11 +167,12 @@ def write_eval_report(result: dict, out_dir: Path) -> Path:
 
 
 def _quality(
-    judge, feature_net, images, labels: np.ndarray, files: list[Path], real_root: Path, domain: str, out_dir: Path
+    judge, feature_net, cas_real: dict, images, labels, files: list[Path], real_root: Path, domain: str, out_dir: Path
 ) -> dict:
-    train, train_labels = load_split(real_root, domain, "train")
+    train, _ = load_split(real_root, domain, "train")
     heldout, heldout_labels = load_split(real_root, domain, "val")
     quality = domain_quality(judge, feature_net, images, labels, train, heldout, heldout_labels, QualityConfig())
+    quality["cas"] = _cas(judge, cas_real, images, labels, heldout, heldout_labels, domain)
     pairs = quality["closest_pairs"]
     tiles = np.concatenate([images[[p["generated"] for p in pairs]], train[[p["train"] for p in pairs]]])
     quality["closest_png"] = save_png(image_grid(tiles, 2, len(pairs)), out_dir / f"closest_{domain}.png").name
@@ -182,9 +181,10 @@ def _quality(
     return quality
 
 
-def _cas(judge, reference: dict, images, labels, real_root: Path, domain: str) -> dict:
+def _cas(judge, reference: dict, images, labels, heldout, heldout_labels, domain: str) -> dict:
     """CAS of the generated digits beside the real reference the judges were trained with."""
-    heldout, heldout_labels = load_split(real_root, domain, "val")
+    if reference["accuracy"] is None:
+        return {"skipped": f"skipped: the judges' training split had fewer than {reference['images'] // 10} of a digit"}
     device = judge.head[-1].weight.device
     generated = cas_accuracy(images, labels, heldout, heldout_labels, domain, judge.config.width, device, 0)
     if generated is None:

@@ -88,6 +88,7 @@ def distribution_measures(
     and the same for `train_sample` (the floor)."""
     from prdc import compute_prdc
     from torchmetrics.image.kid import KernelInceptionDistance
+    from torchmetrics.utilities.data import dim_zero_cat
 
     extractor = FeatureExtractor(net)
     subset = min(cfg.kid_subset_size, len(generated), len(train_sample), len(heldout))
@@ -99,7 +100,7 @@ def distribution_measures(
         )
     for x in batches(heldout):
         kid.update(x, real=True)
-    real_features = np.concatenate([extractor(x).numpy() for x in batches(heldout)])
+    real_features = dim_zero_cat(kid.real_features).numpy()  # KID keeps every feature: prdc reads them
     result = {}
     for name, images in (("generated", generated), ("floor", train_sample)):
         fid.reset()
@@ -110,7 +111,7 @@ def distribution_measures(
         with torch.random.fork_rng():  # KID draws its subsets from torch's global generator
             torch.manual_seed(cfg.seed)
             kid_mean, kid_std = kid.compute()
-        fake_features = np.concatenate([extractor(x).numpy() for x in batches(images)])
+        fake_features = dim_zero_cat(kid.fake_features).numpy()
         with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the sample counts
             prdc = compute_prdc(real_features, fake_features, nearest_k=cfg.nearest_k)
         result[name] = {
