@@ -55,8 +55,8 @@ class ClassifierConfig:
 
 @dataclass
 class ClassifierTrainConfig:
-    # Passes over train.csv and the judges' pool. How the judges' settings were chosen, with the measurements:
-    # docs, "The digits model" (the judges).
+    # Passes over the judges' training images. How their settings were chosen, with the measurements: docs,
+    # "Judges and quality measures".
     epochs: int = 6
     batch_size: int = 128
     lr: float = 3e-3
@@ -216,7 +216,7 @@ def train_classifier(
     precision = precision or classifier_precision(tc, width, device, arch)
     gen = seed_everything(seed)
     model = precision.prepare(DigitClassifier(ClassifierConfig(domain, width, num_classes, arch=arch)).to(device))
-    # The whole uint8 set is small (10,000 images: 23 MB): keep it on the device, index batches there.
+    # The whole uint8 set is small (the MNIST-M judge's 50,000 images: 118 MB): keep it on the device, index there.
     images = torch.as_tensor(train_images).to(device)
     labels = torch.as_tensor(train_labels, dtype=torch.long).to(device)
     steps_per_epoch = max(1, math.ceil(len(images) / tc.batch_size))
