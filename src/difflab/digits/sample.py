@@ -86,6 +86,11 @@ def model_guidance_default(model_config: dict) -> float:
     return 1.0 if model_config.get("train", {}).get("model_guidance", 1.0) != 1.0 else CFG_GUIDANCE
 
 
+def check_guidance(guidance_digit: float | None) -> None:
+    if guidance_digit is None:
+        raise ValueError("the digit guidance is None: resolve it for the model with SampleConfig.for_model")
+
+
 def guided_digits_eps(
     net,
     cond: torch.Tensor,
@@ -99,8 +104,7 @@ def guided_digits_eps(
     With g_dom = 1 the (∅,∅) branch drops out; with g_dom = g_dig the (dom,∅) branch does. `null_cond`
     (the null ids) defaults to `net.null_cond`. With `interval` (lo, hi), guidance applies only at timesteps
     lo <= t <= hi and elsewhere the conditional ε alone is used, one branch (Kynkäänniemi et al. 2024)."""
-    if guidance_digit is None:
-        raise ValueError("the digit guidance is None: resolve it for the model with SampleConfig.for_model")
+    check_guidance(guidance_digit)
     null_domain, null_digit = null_cond or net.null_cond
     domain_only = cond.clone()
     domain_only[:, 1] = null_digit
@@ -122,6 +126,7 @@ def sampling_precision(net: DigitsUNet, cond: torch.Tensor, cfg: SampleConfig, d
     over a schedule, within SAMPLE_TOLERANCE of fp32's ε."""
     import copy
 
+    check_guidance(cfg.guidance_digit)
     x = torch.randn(len(cond), net.config.in_channels, net.config.image_size, net.config.image_size, device=device)
     t = torch.linspace(0, 999, len(cond), device=device).long()  # the time embedding is sinusoidal: any T works
 
