@@ -167,3 +167,20 @@ def test_a_diversity_that_cannot_be_measured_is_said_so_not_a_crash():
     }
     text = format_quality({"domains": {"mnistm": {"quality": quality, "accuracy": 1.0}}})
     assert "not measurable (it needs at least 2 images of a digit" in text
+
+
+def test_the_demo_draws_accuracy_against_frechet_distance_over_guidance(tmp_path, data_root, judge_dir):
+    from PIL import Image
+
+    from difflab.demos.digits import DemoConfig, guidance_curve
+    from difflab.digits.model import ScheduleConfig
+    from difflab.digits.sample import SampleConfig
+    from difflab.nets.digits_unet import DigitsUNet, DigitsUNetConfig
+
+    torch.manual_seed(0)
+    net = DigitsUNet(DigitsUNetConfig(channels=(8, 16), patch=2)).eval()
+    schedule = ScheduleConfig(num_steps=50).build()
+    cfg = DemoConfig(per_digit=2, curve_guidance=(1.0, 3.0), sample=SampleConfig(steps=2), precision="fp32")
+    path = guidance_curve(net, schedule, cfg, torch.device("cpu"), judge_dir, data_root, tmp_path / "frontier.png")
+    with Image.open(path) as im:
+        assert im.size[0] > 400 and im.size[1] > 200
