@@ -187,7 +187,7 @@ def recipe_config(recipe: str, **kwargs) -> TrainConfig:
     cfg = TrainConfig(**kwargs, **changes)
     if not budget:
         return cfg
-    guided = step_flops(cfg) + (forward_flops(cfg) if cfg.model_guidance != 1.0 else 0)
+    guided = step_flops(cfg) + forward_flops(cfg)
     if not finetune:
         return replace(cfg, steps=int(budget * 1e12 // guided))
     base = int(budget * 1e12 // step_flops(cfg))

@@ -123,20 +123,24 @@ def make_optimizer(net: DigitsUNet, cfg: TrainConfig) -> torch.optim.Optimizer:
     return MuonAdamW(muon, rest, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
 
 
+def _counted_batch(cfg: TrainConfig) -> tuple[DigitsUNet, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fresh net and a zero batch (x, t, cond) of `cfg`'s shape, for the FLOP counter."""
+    with torch.random.fork_rng(devices=[]):  # counting leaves the run's random draws as they were
+        net = DigitsUNet(cfg.net_config())
+    size = net.config.image_size
+    x = torch.zeros(cfg.batch_size, net.config.in_channels, size, size)
+    return net, x, torch.zeros(cfg.batch_size, dtype=torch.long), torch.zeros(cfg.batch_size, 2, dtype=torch.long)
+
+
 def step_flops(cfg: TrainConfig) -> int:
     """FLOPs of one training step (forward + backward of the loss at `cfg.batch_size`, fp32, and the optimiser's
     step) by torch's FLOP counter: the work a recipe costs, whatever the machine's speed. AdamW's and the EMA's
     updates are elementwise and count nothing; Muon's Newton-Schulz iterations are matmuls and count."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.random.fork_rng(devices=[]):  # counting leaves the run's random draws as they were
-        net = DigitsUNet(cfg.net_config())
+    net, x0, t, cond = _counted_batch(cfg)
     opt = make_optimizer(net, cfg)
     schedule = cfg.schedule.build()
-    size = net.config.image_size
-    x0 = torch.zeros(cfg.batch_size, net.config.in_channels, size, size)
-    t = torch.zeros(cfg.batch_size, dtype=torch.long)
-    cond = torch.zeros(cfg.batch_size, 2, dtype=torch.long)
     with FlopCounterMode(display=False) as counter:
         schedule.training_loss(lambda x, tt: net(x, tt, cond), x0, t, torch.zeros_like(x0)).backward()
         opt.step()
@@ -144,15 +148,14 @@ def step_flops(cfg: TrainConfig) -> int:
 
 
 def forward_flops(cfg: TrainConfig) -> int:
-    """FLOPs of the one extra forward pass (no gradient) that a model-guidance step makes."""
+    """FLOPs of the one extra forward pass (no gradient) that a model-guidance step makes; 0 without it."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.random.fork_rng(devices=[]):
-        net = DigitsUNet(cfg.net_config())
-    size = net.config.image_size
-    x = torch.zeros(cfg.batch_size, net.config.in_channels, size, size)
+    if cfg.model_guidance == 1.0:
+        return 0
+    net, x, t, cond = _counted_batch(cfg)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        net(x, torch.zeros(cfg.batch_size, dtype=torch.long), torch.zeros(cfg.batch_size, 2, dtype=torch.long))
+        net(x, t, cond)
     return counter.get_total_flops()
 
 
@@ -174,8 +177,7 @@ def run_tflop(cfg: TrainConfig, steps: int, per_step: int, per_forward: int) -> 
 
 
 def training_tflop(cfg: TrainConfig) -> float:
-    forward = forward_flops(cfg) if cfg.model_guidance != 1.0 else 0
-    return run_tflop(cfg, cfg.steps, step_flops(cfg), forward)
+    return run_tflop(cfg, cfg.steps, step_flops(cfg), forward_flops(cfg))
 
 
 def guidance_weight(cfg: TrainConfig, step: int) -> float:
@@ -423,7 +425,7 @@ def start_run(cfg: TrainConfig, accelerator) -> Run:
     run = Run(cfg, accelerator, net, ema, opt, schedule, Precision(), images, conds, g, run_identity(cfg))
     run.t_density = timestep_density(cfg, schedule)
     run.flops_per_step = step_flops(cfg)
-    run.flops_per_forward = forward_flops(cfg) if cfg.model_guidance != 1.0 else 0
+    run.flops_per_forward = forward_flops(cfg)
     if cfg.resume:
         path = Path(cfg.out_dir) / STATE_FILE
         run.step, run.losses, run.running = resume_from(
