@@ -1,7 +1,6 @@
 """The conditional digits model: network contract, guidance, training with resume, sampling layout, CLI."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -415,34 +414,12 @@ def test_large_layouts_number_their_files_wider():
     assert course_name(3, 0, 5000) == "3_0001.png"
 
 
-def test_two_process_cpu_training(data_root, tmp_path):
+def test_two_process_cpu_training(data_root, tmp_path, launch):
     """Data-parallel training with two CPU processes: accelerate picks up torchrun's environment (gloo)."""
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "difflab.cli",
-        "digits",
-        "train",
-        "--data-root",
-        str(data_root),
-        "--out",
-        str(out),
-        "--steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--precision",
-        "fp32",
-        "--device",
-        "cpu",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    args = ["digits", "train", "--data-root", str(data_root), "--out", str(out), "--steps", "2", "--batch-size", "4",
+            "--precision", "fp32", "--device", "cpu"]  # fmt: skip
+    proc = launch(args, 2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert state["step"] == 2 and len(state["rng"]) == 2  # one RNG state per process

@@ -1,7 +1,9 @@
 """Fixed work split between the processes of `accelerate launch` (or `torchrun`): each process takes its share of
 a list the main process would walk alone, so N processes write what one writes, byte for byte.
 
-Without a launcher (WORLD_SIZE unset or 1) this is one process and accelerate is never imported.
+Without a launcher (WORLD_SIZE unset or 1) this is one process and accelerate is never imported. Every launched
+command ends by destroying its process group (`with Processes.launched(...)`, `end_training`) while the interpreter
+is whole.
 """
 
 from __future__ import annotations
@@ -33,6 +35,16 @@ class Processes:
 
         state = PartialState(cpu=device.type == "cpu")
         return cls(state.process_index, state.num_processes, state.device if device.type == "cuda" else device, state)
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.state is None:
+            return
+        if exc[0] is None:
+            self.wait()
+        self.state.destroy_process_group()
 
     @property
     def is_main(self) -> bool:
@@ -70,3 +82,14 @@ class Processes:
         from accelerate.utils import broadcast_object_list
 
         return broadcast_object_list([value])[0]
+
+
+def end_training(accelerator, holders: list[Any]) -> list[Any]:
+    """Finish an accelerate run's trackers and destroy its process group once every process is here. `holders`, the
+    objects `prepare` wrapped, come back unwrapped: a wrapped model keeps the group alive, and a group left for the
+    interpreter's exit to tear down can abort the process (SIGABRT) after the work is done."""
+    accelerator.wait_for_everyone()
+    bare = [accelerator.unwrap_model(h) if isinstance(h, torch.nn.Module) else h for h in holders]
+    accelerator.free_memory()
+    accelerator.end_training()
+    return bare

@@ -321,32 +321,35 @@ def sample_command(
     interval = parse_floats(guidance_interval, "--guidance-interval", 0.0, 1.0)
     if len(interval) != 2 or interval[0] > interval[1]:
         raise DifflabError(f"--guidance-interval {guidance_interval}: expected LOW,HIGH with LOW <= HIGH, e.g. 0,0.6")
-    processes = Processes.launched(pick_device(device))
-    dev = processes.device  # each launched process its own GPU
-    net, schedule, model_config = load_digits_model(ckpt, dev)
-    learned = model_config.get("train", {}).get("model_guidance", 1.0)
-    if learned != 1.0 and guidance_digit not in (None, 1.0) and processes.is_main:
-        typer.echo(
-            f"note: {ckpt} learned digit guidance {learned:g} (--model-guidance); --guidance-digit {guidance_digit:g} "
-            "guides it again, with 2 network passes per step: --guidance-digit 1 samples it as trained"
+    with Processes.launched(pick_device(device)) as processes:
+        dev = processes.device  # each launched process its own GPU
+        net, schedule, model_config = load_digits_model(ckpt, dev)
+        learned = model_config.get("train", {}).get("model_guidance", 1.0)
+        if learned != 1.0 and guidance_digit not in (None, 1.0) and processes.is_main:
+            typer.echo(
+                f"note: {ckpt} learned digit guidance {learned:g} (--model-guidance); "
+                f"--guidance-digit {guidance_digit:g} guides it again, with 2 network passes per step: "
+                "--guidance-digit 1 samples it as trained"
+            )
+        cfg = SampleConfig(
+            method=method,
+            steps=steps,
+            eta=eta,
+            spacing=spacing,
+            guidance_digit=guidance_digit,
+            guidance_domain=guidance_domain,
+            guidance_interval=(interval[0], interval[1]),
+            batch_size=batch_size,
+            seed=seed,
+            precision=precision,
+        ).for_model(model_config)
+        count, strip_ts = sample_to_folder(
+            net, schedule, out, cfg, dev, per_digit, figures, overwrite, resume, processes
         )
-    cfg = SampleConfig(
-        method=method,
-        steps=steps,
-        eta=eta,
-        spacing=spacing,
-        guidance_digit=guidance_digit,
-        guidance_domain=guidance_domain,
-        guidance_interval=(interval[0], interval[1]),
-        batch_size=batch_size,
-        seed=seed,
-        precision=precision,
-    ).for_model(model_config)
-    count, strip_ts = sample_to_folder(net, schedule, out, cfg, dev, per_digit, figures, overwrite, resume, processes)
-    if processes.is_main:
-        if figures:
-            typer.echo(f"figures: {out / 'figures'} (reverse process at t = {strip_ts})")
-        typer.echo(f"{count} images in {out}")
+        if processes.is_main:
+            if figures:
+                typer.echo(f"figures: {out / 'figures'} (reverse process at t = {strip_ts})")
+            typer.echo(f"{count} images in {out}")
 
 
 @app.command("demo")

@@ -363,24 +363,24 @@ def generate_command(
         job, n = only_job(spec, only)
         typer.echo(f"wrote {regenerate_one(load_pipeline(sd, embeds, device, precision), job, n, cfg, out)}")
         return
-    processes = Processes.launched(pick_device(device))
-    device = str(processes.device)
-    scorer = clip_scorer(clip, device) if best_of is not None else None
-    generate(
-        load_pipeline(sd, embeds, device, precision, processes),
-        spec,
-        out,
-        cfg,
-        keys=key_list,
-        resume=resume,
-        overwrite=overwrite,
-        best_of=best_of,
-        scorer=scorer,
-        refs=refs,
-        processes=processes,
-    )
-    if processes.is_main:
-        typer.echo(f"wrote {out / 'report.html'}")
+    with Processes.launched(pick_device(device)) as processes:
+        device = str(processes.device)
+        scorer = clip_scorer(clip, device) if best_of is not None else None
+        generate(
+            load_pipeline(sd, embeds, device, precision, processes),
+            spec,
+            out,
+            cfg,
+            keys=key_list,
+            resume=resume,
+            overwrite=overwrite,
+            best_of=best_of,
+            scorer=scorer,
+            refs=refs,
+            processes=processes,
+        )
+        if processes.is_main:
+            typer.echo(f"wrote {out / 'report.html'}")
 
 
 def parse_pairs(values: List[str], option: str) -> list[tuple[str, str]]:

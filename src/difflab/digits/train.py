@@ -31,6 +31,7 @@ from difflab.io import (
 )
 from difflab.nets.digits_unet import DigitsUNet, DigitsUNetConfig
 from difflab.optim import MuonAdamW, hidden_matrices
+from difflab.parallel import end_training
 from difflab.precision import Precision, cpu_name, settle_training
 from difflab.report.tracking import accelerator_kwargs, flat_config, log_images
 from difflab.schedule import NoiseSchedule
@@ -303,7 +304,7 @@ def train(cfg: TrainConfig) -> Path:
         try:
             train_loop(run, stop)
         finally:
-            accelerator.end_training()
+            run.net, run.opt = end_training(accelerator, [run.net, run.opt])
         if accelerator.is_main_process:
             write_card(run, time.perf_counter() - start)
     if accelerator.is_main_process:

@@ -35,6 +35,7 @@ from difflab.io import (
     save_png,
     write_model_card,
 )
+from difflab.parallel import end_training
 from difflab.personalize.embeddings import add_tokens, expand_prompt, save_embeddings
 from difflab.personalize.prompts import TEMPLATES
 from difflab.precision import Precision
@@ -402,7 +403,7 @@ class TextualInversion:
         try:
             return self._train_loop(stop)
         finally:
-            acc.end_training()
+            self.text_encoder, self.optimizer = end_training(acc, [self.text_encoder, self.optimizer])
 
     def _train_loop(self, stop: StopRequest | None) -> Path:
         cfg, acc = self.cfg, self.accelerator
