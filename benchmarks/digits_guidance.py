@@ -31,8 +31,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    path = RESULTS / "digits_guidance.json"
-    rows = {tuple(map(str, r[:3])): r for r in json.loads(path.read_text())["rows"]} if path.is_file() else {}
     for seed in args.seeds:
         data, judges = data_and_judges(seed)
         for recipe in args.recipes:
@@ -42,21 +40,31 @@ def main() -> None:
                 r = judge(ckpt, sampler, seed, data, judges)
                 m, s = r["mnistm"], r["svhn"]
                 real = ["real held-out digits", seed, "-", m["real_acc"], s["real_acc"]]
-                rows[("real held-out digits", str(seed), "-")] = real + [1.0] * 4 + [0]
-                rows[(recipe, str(seed), str(g))] = [
+                row = [
                     recipe, seed, g, m["acc"], s["acc"], round(m["fid_independent"], 2),
-                    round(s["fid_independent"], 2), round(m["fid_judge"], 2), round(s["fid_judge"], 2), nfe(sampler),
+                    round(s["fid_independent"], 2), round(m["fid_judge"], 2), round(s["fid_judge"], 2),
+                    round(m["recall_independent"], 2), round(s["recall_independent"], 2), nfe(sampler),
                 ]  # fmt: skip
-                print(rows[(recipe, str(seed), str(g))], flush=True)
+                write(real + [1.0] * 6 + [0], row)
+                print(row, flush=True)
+
+
+def write(*new: list) -> None:
+    """Merge `new` rows into the results as they are on disk now: several runs (say, one per recipe) may write."""
+    path = RESULTS / "digits_guidance.json"
+    rows = {tuple(map(str, r[:3])): r for r in json.loads(path.read_text())["rows"]} if path.is_file() else {}
+    rows.update({tuple(map(str, r[:3])): r for r in new})
     header = [
         "recipe", "seed", "digit guidance", "MNIST-M acc", "SVHN acc", "FID/floor indep. MNIST-M",
-        "FID/floor indep. SVHN", "FID/floor judge MNIST-M", "FID/floor judge SVHN", "NFE / image",
+        "FID/floor indep. SVHN", "FID/floor judge MNIST-M", "FID/floor judge SVHN", "recall/floor indep. MNIST-M",
+        "recall/floor indep. SVHN", "NFE / image",
     ]  # fmt: skip
     note = (
         "Each recipe's model of each seed with the default sampler (DDIM-10, η = 1, trailing timesteps) and only the "
         "digit guidance changed; 2,000 digits per domain, measured as in digits_seeds.md. The real held-out row: the "
         "seed's judges on its held-out split; its Fréchet ratio is 1 by definition (the floor is as many real "
-        "training digits)."
+        "training digits). A model-guidance recipe has its guidance trained in; there the digit guidance is added on "
+        "top (1 = none added)."
     )
     write_results("digits_guidance", header, sorted(rows.values(), key=lambda r: (r[0], r[1], str(r[2]))), note)
 
