@@ -100,3 +100,15 @@ def test_the_clip_finder_locates_real_digits_pasted_anywhere(mini_clip):
             found += [abs(centre_x(masks[r]) - (x + 16) / 2) for r, x in enumerate(place, start=1)]
     for found in (errors, mirror_errors):
         assert np.mean(np.array(found) <= 4) >= 0.9, sorted(found)[-8:]
+
+
+def test_centred_windows_that_overlap_meet_halfway_between_their_centres():
+    from difflab.personalize.layout import _meet_halfway
+
+    left, right = (0.14, 0.0, 0.64, 1.0), (0.44, 0.0, 0.94, 1.0)  # centres 0.39 and 0.69: they meet at 0.54
+    assert _meet_halfway([left, right]) == [(0.14, 0.0, 0.54, 1.0), (0.54, 0.0, 0.94, 1.0)]
+    assert _meet_halfway([right, left]) == [(0.54, 0.0, 0.94, 1.0), (0.14, 0.0, 0.54, 1.0)]  # whatever the order
+    apart = [(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)]
+    assert _meet_halfway(apart) == apart
+    down = _meet_halfway([(0.0, 0.1, 1.0, 0.6), (0.0, 0.3, 1.0, 0.8)])  # windows down a tall image
+    assert down[0][3] == down[1][1] == pytest.approx(0.45)

@@ -8,7 +8,7 @@ that image and gives each concept one connected region of the latent, disjoint f
   the pixels it wins that holds its peak.
 - `clip_regions`: windows sliding along the layout image, scored against each class word by the CLIP model at
   hand; each concept gets the window that CLIP ascribes most surely to it over the others, no two overlapping,
-  then centred on the windows that score alike around it.
+  then centred on the windows that score alike around it; centred windows that overlap meet halfway.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def clip_regions(layout: Layout, texts: Sequence[str], scorer) -> tuple[torch.Te
             best, choice = total, combo
     if choice is None:
         raise DifflabError(f"no {len(texts)} windows of the layout image are disjoint: too many concepts for it")
-    chosen = [_centred(boxes, logp[:, c], w) for c, w in enumerate(choice)]
+    chosen = _meet_halfway([_centred(boxes, logp[:, c], w) for c, w in enumerate(choice)])
     return box_masks(chosen, layout.latent_hw), chosen, float(best / len(texts))
 
 
@@ -140,6 +140,18 @@ def _centred(boxes: list, score: np.ndarray, chosen: int) -> tuple[float, float,
     weights = np.exp(score[near] - score[near].max())
     start = float(np.clip((starts[near] * weights).sum() / weights.sum(), 0, 1 - size))
     return (start, 0.0, start + size, 1.0) if axis == 0 else (0.0, start, 1.0, start + size)
+
+
+def _meet_halfway(boxes: list) -> list:
+    """Windows that overlap once centred meet halfway between their centres, so each concept keeps the side of the
+    overlap nearer its own centre (otherwise a later box takes all of it and an earlier region is pushed aside)."""
+    axis = 0 if all(b[1] == 0.0 and b[3] == 1.0 for b in boxes) else 1
+    out = [list(b) for b in boxes]
+    by_centre = sorted(range(len(boxes)), key=lambda i: boxes[i][axis] + boxes[i][axis + 2])
+    for i, j in zip(by_centre, by_centre[1:]):
+        if out[i][axis + 2] > out[j][axis]:
+            out[i][axis + 2] = out[j][axis] = (sum(boxes[i][axis::2]) + sum(boxes[j][axis::2])) / 4
+    return [tuple(b) for b in out]
 
 
 def box_masks(boxes: Sequence[tuple[float, float, float, float]], latent_hw, names: Sequence[str] = ()):
