@@ -102,8 +102,11 @@ def _evaluate(folder: Path, classifier_dir, out_dir: Path, device, data_root) ->
         "domains": {},
         "quality_data_root": str(real_root) if real_root else None,
     }
+    feature_net = None if real_root is None else load_classifier(classifier_path(classifier_dir, FEATURES_FILE), device)
     for domain in DOMAINS:
-        result["domains"][domain] = judge_domain(folder / domain, classifier_dir, domain, device, real_root, out_dir)
+        result["domains"][domain] = judge_domain(
+            folder / domain, classifier_dir, domain, device, feature_net, real_root, out_dir
+        )
     result["accuracy"] = float(np.mean([r["accuracy"] for r in result["domains"].values()]))
 
     write_eval_report(result, out_dir)
@@ -117,8 +120,11 @@ def _evaluate(folder: Path, classifier_dir, out_dir: Path, device, data_root) ->
     return result
 
 
-def judge_domain(domain_dir: Path, classifier_dir, domain: str, device, real_root: Path | None, out_dir: Path) -> dict:
-    """Accuracy, per-digit accuracy, confusion matrix (and its PNG) and the quality measures of one domain."""
+def judge_domain(
+    domain_dir: Path, classifier_dir, domain: str, device, feature_net, real_root: Path | None, out_dir: Path
+) -> dict:
+    """Accuracy, per-digit accuracy, confusion matrix (and its PNG) and, with `real_root` (and the independent
+    `feature_net`), the quality measures of one domain."""
     files, labels = labelled_files(domain_dir)
     model = load_classifier(classifier_path(classifier_dir, domain), device)
     images = read_images(files, resize=True)
@@ -140,7 +146,6 @@ def judge_domain(domain_dir: Path, classifier_dir, domain: str, device, real_roo
         "wrong": [{"file": f.name, "label": int(y), "pred": int(p)} for f, y, p in zip(files, labels, preds) if y != p],
     }
     if real_root is not None:
-        feature_net = load_classifier(classifier_path(classifier_dir, FEATURES_FILE), device)
         cas_real = load_json(classifier_path(classifier_dir, domain).with_suffix(".json"))["cas_real"]
         result["quality"] = _quality(model, feature_net, cas_real, images, labels, files, real_root, domain, out_dir)
     return result
