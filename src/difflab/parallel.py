@@ -9,6 +9,7 @@ is whole.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Sequence, TypeVar
 
@@ -87,8 +88,10 @@ class Processes:
 def end_training(accelerator, holders: list[Any]) -> list[Any]:
     """Finish an accelerate run's trackers and destroy its process group once every process is here. `holders`, the
     objects `prepare` wrapped, come back unwrapped: a wrapped model keeps the group alive, and a group left for the
-    interpreter's exit to tear down can abort the process (SIGABRT) after the work is done."""
-    accelerator.wait_for_everyone()
+    interpreter's exit to tear down can abort the process (SIGABRT) after the work is done. Called in a `finally`
+    while an exception is on its way out, it does not wait: a process that failed alone would wait forever."""
+    if sys.exc_info()[0] is None:
+        accelerator.wait_for_everyone()
     bare = [accelerator.unwrap_model(h) if isinstance(h, torch.nn.Module) else h for h in holders]
     accelerator.free_memory()
     accelerator.end_training()
