@@ -130,10 +130,15 @@ def clip_regions(layout: Layout, texts: Sequence[str], scorer) -> tuple[torch.Te
     return box_masks(chosen, layout.latent_hw), chosen, float(best / len(texts))
 
 
+def _sliding_axis(box: tuple[float, float, float, float]) -> int:
+    """0 for a window of `windows` that slides across the image (it spans the full height), 1 for one sliding down."""
+    return 0 if box[1] == 0.0 and box[3] == 1.0 else 1
+
+
 def _centred(boxes: list, score: np.ndarray, chosen: int) -> tuple[float, float, float, float]:
     """The chosen window moved to the score-weighted mean position of the windows within half a window of it: a
     thin concept scores alike over several windows, and their middle is where it is."""
-    axis = 0 if boxes[0][1] == 0.0 and boxes[0][3] == 1.0 else 1
+    axis = _sliding_axis(boxes[0])
     starts = np.array([b[axis] for b in boxes])
     size = boxes[0][axis + 2] - boxes[0][axis]
     near = np.abs(starts - starts[chosen]) <= size / 2
@@ -145,7 +150,7 @@ def _centred(boxes: list, score: np.ndarray, chosen: int) -> tuple[float, float,
 def _meet_halfway(boxes: list) -> list:
     """Windows that overlap once centred meet halfway between their centres, so each concept keeps the side of the
     overlap nearer its own centre (otherwise a later box takes all of it and an earlier region is pushed aside)."""
-    axis = 0 if all(b[1] == 0.0 and b[3] == 1.0 for b in boxes) else 1
+    axis = _sliding_axis(boxes[0])
     out = [list(b) for b in boxes]
     by_centre = sorted(range(len(boxes)), key=lambda i: boxes[i][axis] + boxes[i][axis + 2])
     for i, j in zip(by_centre, by_centre[1:]):
