@@ -11,6 +11,7 @@ from PIL import Image
 from difflab.personalize.compose import (
     AttentionStore,
     ComposeConfig,
+    LayoutRead,
     Region,
     box_masks,
     capture_cross_attention,
@@ -20,9 +21,11 @@ from difflab.personalize.compose import (
     denoise_regions,
     layout_stage,
     plain,
+    surest,
     token_indices,
 )
 from difflab.personalize.generate import initial_latents, set_scheduler
+from difflab.personalize.layout import Layout
 from difflab.utils import DifflabError
 
 PROMPT = "a <new1> in a city in a style of <new2>"
@@ -272,3 +275,14 @@ def test_the_surest_of_several_layouts_is_kept(sd, monkeypatch):
     result = compose(pipe, PROMPT, CONCEPTS, cfg, seed=3, layout_prompt=LAYOUT_PROMPT)
     assert len(seen) == 3 and np.abs(pixels(seen[0]) - pixels(seen[1])).mean() > 0.5  # three stage-1 noises
     assert np.array_equal(pixels(result.layout), pixels(seen[1]))  # the surest one
+
+
+def test_an_image_the_finder_refuses_is_passed_over_and_all_refused_raises_the_first():
+    blank = Layout(Image.new("RGB", (8, 8)), {}, 3, (4, 4))
+    masks = torch.zeros(3, 4, 4)
+    first, second = DifflabError("the first refusal"), DifflabError("the second refusal")
+    read = [LayoutRead(blank, torch.zeros(1), refusal=first), LayoutRead(blank, torch.ones(1), masks, -2.0),
+            LayoutRead(blank, torch.full((1,), 2.0), refusal=second)]  # fmt: skip
+    assert surest(read) is read[1]  # surer than any refusal, however unsure
+    with pytest.raises(DifflabError, match="the first refusal"):
+        surest([read[0], read[2]])

@@ -378,13 +378,14 @@ def composition(cfg: PersonalizeDemoConfig, pipe, judges: Judges, scorer, out: P
     from difflab.personalize.compose import (
         AUTO_FINDER,
         ComposeConfig,
-        best_layout,
         box_masks,
         decode,
         denoise_regions,
         layout_noises,
         masks_figure,
         plain,
+        read_layouts,
+        surest,
     )
 
     ccfg = ComposeConfig(
@@ -402,7 +403,8 @@ def composition(cfg: PersonalizeDemoConfig, pipe, judges: Judges, scorer, out: P
             for s in range(cfg.compose_seeds):
                 noises = layout_noises(pipe, cfg.seed + s, ccfg.height, ccfg.width, ccfg.layouts)
                 latents = noises[0]
-                layout, at_k, masks = best_layout(pipe, layout_prompt, noises, concepts, ccfg, AUTO_FINDER, scorer)
+                chosen = surest(read_layouts(pipe, layout_prompt, noises, concepts, ccfg, AUTO_FINDER, scorer))
+                layout, at_k, masks = chosen.layout, chosen.at_k, chosen.masks
                 made = {
                     "naive": denoise_regions(pipe, latents, *plain(prompt, latents), ccfg),
                     "composed": denoise_regions(pipe, latents, region_prompts, box_masks(

@@ -297,16 +297,37 @@ def layout_noises(pipe, seed: int, height: int, width: int, count: int) -> list[
     return [initial_latents(pipe, [s], height, width) for s in seeds]
 
 
-def best_layout(pipe, layout_prompt: str, noises: Sequence[torch.Tensor], concepts, cfg, finder: str, scorer):
-    """Stage 1 from each of `noises`, and the layout the finder reads most surely: (layout, its latents after
-    `layout_steps`, masks)."""
-    tried = []
+@dataclass
+class LayoutRead:
+    """One stage-1 image as a finder read it."""
+
+    layout: Layout
+    at_k: torch.Tensor  # its latents after `layout_steps`, where stage 2 starts
+    masks: Optional[torch.Tensor] = None  # None: the finder refused the image
+    sureness: float = -float("inf")
+    refusal: Optional[DifflabError] = None
+
+
+def read_layouts(pipe, layout_prompt: str, noises: Sequence[torch.Tensor], concepts, cfg, finder: str, scorer):
+    """Stage 1 from each of `noises`, each image read by the finder."""
+    read = []
     for noise in noises:
         layout, at_k = layout_stage(pipe, layout_prompt, noise, cfg)
-        masks, sureness = find_regions(pipe, layout, layout_prompt, concepts, cfg, finder, scorer)
-        tried.append((sureness, layout, at_k, masks))
-    _, layout, at_k, masks = max(tried, key=lambda t: t[0])
-    return layout, at_k, masks
+        try:
+            masks, sureness = find_regions(pipe, layout, layout_prompt, concepts, cfg, finder, scorer)
+            read.append(LayoutRead(layout, at_k, masks, sureness))
+        except DifflabError as error:  # a region under the smallest share
+            read.append(LayoutRead(layout, at_k, refusal=error))
+    return read
+
+
+def surest(read: Sequence[LayoutRead]) -> LayoutRead:
+    """The image the finder reads most surely; an image it refused is passed over, and if it refused all, the
+    first refusal is raised."""
+    kept = [r for r in read if r.masks is not None]
+    if not kept:
+        raise read[0].refusal
+    return max(kept, key=lambda r: r.sureness)
 
 
 @torch.inference_mode()
@@ -349,7 +370,8 @@ def compose(
     layout_prompt = layout_prompt or layout_prompt_for(concepts)
     seed = cfg.seed if seed is None else seed
     noises = layout_noises(pipe, seed, height, width, cfg.layouts)
-    layout, at_k, masks = best_layout(pipe, layout_prompt, noises, concepts, cfg, finder, scorer)
+    chosen = surest(read_layouts(pipe, layout_prompt, noises, concepts, cfg, finder, scorer))
+    layout, at_k, masks = chosen.layout, chosen.at_k, chosen.masks
     composed = denoise_regions(pipe, at_k, prompts, masks, cfg, start=cfg.layout_steps)
     return Composition(naive, decode(pipe, composed), masks.cpu(), prompts, layout.image, layout_prompt, finder)
 
