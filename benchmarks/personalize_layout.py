@@ -130,11 +130,15 @@ def run(pipe, judges, scorer, prompts, seeds: int, plan: list[tuple[str, int, in
                 split = torch.zeros_like(masks)
                 order = rng.permutation([1, 2])
                 split[order[0], :, :cut], split[order[1], :, cut:] = 1, 1
-                for variant, m in zip([name, *controlled], (masks, masks.flip(-1), split)):
-                    key = (finder, k, id(chosen), variant.split(": ")[-1] if variant != name else "")
-                    if key not in composed or key[-1] == "random masks":
-                        composed[key] = decode(pipe, denoise_regions(pipe, chosen.at_k, prompts_r, m, cfg, start=k))
-                    made.setdefault(variant, []).append(composed[key])
+                if id(chosen) not in composed:  # another way picked the same image: the same composition
+                    composed[id(chosen)] = decode(
+                        pipe, denoise_regions(pipe, chosen.at_k, prompts_r, masks, cfg, start=k)
+                    )
+                made.setdefault(name, []).append(composed[id(chosen)])
+                for variant, m in zip(controlled, (masks.flip(-1), split)):
+                    made.setdefault(variant, []).append(
+                        decode(pipe, denoise_regions(pipe, chosen.at_k, prompts_r, m, cfg, start=k))
+                    )
     want = np.array([(w[0], w[2]) for w in wanted])
     styles = np.array([(STYLES[w[1]], STYLES[w[3]]) for w in wanted])
     scores = {

@@ -258,23 +258,40 @@ def test_cli_compose_end_to_end_with_scores(sd, tmp_path, random_images, save_ti
         assert bad.exit_code != 0 and message in str(bad.exception)
 
 
-def test_the_surest_of_several_layouts_is_kept(sd, monkeypatch):
-    import difflab.personalize.compose as compose_module
-
-    pipe, _, _ = sd
-    seen = []
+def half_masks_finder(seen: list, sureness=lambda n: 0.0):
+    """A stand-in for `find_regions` that records each stage-1 image and gives left and right halves."""
 
     def finder(pipe, layout, layout_prompt, concepts, cfg, name, scorer):
         seen.append(layout.image)
         masks = torch.zeros(3, 32, 32)
         masks[1, :, :16], masks[2, :, 16:] = 1, 1
-        return masks, (0.1, 0.9, 0.5)[len(seen) - 1]
+        return masks, sureness(len(seen))
 
-    monkeypatch.setattr(compose_module, "find_regions", finder)
+    return finder
+
+
+def test_the_surest_of_several_layouts_is_kept(sd, monkeypatch):
+    import difflab.personalize.compose as compose_module
+
+    pipe, _, _ = sd
+    seen = []
+    monkeypatch.setattr(compose_module, "find_regions", half_masks_finder(seen, lambda n: (0.1, 0.9, 0.5)[n - 1]))
     cfg = ComposeConfig(**{**CFG.__dict__, "layouts": 3})
     result = compose(pipe, PROMPT, CONCEPTS, cfg, seed=3, layout_prompt=LAYOUT_PROMPT)
     assert len(seen) == 3 and np.abs(pixels(seen[0]) - pixels(seen[1])).mean() > 0.5  # three stage-1 noises
     assert np.array_equal(pixels(result.layout), pixels(seen[1]))  # the surest one
+
+
+@pytest.mark.parametrize("finder", ["attention", "clip"])
+def test_each_finder_tries_its_own_number_of_layouts_by_default(sd, monkeypatch, finder):
+    import difflab.personalize.compose as compose_module
+
+    pipe, _, _ = sd
+    seen = []
+    monkeypatch.setattr(compose_module, "find_regions", half_masks_finder(seen))
+    compose(pipe, PROMPT, CONCEPTS, ComposeConfig(**{**CFG.__dict__, "layout": finder}), seed=3,
+            layout_prompt=LAYOUT_PROMPT)  # fmt: skip
+    assert len(seen) == compose_module.FINDER_LAYOUTS[finder] == {"attention": 1, "clip": 4}[finder]
 
 
 def test_an_image_the_finder_refuses_is_passed_over_and_all_refused_raises_the_first():

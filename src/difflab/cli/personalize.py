@@ -191,9 +191,13 @@ LayoutPrompt = Annotated[
     ),
 ]
 Layouts = Annotated[
-    int,
+    Optional[int],
     typer.Option(
-        "--layouts", min=1, max=64, help="Stage-1 images tried; the finder keeps the one it reads most surely."
+        "--layouts",
+        min=1,
+        max=64,
+        help="Stage-1 images tried; the finder keeps the one it reads most surely (default: 4 for the CLIP finder, "
+        "1 for the attention finder, which has no sureness to choose by).",
     ),
 ]
 LayoutSteps = Annotated[

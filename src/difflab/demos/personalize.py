@@ -72,7 +72,7 @@ class PersonalizeDemoConfig:
     guidance: float = 7.5
     compose_seeds: int = 4  # per two-digit prompt
     compose_layout_steps: int = 0  # stage 2 starts from the layout image's latents after this many steps
-    compose_layouts: int = 1  # stage-1 images tried per composition; the finder keeps the one it reads surest
+    compose_layouts: int | None = None  # stage-1 images tried per composition; None: the finder's default
     seed: int = 0
     device: str | None = None
     precision: Precision = Precision("auto")
@@ -377,6 +377,7 @@ def composition(cfg: PersonalizeDemoConfig, pipe, judges: Judges, scorer, out: P
     and the composed images of a few held-out prompts are kept for the report."""
     from difflab.personalize.compose import (
         AUTO_FINDER,
+        FINDER_LAYOUTS,
         ComposeConfig,
         box_masks,
         decode,
@@ -393,7 +394,8 @@ def composition(cfg: PersonalizeDemoConfig, pipe, judges: Judges, scorer, out: P
         layouts=cfg.compose_layouts, clip_template="a photo of the number {}",
     )  # fmt: skip
     styles = dict(CONCEPTS)
-    result = {"finder": AUTO_FINDER, "layout_steps": ccfg.layout_steps}
+    layouts = ccfg.layouts or FINDER_LAYOUTS[AUTO_FINDER]
+    result = {"finder": AUTO_FINDER, "layout_steps": ccfg.layout_steps, "layouts": layouts}
     for set_name, prompts in composition_sets().items():
         images: dict[str, list] = {"naive": [], "composed": [], "composed_auto": []}
         wanted, sides, examples = [], [], []
@@ -401,7 +403,7 @@ def composition(cfg: PersonalizeDemoConfig, pipe, judges: Judges, scorer, out: P
             prompt, layout_prompt, concepts = two_concept_prompt(a, ta, b, tb)
             region_prompts = [prompt, *(c.prompt for c in concepts)]
             for s in range(cfg.compose_seeds):
-                noises = layout_noises(pipe, cfg.seed + s, ccfg.height, ccfg.width, ccfg.layouts)
+                noises = layout_noises(pipe, cfg.seed + s, ccfg.height, ccfg.width, layouts)
                 latents = noises[0]
                 chosen = surest(read_layouts(pipe, layout_prompt, noises, concepts, ccfg, AUTO_FINDER, scorer))
                 layout, at_k, masks = chosen.layout, chosen.at_k, chosen.masks

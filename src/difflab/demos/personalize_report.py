@@ -68,7 +68,8 @@ def effect_rows(m: dict) -> list[list[str]]:
                 f"{mark(r['composed_gain'] > 2 * r['composed_gain_se'])}",
             ],
             [
-                f"  compose --layout auto ({c['finder']}, stage 2 from step {c['layout_steps']}) vs naive",
+                f"  compose --layout auto ({c['finder']}, surest of {c['layouts']} stage-1 images, stage 2 from step "
+                f"{c['layout_steps']}) vs naive",
                 f"{r['composed_auto']:.3f} (Wilson {low:.3f}-{high:.3f}) vs {r['naive']:.3f}",
                 "≥ 0.60, gain > noise",
                 f"{r['composed_auto_gain']:+.3f} ± {r['composed_auto_gain_se']:.3f} "

@@ -52,13 +52,18 @@ REGION_COLOURS = np.array(
 LAYOUTS = ("auto", *FINDERS, "boxes")
 # What `--layout auto` uses: the finder that measured best on the miniature stack (benchmarks/personalize_layout.py).
 AUTO_FINDER = "clip"
+# Stage-1 images each finder tries by default: for CLIP, the number that measured best on the same benchmark's
+# development set; the attention finder has no sureness to choose between images by.
+FINDER_LAYOUTS = {"clip": 4, "attention": 1}
 
 
 @dataclass
 class ComposeConfig(SDSampling):
     layout: str = "auto"  # one of LAYOUTS: "boxes" needs every concept's box, the others none
     layout_steps: int = 0  # stage 2 starts from the layout image's latents after this many of its steps
-    layouts: int = 1  # stage-1 images tried (seeds seed, then its stream); the finder keeps the one it reads surest
+    # Stage-1 images tried (seeds seed, then its stream); the finder keeps the one it reads surest. None: the
+    # finder's FINDER_LAYOUTS.
+    layouts: int | None = None
     smooth: float = 1.0  # Gaussian sigma, in latent pixels, applied to the attention maps (0: none)
     capture_fraction: float = 0.5  # the attention finder averages this first fraction of stage 1's steps
     clip_template: str = "a photo of {}"  # what the CLIP finder scores each class word as
@@ -71,7 +76,7 @@ class ComposeConfig(SDSampling):
             raise DifflabError(f"steps = {self.steps}, num_images = {self.num_images}: must be at least 1")
         if self.layout not in LAYOUTS:
             raise DifflabError(f"unknown layout {self.layout!r}: choose one of {', '.join(LAYOUTS)}")
-        if not 1 <= self.layouts <= 64:
+        if self.layouts is not None and not 1 <= self.layouts <= 64:
             raise DifflabError(f"layouts {self.layouts}: try between 1 and 64 stage-1 images")
         if not 0 <= self.layout_steps < self.steps:
             raise DifflabError(f"layout steps {self.layout_steps} must be in [0, {self.steps - 1}] (of --steps)")
@@ -369,7 +374,7 @@ def compose(
     finder = cfg.layout if cfg.layout != "auto" else (AUTO_FINDER if scorer is not None else "attention")
     layout_prompt = layout_prompt or layout_prompt_for(concepts)
     seed = cfg.seed if seed is None else seed
-    noises = layout_noises(pipe, seed, height, width, cfg.layouts)
+    noises = layout_noises(pipe, seed, height, width, cfg.layouts or FINDER_LAYOUTS[finder])
     chosen = surest(read_layouts(pipe, layout_prompt, noises, concepts, cfg, finder, scorer))
     layout, at_k, masks = chosen.layout, chosen.at_k, chosen.masks
     composed = denoise_regions(pipe, at_k, prompts, masks, cfg, start=cfg.layout_steps)
