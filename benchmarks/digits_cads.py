@@ -5,7 +5,8 @@ The digit embedding y of the conditional branch is replaced by ŷ = √γ(t)·y 
 every step, with γ = 1 for t/T ≤ τ1, 0 for t/T ≥ τ2 and linear between; ŷ is then rescaled to y's own mean and
 standard deviation with weight ψ. The unconditional branch is untouched. Measured as digits_guidance.py measures
 (2,000 digits per domain, the seed's own data and judges); the plain rows are that benchmark's.
-This stays a benchmark: it did not win (docs, "The frontier over guidance"), so the library has no CADS option.
+This stays a benchmark: it lifted no point of the frontier on seeds 0-2 (docs/digits-quality.md, "The frontier over
+guidance"), so the library has no CADS option.
 
     python benchmarks/digits_cads.py --seeds 0 1 2 --threads 1
 """
