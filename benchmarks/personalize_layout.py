@@ -41,8 +41,7 @@ from difflab.personalize.compose import (  # noqa: E402
     surest,
 )
 from difflab.personalize.generate import initial_latents, set_scheduler  # noqa: E402
-from difflab.personalize.layout import FINDERS  # noqa: E402
-from difflab.utils import DifflabError  # noqa: E402
+from difflab.personalize.layout import FINDERS, SmallRegion  # noqa: E402
 
 STYLES = {token: DOMAINS.index(style) for token, style in CONCEPTS}
 # development: the demo's 4 seeds, and 12 more to choose between ways
@@ -122,7 +121,7 @@ def run(pipe, judges, scorer, prompts, seeds: range, plan: list[tuple[str, int, 
                 controlled = [f"{name}: flipped masks", f"{name}: random masks"] if controls else []
                 try:
                     chosen = PICK[pick](read[:tries])
-                except DifflabError:  # every region under the smallest share: counted as the naive image
+                except SmallRegion:  # every region under the smallest share: counted as the naive image
                     for variant in [name, *controlled]:
                         made.setdefault(variant, []).append(naive)
                     continue

@@ -25,7 +25,7 @@ from difflab.personalize.compose import (
     token_indices,
 )
 from difflab.personalize.generate import initial_latents, set_scheduler
-from difflab.personalize.layout import Layout
+from difflab.personalize.layout import Layout, SmallRegion
 from difflab.utils import DifflabError
 
 PROMPT = "a <new1> in a city in a style of <new2>"
@@ -297,9 +297,22 @@ def test_each_finder_tries_its_own_number_of_layouts_by_default(sd, monkeypatch,
 def test_an_image_the_finder_refuses_is_passed_over_and_all_refused_raises_the_first():
     blank = Layout(Image.new("RGB", (8, 8)), {}, 3, (4, 4))
     masks = torch.zeros(3, 4, 4)
-    first, second = DifflabError("the first refusal"), DifflabError("the second refusal")
+    first, second = SmallRegion("the first refusal"), SmallRegion("the second refusal")
     read = [LayoutRead(blank, torch.zeros(1), refusal=first), LayoutRead(blank, torch.ones(1), masks, -2.0),
             LayoutRead(blank, torch.full((1,), 2.0), refusal=second)]  # fmt: skip
     assert surest(read) is read[1]  # surer than any refusal, however unsure
-    with pytest.raises(DifflabError, match="the first refusal"):
+    with pytest.raises(SmallRegion, match="the first refusal"):
         surest([read[0], read[2]])
+
+
+def test_an_error_of_the_request_is_raised_at_the_first_stage1_image(sd, monkeypatch):
+    import difflab.personalize.compose as compose_module
+
+    pipe, _, _ = sd
+    stage1 = []
+    real_stage = compose_module.layout_stage
+    monkeypatch.setattr(compose_module, "layout_stage", lambda *a: stage1.append(1) or real_stage(*a))
+    cfg = ComposeConfig(**{**CFG.__dict__, "layout": "clip", "layouts": 4})
+    with pytest.raises(DifflabError, match="needs a CLIP model"):  # no scorer given
+        compose(pipe, PROMPT, CONCEPTS, cfg, seed=3, layout_prompt=LAYOUT_PROMPT)
+    assert len(stage1) == 1

@@ -36,6 +36,7 @@ from difflab.personalize.generate import (
 from difflab.personalize.layout import (
     FINDERS,
     Layout,
+    SmallRegion,
     attention_regions,
     box_masks,
     check_regions,
@@ -310,7 +311,7 @@ class LayoutRead:
     at_k: torch.Tensor  # its latents after `layout_steps`, where stage 2 starts
     masks: Optional[torch.Tensor] = None  # None: the finder refused the image
     sureness: float = -float("inf")
-    refusal: Optional[DifflabError] = None
+    refusal: Optional[SmallRegion] = None
 
 
 def read_layouts(pipe, layout_prompt: str, noises: Sequence[torch.Tensor], concepts, cfg, finder: str, scorer):
@@ -321,7 +322,7 @@ def read_layouts(pipe, layout_prompt: str, noises: Sequence[torch.Tensor], conce
         try:
             masks, sureness = find_regions(pipe, layout, layout_prompt, concepts, cfg, finder, scorer)
             read.append(LayoutRead(layout, at_k, masks, sureness))
-        except DifflabError as error:  # a region under the smallest share
+        except SmallRegion as error:  # a fault of this image; any other error is the request's, raised at once
             read.append(LayoutRead(layout, at_k, refusal=error))
     return read
 

@@ -173,12 +173,16 @@ def box_masks(boxes: Sequence[tuple[float, float, float, float]], latent_hw, nam
     return masks
 
 
+class SmallRegion(DifflabError):
+    """A found region under the smallest share of the image: a fault of that layout image, not of the request."""
+
+
 def check_regions(masks: torch.Tensor, words: Sequence[str], smallest: float) -> None:
     """Every concept's region must hold at least `smallest` of the latent."""
     shares = masks[1:].flatten(1).mean(1)
     small = [f"{w!r} ({s:.0%})" for w, s in zip(words, shares.tolist()) if s < smallest]
     if small:
-        raise DifflabError(
+        raise SmallRegion(
             f"the layout leaves {', '.join(small)} under {smallest:.0%} of the image: too many concepts for it, or "
             "a class word stage 1 did not draw; give boxes instead"
         )
