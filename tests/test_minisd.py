@@ -450,6 +450,7 @@ def test_personalize_demo_runs_end_to_end_on_a_tiny_stack(stack, tmp_path, capsy
     assert set(metrics["generation"]) == {"base_digit_accuracy", "<new1>", "<new2>"}
     compose = metrics["compose"]
     assert compose["development"]["n"] == 10 and compose["held-out"]["n"] == 20 and compose["finder"] == "clip"
+    assert compose["layouts"] == 4  # the CLIP finder's default number of stage-1 images
     assert all(0 <= compose[s][k] <= 1 for s in ("development", "held-out") for k in ("composed", "composed_auto"))
     low, high = compose["held-out"]["composed_auto_interval"]
     assert 0 <= low <= compose["held-out"]["composed_auto"] <= high <= 1
