@@ -2,7 +2,8 @@
 judges) on the miniature stack, for the naive prompt, boxes, and each region finder of the two-stage path.
 
 - development set: the personalization demo's 10 pairs ("the number a in the style of <new1> next to the number b
-  in the style of <new2>") x 4 seeds; the finders' stage-2 start k is chosen on it;
+  in the style of <new2>") x 16 seeds (the demo's 4, reported apart too, and 12 more); each finder's stage-2 start
+  k, number of stage-1 images and way of picking one are chosen on it;
 - held-out set: 20 other ordered pairs x 4 seeds: the reverse of every development pair and 10 new pairs, half of
   the prompts with <new2>'s concept first. Nothing is tuned on it. The same pairs with 8 new seeds make a second
   held-out set, never looked at before the way to measure on it was fixed.
@@ -77,7 +78,7 @@ def majority(read: list[LayoutRead]) -> LayoutRead:
     """The surest image among those whose concepts lie in the order (left to right) that most images show."""
     kept = [r for r in read if r.masks is not None]
     if not kept:
-        return surest(read)
+        return surest(read)  # raises the first refusal
     orders = [tuple(mask_side(r.masks, c) for c in range(1, r.masks.shape[0])) for r in kept]
     common = max(set(orders), key=orders.count)
     return surest([r for r, o in zip(kept, orders) if o == common])
