@@ -377,7 +377,6 @@ def composition(cfg: PersonalizeDemoConfig, pipe, judges: Judges, scorer, out: P
     and the composed images of a few held-out prompts are kept for the report."""
     from difflab.personalize.compose import (
         AUTO_FINDER,
-        FINDER_LAYOUTS,
         ComposeConfig,
         box_masks,
         decode,
@@ -394,7 +393,7 @@ def composition(cfg: PersonalizeDemoConfig, pipe, judges: Judges, scorer, out: P
         layouts=cfg.compose_layouts, clip_template="a photo of the number {}",
     )  # fmt: skip
     styles = dict(CONCEPTS)
-    layouts = ccfg.layouts or FINDER_LAYOUTS[AUTO_FINDER]
+    layouts = ccfg.layouts_for(AUTO_FINDER)
     result = {"finder": AUTO_FINDER, "layout_steps": ccfg.layout_steps, "layouts": layouts}
     for set_name, prompts in composition_sets().items():
         images: dict[str, list] = {"naive": [], "composed": [], "composed_auto": []}

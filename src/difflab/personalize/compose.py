@@ -90,6 +90,10 @@ class ComposeConfig(SDSampling):
             raise DifflabError(f"CLIP template {self.clip_template!r} has no {{}} for the class word")
         check_size(self.height, self.width, 8)  # a multiple of 8 for any SD; the model's own multiple in compose()
 
+    def layouts_for(self, finder: str) -> int:
+        """The stage-1 images `finder` tries: `layouts`, or where that is None the finder's own default."""
+        return self.layouts or FINDER_LAYOUTS[finder]
+
 
 def size_multiple(pipe) -> int:
     """Image sides whose UNet levels halve exactly: VAE factor x 2^(levels - 1) (64 for SD v1, 8 for the mini SD)."""
@@ -375,7 +379,7 @@ def compose(
     finder = cfg.layout if cfg.layout != "auto" else (AUTO_FINDER if scorer is not None else "attention")
     layout_prompt = layout_prompt or layout_prompt_for(concepts)
     seed = cfg.seed if seed is None else seed
-    noises = layout_noises(pipe, seed, height, width, cfg.layouts or FINDER_LAYOUTS[finder])
+    noises = layout_noises(pipe, seed, height, width, cfg.layouts_for(finder))
     chosen = surest(read_layouts(pipe, layout_prompt, noises, concepts, cfg, finder, scorer))
     layout, at_k, masks = chosen.layout, chosen.at_k, chosen.masks
     composed = denoise_regions(pipe, at_k, prompts, masks, cfg, start=cfg.layout_steps)
