@@ -252,6 +252,12 @@ def judge(ckpt: Path, sampler: SampleConfig, seed: int, data: Path, judges: Path
 def judge_net(net, schedule, sampler: SampleConfig, seed: int, data: Path, judges: Path) -> dict:
     """`judge` for a network in hand (e.g. one combined with a guiding network)."""
     per_domain = course_images(net, schedule, replace(sampler, seed=seed), torch.device("cpu"), QUALITY_PER_DIGIT)
+    return judge_images(per_domain, data, judges)
+
+
+def judge_images(per_domain: dict[str, np.ndarray], data: Path, judges: Path) -> dict:
+    """Every measure of `judge` on digits drawn elsewhere: uint8 per domain, QUALITY_PER_DIGIT per digit, in digit
+    order."""
     labels, row = np.arange(10).repeat(QUALITY_PER_DIGIT), {}
     features = load_classifier(classifier_path(judges, FEATURES_FILE), "cpu")
     for domain, gen in per_domain.items():
