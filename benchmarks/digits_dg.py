@@ -9,7 +9,9 @@ inputs the discriminator is asked about. Every FLOP is counted by torch's counte
 discriminator's training (auxiliary compute), its forward and backward at each sampling step (per image).
 Rows with w = 0 are the same sampler without the discriminator, on the same noises. Sampled in fp32.
 
-    python benchmarks/digits_dg.py --seeds 0 1 2 --guidance 2 5.5 --weights 0 1 2 --threads 1
+    python benchmarks/digits_dg.py --seeds 0 1 2 --guidance 2 --weights 0 1 2 4 --threads 1
+    python benchmarks/digits_dg.py --seeds 0 1 2 --guidance 2 --weights 2 --width 16 --steps 600 \
+        --fake-per-digit 40 --name digits_dg_budget   # 4.6 TFLOP: within a 45-TFLOP budget beside a 40-TFLOP model
 """
 
 from __future__ import annotations
