@@ -60,8 +60,10 @@ def test_nearest_distances():
     pool[2] += 51
     q = pool[[2, 1]].copy()
     q[0, 0, 0, 0] = 0
-    d, i = nearest_distances(q, pool)
+    d, i, second = nearest_distances(q, pool)
     assert i.tolist() == [2, 1] and d[1] == 0 and d[0] == pytest.approx(0.2)
+    # q[0] is nearest to the grey image, then to black (0.2 per channel-pixel step of 51, 12 values, one of them 0)
+    assert second[0] == pytest.approx(np.sqrt(11 * 0.2**2)) and second[1] == pytest.approx(np.sqrt(12 * 0.8**2))
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +82,15 @@ def test_copies_of_training_images_are_flagged_and_real_ones_are_not(data_root):
     judge = DigitClassifier(ClassifierConfig(domain="svhn", width=4))
     net = DigitClassifier(ClassifierConfig("features", width=8, arch="gap"))
     copies = domain_quality(judge, net, train[:50], np.arange(50) % 10, train, held, held_labels, SMALL)
-    assert copies["memorisation_rate"] == 1.0
+    assert copies["memorisation_rate"] == copies["copy_rate"] == 1.0
     assert all(p["distance"] == 0 for p in copies["closest_pairs"])
     real = domain_quality(judge, net, held[:50], held_labels[:50], train, held, held_labels, SMALL)
-    assert real["memorisation_rate"] <= 0.2
+    assert real["memorisation_rate"] <= 0.2 and real["copy_rate"] <= 0.2
+    # Unseen digits faded halfway to the mean image come near every training digit: most fall under the nearest-
+    # distance threshold, but they are no nearer one training digit than the others, so they are not copies.
+    pale = (0.5 * held[:50] + 0.5 * train.mean(0)).astype(np.uint8)
+    faded = domain_quality(judge, net, pale, held_labels[:50], train, held, held_labels, SMALL)
+    assert faded["memorisation_rate"] >= 0.5 and faded["copy_rate"] <= 0.2
     for space in ("judge", "independent"):
         assert set(real["distribution"][space]) == {"generated", "floor"}
     # Copies of one image per digit have no diversity at all.
@@ -160,6 +167,7 @@ def test_a_diversity_that_cannot_be_measured_is_said_so_not_a_crash():
         "distribution": {"skipped": "skipped: too few"},
         "cas": {"skipped": "skipped: too few"},
         "memorisation_rate": 0.0,
+        "copy_rate": 0.0,
         "diversity_ratio": None,
         "heldout_accuracy": 0.97,
         "n_generated": 3,

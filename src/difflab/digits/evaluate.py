@@ -90,6 +90,7 @@ def card_metrics(result: dict) -> dict[str, float]:
             if q["cas"].get("ratio") is not None:
                 metrics[f"cas_ratio_{domain}"] = q["cas"]["ratio"]
             metrics[f"memorisation_{domain}"] = q["memorisation_rate"]
+            metrics[f"copies_{domain}"] = q["copy_rate"]
     return {k: round(float(v), 4) for k, v in metrics.items()}
 
 
@@ -219,6 +220,7 @@ def quality_rows(q: dict, accuracy: float) -> list[list[str]]:
     else:
         rows.append(["CAS", f"{cas['generated']:.4f}", f"{cas['real']:.4f}", f"{cas['ratio']:.2f}x"])
     rows.append(["memorisation", f"{100 * q['memorisation_rate']:.1f} %", "5.0 %", ""])
+    rows.append(["copies", f"{100 * q['copy_rate']:.1f} %", "5.0 %", ""])
     rows.append(["diversity (judge features)", diversity_text(q), "1.00 x real", ""])
     return rows
 

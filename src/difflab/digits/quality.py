@@ -123,16 +123,26 @@ def distribution_measures(
     return result
 
 
-def nearest_distances(queries: np.ndarray, pool: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """L2 distance from each uint8 image in `queries` to its nearest image in `pool`, and that image's index."""
+def nearest_distances(
+    queries: np.ndarray, pool: np.ndarray, chunk: int = 1024
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """L2 distance from each uint8 image in `queries` to its nearest image in `pool`, that image's index, and the
+    distance to the second nearest (a pool of one image: the nearest again)."""
     pool_t = torch.as_tensor(pool.reshape(len(pool), -1), dtype=torch.float32) / 255
     dists, index = [], []
     for i in range(0, len(queries), chunk):
         q = torch.as_tensor(queries[i : i + chunk].reshape(-1, pool_t.shape[1]), dtype=torch.float32) / 255
-        d, j = torch.cdist(q, pool_t).min(dim=1)
+        d, j = torch.cdist(q, pool_t).topk(min(2, len(pool)), dim=1, largest=False)
         dists.append(d)
-        index.append(j)
-    return torch.cat(dists).numpy(), torch.cat(index).numpy()
+        index.append(j[:, 0])
+    d = torch.cat(dists).numpy()
+    return d[:, 0], torch.cat(index).numpy(), d[:, -1]
+
+
+def nearest_ratio(nearest: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Nearest over second-nearest distance: near 0 for a copy of one training image, near 1 for an image as close
+    to several (a pale or generic one). Two equal pool images at distance 0 make a copy: 0."""
+    return nearest / np.maximum(second, 1e-12)
 
 
 def mean_pairwise_distance(features: np.ndarray) -> float:
@@ -169,9 +179,10 @@ def domain_quality(
     rng = np.random.default_rng(cfg.seed)
     train_sample = train[rng.choice(len(train), size=min(len(generated), len(train)), replace=False)]
     gen_feats, held_feats = judge.embed(generated), judge.embed(heldout)
-    gen_nn, gen_idx = nearest_distances(generated, train)
-    held_nn, _ = nearest_distances(heldout, train)
+    gen_nn, gen_idx, gen_second = nearest_distances(generated, train)
+    held_nn, _, held_second = nearest_distances(heldout, train)
     threshold = float(np.percentile(held_nn, MEMORISATION_PERCENTILE))
+    ratio_threshold = float(np.percentile(nearest_ratio(held_nn, held_second), MEMORISATION_PERCENTILE))
     closest = np.argsort(gen_nn)[:gallery]
     diversity = {}
     for digit in range(10):
@@ -192,6 +203,10 @@ def domain_quality(
         "n_train": int(len(train)),
         "memorisation_rate": float((gen_nn < threshold).mean()),
         "memorisation_threshold": threshold,
+        # Closer to the nearest training image, relative to the second nearest, than all but 5 % of real unseen
+        # digits: a copy, where a pale image close to every training image is not one (docs, "The measures").
+        "copy_rate": float((nearest_ratio(gen_nn, gen_second) < ratio_threshold).mean()),
+        "copy_ratio_threshold": ratio_threshold,
         "diversity_ratio": float(np.mean(ratios)) if ratios else None,
         "diversity_ratio_per_digit": diversity,
         "closest_pairs": [
