@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, write_results  # noqa: E402
-from difflab.digits.data import DOMAINS, load_split  # noqa: E402
+from difflab.digits.data import DOMAINS  # noqa: E402
 from difflab.digits.model import load_digits_model  # noqa: E402
 from difflab.digits.sample import (  # noqa: E402
     ImageNoise,
@@ -39,6 +39,7 @@ from difflab.digits.sample import (  # noqa: E402
     image_seed,
     plan_conds,
 )
+from difflab.digits.train import load_training_set  # noqa: E402
 from difflab.nets.digits_unet import sinusoidal_embedding  # noqa: E402
 from difflab.samplers import sample  # noqa: E402
 from difflab.utils import to_uint8  # noqa: E402
@@ -124,12 +125,8 @@ def draw(net, schedule, sampler: SampleConfig, per_digit: int, seed: int, disc=N
 
 def real_digits(data: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Both domains' digits of `split` in [-1, 1], NCHW, with their (domain, digit) pairs."""
-    xs, conds = [], []
-    for d, domain in enumerate(DOMAINS):
-        x, y = load_split(data, domain, split)
-        xs.append(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1)
-        conds.append(torch.stack([torch.full((len(y),), d), torch.from_numpy(y)], 1))
-    return torch.cat(xs), torch.cat(conds).long()
+    images, conds = load_training_set(str(data), split)
+    return images.float() / 127.5 - 1, conds
 
 
 def real_and_fake(reals, fakes, timesteps, schedule, n: int, g: torch.Generator):

@@ -62,7 +62,7 @@ def test_nearest_distances():
     q[0, 0, 0, 0] = 0
     d, i, second = nearest_distances(q, pool)
     assert i.tolist() == [2, 1] and d[1] == 0 and d[0] == pytest.approx(0.2)
-    # q[0] is nearest to the grey image, then to black (0.2 per channel-pixel step of 51, 12 values, one of them 0)
+    # q[0] (grey with one value black) is 0.2 from grey, then √11·0.2 from black; q[1] (white): 0, then √12·0.8 (grey)
     assert second[0] == pytest.approx(np.sqrt(11 * 0.2**2)) and second[1] == pytest.approx(np.sqrt(12 * 0.8**2))
 
 

@@ -219,11 +219,12 @@ def read_losses(ckpt: str | os.PathLike) -> tuple[list[int], list[float]]:
     return data["steps"], data["loss"]
 
 
-def load_training_set(data_root: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """All training images of both domains as uint8 (N,3,28,28) and conditions (N,2) = [domain, digit]."""
+def load_training_set(data_root: str, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """All training images (or `split`'s) of both domains as uint8 (N,3,28,28) and conditions (N,2) = [domain,
+    digit]."""
     images, conds = [], []
     for d, domain in enumerate(DOMAINS):
-        x, y = load_split(data_root, domain)
+        x, y = load_split(data_root, domain, split)
         images.append(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())
         conds.append(torch.stack([torch.full((len(y),), d), torch.from_numpy(y)], dim=1))
     return torch.cat(images), torch.cat(conds).long()
