@@ -266,7 +266,9 @@ def add_quality_section(report, result: dict, eval_dir: Path) -> None:
         "independent network of another architecture and seed, trained on real digits only. CAS: a judge-shaped "
         "classifier trained only on generated digits, read on the real held-out ones, beside one trained on as many "
         "real digits. Memorisation: generated images whose nearest training image (pixel L2) is closer than the 5th "
-        "percentile of held-out-to-training distances (5 % for real unseen images). Diversity: mean pairwise judge "
+        "percentile of held-out-to-training distances (5 % for real unseen images). Copies: those much nearer one "
+        "training image than the next (nearest over second-nearest distance below the held-out images' 5th "
+        "percentile), which a pale image near every training image is not. Diversity: mean pairwise judge "
         "feature distance within each digit, generated over real held-out. The judge's accuracy on the real "
         "held-out digits is what a generator as good as the data would score."
     )
