@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, write_results  # noqa: E402
@@ -42,7 +41,7 @@ from difflab.digits.sample import (  # noqa: E402
 from difflab.digits.train import load_training_set  # noqa: E402
 from difflab.nets.digits_unet import sinusoidal_embedding  # noqa: E402
 from difflab.samplers import sample  # noqa: E402
-from difflab.utils import to_uint8  # noqa: E402
+from difflab.utils import count_flops, to_uint8  # noqa: E402
 from digits_seeds import QUALITY_PER_DIGIT, data_and_judges, judge_images, trained  # noqa: E402
 
 FAKE_SEED = 10_000  # added to the run's seed for the discriminator's fakes: no measured image draws from their noises
@@ -158,7 +157,7 @@ def train_discriminator(reals, fakes, timesteps, schedule, args, seed: int) -> t
         opt.step()
         lr.step()
 
-    flops = counted(step)
+    flops = count_flops(step)
     for _ in range(args.steps - 1):
         step()
     return disc.eval().requires_grad_(False), flops * args.steps / 1e12
@@ -176,18 +175,12 @@ def discriminator(net, schedule, sampler: SampleConfig, reals, heldout, args, se
     and its training."""
     timesteps = sampler.timesteps(schedule)
     with torch.inference_mode():
-        fake_flops = counted(lambda: draw(net, schedule, sampler, 1, seed))
+        fake_flops = count_flops(lambda: draw(net, schedule, sampler, 1, seed))
         fakes = draw(net, schedule, sampler, args.fake_per_digit, seed + FAKE_SEED, capture=True)[1]
         check = draw(net, schedule, sampler, 20, seed + CHECK_SEED, capture=True)[1]
     disc, disc_tflop = train_discriminator(reals, fakes, timesteps, schedule, args, seed)
     accuracy = heldout_accuracy(disc, heldout, check, timesteps, schedule)
     return disc, accuracy, fake_flops * args.fake_per_digit / 1e12 + disc_tflop
-
-
-def counted(fn) -> float:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def main() -> None:
@@ -219,7 +212,7 @@ def main() -> None:
             for weight in args.weights:
                 with torch.inference_mode():
                     images = draw(net, schedule, sampler, QUALITY_PER_DIGIT, seed, disc, weight)
-                    per_image = counted(lambda: draw(net, schedule, sampler, 1, seed, disc, weight)) / 20
+                    per_image = count_flops(lambda: draw(net, schedule, sampler, 1, seed, disc, weight)) / 20
                 pixels = to_uint8(images)
                 per_domain = dict(zip(DOMAINS, pixels.reshape(len(DOMAINS), -1, *pixels.shape[1:])))
                 r = judge_images(per_domain, data, judges)

@@ -75,6 +75,15 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def count_flops(fn) -> int:
+    """FLOPs of calling `fn()`, by torch's FLOP counter: the work, whatever the machine's speed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def to_uint8(images: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
     """(B,C,H,W) float tensor in `value_range` -> (B,H,W,C) uint8 array."""
     lo, hi = value_range

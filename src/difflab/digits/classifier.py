@@ -32,7 +32,7 @@ from difflab.io import (
 )
 from difflab.precision import Precision, cpu_name, settle_training
 from difflab.report.tracking import accelerator_kwargs, tracked
-from difflab.utils import DifflabError, pick_device, seed_everything
+from difflab.utils import DifflabError, count_flops, pick_device, seed_everything
 
 FORMAT = "difflab-digit-classifier"
 
@@ -467,13 +467,10 @@ def train_feature_net(seen: list, out_dir: Path, device, seed: int, precision: P
 
 def classifier_tflop(tc: ClassifierTrainConfig, width: int, n_images: int, arch: str = "vgg") -> float:
     """Training compute of a classifier by torch's FLOP counter: one step's forward and backward, times the steps."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     model = DigitClassifier(ClassifierConfig("count", width, arch=arch))
     x = torch.randn(tc.batch_size, 3, 28, 28)
-    with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(model(x), torch.zeros(tc.batch_size, dtype=torch.long)).backward()
-    return counter.get_total_flops() * tc.epochs * math.ceil(n_images / tc.batch_size) / 1e12
+    step = count_flops(lambda: F.cross_entropy(model(x), torch.zeros(tc.batch_size, dtype=torch.long)).backward())
+    return step * tc.epochs * math.ceil(n_images / tc.batch_size) / 1e12
 
 
 def judges_tflop(classifier_dir: str | os.PathLike) -> float:

@@ -35,7 +35,7 @@ from difflab.parallel import end_training
 from difflab.precision import Precision, cpu_name, settle_training
 from difflab.report.tracking import accelerator_kwargs, flat_config, log_images
 from difflab.schedule import NoiseSchedule
-from difflab.utils import DifflabError, Interrupted, StopRequest, stream_seed
+from difflab.utils import DifflabError, Interrupted, StopRequest, count_flops, stream_seed
 
 WARMUP_STEPS, TIMING_STEPS, REFIT_EVERY = 5, 20, 100
 LOSSES_FILE = "losses.json"
@@ -137,27 +137,24 @@ def step_flops(cfg: TrainConfig) -> int:
     """FLOPs of one training step (forward + backward of the loss at `cfg.batch_size`, fp32, and the optimiser's
     step) by torch's FLOP counter: the work a recipe costs, whatever the machine's speed. AdamW's and the EMA's
     updates are elementwise and count nothing; Muon's Newton-Schulz iterations are matmuls and count."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     net, x0, t, cond = _counted_batch(cfg)
     opt = make_optimizer(net, cfg)
     schedule = cfg.schedule.build()
-    with FlopCounterMode(display=False) as counter:
+
+    def step() -> None:
         schedule.training_loss(lambda x, tt: net(x, tt, cond), x0, t, torch.zeros_like(x0)).backward()
         opt.step()
-    return counter.get_total_flops()
+
+    return count_flops(step)
 
 
 def forward_flops(cfg: TrainConfig) -> int:
     """FLOPs of the one extra forward pass (no gradient) that a model-guidance step makes; 0 without it."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     if cfg.model_guidance == 1.0:
         return 0
     net, x, t, cond = _counted_batch(cfg)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        net(x, t, cond)
-    return counter.get_total_flops()
+    with torch.no_grad():
+        return count_flops(lambda: net(x, t, cond))
 
 
 def sampling_guidance(cfg: TrainConfig) -> float:
